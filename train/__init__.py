@@ -1,0 +1,4 @@
+"""Training side of the project: data loading (data.py), training (train.py), evaluation (evaluate.py).
+
+Nothing in model/ imports from here; importing this package stays cheap (no submodule imports).
+"""
