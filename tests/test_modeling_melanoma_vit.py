@@ -1,0 +1,319 @@
+"""Behaviour of MelanomaViT: shapes, gradients, save/load, interpolation, attention paths,
+distillation, stochastic depth, gradient checkpointing, config errors, Auto classes, remote code."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, ViTImageProcessor
+
+import model
+from model import MelanomaViTConfig, MelanomaViTForImageClassification, MelanomaViTModel
+from model.configuration_melanoma_vit import DEFAULT_DX_CODES
+from model.labels import DX_CODES
+
+TINY = dict(
+    image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+)
+NUM_PATCHES = (32 // 8) ** 2
+
+
+def tiny_config(**overrides) -> MelanomaViTConfig:
+    return MelanomaViTConfig(**{**TINY, **overrides})
+
+
+def tiny_model(**overrides) -> MelanomaViTForImageClassification:
+    torch.manual_seed(0)
+    return MelanomaViTForImageClassification(tiny_config(**overrides)).eval()
+
+
+@pytest.fixture()
+def pixels() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_config_defaults_follow_label_scheme_and_vit_names():
+    config = MelanomaViTConfig()
+    assert DEFAULT_DX_CODES == DX_CODES  # the remote-code copy must not drift from model/labels.py
+    assert [config.id2label[i] for i in range(7)] == list(DX_CODES)
+    assert config.label2id["mel"] == 4
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
+    assert config.num_prefix_tokens == 1 and tiny_config(use_distillation_token=True).num_prefix_tokens == 2
+    assert config.temperature == 1.0 and config.melanoma_threshold is None
+
+
+def test_config_roundtrip_keeps_calibration_fields(tmp_path):
+    tiny_config(temperature=1.7, melanoma_threshold=0.25, image_size=(32, 48)).save_pretrained(tmp_path)
+    loaded = MelanomaViTConfig.from_pretrained(tmp_path)
+    assert loaded.temperature == 1.7 and loaded.melanoma_threshold == 0.25
+    assert loaded.grid_size == (4, 6) and loaded.id2label[4] == "mel"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(hidden_size=30), "divisible by num_attention_heads"),
+        (dict(image_size=30), "divisible by patch_size"),
+        (dict(num_hidden_layers=0), "num_hidden_layers must be a positive int"),
+        (dict(intermediate_size=-4), "intermediate_size must be a positive int"),
+        (dict(drop_path_rate=-0.1), "drop_path_rate must be a probability"),
+        (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob must be a probability"),
+        (dict(temperature=0.0), "temperature must be a float > 0"),
+        (dict(melanoma_threshold=1.5), "melanoma_threshold must be None or a probability"),
+        (dict(hidden_act="gelu_typo"), "hidden_act must be one of"),
+        (dict(layer_norm_eps=0), "layer_norm_eps must be > 0"),
+        (dict(patch_size=(8, 8, 8)), "patch_size must be an int or a pair"),
+    ],
+)
+def test_invalid_config_raises_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_forward_shapes_and_finite(pixels):
+    out = tiny_model()(pixels, output_hidden_states=True)
+    assert out.logits.shape == (3, 7) and torch.isfinite(out.logits).all()
+    assert out.loss is None and out.attentions is None and out.distillation_logits is None
+    assert len(out.hidden_states) == TINY["num_hidden_layers"] + 1
+    assert all(h.shape == (3, 1 + NUM_PATCHES, 32) for h in out.hidden_states)
+    base = MelanomaViTModel(tiny_config()).eval()(pixels)
+    assert base.last_hidden_state.shape == (3, 1 + NUM_PATCHES, 32) and base.pooler_output.shape == (3, 32)
+    assert isinstance(tiny_model()(pixels, return_dict=False), tuple)
+
+
+def test_every_parameter_gets_a_gradient(pixels):
+    for distilled in (False, True):
+        model_ = tiny_model(use_distillation_token=distilled).train()
+        out = model_(pixels, labels=torch.tensor([0, 4, 6]))
+        assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+        out.loss.backward()
+        missing = [n for n, p in model_.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not missing, f"no gradient for {missing}"
+
+
+def test_loss_is_cross_entropy_and_accepts_soft_labels(pixels):
+    model_ = tiny_model()
+    labels = torch.tensor([1, 4, 5])
+    out = model_(pixels, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    soft = torch.nn.functional.one_hot(labels, 7).float()
+    torch.testing.assert_close(model_(pixels, labels=soft).loss, out.loss)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 6\]"):
+        model_(pixels, labels=torch.tensor([0, 7, 1]))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model_(pixels, labels=torch.tensor([0, 1]))
+
+
+def test_save_load_gives_equal_logits(tmp_path, pixels):
+    model_ = tiny_model(use_distillation_token=True, temperature=2.0)
+    model_.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = MelanomaViTForImageClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(pixels).logits, model_(pixels).logits, rtol=0, atol=0)
+    assert loaded.config.temperature == 2.0
+
+
+def test_position_embedding_interpolation():
+    model_ = tiny_model()
+    other = torch.randn(2, 3, 48, 40)
+    out = model_(other, output_attentions=True)
+    n_tokens = 1 + (48 // 8) * (40 // 8)
+    assert out.logits.shape == (2, 7) and torch.isfinite(out.logits).all()
+    assert out.attentions[0].shape == (2, 4, n_tokens, n_tokens)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        model_(other, interpolate_pos_encoding=False)
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        model_(torch.randn(1, 3, 36, 32))
+    with pytest.raises(ValueError, match=r"shape \(batch, 3, height, width\)"):
+        model_(torch.randn(1, 1, 32, 32))
+
+
+def test_interpolation_matches_timm_resample():
+    from timm.layers import resample_abs_pos_embed
+
+    from model.modeling_melanoma_vit import resample_pos_embed
+
+    pos = torch.randn(1, 2 + 16, 32)
+    ours = resample_pos_embed(pos, (6, 5), (4, 4), num_prefix_tokens=2)
+    torch.testing.assert_close(ours, resample_abs_pos_embed(pos, (6, 5), (4, 4), num_prefix_tokens=2))
+    assert resample_pos_embed(pos, (4, 4), (4, 4), 2) is pos
+
+
+def test_attentions_shape_rows_and_sdpa_parity(pixels):
+    for distilled in (False, True):
+        model_ = tiny_model(use_distillation_token=distilled)
+        n_tokens = (2 if distilled else 1) + NUM_PATCHES
+        explicit = model_(pixels, output_attentions=True)
+        assert len(explicit.attentions) == TINY["num_hidden_layers"]
+        for weights in explicit.attentions:
+            assert weights.shape == (3, 4, n_tokens, n_tokens)
+            assert (weights >= 0).all()
+            torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, n_tokens))
+        torch.testing.assert_close(explicit.logits, model_(pixels).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_distillation_heads_train_vs_eval(pixels):
+    model_ = tiny_model(use_distillation_token=True)
+    assert model_.vit.embeddings.pos_embed.shape[1] == 2 + NUM_PATCHES
+    model_.eval()
+    eval_out = model_(pixels)
+    tokens = model_.vit(pixels).last_hidden_state
+    cls_logits, dist_logits = model_.head(tokens[:, 0]), model_.head_dist(tokens[:, 1])
+    assert not torch.allclose(cls_logits, dist_logits)
+    torch.testing.assert_close(eval_out.logits, (cls_logits + dist_logits) / 2)
+    torch.testing.assert_close(eval_out.distillation_logits, dist_logits)
+
+    model_.train()  # no dropout/drop-path configured, so train-mode tokens equal eval-mode tokens
+    labels, teacher = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
+    train_out = model_(pixels, labels=labels, distillation_labels=teacher)
+    torch.testing.assert_close(train_out.logits, cls_logits)
+    torch.testing.assert_close(train_out.distillation_logits, dist_logits)
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(train_out.loss, (ce(cls_logits, labels) + ce(dist_logits, teacher)) / 2)
+    model_.eval()
+    with pytest.raises(ValueError, match="distillation_labels are only used"):
+        model_(pixels, distillation_labels=teacher)
+
+
+def test_drop_path_only_active_in_training(pixels):
+    model_ = tiny_model(drop_path_rate=0.5)
+    assert model_.vit.encoder.blocks[0].drop_path1.__class__.__name__ == "Identity"  # rate 0 for block 0
+    assert model_.vit.encoder.blocks[1].drop_path1.drop_prob == pytest.approx(0.5)
+    torch.testing.assert_close(model_(pixels).logits, model_(pixels).logits, rtol=0, atol=0)
+    model_.train()
+    torch.manual_seed(0)
+    runs = [model_(pixels).logits for _ in range(4)]
+    assert any(not torch.allclose(runs[0], r) for r in runs[1:])
+
+
+def test_gradient_checkpointing_trains(pixels):
+    model_ = tiny_model(drop_path_rate=0.1, hidden_dropout_prob=0.1)
+    reference = tiny_model(drop_path_rate=0.1, hidden_dropout_prob=0.1)
+    # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias) to activation_*.
+    enable = getattr(model_, "activation_checkpointing_enable", None) or model_.gradient_checkpointing_enable
+    enable()
+    encoder = model_.vit.encoder
+    assert encoder.gradient_checkpointing
+    calls = []
+    checkpoint_func = encoder._gradient_checkpointing_func
+    encoder._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or checkpoint_func(*a, **k)
+    model_.train()
+    reference.train()
+    labels = torch.tensor([0, 4, 6])
+    torch.manual_seed(3)
+    loss = model_(pixels, labels=labels).loss
+    loss.backward()
+    torch.manual_seed(3)
+    ref_loss = reference(pixels, labels=labels).loss
+    ref_loss.backward()
+    assert len(calls) == TINY["num_hidden_layers"]  # every block went through torch.utils.checkpoint
+    torch.testing.assert_close(loss, ref_loss)  # same RNG: checkpoint replays dropout identically
+    for (name, p), (_, q) in zip(model_.named_parameters(), reference.named_parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4)
+    optimizer = torch.optim.SGD(model_.parameters(), lr=0.5)
+    optimizer.step()
+    assert model_(pixels, labels=labels).loss < loss
+
+
+def test_calibrated_probs_use_temperature(pixels):
+    model_ = tiny_model(temperature=2.5)
+    logits = model_(pixels).logits
+    torch.testing.assert_close(model_.predict_proba(pixels), torch.softmax(logits / 2.5, dim=-1))
+    torch.testing.assert_close(model_.calibrated_probs(logits).sum(-1), torch.ones(3))
+
+
+def test_auto_classes_registered(tmp_path, pixels):
+    config = AutoConfig.for_model("melanoma_vit", **TINY)
+    assert isinstance(config, MelanomaViTConfig)
+    assert isinstance(AutoModel.from_config(config), MelanomaViTModel)
+    model_ = tiny_model()
+    model_.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"] == {
+        "AutoConfig": "configuration_melanoma_vit.MelanomaViTConfig",
+        "AutoModelForImageClassification": "modeling_melanoma_vit.MelanomaViTForImageClassification",
+    }
+    assert {"configuration_melanoma_vit.py", "modeling_melanoma_vit.py"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, MelanomaViTForImageClassification)
+    torch.testing.assert_close(loaded(pixels).logits, model_(pixels).logits)
+
+
+def test_remote_code_files_are_self_contained():
+    """The Hub copy of these files must import nothing from this project (or timm) by absolute import."""
+    root = Path(model.__file__).parent
+    for name in ("configuration_melanoma_vit.py", "modeling_melanoma_vit.py"):
+        tree = ast.parse((root / name).read_text())
+        absolute, relative = set(), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                absolute |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                (relative if node.level else absolute).add(node.module.split(".")[0])
+        assert absolute <= {"__future__", "dataclasses", "typing", "torch", "transformers"}, (name, absolute)
+        assert relative <= {"configuration_melanoma_vit"}, (name, relative)
+
+
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageClassification, pipeline
+    folder, image_path, pixels_path = sys.argv[1:4]
+    assert not any(name == "model" or name.startswith("model.") for name in sys.modules)
+    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(torch.load(pixels_path, weights_only=True)).logits
+    classifier = pipeline("image-classification", model=folder, trust_remote_code=True, device="cpu")
+    preds = classifier(Image.open(image_path), top_k=7)
+    print(json.dumps({"class": type(model).__module__, "logits": logits.tolist(), "preds": preds,
+                      "leaked": sorted(m for m in sys.modules if m == "model" or m.startswith("model."))}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_fresh_process_trust_remote_code_and_pipeline(tmp_path, ham_image_paths):
+    folder = tmp_path / "melanoma-vit-tiny"
+    model_ = tiny_model(use_distillation_token=True)
+    model_.save_pretrained(folder)
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    processor.save_pretrained(folder)
+    image_path = ham_image_paths[0]
+    from PIL import Image
+
+    pixels = processor(Image.open(image_path), return_tensors="pt")["pixel_values"]
+    torch.save(pixels, tmp_path / "pixels.pt")
+    with torch.no_grad():
+        expected = model_(pixels).logits
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(folder), str(image_path), str(tmp_path / "pixels.pt")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["leaked"] == []
+    assert "transformers_modules" in report["class"]  # the copied remote code, not this project
+    torch.testing.assert_close(torch.tensor(report["logits"]), expected, atol=1e-5, rtol=1e-5)
+    probs = torch.softmax(expected[0], dim=-1)
+    by_label = {p["label"]: p["score"] for p in report["preds"]}
+    assert set(by_label) == set(DX_CODES)
+    for i, code in enumerate(DX_CODES):
+        assert by_label[code] == pytest.approx(probs[i].item(), abs=1e-5)
