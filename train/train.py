@@ -1,0 +1,798 @@
+#!/usr/bin/env python
+"""Train a melanoma classifier (MelanomaViT, or a timm CNN baseline) with accelerate.
+
+Research/education tool, not a diagnostic device.
+
+    accelerate launch train/train.py --config train/configs/melanoma_vit_scratch.yaml --output_dir runs/vit
+    python train/train.py --config train/configs/efficientnet_lite0.yaml --output_dir runs/effnet \
+        --set epochs=5 --set learning_rate=3e-4
+    accelerate launch train/train.py --config ... --output_dir runs/vit --resume_from_checkpoint latest
+
+Hyperparameters live in a YAML file (`TrainConfig`, overridable with `--set key=value`, dotted keys for
+the `model:` / `distillation:` sections); argparse only carries infrastructure (paths, precision,
+workers, resume). The output folder ends up Hub-ready: `save_pretrained` model + image processor
+(loads with `AutoModelForImageClassification` / `AutoImageProcessor`), `split_manifest.json`,
+`val_metrics.json`, `train_config.yaml`, `training_args.json` and `command.txt`; `checkpoints/`
+holds `accelerator.save_state` folders for `--resume_from_checkpoint`, `runs/` the TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# train/ runs as a script (`python train/train.py`), which puts train/ itself first on sys.path;
+# the repo root must come first so `import model` and `import train.data` find the packages.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+from accelerate import Accelerator, DistributedDataParallelKwargs  # noqa: E402
+from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score  # noqa: E402
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
+from timm.models import group_parameters  # noqa: E402
+from timm.utils import ModelEmaV3  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    PreTrainedModel,
+    TimmWrapperForImageClassification,
+    ViTImageProcessor,
+    get_scheduler,
+)
+
+import model as melanoma_models  # noqa: E402  (registers MelanomaViT with the Auto classes)
+from model.baselines import create_efficientnet_lite0, create_image_processor, create_resnet  # noqa: E402
+from model.labels import MELANOMA  # noqa: E402
+from train import data as data_lib  # noqa: E402
+
+logger = logging.getLogger("train")
+
+CNN_BASELINES = ("resnet18", "resnet50", "efficientnet_lite0")
+SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_restarts", "cosine_with_min_lr", "step")
+IMBALANCE = ("sampler", "class_weights", "none")
+TRAINER_STATE = "trainer_state.json"
+EMA_WEIGHTS = "ema.safetensors"
+# Parameters that never get weight decay besides biases and norm weights (every 1-D tensor).
+NO_DECAY_NAMES = ("cls_token", "dist_token", "pos_embed", "position_embedding", "distillation_token", "mask_token")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ModelArgs:
+    """`model:` section: which architecture, at which resolution, with which kwargs."""
+
+    name: str = "melanoma_vit"  # melanoma_vit | resnet18 | resnet50 | efficientnet_lite0 | path / Hub id
+    image_size: int | None = None  # training resolution (px); melanoma_vit also reads kwargs.image_size
+    pretrained: bool | None = None  # CNN baselines: ImageNet weights (None = when available)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # MelanomaViTConfig fields / from_pretrained kwargs
+    trust_remote_code: bool = False  # fine-tuning a Hub/path model with custom code
+
+
+@dataclass
+class DistillationArgs:
+    """`distillation:` section (DeiT): a fine-tuned teacher (path / Hub id) in eval mode."""
+
+    teacher: str | None = None
+    kind: str = "hard"  # hard: CE(dist_logits, teacher argmax); soft: KL at `temperature`
+    alpha: float = 0.5  # weight of the distillation term; (1 - alpha) on CE(cls_logits, labels)
+    temperature: float = 1.0  # soft distillation only
+
+
+@dataclass
+class TrainConfig:
+    """Every hyperparameter of a run (one YAML file per recipe under train/configs/)."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    distillation: DistillationArgs = field(default_factory=DistillationArgs)
+    # data
+    data: str = "../shared/data/ham10000"  # load_image_dataset spec (Hub id, folder, CSV)
+    label_scheme: str = "dx"  # dx (7 classes) | binary (other / mel)
+    val_size: float = 0.15
+    test_size: float = 0.15
+    split_seed: int = 42  # lesion-grouped split; keep fixed across recipes so they share one split
+    augmentation: dict[str, Any] = field(default_factory=dict)  # passed to train.data.build_transforms
+    # optimisation
+    epochs: int = 10
+    max_steps: int | None = None  # optimizer updates; overrides epochs when set
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0
+    label_smoothing: float = 0.0
+    scheduler: str = "cosine"  # one of SCHEDULERS
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps == 0
+    min_lr: float = 0.0  # cosine_with_min_lr
+    restart_cycles: int = 2  # cosine_with_restarts: number of hard restarts
+    step_size_epochs: float = 10.0  # step: decay every this many epochs
+    step_gamma: float = 0.1
+    # class imbalance
+    imbalance: str = "sampler"  # one of IMBALANCE
+    focal_gamma: float = 0.0  # 0 = cross-entropy
+    # frozen-backbone warm-up and gradual unfreezing (blocks from the head down)
+    freeze_backbone: int = 0  # train only the head for this many epochs/steps (0 = off)
+    unfreeze_every: int = 0  # then unfreeze one more block every this many epochs/steps (0 = all at once)
+    freeze_unit: str = "epochs"  # epochs | steps
+    # weights average
+    ema: bool = False
+    ema_decay: float = 0.999
+    # checkpointing / logging
+    checkpointing_steps: int | None = None  # save_state every N optimizer steps (and at every epoch end)
+    checkpoints_total_limit: int | None = 2
+    logging_steps: int = 10
+    report_to: str = "tensorboard"  # tensorboard | none
+    seed: int = 42
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Dataclass `cls` from a dict, with a clear error on unknown keys."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        if key in ("model", "distillation") and cls is TrainConfig:
+            sub = ModelArgs if key == "model" else DistillationArgs
+            value = _build(sub, value or {}, f"{where}.{key}")
+        elif key == "adam_betas":
+            value = tuple(float(v) for v in value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply `key=value` (dotted keys for nested sections; value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """TrainConfig from a YAML file plus `key=value` overrides, validated."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a YAML mapping of TrainConfig fields")
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    cfg = _build(TrainConfig, raw, str(path or "config"))
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {cfg.scheduler!r}"),
+        (cfg.imbalance in IMBALANCE, f"imbalance must be one of {IMBALANCE}, got {cfg.imbalance!r}"),
+        (cfg.label_scheme in ("dx", "binary"), f"label_scheme must be 'dx' or 'binary', got {cfg.label_scheme!r}"),
+        (cfg.freeze_unit in ("epochs", "steps"), f"freeze_unit must be 'epochs' or 'steps', got {cfg.freeze_unit!r}"),
+        (cfg.distillation.kind in ("hard", "soft"), f"distillation.kind must be 'hard' or 'soft', got {cfg.distillation.kind!r}"),
+        (0.0 <= cfg.distillation.alpha <= 1.0, f"distillation.alpha must be in [0, 1], got {cfg.distillation.alpha}"),
+        (cfg.distillation.temperature > 0, "distillation.temperature must be > 0"),
+        (cfg.batch_size >= 1 and cfg.eval_batch_size >= 1, "batch_size and eval_batch_size must be >= 1"),
+        (cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+        (cfg.epochs >= 1 or (cfg.max_steps or 0) >= 1, "set epochs >= 1 or max_steps >= 1"),
+        (cfg.focal_gamma >= 0, f"focal_gamma must be >= 0, got {cfg.focal_gamma}"),
+        (cfg.checkpointing_steps is None or cfg.checkpointing_steps >= 1, "checkpointing_steps must be >= 1 or null"),
+        (cfg.report_to in ("tensorboard", "none"), f"report_to must be 'tensorboard' or 'none', got {cfg.report_to!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+def create_model(cfg: ModelArgs, id2label: dict[int, str]) -> tuple[PreTrainedModel, Any]:
+    """Model (train mode) and its image processor for `cfg.name`, with a head for `id2label`."""
+    label2id = {name: i for i, name in id2label.items()}
+    if cfg.name == "melanoma_vit":
+        kwargs = dict(cfg.kwargs)
+        if cfg.image_size is not None:
+            kwargs["image_size"] = cfg.image_size
+        config = melanoma_models.MelanomaViTConfig(**kwargs, id2label=id2label, label2id=label2id)
+        model = melanoma_models.MelanomaViTForImageClassification(config)
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        processor = ViTImageProcessor(
+            do_resize=True,
+            size={"height": size, "width": size},
+            resample=3,  # bicubic
+            image_mean=list(IMAGENET_DEFAULT_MEAN),
+            image_std=list(IMAGENET_DEFAULT_STD),
+        )
+    elif cfg.name in CNN_BASELINES:
+        if cfg.name == "efficientnet_lite0":
+            model = create_efficientnet_lite0(id2label=id2label, pretrained=cfg.pretrained is not False, **cfg.kwargs)
+        else:
+            model = create_resnet(cfg.name, id2label=id2label, pretrained=cfg.pretrained, **cfg.kwargs)
+        if cfg.image_size is not None:
+            # The saved config's pretrained_cfg is what TimmWrapperImageProcessor reloads: train and ship
+            # at the same resolution, no centre crop (dermoscopy lesions fill the frame).
+            pretrained_cfg = dict(model.config.pretrained_cfg)
+            pretrained_cfg.update(input_size=[3, cfg.image_size, cfg.image_size], crop_pct=1.0)
+            pretrained_cfg.pop("test_input_size", None)
+            model.config.pretrained_cfg = pretrained_cfg
+        processor = create_image_processor(model)
+    else:
+        model = AutoModelForImageClassification.from_pretrained(
+            cfg.name,
+            id2label=id2label,
+            label2id=label2id,
+            ignore_mismatched_sizes=True,
+            trust_remote_code=cfg.trust_remote_code,
+            **cfg.kwargs,
+        )
+        processor = AutoImageProcessor.from_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code)
+    return model.train(), processor
+
+
+def processor_size_mean_std(processor: Any) -> tuple[int | None, list[float], list[float]]:
+    """(square input size or None, mean, std) of a ViTImageProcessor / TimmWrapperImageProcessor."""
+    if hasattr(processor, "data_config"):
+        dc = processor.data_config
+        return int(dc["input_size"][-1]), list(dc["mean"]), list(dc["std"])
+    size = getattr(processor, "size", None) or {}
+    side = size.get("height") or size.get("shortest_edge")
+    return side, list(processor.image_mean), list(processor.image_std)
+
+
+def parameter_blocks(model: nn.Module) -> list[list[str]]:
+    """Parameter names grouped into blocks ordered from the head down to the stem.
+
+    [head (+ final norm), last block, ..., first block, stem]. timm models (TimmWrapper) use timm's
+    own `group_matcher(coarse=True)` (ResNet stages, EfficientNet stages); transformer-style models
+    are split on `blocks.N` / `layer.N` / `layers.N` in their names, everything before the first
+    block (embeddings, tokens) is the stem and everything after the last one the head.
+    """
+    if isinstance(model, TimmWrapperForImageClassification):
+        timm_model = model.timm_model
+        groups = group_parameters(timm_model, timm_model.group_matcher(coarse=True))
+        ordered = [[f"timm_model.{n}" for n in groups[k]] for k in sorted(groups)]
+        return ordered[::-1]
+    pattern = re.compile(r"(?:^|\.)(?:blocks|layer|layers)\.(\d+)\.")
+    stem: list[str] = []
+    head: list[str] = []
+    blocks: dict[int, list[str]] = {}
+    for name, _ in model.named_parameters():
+        match = pattern.search(name)
+        if match:
+            blocks.setdefault(int(match.group(1)), []).append(name)
+        else:
+            (head if blocks else stem).append(name)
+    if not blocks:  # no recognisable blocks: one group, frozen/unfrozen as a whole
+        return [stem]
+    return [head] + [blocks[i] for i in sorted(blocks, reverse=True)] + ([stem] if stem else [])
+
+
+def trainable_block_count(progress: int, n_blocks: int, freeze_backbone: int, unfreeze_every: int) -> int:
+    """How many blocks (counted from the head) train at `progress` (an epoch or step index)."""
+    if freeze_backbone <= 0:
+        return n_blocks
+    if progress < freeze_backbone:
+        return 1
+    if unfreeze_every <= 0:
+        return n_blocks
+    return min(n_blocks, 2 + (progress - freeze_backbone) // unfreeze_every)
+
+
+def apply_freezing(model: nn.Module, blocks: list[list[str]], n_trainable: int) -> None:
+    """requires_grad on the first `n_trainable` blocks only; BatchNorms of frozen blocks stop updating stats."""
+    trainable = {name for block in blocks[:n_trainable] for name in block}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            module.train(model.training and (not params or any(p.requires_grad for p in params)))
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: no decay for biases, norm weights (all 1-D tensors) and cls/dist/pos tokens.
+
+    Every parameter is included (also currently frozen ones) so that unfreezing needs no new optimizer.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.ndim <= 1 or name.endswith(".bias") or any(t in name for t in NO_DECAY_NAMES):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+class FocalLoss(nn.Module):
+    """Multiclass focal loss (Lin et al. 2017): mean of (1 - p_y)^gamma * CE(logits, y), CE optionally class-weighted.
+
+    With `weight`, the mean is normalised by the sum of the targets' weights (as `F.cross_entropy`),
+    so gamma = 0 gives exactly `F.cross_entropy(logits, y, weight=weight)`.
+    """
+
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """logits (B, C), target (B,) class indices (IGNORE_INDEX rows are skipped) -> scalar loss."""
+        keep = target != data_lib.IGNORE_INDEX
+        logits, target = logits[keep].float(), target[keep]
+        log_p = F.log_softmax(logits, dim=-1)
+        p_y = log_p.gather(1, target[:, None]).squeeze(1).exp()  # (B,)
+        ce = F.cross_entropy(logits, target, weight=self.weight, reduction="none", label_smoothing=self.label_smoothing)
+        loss = (1.0 - p_y).pow(self.gamma) * ce
+        norm = self.weight[target].sum() if self.weight is not None else torch.tensor(float(len(target)))
+        return loss.sum() / norm.clamp_min(1e-12)
+
+
+def make_criterion(cfg: TrainConfig, class_weights: torch.Tensor | None) -> nn.Module:
+    if cfg.focal_gamma > 0:
+        return FocalLoss(cfg.focal_gamma, class_weights, cfg.label_smoothing)
+    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """DeiT distillation term: CE to the teacher's argmax (hard) or T^2-scaled KL at temperature T (soft)."""
+    if kind == "hard":
+        return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=-1))
+    t = temperature
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits.float() / t, dim=-1),
+            F.log_softmax(teacher_logits.float() / t, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * t
+        * t
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+class EpochSeededSampler(Sampler[int]):
+    """Shuffling (or class-balanced drawing with `weights`) re-seeded from `seed + epoch`.
+
+    The order of an epoch depends only on (seed, epoch), so a run resumed mid-epoch replays the
+    same order and `skip_first_batches` skips exactly the batches already trained on.
+    """
+
+    def __init__(self, num_items: int, seed: int, weights: Sequence[float] | None = None) -> None:
+        self.generator = torch.Generator()
+        self.seed = seed
+        self.epoch = 0
+        if weights is None:
+            self.sampler: Sampler[int] = RandomSampler(range(num_items), generator=self.generator)
+        else:
+            self.sampler = WeightedRandomSampler(weights, num_items, replacement=True, generator=self.generator)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        self.generator.manual_seed(self.seed + self.epoch)
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """[{"pixel_values": (3, H, W), "labels": int}] -> {"pixel_values": (B, 3, H, W), "labels": (B,)}."""
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module, dataloader: DataLoader, accelerator: Accelerator, label_names: Sequence[str]
+) -> dict[str, float | None]:
+    """Validation loss, accuracy, balanced accuracy and melanoma one-vs-rest AUC (None if undefined)."""
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in tqdm(dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    model.train(was_training)
+    logits = torch.cat(all_logits)
+    labels = torch.cat(all_labels)
+    keep = labels != data_lib.IGNORE_INDEX  # images that failed to decode
+    logits, labels = logits[keep], labels[keep]
+    preds = logits.argmax(-1).numpy()
+    y = labels.numpy()
+    metrics: dict[str, float | None] = {
+        "loss": float(F.cross_entropy(logits, labels)),
+        "accuracy": float(accuracy_score(y, preds)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, preds)),
+        "melanoma_auc": None,
+        "n": int(len(y)),
+    }
+    if MELANOMA in label_names:
+        mel = list(label_names).index(MELANOMA)
+        is_mel = y == mel
+        if 0 < is_mel.sum() < len(y):
+            p_mel = torch.softmax(logits, -1)[:, mel].numpy()
+            metrics["melanoma_auc"] = float(roc_auc_score(is_mel, p_mel))
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def _checkpoint_index(path: Path) -> int:
+    return int(path.name.rsplit("_", 1)[-1])
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """`checkpoints/checkpoint_N` folders whose save finished (trainer_state.json is written last), oldest first."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if re.fullmatch(r"checkpoint_\d+", p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=_checkpoint_index)
+
+
+def resolve_checkpoint(resume: str, output_dir: Path) -> Path:
+    if resume == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint under {output_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise ValueError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no {TRAINER_STATE})")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=str, default=None, help="YAML file of TrainConfig fields (train/configs/*.yaml)")
+    parser.add_argument("--output_dir", type=str, required=True, help="run folder: exported model, checkpoints/, runs/")
+    parser.add_argument("--data", type=str, default=None, help="dataset spec (overrides the config's `data`)")
+    parser.add_argument("--max_steps", type=int, default=None, help="stop after N optimizer steps (overrides epochs)")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder")
+    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
+    parser.add_argument("--seed", type=int, default=None, help="training seed (overrides the config)")
+    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (0 = main process)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set learning_rate=3e-4 --set model.kwargs.hidden_size=128")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run training; returns the final validation metrics (also written to val_metrics.json)."""
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data={json.dumps(args.data)}")
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = load_config(args.config, overrides)
+    output_dir = Path(args.output_dir)
+    freezing = cfg.freeze_backbone > 0
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            logging_dir=str(output_dir / "runs"),
+            automatic_checkpoint_naming=True,
+            total_limit=cfg.checkpoints_total_limit,
+        ),
+        # Frozen blocks get no gradient; DDP must be told they are unused.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if freezing else None,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logger.setLevel(logging.WARNING)
+    set_seed(cfg.seed)
+
+    # ---- data
+    dataset = data_lib.load_image_dataset(cfg.data, label_scheme=cfg.label_scheme)
+    splits = data_lib.split_by_lesion(dataset, val_size=cfg.val_size, test_size=cfg.test_size, seed=cfg.split_seed)
+    label_names = list(splits["train"].features["label"].names)
+    id2label = dict(enumerate(label_names))
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        data_lib.write_manifest(splits, output_dir / "split_manifest.json")
+
+    # ---- model
+    model, processor = create_model(cfg.model, id2label)
+    teacher = None
+    if cfg.distillation.teacher:
+        teacher = AutoModelForImageClassification.from_pretrained(cfg.distillation.teacher).eval().requires_grad_(False)
+        teacher_labels = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
+        if teacher_labels != label_names:
+            raise ValueError(f"teacher {cfg.distillation.teacher} predicts {teacher_labels}, the student {label_names}")
+        teacher_processor = AutoImageProcessor.from_pretrained(cfg.distillation.teacher)
+
+    counts = data_lib.class_counts(splits["train"])
+    class_weights = data_lib.class_weights(splits["train"]) if cfg.imbalance == "class_weights" else None
+    sample_weights = data_lib.balanced_sampler_weights(splits["train"]) if cfg.imbalance == "sampler" else None
+    logger.info("train %d images, class counts %s", len(splits["train"]), dict(zip(label_names, counts)))
+
+    augmentation = data_lib.AugmentConfig.from_any(cfg.augmentation)
+    mixer = data_lib.build_batch_mixer(augmentation, len(label_names))
+    if mixer is not None and cfg.focal_gamma > 0:
+        raise ValueError("focal loss needs hard labels: set focal_gamma: 0 or turn off mixup/cutmix")
+    train_ds = data_lib.with_image_transform(splits["train"], data_lib.build_transforms(processor, True, augmentation))
+    val_ds = data_lib.with_image_transform(splits["validation"], data_lib.build_transforms(processor, False))
+    sampler = EpochSeededSampler(len(train_ds), cfg.seed, sample_weights)
+    # Own generator: DataLoader workers' base seed must not consume the global RNG (exact resume).
+    loader_generator = torch.Generator()
+    train_dataloader = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=args.num_workers,
+        drop_last=len(train_ds) > cfg.batch_size,  # a size-1 last batch breaks BatchNorm
+        generator=loader_generator,
+    )
+    eval_dataloader = DataLoader(
+        val_ds,
+        batch_size=cfg.eval_batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=args.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+    # ---- optimizer / scheduler
+    optimizer = torch.optim.AdamW(
+        weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas)
+    )
+    updates_per_epoch = math.ceil(len(train_dataloader) / cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * updates_per_epoch
+    # accelerate steps the scheduler once per process per update: count in those units.
+    scheduler_steps = max_steps * accelerator.num_processes
+    warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * max_steps))
+    warmup *= accelerator.num_processes
+    if cfg.scheduler == "step":
+        step_size = max(1, int(round(cfg.step_size_epochs * updates_per_epoch))) * accelerator.num_processes
+        decay = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=cfg.step_gamma)
+        if warmup > 0:
+            ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
+            lr_scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
+        else:
+            lr_scheduler = decay
+    else:
+        specific = {}
+        if cfg.scheduler == "cosine_with_restarts":
+            specific = {"num_cycles": cfg.restart_cycles}
+        elif cfg.scheduler == "cosine_with_min_lr":
+            specific = {"min_lr": cfg.min_lr}
+        lr_scheduler = get_scheduler(
+            "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=scheduler_steps,
+            scheduler_specific_kwargs=specific,
+        )
+
+    # ---- the one prepare()
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
+    )
+    unwrapped = accelerator.unwrap_model(model)
+    criterion = make_criterion(cfg, class_weights).to(accelerator.device)
+    blocks = parameter_blocks(unwrapped)
+    ema = ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema else None
+    if teacher is not None:
+        teacher.to(accelerator.device)
+        _, s_mean, s_std = processor_size_mean_std(processor)
+        t_size, t_mean, t_std = processor_size_mean_std(teacher_processor)
+        # Student pixels -> teacher pixels: undo the student's normalisation, apply the teacher's.
+        renorm_scale = (torch.tensor(s_std) / torch.tensor(t_std)).view(1, 3, 1, 1).to(accelerator.device)
+        renorm_shift = ((torch.tensor(s_mean) - torch.tensor(t_mean)) / torch.tensor(t_std)).view(1, 3, 1, 1).to(accelerator.device)
+
+    updates_per_epoch = math.ceil(len(train_dataloader) / cfg.gradient_accumulation_steps)
+    num_epochs = math.ceil(max_steps / updates_per_epoch)
+    state: dict[str, Any] = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "history": []}
+
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        logger.info("resuming from %s", checkpoint)
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        if ema is not None:
+            ema.load_state_dict(load_file(checkpoint / EMA_WEIGHTS))
+        existing = [_checkpoint_index(p) for p in (output_dir / "checkpoints").glob("checkpoint_*")]
+        accelerator.project_configuration.iteration = max(existing) + 1
+
+    def save_checkpoint() -> None:
+        location = Path(accelerator.save_state())
+        if accelerator.is_main_process:
+            if ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, location / EMA_WEIGHTS)
+            # Written last: marks the checkpoint complete for --resume_from_checkpoint latest.
+            (location / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+
+    def progress_index() -> int:
+        return state["epoch"] if cfg.freeze_unit == "epochs" else state["completed_steps"]
+
+    def refresh_freezing() -> None:
+        if freezing:
+            n = trainable_block_count(progress_index(), len(blocks), cfg.freeze_backbone, cfg.unfreeze_every)
+            apply_freezing(unwrapped, blocks, n)
+
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers("runs", config=_flat_hparams(cfg))
+
+    logger.info(
+        "%s: %d epochs x %d updates (max_steps %d), batch %d x accumulation %d x %d processes",
+        cfg.model.name, num_epochs, updates_per_epoch, max_steps, cfg.batch_size,
+        cfg.gradient_accumulation_steps, accelerator.num_processes,
+    )
+    progress = tqdm(total=max_steps, initial=state["completed_steps"], desc="train", disable=not accelerator.is_local_main_process)
+    running_loss = torch.zeros((), device=accelerator.device)
+    running_count = 0
+    while state["epoch"] < num_epochs:
+        if state["completed_steps"] >= max_steps and state["batches_in_epoch"] == 0:
+            break  # resumed from the checkpoint written after the last evaluation
+        epoch = state["epoch"]
+        model.train()
+        refresh_freezing()
+        sampler.set_epoch(epoch)
+        loader_generator.manual_seed(cfg.seed + epoch)
+        skip = state["batches_in_epoch"]
+        active_dataloader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        for batch in active_dataloader:
+            if state["completed_steps"] >= max_steps:
+                break
+            if mixer is not None:
+                batch = mixer(batch)  # labels become (B, num_labels) soft targets
+            with accelerator.accumulate(model):
+                outputs = model(pixel_values=batch["pixel_values"])
+                loss = criterion(outputs.logits.float(), batch["labels"])
+                if teacher is not None:
+                    with torch.no_grad(), accelerator.autocast():
+                        teacher_pixels = batch["pixel_values"] * renorm_scale + renorm_shift
+                        if t_size and t_size != teacher_pixels.shape[-1]:
+                            teacher_pixels = F.interpolate(teacher_pixels, size=(t_size, t_size), mode="bicubic", align_corners=False)
+                        teacher_logits = teacher(pixel_values=teacher_pixels).logits
+                    student = getattr(outputs, "distillation_logits", None)
+                    student = outputs.logits if student is None else student
+                    d_loss = distillation_loss(student, teacher_logits, cfg.distillation.kind, cfg.distillation.temperature)
+                    loss = (1 - cfg.distillation.alpha) * loss + cfg.distillation.alpha * d_loss
+                elif getattr(outputs, "distillation_logits", None) is not None:
+                    # Distillation token without a teacher: both heads learn the labels (model's own rule).
+                    loss = (loss + criterion(outputs.distillation_logits.float(), batch["labels"])) / 2
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state["batches_in_epoch"] += 1
+            running_loss += loss.detach()
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            state["completed_steps"] += 1
+            progress.update(1)
+            if ema is not None:
+                ema.update(unwrapped, step=state["completed_steps"])
+            if cfg.freeze_unit == "steps":
+                refresh_freezing()
+            if state["completed_steps"] % cfg.logging_steps == 0 or state["completed_steps"] == max_steps:
+                mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / max(running_count, 1)
+                accelerator.log({"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0], "epoch": epoch},
+                                step=state["completed_steps"])
+                progress.set_postfix(loss=f"{mean_loss:.4f}")
+                running_loss.zero_()
+                running_count = 0
+            if cfg.checkpointing_steps and state["completed_steps"] % cfg.checkpointing_steps == 0:
+                save_checkpoint()
+        metrics = evaluate_model(ema.module if ema is not None else model, eval_dataloader, accelerator, label_names)
+        metrics.update(epoch=epoch, step=state["completed_steps"])
+        state["history"].append(metrics)
+        accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state["completed_steps"])
+        logger.info("epoch %d step %d: %s", epoch, state["completed_steps"], _fmt(metrics))
+        state["epoch"] += 1
+        state["batches_in_epoch"] = 0
+        save_checkpoint()
+        if state["completed_steps"] >= max_steps:
+            break
+    progress.close()
+
+    # ---- export
+    accelerator.wait_for_everyone()
+    if ema is not None:
+        unwrapped.load_state_dict(ema.module.state_dict())
+    unwrapped.eval()
+    final = state["history"][-1] if state["history"] else evaluate_model(model, eval_dataloader, accelerator, label_names)
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir, safe_serialization=True)
+        if not isinstance(unwrapped, TimmWrapperForImageClassification):  # timm keeps it in config.json
+            processor.save_pretrained(output_dir)
+        cfg_dict = dataclasses.asdict(cfg)
+        cfg_dict["adam_betas"] = list(cfg.adam_betas)
+        (output_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        infra = {k: v for k, v in vars(args).items() if k != "overrides"}
+        (output_dir / "training_args.json").write_text(
+            json.dumps({"config": cfg_dict, "infrastructure": infra, "num_processes": accelerator.num_processes,
+                        "mixed_precision": accelerator.mixed_precision}, indent=2)
+        )
+        launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
+        (output_dir / "command.txt").write_text(f"{launcher} {shlex.join(sys.argv)}\n")
+        result = {"final": final, "history": state["history"], "labels": label_names,
+                  "ema": cfg.ema, "steps": state["completed_steps"]}
+        (output_dir / "val_metrics.json").write_text(json.dumps(result, indent=2))
+        logger.info("saved %s to %s (validation: %s)", cfg.model.name, output_dir, _fmt(final))
+    accelerator.end_training()
+    return final
+
+
+def _flat_hparams(cfg: TrainConfig) -> dict[str, Any]:
+    """TensorBoard hparams accept scalars/strings only: flatten nested sections."""
+    flat: dict[str, Any] = {}
+    for key, value in dataclasses.asdict(cfg).items():
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for sub, v in items:
+            name = f"{key}.{sub}" if sub else key
+            flat[name] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return flat
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+if __name__ == "__main__":
+    main()
