@@ -159,3 +159,27 @@ def test_overlay_accepts_pil_and_rejects_bad_input():
         overlay_heatmap(np.zeros((4, 4, 3), dtype=np.float32), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="colormap"):
         overlay_heatmap(image, np.zeros((2, 2)), colormap="nope")
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_rollout_on_a_tiny_melanoma_vit(distill):
+    from model import MelanomaViTConfig, MelanomaViTForImageClassification
+
+    config = MelanomaViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, use_distillation_token=distill, num_labels=7,
+    )
+    torch.manual_seed(0)
+    model = MelanomaViTForImageClassification(config).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        attentions = model(x, output_attentions=True).attentions
+    rows = ("cls", "dist") if distill else ("cls",)
+    maps = attention_rollout(attentions, num_prefix_tokens=config.num_prefix_tokens, token_rows=rows, discard_ratio=0.25)
+    assert maps.shape == (3, 4, 4)
+    assert maps.amin(dim=(1, 2)).eq(0).all() and maps.amax(dim=(1, 2)).eq(1).all()
+    with torch.no_grad():
+        alone = model(x[1:2], output_attentions=True).attentions
+    torch.testing.assert_close(
+        attention_rollout(alone, num_prefix_tokens=config.num_prefix_tokens, token_rows=rows, discard_ratio=0.25), maps[1:2]
+    )
