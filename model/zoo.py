@@ -1,0 +1,436 @@
+"""The model zoo: which classifiers exist, load each once, predict and explain.
+
+Sources of models (all must load with `AutoModelForImageClassification`):
+- every folder under `models/` (or `$MELANOMA_MODELS_DIR`) with a `config.json` whose
+  `architectures` is an image classifier (other artifacts, e.g. `models/ood-detector/`, are skipped);
+- Hub ids from `$MELANOMA_HUB_MODELS` (comma-separated) or the `hub_models:` list of a
+  `models.yaml` beside `models/`. A Hub id that cannot be reached (offline, private, missing)
+  is skipped and listed in `ModelZoo.skipped` with the reason, so the UI can say so.
+
+Loaded models are cached; loading and inference are guarded by locks because the Gradio
+worker threads and the REST background worker share the zoo. Nothing here diagnoses anything:
+these are research/education models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Importing this module imports the `model` package, which registers MelanomaViT with the Auto classes.
+from .labels import DX_NAMES, MELANOMA
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODELS_DIR = ROOT / "models"
+# Default model preference: the first id equal to or starting with one of these wins.
+DEFAULT_PREFERENCE: tuple[str, ...] = ("melanoma-vit", "efficientnet-lite0", "resnet")
+# Longest side of the image the explanation is drawn on (the overlay is display-only).
+EXPLAIN_DISPLAY_SIDE = 448
+
+
+class UnknownModelError(KeyError):
+    """The requested model id is not in the zoo (or could not be loaded)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown model"
+
+
+@dataclass
+class CardInfo:
+    """What the UI shows from a model card (`README.md` beside the weights)."""
+
+    license: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    # (metric name, value, dataset name) from the card's model-index.
+    metrics: list[tuple[str, float, str]] = field(default_factory=list)
+
+
+@dataclass
+class Analysis:
+    """One image's prediction and explanation from a single forward pass where possible."""
+
+    probabilities: dict[str, float]
+    heatmap: np.ndarray  # (H, W, 3) uint8 overlay
+    method: str
+
+
+def _parse_card(folder: Path) -> CardInfo | None:
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(readme)
+    except Exception as err:  # malformed YAML / model-index: show the model without card data
+        logger.warning("Could not parse model card %s: %s", readme, err)
+        return None
+    data = card.data
+    datasets = data.datasets or []
+    metrics: list[tuple[str, float, str]] = []
+    for result in data.eval_results or []:
+        if isinstance(result.metric_value, (int, float)):
+            name = result.metric_name or result.metric_type
+            metrics.append((str(name), float(result.metric_value), str(result.dataset_name or result.dataset_type)))
+    base = data.base_model
+    return CardInfo(
+        license=data.license,
+        datasets=[datasets] if isinstance(datasets, str) else list(datasets),
+        base_model=base if isinstance(base, str) or base is None else ", ".join(base),
+        metrics=metrics,
+    )
+
+
+def _net_type(config: Any) -> str:
+    if config.model_type == "timm_wrapper":
+        return f"timm/{config.architecture}"
+    return str(config.model_type)
+
+
+def _image_size(processor: Any, config: Any) -> int:
+    """Side length (pixels) of the square model input."""
+    for attr in ("crop_size", "size"):
+        size = getattr(processor, attr, None)
+        if isinstance(size, dict):
+            for key in ("height", "shortest_edge", "width"):
+                if size.get(key):
+                    return int(size[key])
+        elif isinstance(size, int):
+            return size
+    data_config = getattr(processor, "data_config", None)
+    if isinstance(data_config, dict) and data_config.get("input_size"):
+        return int(data_config["input_size"][-1])
+    image_size = getattr(config, "image_size", None)
+    if image_size:
+        return int(image_size if isinstance(image_size, int) else image_size[-1])
+    pretrained_cfg = getattr(config, "pretrained_cfg", None) or {}
+    return int(pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+
+
+def _mean_std(processor: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    mean = getattr(processor, "image_mean", None)
+    std = getattr(processor, "image_std", None)
+    data_config = getattr(processor, "data_config", None)
+    if (mean is None or std is None) and isinstance(data_config, dict):
+        mean, std = data_config.get("mean"), data_config.get("std")
+    if mean is None or std is None:
+        return None
+    return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+
+
+class ZooModel:
+    """One loaded classifier with its image processor, calibration and card metadata.
+
+    Attributes:
+        id: zoo id (folder name or Hub id); path: local folder or Hub id it was loaded from.
+        net_type: "melanoma_vit", "vit", "timm/<architecture>", ... ; img_size: input side (px).
+        out_dim: number of classes; id2label: index -> dx code; labels: dx code -> readable name.
+        temperature: calibration temperature T (probabilities = softmax(logits / T)).
+        melanoma_threshold: decision threshold on P(mel) (0.5 when the model has none).
+        card: parsed model card, or None.
+    """
+
+    def __init__(self, model_id: str, source: str | Path, device: str | torch.device = "cpu") -> None:
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+        self.id = model_id
+        self.path = str(source)
+        self.device = torch.device(device)
+        config = AutoConfig.from_pretrained(source)
+        kwargs: dict[str, Any] = {}
+        if config.model_type == "vit":
+            # transformers' ViT returns attention weights only with the eager kernel.
+            kwargs["attn_implementation"] = "eager"
+        self.model = AutoModelForImageClassification.from_pretrained(source, **kwargs).to(self.device).eval()
+        self.processor = AutoImageProcessor.from_pretrained(source)
+        self.config = self.model.config
+        self.net_type = _net_type(self.config)
+        self.img_size = _image_size(self.processor, self.config)
+        self.id2label: dict[int, str] = {int(k): v for k, v in self.config.id2label.items()}
+        self.out_dim = len(self.id2label)
+        self.labels: dict[str, str] = {code: DX_NAMES.get(code, code) for code in self.id2label.values()}
+        self.temperature = float(getattr(self.config, "temperature", None) or 1.0)
+        threshold = getattr(self.config, "melanoma_threshold", None)
+        self.melanoma_threshold = float(threshold) if threshold is not None else 0.5
+        self.has_melanoma_class = MELANOMA in self.id2label.values()
+        self.num_prefix_tokens = int(getattr(self.config, "num_prefix_tokens", 1))
+        self.num_layers = int(getattr(self.config, "num_hidden_layers", 0) or 0)
+        self.card = _parse_card(Path(source)) if Path(source).is_dir() else None
+        self.uses_rollout = self.net_type in ("melanoma_vit", "vit", "deit")
+        self._lock = threading.Lock()
+        self._mean_std = _mean_std(self.processor)
+
+    # ----------------------------------------------------------------------------- metadata
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def metadata(self) -> dict[str, Any]:
+        """The fields every REST result carries: model_id, net_type, img_size, out_dim."""
+        return {"model_id": self.id, "net_type": self.net_type, "img_size": self.img_size, "out_dim": self.out_dim}
+
+    def describe(self) -> dict[str, Any]:
+        """Everything the UI and `GET /public_models` show about the model."""
+        card = self.card
+        return {
+            **self.metadata(),
+            "labels": self.labels,
+            "temperature": self.temperature,
+            "melanoma_threshold": self.melanoma_threshold,
+            "explanation": "attention rollout" if self.uses_rollout else "Grad-CAM",
+            "num_layers": self.num_layers,
+            "num_parameters": self.num_parameters,
+            "license": card.license if card else None,
+            "datasets": card.datasets if card else [],
+            "base_model": card.base_model if card else None,
+            "metrics": [{"name": n, "value": v, "dataset": d} for n, v, d in (card.metrics if card else [])],
+        }
+
+    # ---------------------------------------------------------------------------- inference
+    def _pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """list of RGB PIL images -> (B, 3, img_size, img_size) float tensor on the model device."""
+        batch = self.processor(images=list(images), return_tensors="pt")
+        return batch["pixel_values"].to(self.device)
+
+    def _probabilities(self, logits: torch.Tensor) -> list[dict[str, float]]:
+        """(B, out_dim) raw logits -> per image {dx code: softmax(logits / T)}."""
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu().numpy()
+        return [{self.id2label[i]: float(row[i]) for i in range(self.out_dim)} for row in probs]
+
+    def predict(self, images: Sequence[Image.Image], batch_size: int = 32) -> list[dict[str, float]]:
+        """Calibrated class probabilities per image (dict dx code -> probability, sums to 1)."""
+        results: list[dict[str, float]] = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                logits = self.model(pixel_values=self._pixel_values(images[start : start + batch_size])).logits
+                results.extend(self._probabilities(logits))
+        return results
+
+    def _model_view(self, pixel_values: torch.Tensor, image: Image.Image) -> np.ndarray:
+        """The image as the model saw it (after resize/crop), (H, W, 3) uint8, for the overlay.
+
+        Un-normalises `pixel_values` (1, 3, h, w); upsampled to `EXPLAIN_DISPLAY_SIDE` so a
+        32-px test model still gives a viewable overlay.
+        """
+        x = pixel_values[0].detach().float().cpu().numpy().transpose(1, 2, 0)  # (h, w, 3)
+        if self._mean_std is not None:
+            mean, std = self._mean_std
+            x = x * std + mean
+        else:
+            x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6)
+        view = Image.fromarray(np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        side = max(EXPLAIN_DISPLAY_SIDE, 1)
+        if view.width < side:
+            view = view.resize((side, round(side * view.height / view.width)), Image.Resampling.BICUBIC)
+        return np.asarray(view)
+
+    def analyze(
+        self,
+        image: Image.Image,
+        head_fusion: str = "mean",
+        discard_ratio: float = 0.9,
+        start_layer: int = 0,
+    ) -> Analysis:
+        """Prediction + explanation for one RGB image.
+
+        ViT-like models: one forward with `output_attentions=True` gives both the logits and the
+        per-layer attentions (B, heads, N, N) for attention rollout. CNNs: a Grad-CAM pass for the
+        predicted class (which needs gradients) plus the probabilities from the same logits.
+        """
+        from .rollout import attention_rollout, overlay_heatmap
+
+        if head_fusion not in ("mean", "max", "min"):
+            raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}.")
+        if not 0.0 <= float(discard_ratio) < 1.0:
+            raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}.")
+        pixel_values = self._pixel_values([image])
+        with self._lock:
+            if self.uses_rollout:
+                if not 0 <= int(start_layer) < max(self.num_layers, 1):
+                    raise ValueError(f"start_layer must be in [0, {self.num_layers - 1}], got {start_layer}.")
+                with torch.inference_mode():
+                    out = self.model(pixel_values=pixel_values, output_attentions=True)
+                token_rows = ("cls", "dist") if self.num_prefix_tokens == 2 else ("cls",)
+                mask = attention_rollout(
+                    out.attentions,
+                    head_fusion=head_fusion,
+                    discard_ratio=float(discard_ratio),
+                    start_layer=int(start_layer),
+                    num_prefix_tokens=self.num_prefix_tokens,
+                    token_rows=token_rows,
+                )[0]
+                logits = out.logits
+                method = f"attention rollout (head fusion {head_fusion}, discard {discard_ratio:.2f}, from layer {int(start_layer)})"
+            else:
+                from .gradcam import grad_cam
+
+                with torch.inference_mode():
+                    logits = self.model(pixel_values=pixel_values).logits
+                mask = grad_cam(self.model, pixel_values.clone(), target=int(logits.argmax(-1)[0]))[0]
+                method = "Grad-CAM (predicted class, last convolutional stage)"
+        view = self._model_view(pixel_values, image)
+        heatmap = overlay_heatmap(view, mask.detach().float().cpu())
+        return Analysis(self._probabilities(logits)[0], heatmap, method)
+
+    def explain(
+        self,
+        image: Image.Image,
+        head_fusion: str = "mean",
+        discard_ratio: float = 0.9,
+        start_layer: int = 0,
+    ) -> tuple[np.ndarray, str]:
+        """Explanation overlay (H, W, 3) uint8 and the method's name (rollout or Grad-CAM)."""
+        result = self.analyze(image, head_fusion, discard_ratio, start_layer)
+        return result.heatmap, result.method
+
+
+def _hub_ids_from_env_or_yaml(models_dir: Path) -> list[str]:
+    env = os.environ.get("MELANOMA_HUB_MODELS", "")
+    ids = [s.strip() for s in env.split(",") if s.strip()]
+    if ids:
+        return ids
+    for candidate in (models_dir / "models.yaml", models_dir.parent / "models.yaml"):
+        if candidate.is_file():
+            import yaml
+
+            data = yaml.safe_load(candidate.read_text()) or {}
+            return [str(x) for x in data.get("hub_models", []) or []]
+    return []
+
+
+def _is_classifier_folder(folder: Path) -> bool:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return False
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    architectures = config.get("architectures") or []
+    return any(str(a).endswith("ForImageClassification") for a in architectures)
+
+
+class ModelZoo:
+    """Discovers, loads (once) and caches the available classifiers.
+
+    Args:
+        models_dir: folder of model folders (default `$MELANOMA_MODELS_DIR` or `<repo>/models`).
+        hub_ids: Hub ids to offer (default `$MELANOMA_HUB_MODELS` or `models.yaml`).
+        default: default model id (default `$MELANOMA_DEFAULT_MODEL` or the preference list).
+        device: torch device for inference (default "cpu").
+    """
+
+    def __init__(
+        self,
+        models_dir: str | Path | None = None,
+        hub_ids: Sequence[str] | None = None,
+        default: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        self.models_dir = Path(models_dir or os.environ.get("MELANOMA_MODELS_DIR") or DEFAULT_MODELS_DIR)
+        self.device = device
+        self._lock = threading.RLock()
+        self._loaded: dict[str, ZooModel] = {}
+        self.skipped: dict[str, str] = {}
+        self._sources: dict[str, str] = {}
+        if self.models_dir.is_dir():
+            for folder in sorted(p for p in self.models_dir.iterdir() if p.is_dir()):
+                if _is_classifier_folder(folder):
+                    self._sources[folder.name] = str(folder)
+        for hub_id in hub_ids if hub_ids is not None else _hub_ids_from_env_or_yaml(self.models_dir):
+            if hub_id not in self._sources:
+                self._sources[hub_id] = hub_id
+        self._hub_ids = [i for i, s in self._sources.items() if s == i and not Path(s).is_dir()]
+        self._resolve_hub_ids()
+        self._default = default or os.environ.get("MELANOMA_DEFAULT_MODEL") or None
+        self._ood_loaded = False
+        self._ood: Any = None
+        self.ood_note: str | None = None
+
+    @property
+    def ood_detector(self) -> Any:
+        """The "is this dermoscopy?" detector from `model.ood`, or None when unavailable.
+
+        Optional: without the module or its artifact the app still works, without OOD warnings;
+        the reason is kept in `ood_note`.
+        """
+        with self._lock:
+            if not self._ood_loaded:
+                self._ood_loaded = True
+                try:
+                    from .ood import load_ood_detector
+
+                    self._ood = load_ood_detector()
+                except Exception as err:  # optional component: missing module or artifact
+                    self.ood_note = f"Out-of-distribution check unavailable: {err}"
+                    logger.warning(self.ood_note)
+            return self._ood
+
+    def check_ood(self, images: Sequence[Image.Image]) -> list[Any | None]:
+        """Per image the detector's OODResult(is_ood, score, reason), or None without a detector."""
+        detector = self.ood_detector
+        if detector is None:
+            return [None] * len(images)
+        return list(detector.score(list(images)))
+
+    def _resolve_hub_ids(self) -> None:
+        """Keep Hub ids whose config can be fetched (or is cached); note the others as skipped."""
+        from transformers import AutoConfig
+
+        for hub_id in self._hub_ids:
+            try:
+                AutoConfig.from_pretrained(hub_id)
+            except Exception as err:  # offline, missing, private, unknown model type
+                reason = str(err).splitlines()[0][:200]
+                logger.warning("Skipping Hub model %s: %s", hub_id, reason)
+                self.skipped[hub_id] = reason
+                self._sources.pop(hub_id, None)
+
+    @property
+    def ids(self) -> list[str]:
+        """Ids of every usable model (local folders first, then reachable Hub ids)."""
+        return list(self._sources)
+
+    @property
+    def default_id(self) -> str | None:
+        """`$MELANOMA_DEFAULT_MODEL`, else the first preference match, else the first model."""
+        if self._default:
+            if self._default not in self._sources:
+                raise UnknownModelError(
+                    f"Default model {self._default!r} is not in the zoo; available: {', '.join(self.ids) or 'none'}."
+                )
+            return self._default
+        for preference in DEFAULT_PREFERENCE:
+            for model_id in self.ids:
+                if model_id == preference or model_id.startswith(preference):
+                    return model_id
+        return self.ids[0] if self.ids else None
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._sources
+
+    def get(self, model_id: str | None = None) -> ZooModel:
+        """The loaded model for `model_id` (default model when None); loads it on first use."""
+        model_id = model_id or self.default_id
+        if model_id is None:
+            raise UnknownModelError(f"No models found in {self.models_dir} (folders with a config.json).")
+        if model_id not in self._sources:
+            raise UnknownModelError(f"Unknown model {model_id!r}; available: {', '.join(self.ids) or 'none'}.")
+        with self._lock:
+            if model_id not in self._loaded:
+                logger.info("Loading model %s from %s", model_id, self._sources[model_id])
+                self._loaded[model_id] = ZooModel(model_id, self._sources[model_id], device=self.device)
+            return self._loaded[model_id]

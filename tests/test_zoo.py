@@ -1,0 +1,375 @@
+"""model/zoo.py and model/imageio.py: discovery, loading, calibrated predictions, explanations,
+and safe decoding of every kind of bad or unusual image input.
+
+The models are real (tiny) MelanomaViT / transformers ViT / timm ResNet-18 folders built and
+briefly fine-tuned on the fixture images by `make_tiny_model_folders` (also used by test_app.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from model.imageio import InvalidImageError, load_image
+from model.labels import DX_CODES, dx_id2label, dx_label2id
+
+# --------------------------------------------------------------------------- tiny model folders
+
+
+def _fixture_batch(fixtures_dir: Path) -> tuple[list[Image.Image], torch.Tensor]:
+    """The 16 fixture images with their dx labels (ISIC 2017 labels mapped onto dx codes)."""
+    from model.labels import ISIC2017_TO_DX
+
+    images, labels = [], []
+    ham = pd.read_csv(fixtures_dir / "ham10000" / "HAM10000_metadata.csv")
+    for row in ham.itertuples():
+        images.append(Image.open(fixtures_dir / "ham10000" / "images" / f"{row.image_id}.jpg").convert("RGB"))
+        labels.append(dx_label2id()[row.dx])
+    isic = pd.read_csv(fixtures_dir / "isic2017" / "labels.csv")
+    for row in isic.itertuples():
+        images.append(Image.open(fixtures_dir / "isic2017" / row.path).convert("RGB"))
+        labels.append(dx_label2id()[ISIC2017_TO_DX[row.label]])
+    return images, torch.tensor(labels)
+
+
+def _fine_tune(model: torch.nn.Module, processor, images, labels, steps: int = 10) -> list[float]:
+    """A few full-batch AdamW steps on the fixture images; returns the loss per step."""
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=pixel_values).logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def make_tiny_model_folders(root: Path, fixtures_dir: Path, cnn: bool = True) -> dict[str, Path]:
+    """Save tiny real model folders under `root` (a models/ directory); returns name -> folder.
+
+    - melanoma-vit-tiny: MelanomaViT (image 32, patch 8, hidden 32, 2 layers, 4 heads), fine-tuned (10 steps)
+      on the 16 fixture images, temperature 2.0 and melanoma threshold 0.3 in its config,
+      and a model card with a license and a model-index metric;
+    - vit-tiny: transformers' ViTForImageClassification with the same sizes (random init);
+    - resnet18-tiny (cnn=True): timm ResNet-18 through TimmWrapper at 32 px (random init).
+    """
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from model import MelanomaViTConfig, MelanomaViTForImageClassification
+
+    torch.manual_seed(0)
+    images, labels = _fixture_batch(fixtures_dir)
+    folders: dict[str, Path] = {}
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    sizes = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+
+    vit = MelanomaViTForImageClassification(
+        MelanomaViTConfig(**sizes, id2label=dx_id2label(), label2id=dx_label2id())
+    )
+    losses = _fine_tune(vit, processor, images, labels)
+    assert losses[-1] < losses[0], losses
+    vit.config.temperature = 2.0
+    vit.config.melanoma_threshold = 0.3
+    folders["melanoma-vit-tiny"] = root / "melanoma-vit-tiny"
+    vit.save_pretrained(folders["melanoma-vit-tiny"])
+    processor.save_pretrained(folders["melanoma-vit-tiny"])
+    (folders["melanoma-vit-tiny"] / "README.md").write_text(
+        "---\nlicense: cc-by-nc-sa-4.0\ndatasets:\n- ham10000-fixtures\n"
+        "model-index:\n- name: melanoma-vit-tiny\n  results:\n  - task:\n      type: image-classification\n"
+        "    dataset:\n      name: ISIC 2017 fixtures\n      type: isic2017\n    metrics:\n"
+        "    - type: roc_auc\n      name: Melanoma AUC\n      value: 0.5\n---\n# tiny test model\n"
+    )
+
+    hf_vit = ViTForImageClassification(
+        ViTConfig(**sizes, id2label=dx_id2label(), label2id=dx_label2id())
+    )
+    folders["vit-tiny"] = root / "vit-tiny"
+    hf_vit.save_pretrained(folders["vit-tiny"])
+    processor.save_pretrained(folders["vit-tiny"])
+
+    if cnn:
+        from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+        import timm
+
+        pretrained_cfg = timm.models.get_pretrained_cfg("resnet18").to_dict()
+        pretrained_cfg.update(input_size=(3, 32, 32), crop_pct=1.0)
+        config = TimmWrapperConfig(
+            architecture="resnet18", pretrained_cfg=pretrained_cfg, num_labels=7,
+            id2label=dx_id2label(), label2id=dx_label2id(),
+        )
+        cnn_model = TimmWrapperForImageClassification(config).eval()
+        folders["resnet18-tiny"] = root / "resnet18-tiny"
+        cnn_model.save_pretrained(folders["resnet18-tiny"])
+
+    # Not a classifier: must be ignored by the zoo (like models/ood-detector/).
+    (root / "not-a-model").mkdir(exist_ok=True)
+    (root / "not-a-model" / "config.json").write_text(json.dumps({"model_type": "something_else"}))
+    return folders
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, fixtures_dir) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    make_tiny_model_folders(root, fixtures_dir)
+    return root
+
+
+@pytest.fixture(scope="module")
+def zoo(models_dir):
+    from model.zoo import ModelZoo
+
+    return ModelZoo(models_dir=models_dir, hub_ids=["someone/not-reachable-model"])
+
+
+# -------------------------------------------------------------------------------------- zoo
+
+
+def test_discovery_default_and_skipped_hub_ids(zoo, models_dir, monkeypatch):
+    from model.zoo import ModelZoo, UnknownModelError
+
+    assert zoo.ids == ["melanoma-vit-tiny", "resnet18-tiny", "vit-tiny"]
+    assert zoo.default_id == "melanoma-vit-tiny"  # preference "melanoma-vit" prefix
+    assert "someone/not-reachable-model" in zoo.skipped  # offline: skipped with a reason
+    assert zoo.skipped["someone/not-reachable-model"]
+    with pytest.raises(UnknownModelError, match="available: melanoma-vit-tiny"):
+        zoo.get("nope")
+    monkeypatch.setenv("MELANOMA_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("MELANOMA_DEFAULT_MODEL", "vit-tiny")
+    monkeypatch.setenv("MELANOMA_HUB_MODELS", "a/b, c/d")
+    env_zoo = ModelZoo()
+    assert env_zoo.default_id == "vit-tiny"
+    assert set(env_zoo.skipped) == {"a/b", "c/d"}
+    with pytest.raises(UnknownModelError):
+        ModelZoo(models_dir=models_dir, hub_ids=[], default="missing").default_id
+
+
+def test_models_yaml_lists_hub_ids(tmp_path):
+    from model.zoo import ModelZoo
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models.yaml").write_text("hub_models:\n  - org/melanoma-vit-base\n")
+    zoo = ModelZoo(models_dir=tmp_path / "models")
+    assert zoo.ids == [] and list(zoo.skipped) == ["org/melanoma-vit-base"]
+    assert zoo.default_id is None
+
+
+def test_entry_metadata_and_card(zoo):
+    entry = zoo.get("melanoma-vit-tiny")
+    assert zoo.get("melanoma-vit-tiny") is entry  # loaded once, cached
+    assert entry.net_type == "melanoma_vit"
+    assert (entry.img_size, entry.out_dim) == (32, 7)
+    assert entry.temperature == 2.0 and entry.melanoma_threshold == 0.3
+    assert entry.labels["mel"] == "Melanoma" and list(entry.labels) == list(DX_CODES)
+    info = entry.describe()
+    assert info["license"] == "cc-by-nc-sa-4.0"
+    assert info["metrics"] == [{"name": "Melanoma AUC", "value": 0.5, "dataset": "ISIC 2017 fixtures"}]
+    assert info["explanation"] == "attention rollout"
+    cnn = zoo.get("resnet18-tiny")
+    assert cnn.net_type == "timm/resnet18" and cnn.img_size == 32
+    assert cnn.melanoma_threshold == 0.5 and cnn.temperature == 1.0  # defaults
+    assert cnn.describe()["explanation"] == "Grad-CAM"
+
+
+def test_predict_is_temperature_scaled_softmax(zoo, ham_image_paths):
+    entry = zoo.get("melanoma-vit-tiny")
+    images = [Image.open(p).convert("RGB") for p in ham_image_paths[:5]]
+    probs = entry.predict(images, batch_size=2)  # exercises several batches
+    assert len(probs) == 5
+    pixel_values = entry.processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        logits = entry.model(pixel_values=pixel_values).logits
+    expected = torch.softmax(logits / 2.0, dim=-1)
+    got = torch.tensor([[p[c] for c in DX_CODES] for p in probs])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, torch.softmax(logits, dim=-1))  # T=2 really applied
+    # Batched equals one-by-one.
+    single = entry.predict(images[:1])[0]
+    assert single == pytest.approx(probs[0], abs=1e-5)
+
+
+def test_analyze_rollout_matches_predict(zoo, ham_image_paths):
+    pytest.importorskip("model.rollout")
+    entry = zoo.get("melanoma-vit-tiny")
+    image = Image.open(ham_image_paths[0]).convert("RGB")
+    result = entry.analyze(image, head_fusion="max", discard_ratio=0.5, start_layer=1)
+    assert result.probabilities == pytest.approx(entry.predict([image])[0], abs=1e-5)
+    assert result.heatmap.dtype == np.uint8 and result.heatmap.ndim == 3 and result.heatmap.shape[2] == 3
+    assert "rollout" in result.method and "max" in result.method
+    heatmap_mean, _ = entry.explain(image, head_fusion="mean")
+    assert heatmap_mean.shape == result.heatmap.shape
+    assert not np.array_equal(heatmap_mean, result.heatmap)  # controls change the map
+    with pytest.raises(ValueError, match="head_fusion"):
+        entry.analyze(image, head_fusion="median")
+    with pytest.raises(ValueError, match="start_layer"):
+        entry.analyze(image, start_layer=2)
+    # transformers' ViT gives attentions too (loaded with the eager kernel).
+    heatmap, method = zoo.get("vit-tiny").explain(image)
+    assert "rollout" in method and heatmap.shape[2] == 3
+
+
+def test_analyze_gradcam_for_cnn(zoo, ham_image_paths):
+    pytest.importorskip("model.gradcam")
+    entry = zoo.get("resnet18-tiny")
+    image = Image.open(ham_image_paths[1]).convert("RGB")
+    result = entry.analyze(image)
+    assert "Grad-CAM" in result.method
+    assert result.heatmap.dtype == np.uint8 and result.heatmap.shape[2] == 3
+    assert result.probabilities == pytest.approx(entry.predict([image])[0], abs=1e-5)
+    assert all(p.grad is None for p in entry.model.parameters())  # no gradient left behind
+
+
+def test_zoo_is_thread_safe(models_dir, ham_image_paths):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from model.zoo import ModelZoo
+
+    zoo = ModelZoo(models_dir=models_dir, hub_ids=[])
+    image = Image.open(ham_image_paths[2]).convert("RGB")
+    with ThreadPoolExecutor(4) as pool:
+        entries = list(pool.map(lambda _: zoo.get("vit-tiny"), range(4)))
+        results = list(pool.map(lambda e: e.predict([image])[0], entries))
+    assert all(e is entries[0] for e in entries)
+    assert all(r == pytest.approx(results[0], abs=1e-6) for r in results)
+
+
+# -------------------------------------------------------------------------------- load_image
+
+
+def _png_bytes(im: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    im.save(buffer, format="PNG", **kwargs)
+    return buffer.getvalue()
+
+
+def png_header_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
+    """A valid PNG signature + IHDR claiming width x height, with one tiny IDAT: a bomb header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def bad_image_files(directory: Path, fixture_jpeg: Path) -> dict[str, Path]:
+    """Write every kind of bad input under `directory`; returns kind -> path."""
+    jpeg = fixture_jpeg.read_bytes()
+    files = {
+        "empty": (b"", "empty.jpg"),
+        "truncated": (jpeg[: len(jpeg) // 3], "truncated.jpg"),
+        "text": (b"just some text, definitely not pixels\n" * 10, "notes.txt"),
+        "html": (b"<!DOCTYPE html><html><body><img src=x onerror=alert(1)></body></html>", "page.jpg"),
+        "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect/></svg>', "vector.svg"),
+        "bomb": (png_header_bomb(), "bomb.png"),
+        "tiny": (_png_bytes(Image.new("RGB", (3, 3))), "tiny.png"),
+    }
+    paths = {}
+    for kind, (data, name) in files.items():
+        paths[kind] = directory / name
+        paths[kind].write_bytes(data)
+    return paths
+
+
+def test_bad_inputs_refused_with_clear_messages(tmp_path, ham_image_paths):
+    files = bad_image_files(tmp_path, ham_image_paths[0])
+    expected = {
+        "empty": "empty",
+        "truncated": "truncated or corrupt",
+        "text": "Not a recognised image",
+        "html": "not a raster image",
+        "svg": "not a raster image",
+        "bomb": "decompression",
+        "tiny": "at least 8 pixels",
+    }
+    for kind, message in expected.items():
+        with pytest.raises(InvalidImageError, match=message):
+            load_image(files[kind])
+        with pytest.raises(InvalidImageError, match=message):
+            load_image(files[kind].read_bytes())
+    big = tmp_path / "big.jpg"
+    big.write_bytes(ham_image_paths[0].read_bytes() + b"\0" * 2_000_000)
+    with pytest.raises(InvalidImageError, match="limit is 1 MB"):
+        load_image(big, max_bytes=1_000_000)
+    with pytest.raises(InvalidImageError, match="limit is 1 MB"):
+        load_image(big.read_bytes(), max_bytes=1_000_000)
+    # A real but large image beyond max_pixels is refused from its header.
+    with pytest.raises(InvalidImageError, match="pixels; the limit is 100"):
+        load_image(ham_image_paths[0], max_pixels=100)
+    with pytest.raises(InvalidImageError, match="No such image file"):
+        load_image(tmp_path / "missing.png")
+    assert isinstance(InvalidImageError("x"), ValueError)
+
+
+def test_eps_is_never_decoded(tmp_path):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(InvalidImageError, match="Not a recognised image"):
+        load_image(eps)
+
+
+def test_unusual_but_valid_images_are_converted(ham_image_paths):
+    rgb = np.asarray(Image.open(ham_image_paths[0]).convert("RGB"))[:60, :80]  # (60, 80, 3)
+
+    # 16-bit greyscale: 65535 -> 255, 257 * 100 -> 100.
+    grey16 = np.full((20, 30), 257 * 100, dtype=np.uint16)
+    grey16[0, 0] = 65535
+    out = load_image(_png_bytes(Image.fromarray(grey16)))
+    assert Image.open(io.BytesIO(_png_bytes(Image.fromarray(grey16)))).mode.startswith("I")
+    arr = np.asarray(out)
+    assert out.mode == "RGB" and arr.shape == (20, 30, 3)
+    assert arr[0, 0].tolist() == [255, 255, 255] and arr[5, 5].tolist() == [100, 100, 100]
+
+    # RGBA: transparent pixels become white, opaque ones keep their colour.
+    rgba = np.zeros((20, 20, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:10, :, 3] = 255
+    arr = np.asarray(load_image(_png_bytes(Image.fromarray(rgba, "RGBA"))))
+    assert arr[0, 0].tolist() == [200, 0, 0] and arr[15, 0].tolist() == [255, 255, 255]
+
+    # Palette, greyscale, CMYK JPEG.
+    palette = Image.fromarray(rgb).quantize(16)
+    assert palette.mode == "P"
+    out = load_image(_png_bytes(palette))
+    assert out.mode == "RGB" and np.abs(np.asarray(out, float) - rgb).mean() < 20
+    grey = load_image(_png_bytes(Image.fromarray(rgb).convert("L")))
+    assert grey.mode == "RGB" and np.array_equal(np.asarray(grey)[..., 0], np.asarray(grey)[..., 2])
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(buffer, format="JPEG", quality=95)
+    out = load_image(buffer.getvalue())
+    assert out.mode == "RGB" and np.abs(np.asarray(out, float) - rgb).mean() < 12
+
+    # Animated GIF: the first frame is used.
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    out = np.asarray(load_image(buffer.getvalue()))
+    assert out[8, 8, 0] > 200 and out[8, 8, 2] < 50
+
+    # EXIF orientation 6 (rotate 90 clockwise): an 80x60 JPEG becomes 60x80.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", exif=exif.tobytes())
+    out = load_image(buffer.getvalue())
+    assert out.size == (60, 80)
+    assert Image.open(io.BytesIO(buffer.getvalue())).size == (80, 60)
+
+
+def test_real_fixture_roundtrip(ham_image_paths):
+    for path in ham_image_paths[:3]:
+        out = load_image(path)
+        assert out.mode == "RGB" and out.size == Image.open(path).size
+        assert np.array_equal(np.asarray(out), np.asarray(Image.open(path).convert("RGB")))
