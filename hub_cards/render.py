@@ -1,0 +1,460 @@
+"""Render the model card (README.md) of a Hub-ready model folder.
+
+The card is built from what the pipeline wrote into `models/<name>/`:
+
+- `config.json` (architecture, id2label, image size, `temperature`, `melanoma_threshold`),
+- `preprocessor_config.json` (input size when the config has none),
+- `*.safetensors` headers (parameter count, read without loading the weights),
+- training files when present: `train_config.yaml|yml|json` or `training_args.json`,
+  `command.txt`, `val_metrics.json`, `split_manifest.json`,
+- evaluation outputs `eval/<dataset>_<split>/metrics.json` (written by train/evaluate.py) and
+  their plots (`roc.png`, `confusion_matrix.png`, `reliability.png`, `confidence_hist.png`).
+
+Nothing is invented: a metric that is missing or null is left out of the tables and of the
+model-index metadata, and a folder without evaluation says "not evaluated yet".
+
+CLI::
+
+    python -m hub_cards.render models/<name> [--write] [--repo-id OWNER/NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from model.labels import DX_NAMES, MELANOMA
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+MODEL_CARD_TEMPLATE = TEMPLATE_DIR / "model_card.md.j2"
+
+#: HAM10000 is CC BY-NC-SA 4.0; models trained on it inherit the non-commercial terms.
+LICENSE = "cc-by-nc-sa-4.0"
+
+#: Placeholder used in the card's code snippets when no repo id is given.
+PLACEHOLDER_REPO_ID = "OWNER/{name}"
+
+#: Known evaluation datasets: folder prefix -> (readable name, model-index dataset type).
+KNOWN_DATASETS: dict[str, tuple[str, str]] = {
+    "ham10000": ("HAM10000", "ham10000"),
+    "isic2017": ("ISIC 2017 Part 3", "isic2017"),
+}
+
+#: Plots written by train/evaluate.py, in the order the card shows them.
+PLOTS: tuple[tuple[str, str], ...] = (
+    ("roc.png", "ROC curve (melanoma vs rest)"),
+    ("confusion_matrix.png", "Confusion matrix"),
+    ("reliability.png", "Reliability diagram"),
+    ("confidence_hist.png", "Confidence histogram"),
+)
+
+TRAIN_CONFIG_FILES = ("train_config.yaml", "train_config.yml", "train_config.json", "training_args.json")
+
+
+@dataclass
+class EvalSet:
+    """One evaluation run: `eval/<dataset>_<split>/metrics.json` and its plots."""
+
+    key: str
+    dataset_name: str
+    dataset_type: str
+    split: str
+    metrics: dict[str, Any]
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    per_class_recall: list[tuple[str, str, str]] = field(default_factory=list)
+    plots: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    calibration: str = ""
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    """Format a number from a metrics file for a table (3 decimals for floats)."""
+    if isinstance(value, bool) or not _num(value):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _cell(text: Any) -> str:
+    """Escape a value for a markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); regenerate it.") from err
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{model_dir} has no config.json: pass a folder written by save_pretrained.")
+    return _read_json(path)
+
+
+def _image_size(config: dict[str, Any], model_dir: Path) -> str | None:
+    """Input resolution from the config, else the image processor, else timm's pretrained_cfg."""
+    size = config.get("image_size")
+    if _num(size):
+        return f"{size}x{size}"
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return f"{size[0]}x{size[1]}"
+    proc = model_dir / "preprocessor_config.json"
+    if proc.is_file():
+        p_size = _read_json(proc).get("size")
+        if isinstance(p_size, dict) and "height" in p_size and "width" in p_size:
+            return f"{p_size['height']}x{p_size['width']}"
+        if isinstance(p_size, dict) and "shortest_edge" in p_size:
+            return f"shortest edge {p_size['shortest_edge']}"
+        if _num(p_size):
+            return f"{p_size}x{p_size}"
+    input_size = (config.get("pretrained_cfg") or {}).get("input_size")
+    if isinstance(input_size, (list, tuple)) and len(input_size) == 3:
+        return f"{input_size[1]}x{input_size[2]}"
+    return None
+
+
+def count_parameters(model_dir: Path) -> int | None:
+    """Number of stored parameters, summed from the safetensors headers (no weights are loaded)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                n = 1
+                for dim in f.get_slice(key).get_shape():
+                    n *= dim
+                total += n
+    return total
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys, keeping scalars and short lists."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+    elif isinstance(data, (list, tuple)):
+        if len(data) <= 8 and all(not isinstance(v, (dict, list)) for v in data):
+            out[prefix[:-1]] = list(data)
+    else:
+        out[prefix[:-1]] = data
+    return out
+
+
+def _read_training(model_dir: Path) -> dict[str, Any]:
+    """Training config, command, validation metrics and split sizes, each only when its file exists."""
+    info: dict[str, Any] = {"config_file": None, "hyperparameters": [], "command": None, "val_metrics": [],
+                            "splits": [], "split_params": []}
+    for name in TRAIN_CONFIG_FILES:
+        path = model_dir / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+            if isinstance(data, dict):
+                info["config_file"] = name
+                info["raw_config"] = data
+                info["hyperparameters"] = [(_cell(k), _cell(_fmt_param(v))) for k, v in _flatten(data).items()]
+            break
+    command = model_dir / "command.txt"
+    if command.is_file():
+        info["command"] = command.read_text(encoding="utf-8").strip()
+    val = model_dir / "val_metrics.json"
+    if val.is_file():
+        info["val_metrics"] = [
+            (_cell(k), _fmt(v)) for k, v in _flatten(_read_json(val)).items() if _num(v)
+        ]
+    manifest = model_dir / "split_manifest.json"
+    if manifest.is_file():
+        splits, params = manifest_split_sizes(_read_json(manifest))
+        info["splits"] = [(name, str(n)) for name, n in splits.items()]
+        info["split_params"] = [(_cell(k), _cell(v)) for k, v in params.items()]
+    return info
+
+
+def _fmt_param(value: Any) -> str:
+    return _fmt(value, digits=6) if isinstance(value, float) else str(value)
+
+
+def manifest_split_sizes(manifest: dict[str, Any]) -> tuple[dict[str, int], dict[str, Any]]:
+    """Split sizes and scalar parameters of a split manifest (train/data.py `write_manifest`).
+
+    The manifest is JSON ``{split: [image_ids...], "splits": [split names], "seed": ..., ...}``;
+    without a ``"splits"`` list every list-valued key is a split. Sizes are counted from the
+    image-id lists themselves. Returns ({split: n_images}, {param: value}).
+    """
+    if not isinstance(manifest, dict):
+        raise ValueError("split manifest must be a JSON object {split: [image_ids...], 'seed': ...}.")
+    names = manifest.get("splits")
+    if not isinstance(names, list):
+        names = [k for k, v in manifest.items() if isinstance(v, list)]
+    sizes = {n: len(manifest[n]) for n in names if isinstance(manifest.get(n), list)}
+    if not sizes:
+        raise ValueError("split manifest has no split lists: expected {'train': [image_ids...], ...}.")
+    params = {k: v for k, v in manifest.items() if not isinstance(v, (list, dict))}
+    return sizes, params
+
+
+def _dataset_of(key: str, metrics: dict[str, Any]) -> tuple[str, str, str]:
+    """(readable name, dataset type, split) of an eval folder named `<dataset>_<split>`."""
+    split = metrics.get("split")
+    if not split:
+        split = key.rsplit("_", 1)[1] if "_" in key else "test"
+    prefix = key[: -len(split) - 1] if key.endswith(f"_{split}") else key
+    name, dtype = KNOWN_DATASETS.get(prefix.lower(), (prefix, prefix.lower()))
+    return name, dtype, str(split)
+
+
+def _eval_rows(m: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Table rows (metric, value) for every metric present in metrics.json, plus notes on gaps."""
+    rows: list[tuple[str, str]] = []
+    notes: list[str] = []
+    if _num(m.get("n")):
+        rows.append(("Images (n)", _fmt(m["n"])))
+    if m.get("tta") is not None:
+        rows.append(("Test-time augmentation (views)", _cell(m["tta"])))
+    if _num(m.get("melanoma_auc")):
+        auc = _fmt(m["melanoma_auc"])
+        ci = m.get("melanoma_auc_ci95")
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(v) for v in ci):
+            auc += f" (95% CI {_fmt(ci[0])} to {_fmt(ci[1])})"
+        rows.append(("Melanoma ROC AUC (mel vs rest)", auc))
+    for key, label in (("balanced_accuracy", "Balanced accuracy"), ("accuracy", "Accuracy"),
+                       ("macro_f1", "Macro F1")):
+        if _num(m.get(key)):
+            rows.append((label, _fmt(m[key])))
+    if _num(m.get("threshold_default")):
+        t = _fmt(m["threshold_default"])
+        for key, label in (("sensitivity_default", "sensitivity"), ("specificity_default", "specificity")):
+            if _num(m.get(key)):
+                rows.append((f"Melanoma {label} at P(mel) >= {t}", _fmt(m[key])))
+    if _num(m.get("threshold_val95")):
+        t = _fmt(m["threshold_val95"])
+        rows.append(("Threshold chosen on validation (sensitivity 95% there)", t))
+        for key, label in (("sensitivity_val95", "sensitivity"), ("specificity_val95", "specificity")):
+            if _num(m.get(key)):
+                rows.append((f"Melanoma {label} at P(mel) >= {t}", _fmt(m[key])))
+    else:
+        notes.append("Sensitivity/specificity at a validation-chosen threshold: not available "
+                     "(no validation data was given to the evaluation).")
+    if _num(m.get("ece")):
+        rows.append(("Expected calibration error (ECE)", _fmt(m["ece"])))
+    if _num(m.get("ece_temperature_scaled")):
+        t = f" (T = {_fmt(m['temperature'])})" if _num(m.get("temperature")) else ""
+        rows.append((f"ECE after temperature scaling{t}", _fmt(m["ece_temperature_scaled"])))
+    if _num(m.get("rollout_mask_share")):
+        rows.append(("Attention-rollout mass inside the lesion mask", _fmt(m["rollout_mask_share"])))
+    return rows, notes
+
+
+def _calibration(m: dict[str, Any]) -> str:
+    """One sentence on calibration from metrics.json (ECE before/after, temperature, threshold)."""
+    parts = []
+    if _num(m.get("ece")):
+        text = f"ECE {_fmt(m['ece'])}"
+        if _num(m.get("ece_temperature_scaled")):
+            text += f" before and {_fmt(m['ece_temperature_scaled'])} after temperature scaling"
+        if _num(m.get("temperature")):
+            text += f" (T = {_fmt(m['temperature'])})"
+        parts.append(text)
+    if _num(m.get("threshold_val95")):
+        parts.append(f"melanoma threshold {_fmt(m['threshold_val95'])} (chosen for 95% sensitivity on validation)")
+    return "; ".join(parts)
+
+
+def _eval_results(es: EvalSet) -> list[EvalResult]:
+    """model-index entries for the metrics present in one evaluation set."""
+    m = es.metrics
+    common = dict(task_type="image-classification", task_name="Image Classification",
+                  dataset_type=es.dataset_type, dataset_name=es.dataset_name, dataset_split=es.split)
+    results: list[EvalResult] = []
+
+    def add(key: str, metric_type: str, name: str, args: dict[str, Any] | None = None) -> None:
+        if _num(m.get(key)):
+            results.append(EvalResult(metric_type=metric_type, metric_value=m[key], metric_name=name,
+                                      metric_args=args, **common))
+
+    add("melanoma_auc", "roc_auc", "Melanoma ROC AUC (mel vs rest)")
+    add("balanced_accuracy", "balanced_accuracy", "Balanced accuracy")
+    add("accuracy", "accuracy", "Accuracy")
+    add("macro_f1", "f1", "Macro F1", {"average": "macro"})
+    if _num(m.get("threshold_val95")):
+        t = m["threshold_val95"]
+        add("sensitivity_val95", "recall", f"Melanoma sensitivity at threshold {_fmt(t)}", {"threshold": t})
+        add("specificity_val95", "specificity", f"Melanoma specificity at threshold {_fmt(t)}", {"threshold": t})
+    add("ece", "ece", "Expected calibration error")
+    return results
+
+
+def load_eval_sets(model_dir: Path, eval_dirs: dict[str, Path] | None = None) -> list[EvalSet]:
+    """Read every evaluation folder: `eval_dirs` if given, else `model_dir/eval/*/metrics.json`.
+
+    Plot links are relative to `model_dir` (where README.md lives); plots outside the folder are
+    not uploaded with it, so they are not linked (a warning is logged).
+    """
+    model_dir = Path(model_dir)
+    if eval_dirs is None:
+        eval_root = model_dir / "eval"
+        eval_dirs = {p.parent.name: p.parent for p in sorted(eval_root.glob("*/metrics.json"))}
+    sets: list[EvalSet] = []
+    for key, folder in eval_dirs.items():
+        folder = Path(folder)
+        metrics_path = folder / "metrics.json"
+        if not metrics_path.is_file():
+            raise ValueError(f"eval folder {folder} for '{key}' has no metrics.json: run train/evaluate.py "
+                             "with --output-dir pointing there.")
+        metrics = _read_json(metrics_path)
+        name, dtype, split = _dataset_of(key, metrics)
+        es = EvalSet(key=key, dataset_name=name, dataset_type=dtype, split=split, metrics=metrics)
+        es.rows, es.notes = _eval_rows(metrics)
+        es.calibration = _calibration(metrics)
+        recall = metrics.get("per_class_recall") or {}
+        es.per_class_recall = [(code, _cell(DX_NAMES.get(code, code)), _fmt(r))
+                               for code, r in recall.items() if _num(r)]
+        for filename, title in PLOTS:
+            plot = folder / filename
+            if not plot.is_file():
+                continue
+            rel = os.path.relpath(plot.resolve(), model_dir.resolve())
+            if rel.startswith(".."):
+                logger.warning("plot %s lies outside %s and would not be uploaded; not linked", plot, model_dir)
+                continue
+            es.plots.append((title, Path(rel).as_posix()))
+        sets.append(es)
+    return sets
+
+
+def _describe_model(config: dict[str, Any], model_dir: Path) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    archs = config.get("architectures") or []
+    if archs:
+        rows.append(("Architecture", ", ".join(archs)))
+    if config.get("model_type"):
+        rows.append(("model_type", str(config["model_type"])))
+    if config.get("architecture"):  # timm wrapper: the timm model name
+        rows.append(("timm architecture", str(config["architecture"])))
+    size = _image_size(config, model_dir)
+    if size:
+        rows.append(("Input size", size))
+    for key, label in (("patch_size", "Patch size"), ("hidden_size", "Hidden size"),
+                       ("num_hidden_layers", "Layers"), ("num_attention_heads", "Attention heads"),
+                       ("intermediate_size", "MLP size"), ("use_distillation_token", "Distillation token")):
+        if config.get(key) is not None:
+            rows.append((label, str(config[key])))
+    n_params = count_parameters(model_dir)
+    if n_params is not None:
+        rows.append(("Parameters (from the safetensors files)", f"{n_params:,}"))
+    return rows
+
+
+def render_model_card(
+    model_dir: Path,
+    *,
+    model_name: str,
+    eval_dirs: dict[str, Path] | None = None,
+    template: Path = MODEL_CARD_TEMPLATE,
+    repo_id: str | None = None,
+) -> ModelCard:
+    """Render the model card of `model_dir` (a save_pretrained folder) as a `ModelCard`.
+
+    Args:
+        model_dir: folder with config.json, *.safetensors and optional training/eval files.
+        model_name: the model's name in the card and in model-index.
+        eval_dirs: {"<dataset>_<split>": folder with metrics.json}; default: `model_dir/eval/*/`.
+        template: Jinja template rendered by `ModelCard.from_template`.
+        repo_id: Hub id used in the code snippets; default "OWNER/<model_name>".
+
+    Returns:
+        The card; `card.data` holds license, tags and model-index (only for metrics present).
+    """
+    model_dir = Path(model_dir)
+    config = _read_config(model_dir)
+    id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
+    labels = [(i, code, DX_NAMES.get(code, code)) for i, code in sorted(id2label.items())]
+    model_type = config.get("model_type", "")
+    trust_remote_code = model_type == "melanoma_vit" or "auto_map" in config
+    eval_sets = load_eval_sets(model_dir, eval_dirs)
+    training = _read_training(model_dir)
+
+    eval_results = [r for es in eval_sets for r in _eval_results(es)]
+    metric_types = sorted({r.metric_type for r in eval_results})
+    base_model = (training.get("raw_config") or {}).get("base_model")
+    card_data = ModelCardData(
+        model_name=model_name,
+        license=LICENSE,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["image-classification", "vision", "dermoscopy", "skin-lesion", "melanoma", "medical-imaging",
+              "research-only", *([model_type] if model_type else [])],
+        metrics=metric_types or None,
+        eval_results=eval_results or None,
+        base_model=base_model if isinstance(base_model, str) and "/" in base_model else None,
+    )
+    temperature = config.get("temperature")
+    threshold = config.get("melanoma_threshold")
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        model_name=model_name,
+        repo_id=repo_id or PLACEHOLDER_REPO_ID.format(name=model_name),
+        model_rows=_describe_model(config, model_dir),
+        labels=labels,
+        melanoma_label=MELANOMA,
+        has_melanoma=MELANOMA in id2label.values(),
+        trust_remote_code=trust_remote_code,
+        eval_sets=eval_sets,
+        training=training,
+        config_temperature=_fmt(temperature) if _num(temperature) else None,
+        config_threshold=_fmt(threshold) if _num(threshold) else None,
+    )
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Render models/<name>/README.md from the folder's files.")
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--write", action="store_true", help="write MODEL_DIR/README.md (default: print)")
+    parser.add_argument("--model-name", help="name in the card (default: the folder name)")
+    parser.add_argument("--repo-id", help="Hub id used in the code snippets (default OWNER/<name>)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        card = render_model_card(args.model_dir, model_name=args.model_name or args.model_dir.resolve().name,
+                                 repo_id=args.repo_id)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.write:
+        out = args.model_dir / "README.md"
+        card.save(out)
+        logger.info("wrote %s", out)
+    else:
+        print(card)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Model, dataset and Space cards (hub_cards/): metadata, tables from metrics.json, runnable snippets.
+
+The metrics.json files written here are SYNTHETIC TEST INPUT (hand-made values with the schema
+of train/evaluate.py), used only to check that the card reports exactly what the file says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from huggingface_hub import DatasetCard, ModelCard, SpaceCard
+from PIL import Image
+
+from hub_cards import dataset_card, render, space_card
+from hub_cards.render import MODEL_CARD_TEMPLATE, render_model_card
+from model.labels import DX_CODES, dx_id2label, dx_label2id
+
+TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=37)
+
+# SYNTHETIC TEST INPUT: not a measurement of any model.
+SYNTHETIC_METRICS = {
+    "model": "models/tiny", "data": "tests/fixtures/ham10000", "split": "test", "n": 12, "tta": 1,
+    "labels": list(DX_CODES),
+    "melanoma_auc": 0.8123, "melanoma_auc_ci95": [0.6512, 0.9377],
+    "threshold_default": 0.5, "sensitivity_default": 0.6667, "specificity_default": 0.8889,
+    "threshold_val95": 0.2134, "sensitivity_val95": 0.9412, "specificity_val95": 0.5278,
+    "balanced_accuracy": 0.6142, "accuracy": 0.7083, "macro_f1": 0.5021,
+    "per_class_recall": {"akiec": 0.25, "bcc": 0.5, "bkl": 0.4286, "df": 0.0, "mel": 0.6667, "nv": 0.9123,
+                         "vasc": 1.0},
+    "ece": 0.1134, "ece_temperature_scaled": 0.0421, "temperature": 1.7312, "rollout_mask_share": 0.5813,
+    "command": "python train/evaluate.py --model models/tiny --data tests/fixtures/ham10000 --split test "
+               "--output-dir models/tiny/eval/ham10000_test",
+}
+
+
+def _save_tiny_vit(folder: Path) -> Path:
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(**TINY, id2label=dx_id2label(), label2id=dx_label2id())
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def _save_tiny_melanoma_vit(folder: Path) -> Path:
+    model = pytest.importorskip("model")
+    if not hasattr(model, "MelanomaViTForImageClassification"):
+        pytest.skip("model.MelanomaViTForImageClassification not available yet")
+    from transformers import ViTImageProcessor
+
+    config = model.MelanomaViTConfig(**TINY, id2label=dx_id2label(), label2id=dx_label2id(),
+                                     temperature=1.5, melanoma_threshold=0.3)
+    model.MelanomaViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> Path:
+    """A stock transformers ViT folder (7 dx labels, 32x32), built once."""
+    return _save_tiny_vit(tmp_path_factory.mktemp("tiny_vit"))
+
+
+@pytest.fixture(scope="session")
+def tiny_melanoma_vit_dir(tmp_path_factory) -> Path:
+    """A MelanomaViT folder (remote-code files + auto_map), built once."""
+    return _save_tiny_melanoma_vit(tmp_path_factory.mktemp("tiny_melanoma_vit"))
+
+
+def _add_eval(model_dir: Path, key: str = "ham10000_test", metrics: dict | None = None) -> Path:
+    folder = model_dir / "eval" / key
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics or SYNTHETIC_METRICS))
+    for name in ("roc.png", "reliability.png"):
+        Image.new("RGB", (4, 4)).save(folder / name)
+    return folder
+
+
+@pytest.fixture
+def evaluated_dir(tiny_vit_dir, tmp_path) -> Path:
+    """Tiny ViT + synthetic eval + training files, as train/ and evaluate.py lay them out."""
+    d = shutil.copytree(tiny_vit_dir, tmp_path / "tiny")
+    _add_eval(d)
+    (d / "train_config.yaml").write_text("learning_rate: 0.0003\nnum_epochs: 3\naugment:\n  hflip: true\n")
+    (d / "command.txt").write_text("accelerate launch train/train.py --config train/configs/vit.yaml\n")
+    (d / "val_metrics.json").write_text(json.dumps({"melanoma_auc": 0.7777, "loss": 1.2345}))
+    (d / "split_manifest.json").write_text(json.dumps(
+        {"seed": 42, "splits": ["train", "validation", "test"], "sizes": {"train": 99},
+         "train": ["a", "b", "c"], "validation": ["d"], "test": ["e", "f"]}))
+    return d
+
+
+def _metric_map(card: ModelCard) -> dict[str, float]:
+    return {r.metric_type: r.metric_value for r in card.data.eval_results}
+
+
+def test_model_index_holds_exactly_the_metrics_of_metrics_json(evaluated_dir):
+    card = render_model_card(evaluated_dir, model_name="tiny")
+    reloaded = ModelCard(str(card))  # what the Hub parses
+    assert reloaded.data.license == "cc-by-nc-sa-4.0"
+    assert reloaded.data.pipeline_tag == "image-classification"
+    assert reloaded.data.model_name == "tiny"
+    m = SYNTHETIC_METRICS
+    assert _metric_map(reloaded) == {
+        "roc_auc": m["melanoma_auc"], "balanced_accuracy": m["balanced_accuracy"], "accuracy": m["accuracy"],
+        "f1": m["macro_f1"], "recall": m["sensitivity_val95"], "specificity": m["specificity_val95"], "ece": m["ece"],
+    }
+    for r in reloaded.data.eval_results:
+        assert (r.task_type, r.dataset_name, r.dataset_type, r.dataset_split) == (
+            "image-classification", "HAM10000", "ham10000", "test")
+    recall = next(r for r in reloaded.data.eval_results if r.metric_type == "recall")
+    assert recall.metric_args == {"threshold": m["threshold_val95"]}
+
+
+def test_card_tables_report_metrics_json_values_and_link_existing_plots(evaluated_dir):
+    text = render_model_card(evaluated_dir, model_name="tiny").text
+    m = SYNTHETIC_METRICS
+    assert "| Melanoma ROC AUC (mel vs rest) | 0.812 (95% CI 0.651 to 0.938) |" in text
+    assert "| Balanced accuracy | 0.614 |" in text
+    assert "| Melanoma sensitivity at P(mel) >= 0.213 | 0.941 |" in text
+    assert "| Melanoma specificity at P(mel) >= 0.500 | 0.889 |" in text
+    assert "| Expected calibration error (ECE) | 0.113 |" in text
+    assert "| ECE after temperature scaling (T = 1.731) | 0.042 |" in text
+    assert "| Attention-rollout mass inside the lesion mask | 0.581 |" in text
+    assert "| Images (n) | 12 |" in text
+    for code, r in m["per_class_recall"].items():
+        assert re.search(rf"\| `{code}` \| [^|]+ \| {r:.3f} \|", text), code
+    assert f"```bash\n{m['command']}\n```" in text
+    assert "ECE 0.113 before and 0.042 after temperature scaling (T = 1.731)" in text
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links == ["eval/ham10000_test/roc.png", "eval/ham10000_test/reliability.png"]
+    assert all((evaluated_dir / link).is_file() for link in links)
+    # training files
+    assert "| learning_rate | 0.000300 |" in text and "| augment.hflip | True |" in text
+    assert "accelerate launch train/train.py --config train/configs/vit.yaml" in text
+    assert "| melanoma_auc | 0.778 |" in text
+    # split sizes are counted from the id lists, not copied from a "sizes" key
+    assert "| train | 3 |" in text and "| test | 2 |" in text and "| train | 99 |" not in text
+
+
+def test_card_has_every_section_and_the_required_statements(evaluated_dir):
+    text = render_model_card(evaluated_dir, model_name="tiny").text
+    headings = re.findall(r"^## (.+)$", text, flags=re.M)
+    assert headings == ["Model description", "Intended use", "Out-of-scope use", "Training data",
+                        "Training procedure", "Evaluation", "Calibration", "Limitations and bias", "How to use",
+                        "Citation"]
+    for phrase in ("NOT a medical device", "Clinical or smartphone photographs",
+                   "CC BY-NC-SA 4.0", "non-commercial use only", "Fitzpatrick", "Vienna", "Queensland",
+                   "ISIC 2017 has a different label space", "tschandl2018ham10000", "codella2017isic",
+                   "melanoma_vit", "HAM10000 (test split)"):
+        assert phrase in text, phrase
+
+
+def test_unevaluated_model_says_so_and_has_no_model_index(tiny_vit_dir):
+    card = render_model_card(tiny_vit_dir, model_name="tiny")
+    assert "**not evaluated yet**" in card.text
+    assert card.data.eval_results is None
+    assert "model-index" not in str(card) and "metrics:" not in str(card).split("---")[1]
+    assert "Split sizes" not in card.text and "not listed" in card.text
+    assert "no calibration" in card.text
+
+
+def test_missing_metrics_are_left_out_not_invented(tiny_vit_dir, tmp_path):
+    d = shutil.copytree(tiny_vit_dir, tmp_path / "partial")
+    partial = {k: v for k, v in SYNTHETIC_METRICS.items() if k not in ("ece", "ece_temperature_scaled", "macro_f1")}
+    partial.update(threshold_val95=None, sensitivity_val95=None, specificity_val95=None, rollout_mask_share=None,
+                   split="test")
+    _add_eval(d, "isic2017_test", partial)
+    card = ModelCard(str(render_model_card(d, model_name="partial")))
+    assert set(_metric_map(card)) == {"roc_auc", "balanced_accuracy", "accuracy"}
+    assert card.data.eval_results[0].dataset_name == "ISIC 2017 Part 3"
+    text = card.text
+    assert "not available (no validation data" in text
+    for absent in ("ECE", "Macro F1", "rollout", "Threshold chosen on validation"):
+        assert absent not in text.split("## Evaluation")[1].split("## Limitations")[0], absent
+
+
+def test_template_holds_no_hard_coded_numbers():
+    template = MODEL_CARD_TEMPLATE.read_text()
+    body = re.sub(r"\{% raw %\}.*?\{% endraw %\}", "", template, flags=re.S)  # citations
+    body = re.sub(r"```python.*?```", "", body, flags=re.S)  # code (identity temperature 1.0)
+    body = re.sub(r"CC BY-NC-SA 4\.0|by-nc-sa/4\.0", "", body)  # the license's version
+    assert re.findall(r"\d+\.\d+", body) == []
+    assert re.findall(r"\d+\.\d+", template) != []  # the pattern does catch numbers
+
+
+def _run_snippets(text: str, model_dir: Path, image: Path) -> list[str]:
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 2
+    outputs = []
+    for code in blocks:
+        code, n_id = re.subn(r'^model_id = ".*"$', f"model_id = {str(model_dir)!r}", code, flags=re.M)
+        code, n_img = re.subn(r'^image_path = ".*?"', f"image_path = {str(image)!r}", code, flags=re.M)
+        assert n_id == 1 and n_img == 1
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            exec(compile(code, "<model card snippet>", "exec"), {})
+        outputs.append(buf.getvalue())
+    return outputs
+
+
+def _check_snippet_output(outputs: list[str]) -> None:
+    probs = dict(re.findall(r"^(\w+): (\d\.\d{3})$", outputs[0], flags=re.M))
+    assert set(probs) == set(DX_CODES)
+    assert sum(float(p) for p in probs.values()) == pytest.approx(1.0, abs=0.01)
+    assert re.search(r"P\(mel\) = \d\.\d{3}", outputs[0])
+    predictions = eval(outputs[1])  # the pipeline's printed list of {"label", "score"}
+    assert len(predictions) == 3 and {p["label"] for p in predictions} <= set(DX_CODES)
+
+
+def test_card_code_snippets_run_offline_on_a_real_image(tiny_vit_dir, ham_image_paths):
+    text = render_model_card(tiny_vit_dir, model_name="tiny", repo_id="someone/tiny").text
+    assert 'model_id = "someone/tiny"' in text and "trust_remote_code" not in text
+    _check_snippet_output(_run_snippets(text, tiny_vit_dir, ham_image_paths[0]))
+
+
+def test_melanoma_vit_card_snippets_use_remote_code_and_run(tiny_melanoma_vit_dir, ham_image_paths):
+    card = render_model_card(tiny_melanoma_vit_dir, model_name="melanoma-vit-tiny")
+    text = card.text
+    assert text.count("trust_remote_code=True") == 2
+    assert "`temperature` = 1.500" in text and "`melanoma_threshold` = 0.300" in text
+    assert "| model_type | melanoma_vit |" in text
+    assert "melanoma_vit" in card.data.tags
+    outputs = _run_snippets(text, tiny_melanoma_vit_dir, ham_image_paths[3])
+    _check_snippet_output(outputs)
+    assert "decision threshold: 0.3" in outputs[0]
+
+
+def test_render_cli_writes_a_loadable_readme(evaluated_dir):
+    assert render.main([str(evaluated_dir), "--write", "--repo-id", "me/tiny"]) == 0
+    card = ModelCard.load(evaluated_dir / "README.md")
+    assert card.data.model_name == "tiny" and 'model_id = "me/tiny"' in card.text
+    assert len(card.data.eval_results) == 7
+
+
+def test_render_errors_clearly_without_config(tmp_path, capsys):
+    with pytest.raises(ValueError, match="no config.json"):
+        render_model_card(tmp_path, model_name="x")
+    assert render.main([str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_eval_folder_without_metrics_is_an_error(tiny_vit_dir, tmp_path):
+    (tmp_path / "empty_eval").mkdir()
+    with pytest.raises(ValueError, match="has no metrics.json"):
+        render_model_card(tiny_vit_dir, model_name="x", eval_dirs={"ham10000_test": tmp_path / "empty_eval"})
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset card
+
+
+def _fixture_manifest(ham_dir: Path, path: Path) -> dict:
+    """A real manifest: the 12 fixture images split by lesion with train/data.py."""
+    data = pytest.importorskip("train.data")
+    ds = data.load_image_dataset(str(ham_dir))
+    dd = data.split_by_lesion(ds, val_size=0.25, test_size=0.25, seed=0)
+    return data.write_manifest(dd, path)
+
+
+def test_dataset_card_counts_splits_classes_and_lesions(ham_dir, tmp_path):
+    manifest = _fixture_manifest(ham_dir, tmp_path / "split_manifest.json")
+    card = dataset_card.render_dataset_card(tmp_path / "split_manifest.json",
+                                            metadata_csv=ham_dir / "HAM10000_metadata.csv")
+    reloaded = DatasetCard(str(card))
+    assert reloaded.data.license == "cc-by-nc-sa-4.0"
+    assert reloaded.data.task_categories == ["image-classification"]
+    info = reloaded.data.dataset_info
+    assert [f["name"] for f in info["features"]] == ["image", "label", "image_id", "lesion_id"]
+    assert list(info["features"][1]["dtype"]["class_label"]["names"].values()) == list(DX_CODES)
+    sizes = {s["name"]: s["num_examples"] for s in info["splits"]}
+    assert sizes == {name: len(manifest[name]) for name in manifest["splits"]}
+    assert sum(sizes.values()) == 12
+    text = card.text
+    for name, n in sizes.items():
+        assert f"| {name} | {n} |" in text
+    assert "Lesions that appear in more than one split: 0." in text
+    # the class table's columns sum to the split sizes
+    rows = re.findall(r"^\| `(\w+)` \| [^|]+ \|((?: \d+ \|)+)$", text, flags=re.M)
+    assert [code for code, _ in rows] == list(DX_CODES)
+    columns = list(zip(*[[int(c) for c in re.findall(r"\d+", cells)] for _, cells in rows]))
+    assert [sum(col) for col in columns] == list(sizes.values())
+    assert "tschandl2018ham10000" in text and "lesion_id" in text
+
+
+def test_dataset_card_rejects_ids_missing_from_metadata(ham_dir, tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps({"train": ["ISIC_0025122", "ISIC_9999999"], "seed": 1}))
+    with pytest.raises(ValueError, match="not in the metadata CSV"):
+        dataset_card.render_dataset_card(tmp_path / "m.json", metadata_csv=ham_dir / "HAM10000_metadata.csv")
+
+
+def test_dataset_card_cli_writes_readme(tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps({"train": ["a", "b"], "test": ["c"], "seed": 7}))
+    assert dataset_card.main(["--manifest", str(tmp_path / "m.json"), "--output-dir", str(tmp_path / "out")]) == 0
+    card = DatasetCard.load(tmp_path / "out" / "README.md")
+    assert {s["name"]: s["num_examples"] for s in card.data.dataset_info["splits"]} == {"train": 2, "test": 1}
+    assert "- `seed`: 7" in card.text
+
+
+# --------------------------------------------------------------------------------------------
+# Space card
+
+
+def test_space_card_front_matter(tmp_path):
+    models_dir = tmp_path / "models"
+    for name in ("vit-small", "resnet18"):
+        (models_dir / name).mkdir(parents=True)
+        (models_dir / name / "config.json").write_text("{}")
+    (models_dir / "not-a-model").mkdir()
+    out = tmp_path / "space" / "README.md"
+    assert space_card.main(["--output", str(out), "--models-dir", str(models_dir), "--owner", "me"]) == 0
+    card = SpaceCard.load(out)
+    data = card.data.to_dict()
+    assert data["sdk"] == "gradio" and data["sdk_version"] == version("gradio")
+    assert data["app_file"] == "app.py" and data["license"] == "cc-by-nc-sa-4.0"
+    assert data["models"] == ["me/resnet18", "me/vit-small"]
+    assert data["title"] and data["emoji"] and len(data["short_description"]) <= 60
+    assert "NOT a medical device" in card.text and "`me/vit-small`" in card.text
