@@ -3,6 +3,7 @@ splits and manifests, corrupt files, transforms and class weights."""
 
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -168,6 +169,35 @@ def test_hub_style_dataset_with_class_names(ham_image_paths, tmp_path):
     assert len(load_image_dataset(str(tmp_path / "hub"), split="test")) == 1
     with pytest.raises(ValueError, match="no split 'validation'"):
         load_image_dataset(str(tmp_path / "hub"), split="validation")
+
+
+def test_local_copy_of_a_hub_repo_goes_through_load_dataset(ham, tmp_path):
+    """Parquet shards under data/ (how Hub image datasets are stored), images embedded as bytes."""
+    from datasets.table import embed_table_storage
+
+    embedded = ham.with_format("arrow").map(embed_table_storage, batched=True).with_format(None)
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    embedded.select(range(9)).to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
+    embedded.select(range(9, 12)).to_parquet(str(tmp_path / "repo" / "data" / "test-00000-of-00001.parquet"))
+    ds = load_image_dataset(str(tmp_path / "repo"), split="test")
+    assert ds["image_id"] == ham["image_id"][9:12] and ds["label"] == ham["label"][9:12]
+    assert ds[0]["image"].size == (200, 150)
+    with pytest.raises(ValueError, match='Unknown split "validation"'):
+        load_image_dataset(str(tmp_path / "repo"), split="validation")
+
+
+def test_integer_labels_without_names_are_refused(ham_image_paths, tmp_path):
+    datasets.Dataset.from_dict({"image": [str(ham_image_paths[0])], "label": [4]}).cast_column(
+        "image", datasets.Image()
+    ).save_to_disk(str(tmp_path / "ints"))
+    with pytest.raises(ValueError, match="without class names"):
+        load_image_dataset(str(tmp_path / "ints"))
+
+
+def test_layouts_share_one_schema_and_concatenate(ham, isic2017_dir):
+    isic = load_image_dataset(str(isic2017_dir), split="test")
+    both = datasets.concatenate_datasets([ham, isic])
+    assert len(both) == 16 and class_counts(both)[MEL] == 3 + 2
 
 
 def test_dataset_without_label_column_is_refused(ham_image_paths, tmp_path):
@@ -369,6 +399,9 @@ def test_eval_transform_matches_processor_and_is_deterministic(ham, vit_processo
     torch.testing.assert_close(a["pixel_values"], expected)
     single = ds[0]
     assert single["pixel_values"].shape == (3, 32, 32) and int(single["labels"]) == ham[0]["label"]
+    # DataLoader workers receive a pickled copy of the transform
+    copy = pickle.loads(pickle.dumps(transform))
+    torch.testing.assert_close(with_image_transform(ham, copy)[:4]["pixel_values"], a["pixel_values"])
 
 
 def test_transforms_normalise_with_the_processor_statistics(vit_processor):
@@ -430,6 +463,10 @@ def test_batch_mixer():
     assert out["pixel_values"].shape == (3, 3, 8, 8) and out["labels"].shape == (3, 7)
     torch.testing.assert_close(out["labels"].sum(-1), torch.ones(3))
     assert set(out["labels"].nonzero()[:, 1].tolist()) <= {MEL, NV, BKL}
+    never = build_batch_mixer({"mixup_alpha": 0.4, "mix_prob": 0.0}, num_classes=7)
+    out = pickle.loads(pickle.dumps(never))(batch)  # picklable, for use in a collate_fn
+    torch.testing.assert_close(out["labels"], torch.nn.functional.one_hot(torch.tensor([MEL, NV, BKL]), 7).float())
+    torch.testing.assert_close(out["pixel_values"], batch["pixel_values"][[0, 1, 3]])
 
 
 # ------------------------------------------------------------------------------- balance
