@@ -1,0 +1,328 @@
+"""Checkpoint converters: timm ViT/DeiT -> MelanomaViT -> stock transformers ViT/DeiT.
+
+* `convert_timm_checkpoint(timm_model)`: a timm `VisionTransformer` (vit_*, deit_*) or
+  `VisionTransformerDistilled` (deit_*_distilled_*) as a `MelanomaViTForImageClassification`.
+* `export_to_vit(model)`: the same weights as transformers' own `ViTForImageClassification`
+  (or `DeiTForImageClassificationWithTeacher` for distilled models), so a published model works with
+  the Hub widget and `pipeline` without `trust_remote_code`.
+* `save_vit_export(model, folder)`: writes that export in the transformers 4.x key layout
+  (`vit.encoder.layer.N.attention.attention.query`, ...), which 4.x loads natively and transformers 5
+  renames on load through its checkpoint conversion mapping, so one folder serves both.
+
+The state-dict functions are pure `dict -> dict` renamings (plus the qkv split for the export).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification
+
+from .configuration_melanoma_vit import DEFAULT_DX_CODES, MelanomaViTConfig
+from .modeling_melanoma_vit import MelanomaViTForImageClassification
+
+logger = logging.getLogger(__name__)
+
+# timm key -> MelanomaViT key, first match wins; anything unmatched is an unsupported timm feature.
+_TIMM_TO_OURS: tuple[tuple[str, str], ...] = (
+    (r"^cls_token$", "vit.embeddings.cls_token"),
+    (r"^dist_token$", "vit.embeddings.dist_token"),
+    (r"^pos_embed$", "vit.embeddings.pos_embed"),
+    (r"^patch_embed\.proj\.(weight|bias)$", r"vit.embeddings.patch_embed.proj.\1"),
+    (r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$", r"vit.encoder.blocks.\1.\2.\3"),
+    (r"^norm\.(weight|bias)$", r"vit.norm.\1"),
+    (r"^(head|head_dist)\.(weight|bias)$", r"\1.\2"),
+)
+
+_GELU_NAMES = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}
+
+# Per-block parameter names of transformers' ViT/DeiT: transformers >= 5 layout first, then 4.x.
+_HF_LAYER_PREFIX = {"v5": "{base}.layers.{i}.", "v4": "{base}.encoder.layer.{i}."}
+_HF_LAYER_NAMES = {
+    "v5": {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "o": "attention.o_proj",
+           "norm1": "layernorm_before", "norm2": "layernorm_after", "fc1": "mlp.fc1", "fc2": "mlp.fc2"},
+    "v4": {"q": "attention.attention.query", "k": "attention.attention.key", "v": "attention.attention.value",
+           "o": "attention.output.dense", "norm1": "layernorm_before", "norm2": "layernorm_after",
+           "fc1": "intermediate.dense", "fc2": "output.dense"},
+}  # fmt: skip
+
+
+def timm_state_dict_to_melanoma_vit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a timm ViT/DeiT state dict to MelanomaViT names (tensors are shared, not copied).
+
+    Raises:
+        ValueError: for keys of timm features MelanomaViT does not implement (layer scale, register
+            tokens, qk-norm, fc_norm/global average pooling, pre-norm, ...).
+    """
+    converted, unsupported = {}, []
+    for key, tensor in state_dict.items():
+        for pattern, replacement in _TIMM_TO_OURS:
+            if re.match(pattern, key):
+                converted[re.sub(pattern, replacement, key)] = tensor
+                break
+        else:
+            unsupported.append(key)
+    if unsupported:
+        raise ValueError(
+            f"These timm parameters have no MelanomaViT equivalent: {unsupported[:8]}"
+            f"{' ...' if len(unsupported) > 8 else ''}. Only plain ViT/DeiT (class token, learned absolute "
+            "position embeddings, no layer scale / register tokens / qk-norm / fc_norm) can be converted."
+        )
+    return converted
+
+
+def melanoma_vit_config_from_timm(timm_model: nn.Module, id2label: dict[int, str] | None = None) -> MelanomaViTConfig:
+    """Build a `MelanomaViTConfig` describing a timm `VisionTransformer` / `VisionTransformerDistilled`.
+
+    Args:
+        timm_model: the timm model (any weights).
+        id2label: class names for its head; default: the 7 dx codes if it has 7 classes, else LABEL_i.
+
+    Raises:
+        ValueError: when the timm model uses a variant MelanomaViT does not implement.
+    """
+    problems = []
+    if getattr(timm_model, "cls_token", None) is None or getattr(timm_model, "pos_embed", None) is None:
+        problems.append("needs a class token and learned position embeddings")
+    if getattr(timm_model, "global_pool", "token") != "token":
+        problems.append(f"global_pool={timm_model.global_pool!r} (only 'token' is supported)")
+    if getattr(timm_model, "no_embed_class", False):
+        problems.append("no_embed_class=True (DeiT-III style position embeddings)")
+    if getattr(timm_model, "reg_token", None) is not None:
+        problems.append("register tokens")
+    for name in ("norm_pre", "fc_norm", "patch_embed.norm"):
+        module = timm_model.get_submodule(name) if _has_submodule(timm_model, name) else None
+        if module is not None and not isinstance(module, nn.Identity):
+            problems.append(f"{name} is {type(module).__name__}, not Identity")
+    if getattr(timm_model, "attn_pool", None) is not None:
+        problems.append("attention pooling head")
+    blocks = list(timm_model.blocks)
+    block = blocks[0]
+    for name in ("ls1", "ls2", "attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm"):
+        if _has_submodule(block, name) and not isinstance(block.get_submodule(name), nn.Identity):
+            problems.append(f"blocks.*.{name} (layer scale / qk-norm / scale-norm)")
+    if type(block).__name__ != "Block" or not hasattr(block, "norm1"):
+        problems.append(f"block type {type(block).__name__} (only timm's pre-norm Block)")
+    act = getattr(getattr(block, "mlp", None), "act", None)
+    if not isinstance(act, nn.GELU):
+        problems.append(f"MLP activation {type(act).__name__} (only GELU)")
+    if isinstance(getattr(timm_model, "head", None), nn.Identity):
+        problems.append("no classification head (num_classes=0); create it with num_classes > 0")
+    if problems:
+        raise ValueError(f"Cannot convert this timm model to MelanomaViT: {'; '.join(problems)}.")
+
+    num_classes = timm_model.num_classes
+    if id2label is None:
+        id2label = dict(enumerate(DEFAULT_DX_CODES)) if num_classes == 7 else {i: f"LABEL_{i}" for i in range(num_classes)}
+    if len(id2label) != num_classes:
+        raise ValueError(f"id2label has {len(id2label)} entries but the timm head has {num_classes} classes.")
+    return MelanomaViTConfig(
+        image_size=list(timm_model.patch_embed.img_size),
+        patch_size=list(timm_model.patch_embed.patch_size),
+        num_channels=timm_model.patch_embed.proj.in_channels,
+        hidden_size=timm_model.embed_dim,
+        num_hidden_layers=len(blocks),
+        num_attention_heads=block.attn.num_heads,
+        intermediate_size=block.mlp.fc1.out_features,
+        hidden_act=_GELU_NAMES[act.approximate],
+        layer_norm_eps=timm_model.norm.eps,
+        qkv_bias=block.attn.qkv.bias is not None,
+        use_distillation_token=getattr(timm_model, "dist_token", None) is not None,
+        id2label=dict(id2label),
+    )
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def convert_timm_checkpoint(
+    timm_model: nn.Module, id2label: dict[int, str] | None = None
+) -> MelanomaViTForImageClassification:
+    """A timm ViT/DeiT (plain or distilled) as an eval-mode `MelanomaViTForImageClassification` with equal logits.
+
+    Eval-mode logits match timm's `timm_model.eval()(x)` for inputs at the timm model's image size
+    (distilled models: timm and MelanomaViT both average the two heads in eval).
+    """
+    config = melanoma_vit_config_from_timm(timm_model, id2label=id2label)
+    model = MelanomaViTForImageClassification(config)
+    model.load_state_dict(timm_state_dict_to_melanoma_vit(timm_model.state_dict()), strict=True)
+    return model.eval()
+
+
+def _vit_config_kwargs(config: MelanomaViTConfig) -> dict:
+    return dict(
+        image_size=config.image_size if isinstance(config.image_size, int) else list(config.image_size),
+        patch_size=config.patch_size if isinstance(config.patch_size, int) else list(config.patch_size),
+        num_channels=config.num_channels,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act=config.hidden_act,
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        layer_norm_eps=config.layer_norm_eps,
+        qkv_bias=config.qkv_bias,
+        initializer_range=config.initializer_range,
+        id2label=dict(config.id2label),
+        label2id=dict(config.label2id),
+    )
+
+
+def vit_config_from_melanoma_vit(config: MelanomaViTConfig) -> ViTConfig | DeiTConfig:
+    """The stock transformers config of an export: `DeiTConfig` for distilled models, else `ViTConfig`.
+
+    `melanoma_threshold` is kept as an extra attribute; `temperature` is not (it is folded into the
+    head weights by `export_to_vit`, and transformers 5 refuses a `temperature` key in model configs).
+    """
+    if not isinstance(config.patch_size, int) and config.patch_size[0] != config.patch_size[1]:
+        raise ValueError(f"transformers' ViT needs square patches, got patch_size={config.patch_size}.")
+    kwargs = _vit_config_kwargs(config)
+    kwargs["patch_size"] = kwargs["patch_size"] if isinstance(kwargs["patch_size"], int) else kwargs["patch_size"][0]
+    config_class = DeiTConfig if config.use_distillation_token else ViTConfig
+    vit_config = config_class(**kwargs)
+    vit_config.melanoma_threshold = config.melanoma_threshold
+    return vit_config
+
+
+def melanoma_vit_state_dict_to_vit(
+    state_dict: dict[str, torch.Tensor], num_hidden_layers: int, distilled: bool = False, layout: str = "v5"
+) -> dict[str, torch.Tensor]:
+    """Convert MelanomaViT weights to transformers' ViT (or DeiT-with-teacher when `distilled`) names.
+
+    Args:
+        state_dict: `MelanomaViTForImageClassification.state_dict()`.
+        num_hidden_layers: number of blocks.
+        distilled: target `DeiTForImageClassificationWithTeacher` (needs `vit.embeddings.dist_token`).
+        layout: "v5" (transformers >= 5: `layers.N.attention.q_proj`) or "v4"
+            (`encoder.layer.N.attention.attention.query`).
+
+    Returns:
+        A new dict; the fused qkv (3C, C) is split into query/key/value (C, C) each.
+    """
+    if layout not in _HF_LAYER_NAMES:
+        raise ValueError(f"layout must be one of {sorted(_HF_LAYER_NAMES)}, got {layout!r}.")
+    if distilled != ("vit.embeddings.dist_token" in state_dict):
+        raise ValueError(
+            f"distilled={distilled} but the state dict {'lacks' if distilled else 'has'} a distillation token; "
+            "pass distilled=config.use_distillation_token."
+        )
+    base = "deit" if distilled else "vit"
+    out = {
+        f"{base}.embeddings.cls_token": state_dict["vit.embeddings.cls_token"],
+        f"{base}.embeddings.position_embeddings": state_dict["vit.embeddings.pos_embed"],
+        f"{base}.embeddings.patch_embeddings.projection.weight": state_dict["vit.embeddings.patch_embed.proj.weight"],
+        f"{base}.embeddings.patch_embeddings.projection.bias": state_dict["vit.embeddings.patch_embed.proj.bias"],
+        f"{base}.layernorm.weight": state_dict["vit.norm.weight"],
+        f"{base}.layernorm.bias": state_dict["vit.norm.bias"],
+    }
+    if distilled:
+        out["deit.embeddings.distillation_token"] = state_dict["vit.embeddings.dist_token"]
+        heads = {"cls_classifier": "head", "distillation_classifier": "head_dist"}
+    else:
+        heads = {"classifier": "head"}
+    for target, source in heads.items():
+        out[f"{target}.weight"], out[f"{target}.bias"] = state_dict[f"{source}.weight"], state_dict[f"{source}.bias"]
+
+    names = _HF_LAYER_NAMES[layout]
+    for i in range(num_hidden_layers):
+        src = f"vit.encoder.blocks.{i}."
+        dst = _HF_LAYER_PREFIX[layout].format(base=base, i=i)
+        for ours, theirs in (("norm1", "norm1"), ("norm2", "norm2"), ("attn.proj", "o"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
+            for kind in ("weight", "bias"):
+                out[f"{dst}{names[theirs]}.{kind}"] = state_dict[f"{src}{ours}.{kind}"]
+        for kind in ("weight", "bias"):
+            if f"{src}attn.qkv.{kind}" not in state_dict:
+                continue  # qkv_bias=False
+            q, k, v = state_dict[f"{src}attn.qkv.{kind}"].chunk(3, dim=0)  # 3 x (C, C) or 3 x (C,)
+            for part, tensor in zip("qkv", (q, k, v)):
+                out[f"{dst}{names[part]}.{kind}"] = tensor
+    return out
+
+
+def _installed_layout(hf_model: nn.Module, base: str) -> str:
+    keys = hf_model.state_dict().keys()
+    for layout, names in _HF_LAYER_NAMES.items():
+        if f"{_HF_LAYER_PREFIX[layout].format(base=base, i=0)}{names['q']}.weight" in keys:
+            return layout
+    raise RuntimeError(f"Unrecognised parameter names in the installed transformers {type(hf_model).__name__}.")
+
+
+def _export_state_dict(model: MelanomaViTForImageClassification, layout: str, fold_temperature: bool) -> dict:
+    state_dict = dict(model.state_dict())
+    temperature = float(model.config.temperature)
+    if fold_temperature and temperature != 1.0:
+        # softmax((W x + b) / T) == softmax((W / T) x + b / T): calibration moves into the head.
+        for name in ("head", "head_dist"):
+            for kind in ("weight", "bias"):
+                if f"{name}.{kind}" in state_dict:
+                    state_dict[f"{name}.{kind}"] = state_dict[f"{name}.{kind}"] / temperature
+    return melanoma_vit_state_dict_to_vit(
+        state_dict, model.config.num_hidden_layers, distilled=model.config.use_distillation_token, layout=layout
+    )
+
+
+def export_to_vit(
+    model: MelanomaViTForImageClassification, fold_temperature: bool = True
+) -> ViTForImageClassification | DeiTForImageClassificationWithTeacher:
+    """The same network as a stock transformers model (no remote code), in eval mode.
+
+    Plain models become `ViTForImageClassification`; distilled models (`use_distillation_token`) become
+    `DeiTForImageClassificationWithTeacher`, which like MelanomaViT averages its CLS and distillation
+    heads at inference. With `fold_temperature` (default) the head weights are divided by
+    `config.temperature`, so the stock model's logits are `ours / T` and every softmax over them
+    (pipeline, Hub widget) gives the calibrated probabilities; the predicted class is unchanged.
+
+    Logits match MelanomaViT at the configured image size; other sizes interpolate position embeddings
+    differently in transformers' ViT.
+    """
+    vit_config = vit_config_from_melanoma_vit(model.config)
+    hf_class = DeiTForImageClassificationWithTeacher if model.config.use_distillation_token else ViTForImageClassification
+    hf_model = hf_class(vit_config)
+    layout = _installed_layout(hf_model, "deit" if model.config.use_distillation_token else "vit")
+    hf_model.load_state_dict(_export_state_dict(model, layout, fold_temperature), strict=True)
+    return hf_model.to(model.dtype).eval()
+
+
+def save_vit_export(
+    model: MelanomaViTForImageClassification, folder: str | Path, fold_temperature: bool = True
+) -> Path:
+    """Write `export_to_vit(model)` to `folder` (config.json + model.safetensors) in the 4.x key layout.
+
+    transformers 4.x reads these names directly and transformers 5 converts them on load (its
+    "ViTModel" checkpoint conversion mapping), so the folder loads with
+    `AutoModelForImageClassification.from_pretrained(folder)` in both, without remote code.
+    Save an image processor (e.g. `ViTImageProcessor`) next to it for `pipeline`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vit_config = vit_config_from_melanoma_vit(model.config)
+    vit_config.architectures = [
+        "DeiTForImageClassificationWithTeacher" if model.config.use_distillation_token else "ViTForImageClassification"
+    ]
+    vit_config.save_pretrained(folder)
+    state_dict = _export_state_dict(model, "v4", fold_temperature)
+    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    logger.info("Saved a stock transformers %s export to %s", vit_config.architectures[0], folder)
+    return folder
+
+
+__all__ = [
+    "convert_timm_checkpoint",
+    "export_to_vit",
+    "melanoma_vit_config_from_timm",
+    "melanoma_vit_state_dict_to_vit",
+    "save_vit_export",
+    "timm_state_dict_to_melanoma_vit",
+    "vit_config_from_melanoma_vit",
+]
