@@ -5,8 +5,6 @@ import logging
 import os
 import pickle
 import shutil
-from pathlib import Path
-
 import datasets
 import numpy as np
 import pandas as pd
@@ -161,7 +159,9 @@ def test_hub_style_dataset_with_class_names(ham_image_paths, tmp_path):
     """A Hub-like DatasetDict: `img` column, ClassLabel with ISIC names, no ids."""
     names = ["melanoma", "nevus", "seborrheic_keratosis"]
     features = datasets.Features({"img": datasets.Image(), "labels": datasets.ClassLabel(names=names)})
-    part = datasets.Dataset.from_dict({"img": [str(p) for p in ham_image_paths[:3]], "labels": [0, 1, 2]}, features=features)
+    part = datasets.Dataset.from_dict(
+        {"img": [str(p) for p in ham_image_paths[:3]], "labels": [0, 1, 2]}, features=features
+    )
     datasets.DatasetDict({"train": part, "test": part.select([0])}).save_to_disk(str(tmp_path / "hub"))
     ds = load_image_dataset(str(tmp_path / "hub"), split="train")
     assert ds["label"] == [MEL, NV, BKL]
@@ -202,7 +202,8 @@ def test_layouts_share_one_schema_and_concatenate(ham, isic2017_dir):
 
 def test_dataset_without_label_column_is_refused(ham_image_paths, tmp_path):
     datasets.Dataset.from_dict(
-        {"image": [str(ham_image_paths[0])], "note": ["x"]}, features=datasets.Features({"image": datasets.Image(), "note": datasets.Value("string")})
+        {"image": [str(ham_image_paths[0])], "note": ["x"]},
+        features=datasets.Features({"image": datasets.Image(), "note": datasets.Value("string")}),
     ).save_to_disk(str(tmp_path / "nolabel"))
     with pytest.raises(ValueError, match="no usable label column"):
         load_image_dataset(str(tmp_path / "nolabel"))
@@ -212,7 +213,8 @@ def test_bad_specs_raise_clear_errors(ham_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("hello")
     pd.DataFrame({"file": ["a.jpg"], "dx": ["mel"]}).to_csv(tmp_path / "nopath.csv", index=False)
-    pd.DataFrame({"path": [str(next((ham_dir / "images").glob("*.jpg")))], "dx": ["cat"]}).to_csv(tmp_path / "cat.csv", index=False)
+    an_image = str(next((ham_dir / "images").glob("*.jpg")))
+    pd.DataFrame({"path": [an_image], "dx": ["cat"]}).to_csv(tmp_path / "cat.csv", index=False)
     with pytest.raises(ValueError, match="HAM10000 folder"):
         load_image_dataset(str(tmp_path / "does_not_exist"))
     with pytest.raises(ValueError, match="unsupported data file"):
@@ -337,7 +339,9 @@ def test_split_is_grouped_stratified_and_sized():
     dd = split_by_lesion(ds, val_size=0.2, test_size=0.1, seed=0)
     check_no_leakage(dd)
     lesions = {name: set(part["lesion_id"]) - {None} for name, part in dd.items()}
-    assert not (lesions["train"] & lesions["validation"] or lesions["train"] & lesions["test"] or lesions["validation"] & lesions["test"])
+    assert not lesions["train"] & lesions["validation"]
+    assert not lesions["train"] & lesions["test"]
+    assert not lesions["validation"] & lesions["test"]
     share = {name: len(part) / len(ds) for name, part in dd.items()}
     assert share["validation"] == pytest.approx(0.2, abs=0.05) and share["test"] == pytest.approx(0.1, abs=0.04)
     for part in dd.values():  # stratified: every split keeps the ~20% melanoma share
@@ -372,7 +376,10 @@ def test_check_no_leakage_raises_on_leaky_splits(ham):
     # One image of lesion HAM_0000048 in train, the other in test.
     ids = ham["image_id"]
     leaky = datasets.DatasetDict(
-        {"train": ham.select([ids.index("ISIC_0033902"), ids.index("ISIC_0026391")]), "test": ham.select([ids.index("ISIC_0032774")])}
+        {
+            "train": ham.select([ids.index("ISIC_0033902"), ids.index("ISIC_0026391")]),
+            "test": ham.select([ids.index("ISIC_0032774")]),
+        }
     )
     with pytest.raises(ValueError, match="lesion_id 'HAM_0000048' is in both"):
         check_no_leakage(leaky)
@@ -429,9 +436,10 @@ def test_train_transform_varies_and_is_seedable(ham, vit_processor):
     torch.testing.assert_close(first, again)
 
 
-def test_orientation_augmentations_reach_all_eight_symmetries(vit_processor):
+def test_orientation_augmentations_reach_all_eight_symmetries():
     cfg = {"crop_scale": None, "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0, "blur": 0, "erasing": 0}
-    pipeline = train_pipeline(ViTImageProcessor(size={"height": 2, "width": 2}, image_mean=[0] * 3, image_std=[1] * 3), cfg)
+    processor = ViTImageProcessor(size={"height": 2, "width": 2}, image_mean=[0] * 3, image_std=[1] * 3)
+    pipeline = train_pipeline(processor, cfg)
     image = PIL.Image.fromarray(np.array([[[0] * 3, [60] * 3], [[120] * 3, [180] * 3]], dtype=np.uint8))
     torch.manual_seed(0)
     seen = {tuple((pipeline(image)[0] * 255).round().flatten().tolist()) for _ in range(200)}
@@ -440,7 +448,13 @@ def test_orientation_augmentations_reach_all_eight_symmetries(vit_processor):
 
 def test_timm_processor_geometry_and_shapes(ham):
     processor = TimmWrapperImageProcessor(
-        pretrained_cfg={"input_size": (3, 48, 40), "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.25, 0.3), "interpolation": "bicubic", "crop_pct": 1.0}
+        pretrained_cfg={
+            "input_size": (3, 48, 40),
+            "mean": (0.4, 0.5, 0.6),
+            "std": (0.2, 0.25, 0.3),
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+        }
     )
     geo = processor_geometry(processor)
     assert geo["size"] == (48, 40) and geo["mean"] == (0.4, 0.5, 0.6) and geo["std"] == (0.2, 0.25, 0.3)
@@ -480,7 +494,8 @@ def test_class_weights_hand_computed():
     k = 8 / (6 / 6**0.5 + 2 / 2**0.5)
     torch.testing.assert_close(class_weights(counts, "sqrt_inverse"), torch.tensor([k / 6**0.5, k / 2**0.5, 0.0]))
     # beta = 0.5: effective numbers (1 - 0.5^n) / 0.5 = 63/32 (n=6) and 3/2 (n=2)
-    torch.testing.assert_close(class_weights(counts, "effective_number", beta=0.5), torch.tensor([1344 / 1449, 28 / 23, 0.0]))
+    effective = class_weights(counts, "effective_number", beta=0.5)
+    torch.testing.assert_close(effective, torch.tensor([1344 / 1449, 28 / 23, 0.0]))
     with pytest.raises(ValueError, match="scheme must be"):
         class_weights(counts, "focal")
 
