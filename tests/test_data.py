@@ -147,12 +147,16 @@ def test_image_folder_with_split_folders(ham_dir, tmp_path):
         load_image_dataset(str(tmp_path))
 
 
-def test_save_to_disk_round_trip(ham, tmp_path):
+def test_save_to_disk_round_trip(ham, ham_dir, tmp_path):
     ham.save_to_disk(str(tmp_path / "saved"))
     ds = load_image_dataset(str(tmp_path / "saved"))
     assert ds.features == ham.features
     assert by_id(ds) == by_id(ham) and by_id(ds, "lesion_id") == by_id(ham, "lesion_id")
     assert ds[0]["image"].size == (200, 150)
+    # a binary-scheme dataset keeps its dx codes, so it reloads under either scheme
+    load_image_dataset(str(ham_dir), label_scheme="binary").save_to_disk(str(tmp_path / "binary"))
+    assert by_id(load_image_dataset(str(tmp_path / "binary"))) == by_id(ham)
+    assert sum(load_image_dataset(str(tmp_path / "binary"), label_scheme="binary")["label"]) == 3
 
 
 def test_hub_style_dataset_with_class_names(ham_image_paths, tmp_path):

@@ -306,22 +306,25 @@ def _adapt_hf_dataset(ds: datasets.Dataset, label_scheme: str, source: str) -> d
     )
     if image_col is None:
         raise ValueError(f"{source}: no column with a datasets.Image feature; columns: {list(ds.features)}")
-    label_col = next((c for c in ("dx", "label", "labels", "diagnosis") if c in ds.features), None)
+    # First candidate without missing values: a dataset saved by this module has "dx" (None
+    # for rows of a melanoma-vs-rest source) next to "label".
+    candidates = [c for c in ("dx", "label", "labels", "diagnosis") if c in ds.features]
+    columns = {c: list(ds.select_columns([c]).with_format(None)[c]) for c in candidates}
+    label_col = next((c for c in candidates if not any(_missing(v) for v in columns[c])), None)
     if label_col is None:
         raise ValueError(
-            f"{source}: no usable label column (looked for 'dx', 'label', 'labels', 'diagnosis'); "
-            f"columns: {list(ds.features)}"
+            f"{source}: no usable label column (looked for 'dx', 'label', 'labels', 'diagnosis' without "
+            f"missing values); columns: {list(ds.features)}"
         )
-    feature = ds.features[label_col]
-    values = list(ds.select_columns([label_col]).with_format(None)[label_col])
+    feature, values = ds.features[label_col], columns[label_col]
     if isinstance(feature, datasets.ClassLabel):
         names = [feature.int2str(int(v)) for v in values]
-    elif feature.dtype in ("string", "large_string"):
+    elif getattr(feature, "dtype", None) in ("string", "large_string"):
         names = values
     else:
         raise ValueError(
-            f"{source}: label column {label_col!r} holds {feature.dtype} values without class names; "
-            "cast it to datasets.ClassLabel(names=[...]) or store dx codes as strings"
+            f"{source}: label column {label_col!r} holds {getattr(feature, 'dtype', feature)} values without "
+            "class names; cast it to datasets.ClassLabel(names=[...]) or store dx codes as strings"
         )
     labels, dxs = _encode_labels(names, label_scheme, source)
     if "image_id" in ds.features:
