@@ -11,8 +11,13 @@ Every data source becomes one `datasets.Dataset` with the columns
 `load_image_dataset(spec)` accepts a Hub dataset id (or its local copy / a `save_to_disk`
 folder), an image folder with class subfolders, the HAM10000 layout, the ISIC 2017 layout or a
 CSV file with `path` and `dx` columns. Unreadable images are dropped at load time (with a
-warning and a count), and the training transform turns a sample that still fails to decode
+warning and a count), and the batch transform turns a sample that still fails to decode
 into an ignored sample (label -100) instead of stopping a long run.
+
+    ds = load_image_dataset("../shared/data/ham10000")            # or a Hub id, folder, CSV
+    dd = split_by_lesion(ds, val_size=0.15, test_size=0.15, seed=42)
+    write_manifest(dd, "runs/x/split_manifest.json")             # apply_manifest() rebuilds it
+    train_ds = with_image_transform(dd["train"], build_transforms(processor, train=True))
 """
 
 from __future__ import annotations
@@ -585,7 +590,6 @@ def split_by_lesion(
             f"{len(keys)} lesion group(s) cannot fill {needed} non-empty splits; lower val_size/test_size to 0"
         )
     strata = {k: by_group[k].most_common(1)[0][0] for k in keys}
-    # sklearn takes ceil(fraction * n) for the held-out part; keep at least one lesion in train.
     rest, test_keys = _split_groups(keys, [strata[k] for k in keys], test_size, seed)
     val_frac = val_size / (1 - test_size) if val_size else 0
     if val_size and len(rest) < 2:
