@@ -120,7 +120,7 @@ def test_ece_hand_computed():
         expected_calibration_error(probs, np.array([0, 1]))
 
 
-def _calibrated_logits(n: int = 4000, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _calibrated_logits(n: int = 2000, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, c, generator=g) * 2.0
     y = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=g).squeeze(1)
@@ -129,11 +129,12 @@ def _calibrated_logits(n: int = 4000, c: int = 5, seed: int = 0) -> tuple[torch.
 
 def test_temperature_scaling_recovers_known_temperature():
     z, y = _calibrated_logits()
-    assert fit_temperature(z * 3.0, y) == pytest.approx(3.0, rel=0.1)
+    t = fit_temperature(z * 3.0, y)
+    assert t == pytest.approx(3.0, rel=0.1)
     assert fit_temperature(z / 2.0, y) == pytest.approx(0.5, rel=0.1)
     # scaling brings ECE down
     probs_raw = tempered_probabilities(z * 3.0)
-    probs_cal = tempered_probabilities(z * 3.0, fit_temperature(z * 3.0, y))
+    probs_cal = tempered_probabilities(z * 3.0, t)
     assert expected_calibration_error(probs_cal, y.numpy()) < expected_calibration_error(probs_raw, y.numpy()) / 2
 
 
@@ -210,3 +211,187 @@ def test_mask_share_hand_computed():
     assert mask_share(np.zeros((2, 2)), left) is None
     with pytest.raises(ValueError, match="non-negative"):
         mask_share(-np.ones((2, 2)), left)
+
+
+# ------------------------------------------------------------------------------ train/evaluate.py
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED_KEYS = {
+    "model", "data", "split", "n", "tta", "labels", "melanoma_auc", "melanoma_auc_ci95", "threshold_default",
+    "sensitivity_default", "specificity_default", "threshold_val95", "sensitivity_val95", "specificity_val95",
+    "balanced_accuracy", "accuracy", "macro_f1", "per_class_recall", "ece", "ece_temperature_scaled", "temperature",
+    "rollout_mask_share", "rollout_mask_share_uniform", "command",
+}
+PLOTS = ("roc.png", "confusion_matrix.png", "reliability.png", "confidence_hist.png")
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_dir(tmp_path_factory) -> Path:
+    """A tiny random MelanomaViT (dx labels) saved with its ViTImageProcessor."""
+    from transformers import ViTImageProcessor
+
+    from model import MelanomaViTConfig, MelanomaViTForImageClassification
+    from model.labels import dx_id2label
+
+    torch.manual_seed(0)
+    config = MelanomaViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=37, id2label=dx_id2label())
+    folder = tmp_path_factory.mktemp("tiny_vit")
+    MelanomaViTForImageClassification(config).eval().save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def _assert_outputs(out: Path, n: int) -> tuple[dict, pd.DataFrame]:
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert REQUIRED_KEYS <= set(metrics)
+    assert metrics["n"] == n
+    assert 0.0 <= metrics["melanoma_auc"] <= 1.0
+    lo, hi = metrics["melanoma_auc_ci95"]
+    assert lo <= metrics["melanoma_auc"] <= hi
+    for key in ("balanced_accuracy", "accuracy", "macro_f1", "ece", "sensitivity_default", "specificity_default"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == n
+    prob_cols = [c for c in preds.columns if c.startswith("p_")]
+    np.testing.assert_allclose(preds[prob_cols].sum(axis=1), 1.0, atol=1e-4)
+    for name in PLOTS:
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and min(img.size) > 100
+            img.verify()
+    return metrics, preds
+
+
+@pytest.mark.slow
+def test_evaluate_script_on_ham_fixture(tiny_vit_dir, ham_dir, tmp_path):
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "train/evaluate.py", "--model", str(tiny_vit_dir), "--data", str(ham_dir),
+           "--output-dir", str(out), "--tta", "2", "--bootstrap", "100"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n_images = len(list((ham_dir / "images").glob("*.jpg")))
+    metrics, preds = _assert_outputs(out, n_images)
+    assert metrics["tta"] == 2 and metrics["split"] is None
+    assert set(metrics["labels"]) == set(pd.read_csv(ham_dir / "HAM10000_metadata.csv")["dx"])
+    # no validation data: nothing fitted
+    assert metrics["threshold_val95"] is None and metrics["temperature"] is None
+    assert metrics["ece_temperature_scaled"] is None
+    # 4 fixture images have masks; the uniform baseline is their mean lesion area
+    masks = sorted((ham_dir / "masks").glob("*_segmentation.png"))
+    assert metrics["rollout_mask_n"] == len(masks) == 4
+    assert 0.0 <= metrics["rollout_mask_share"] <= 1.0
+    areas = [(np.asarray(Image.open(m).convert("L")) >= 128).mean() for m in masks]
+    assert metrics["rollout_mask_share_uniform"] == pytest.approx(np.mean(areas))
+    assert metrics["command"].startswith("python train/evaluate.py --model")
+    assert set(preds["image_id"]) == {p.stem for p in ham_dir.glob("images/*.jpg")}
+
+
+def _model_p_mel(folder: Path, image_paths: list[Path], temperature: float) -> np.ndarray:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    net = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    images = [Image.open(p).convert("RGB") for p in image_paths]
+    with torch.no_grad():
+        logits = net(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]).logits
+    return torch.softmax(logits / temperature, dim=-1)[:, net.config.label2id["mel"]].numpy()
+
+
+def test_evaluate_isic2017_with_validation_and_write_config(tiny_vit_dir, ham_dir, isic2017_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoConfig
+
+    from train.evaluate import main
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_vit_dir, model_dir)
+    out = tmp_path / "eval"
+    metrics = main(["--model", str(model_dir), "--data", str(isic2017_dir), "--split", "test",
+                    "--val-data", str(ham_dir), "--val-split", "all", "--output-dir", str(out),
+                    "--bootstrap", "100", "--write-config"])
+    assert metrics == json.loads((out / "metrics.json").read_text())
+    _, preds = _assert_outputs(out, 4)
+    # ISIC 2017 has 3 of the 7 classes: multiclass metrics over those only
+    assert metrics["labels"] == ["bkl", "mel", "nv"] and set(metrics["per_class_recall"]) == {"bkl", "mel", "nv"}
+    assert metrics["n_melanoma"] == 2 and metrics["rollout_mask_share"] is None  # no masks for ISIC 2017
+    assert metrics["temperature_source"] == "validation" and metrics["temperature"] > 0
+    assert "passed" in metrics["leakage_check"]
+
+    # served probabilities: softmax(logits / T)[mel] of the model itself
+    t = metrics["temperature"]
+    paths = [isic2017_dir / "test" / f"{i}.jpg" for i in preds["image_id"]]
+    np.testing.assert_allclose(preds["p_mel"], _model_p_mel(model_dir, paths, t), atol=1e-5)
+    # the threshold catches every validation melanoma (3 of 3 >= 95%) and is the lowest melanoma P(mel)
+    meta = pd.read_csv(ham_dir / "HAM10000_metadata.csv")
+    val_p = _model_p_mel(model_dir, [ham_dir / "images" / f"{i}.jpg" for i in meta["image_id"]], t)
+    assert metrics["threshold_val95"] == pytest.approx(val_p[(meta["dx"] == "mel").to_numpy()].min(), abs=1e-5)
+    # stored in the config, where serving code reads it
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    assert config.temperature == pytest.approx(t)
+    assert config.melanoma_threshold == pytest.approx(metrics["threshold_val95"])
+
+    # evaluating again without validation data reuses the stored calibration
+    again = main(["--model", str(model_dir), "--data", str(isic2017_dir), "--split", "test",
+                  "--output-dir", str(tmp_path / "again"), "--bootstrap", "50"])
+    assert again["temperature_source"] == "model_config" and again["temperature"] == pytest.approx(t)
+    assert again["threshold_val95_source"] == "model_config"
+    assert again["melanoma_auc"] == pytest.approx(metrics["melanoma_auc"])
+
+
+def test_evaluate_with_manifest_uses_its_test_split_and_refuses_leaks(tiny_vit_dir, ham_dir, tmp_path):
+    from train.evaluate import main
+
+    meta = pd.read_csv(ham_dir / "HAM10000_metadata.csv")
+    ids = list(meta["image_id"])
+    manifest = {"splits": ["train", "validation", "test"], "train": ids[5:], "validation": ids[2:5], "test": ids[:2]}
+    path = tmp_path / "split_manifest.json"
+    path.write_text(json.dumps(manifest))
+    metrics = main(["--model", str(tiny_vit_dir), "--data", str(ham_dir), "--manifest", str(path),
+                    "--output-dir", str(tmp_path / "eval"), "--bootstrap", "20"])
+    preds = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    assert metrics["split"] == "test" and list(preds["image_id"]) == ids[:2]
+    assert metrics["n_validation"] == 3 and metrics["temperature_source"] == "validation"
+    # ids[0] and ids[1] are two images of one lesion: putting one into training is a leak
+    manifest.update(train=ids[1:2] + ids[5:], test=ids[:1])
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="leakage"):
+        main(["--model", str(tiny_vit_dir), "--data", str(ham_dir), "--manifest", str(path),
+              "--output-dir", str(tmp_path / "leak")])
+
+
+def test_label_groups_and_bad_arguments(tmp_path):
+    from model.labels import BINARY_LABELS, DX_CODES
+    from train.evaluate import label_groups, main
+
+    np.testing.assert_array_equal(label_groups(list(DX_CODES), list(DX_CODES)), np.eye(7))
+    groups = label_groups(list(DX_CODES), list(BINARY_LABELS))  # 7-class model on melanoma-vs-rest data
+    np.testing.assert_array_equal(groups[1], np.eye(7)[DX_CODES.index("mel")])
+    np.testing.assert_array_equal(groups[0], 1 - groups[1])
+    with pytest.raises(ValueError, match="--label-scheme binary"):
+        label_groups(["other", "mel", "unknown"], list(DX_CODES))
+    with pytest.raises(ValueError, match="--tta"):
+        main(["--model", "x", "--data", "y", "--output-dir", str(tmp_path), "--tta", "9"])
+    with pytest.raises(ValueError, match="--write-config needs validation"):
+        main(["--model", "x", "--data", "y", "--output-dir", str(tmp_path), "--write-config"])
+
+
+def test_write_calibration_round_trips_for_timm_wrapper(tmp_path):
+    from transformers import AutoConfig, TimmWrapperConfig
+
+    from train.evaluate import config_temperature, write_calibration
+
+    TimmWrapperConfig(architecture="resnet18", num_labels=7).save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    write_calibration(tmp_path, config, temperature=1.7, threshold=0.12)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert config_temperature(loaded) == pytest.approx(1.7)
+    assert loaded.melanoma_threshold == pytest.approx(0.12)

@@ -1,0 +1,586 @@
+#!/usr/bin/env python
+"""Evaluate a melanoma classifier on a labelled data set: metrics.json, predictions.csv, plots.
+
+    python train/evaluate.py --model models/vit-small --data ../shared/data/isic2017 --split test \
+        --output-dir models/vit-small/eval/isic2017_test --tta 8
+
+Research/education tool: the numbers describe a model on a data set, not a diagnosis.
+
+What is computed (probabilities are softmax(logits / T) averaged over the TTA views, with T the
+temperature fitted on validation data, or the model config's `temperature`, or 1):
+- melanoma-vs-rest on P(mel): ROC AUC with a 95% stratified percentile bootstrap CI (melanomas
+  and others resampled separately, `--bootstrap` resamples, seed 0); sensitivity/specificity at
+  0.5 and at the threshold giving 95% sensitivity on validation data (or the model config's
+  `melanoma_threshold` when no validation data is given; null when neither exists).
+- multiclass: the model's probabilities summed into the data's label space (identity for dx
+  data; "mel" vs the sum of the other classes for binary data); predicted class = argmax.
+  Accuracy, balanced accuracy (mean recall), macro-F1 and per-class recall are computed over
+  the classes present in the labels (ISIC 2017 has only mel/nv/bkl), so absent classes do not
+  dilute the means, while predictions of absent classes still count as errors.
+- top-label ECE (15 bins) before (T = 1) and after temperature scaling.
+- ViT models and data with lesion masks (HAM10000's masks/<image_id>_segmentation.png): the
+  share of attention-rollout mass inside the lesion (`rollout_mask_share`) and what a uniform
+  map would score (the mean mask area, `rollout_mask_share_uniform`).
+
+Metrics use scikit-learn: `evaluate.load("roc_auc")` etc. wrap the same functions but fetch their
+scripts from the Hugging Face Hub, which fails offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+# Run as a script (`python train/evaluate.py`), the repository root is not on sys.path: add it
+# so that `model` (MelanomaViT registration, rollout) and `train` import.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import datasets  # noqa: E402
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification  # noqa: E402
+
+import model as _melanoma_models  # noqa: E402,F401  registers MelanomaViT with the Auto classes
+from model.labels import BINARY_LABELS, MELANOMA  # noqa: E402
+from model.rollout import attention_rollout  # noqa: E402
+from train.data import (  # noqa: E402
+    apply_manifest,
+    check_no_leakage,
+    label_names,
+    load_image_dataset,
+    load_rgb,
+    read_manifest,
+)
+from train.metrics import (  # noqa: E402
+    apply_view,
+    bootstrap_auc_ci,
+    expected_calibration_error,
+    fit_temperature,
+    mask_share,
+    melanoma_auc,
+    multiclass_metrics,
+    reliability_bins,
+    sensitivity_specificity,
+    tempered_probabilities,
+    threshold_for_sensitivity,
+)
+
+logger = logging.getLogger("evaluate")
+
+DEFAULT_THRESHOLD = 0.5
+TARGET_SENSITIVITY = 0.95
+ECE_BINS = 15
+ROLLOUT_MODEL_TYPES = ("melanoma_vit", "vit", "deit")
+DISCLAIMER = "Research/education tool, not a medical device: these metrics do not support any diagnosis."
+
+
+# ------------------------------------------------------------------------------ model + labels
+
+
+def load_model(model_id: str, device: str) -> tuple[torch.nn.Module, Any]:
+    """AutoModelForImageClassification + AutoImageProcessor from a local folder or Hub id."""
+    config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
+    kwargs: dict[str, Any] = {"trust_remote_code": True}
+    if config.model_type in ("vit", "deit"):
+        kwargs["attn_implementation"] = "eager"  # transformers' ViT returns attentions only with eager
+    net = AutoModelForImageClassification.from_pretrained(model_id, **kwargs).to(device).eval()
+    processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=True)
+    return net, processor
+
+
+def model_labels(config: Any) -> list[str]:
+    return [config.id2label[i] for i in range(len(config.id2label))]
+
+
+def label_groups(model_names: list[str], data_names: list[str]) -> np.ndarray:
+    """(K, C) 0/1 matrix: which of the model's C classes make up each of the data's K classes.
+
+    A model class named like a data class maps onto it; for binary data ("other", "mel") every
+    other model class maps onto "other". Raises ValueError when a model class fits nowhere.
+    """
+    groups = np.zeros((len(data_names), len(model_names)))
+    for c, name in enumerate(model_names):
+        if name in data_names:
+            groups[data_names.index(name), c] = 1
+        elif tuple(data_names) == BINARY_LABELS:
+            groups[data_names.index("other"), c] = 1
+        else:
+            raise ValueError(
+                f"model class {name!r} is not one of the data's classes {data_names}; evaluate with "
+                "--label-scheme binary (melanoma vs rest) or use a model with dx-code labels."
+            )
+    return groups
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+def _select_data(args: argparse.Namespace) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
+    """Test (and validation) datasets per the CLI, with leakage checks. Returns (test, val, info)."""
+    info: dict[str, Any] = {}
+    split = args.split
+    val = None
+    if args.manifest:
+        manifest = read_manifest(args.manifest)
+        full = load_image_dataset(args.data, label_scheme=args.label_scheme, split=None)
+        dd = apply_manifest(full, manifest)
+        # A manifest whose splits share an image or a lesion would leak training images.
+        check_no_leakage(dd)
+        split = split or "test"
+        if split not in dd:
+            raise ValueError(f"--split {split!r} is not in the manifest {args.manifest} (splits: {list(dd)})")
+        test = dd[split]
+        if args.val_data is None and "validation" in dd and split != "validation":
+            val = dd["validation"]
+        info.update(manifest=str(args.manifest), manifest_sizes={k: len(v) for k, v in dd.items()})
+    else:
+        test = load_image_dataset(args.data, label_scheme=args.label_scheme, split=split)
+    if args.val_data is not None:
+        val = load_image_dataset(args.val_data, label_scheme=args.label_scheme, split=args.val_split)
+    if val is not None:
+        check_no_leakage({"validation": val, "test": test})
+        info["leakage_check"] = "passed: no image_id or lesion_id shared by the validation and test images"
+        if args.manifest:
+            info["leakage_check"] = "passed: no image_id or lesion_id shared by the manifest's splits"
+    elif args.manifest:
+        info["leakage_check"] = "passed: no image_id or lesion_id shared by the manifest's splits"
+    info["split"] = split
+    return test, val, info
+
+
+def find_mask_dir(spec: str, masks: str | None) -> Path | None:
+    """Folder of <image_id>_segmentation.png lesion masks: --masks, or masks/ beside the data."""
+    if masks:
+        path = Path(masks)
+        if not path.is_dir():
+            raise ValueError(f"--masks {masks} is not a folder")
+        return path
+    path = Path(spec)
+    base = path if path.is_dir() else path.parent
+    return base / "masks" if (base / "masks").is_dir() else None
+
+
+def _load_mask(path: Path) -> np.ndarray:
+    """(H, W) float 0/1 lesion mask (white = lesion)."""
+    with Image.open(path) as img:
+        return (np.asarray(img.convert("L")) >= 128).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------- inference
+
+
+def predict(
+    net: torch.nn.Module,
+    processor: Any,
+    ds: datasets.Dataset,
+    tta: int,
+    batch_size: int,
+    device: str,
+    mask_dir: Path | None = None,
+    desc: str = "evaluate",
+) -> dict[str, Any]:
+    """Logits of every TTA view, plus rollout mask shares where masks exist.
+
+    Returns:
+        {"logits": (N, tta, C) float32, "labels": (N,) int, "image_ids": [N], "lesion_ids": [N],
+         "mask_shares": [float], "mask_areas": [float]} (mask lists over images with masks).
+    """
+    config = net.config
+    do_rollout = mask_dir is not None and config.model_type in ROLLOUT_MODEL_TYPES
+    num_prefix = int(getattr(config, "num_prefix_tokens", 1))
+    token_rows = ("cls", "dist") if num_prefix == 2 else ("cls",)
+    raw = ds.cast_column("image", datasets.Image(decode=False)).with_format(None)
+    logits, shares, areas = [], [], []
+    for start in tqdm(range(0, len(raw), batch_size), desc=desc, unit="batch"):
+        rows = raw[start : start + batch_size]
+        images = [load_rgb(v) for v in rows["image"]]
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        views = []
+        with torch.inference_mode():
+            for v in range(tta):
+                want_attn = do_rollout and v == 0
+                kwargs = {"output_attentions": True} if want_attn else {}
+                out = net(pixel_values=apply_view(pixel_values, v), **kwargs)
+                views.append(out.logits.float().cpu())
+                if want_attn:
+                    grid = (pixel_values.shape[-2] // _patch(config)[0], pixel_values.shape[-1] // _patch(config)[1])
+                    maps = attention_rollout(out.attentions, num_prefix_tokens=num_prefix, token_rows=token_rows, grid_size=grid)
+                    for image_id, saliency in zip(rows["image_id"], maps.float().cpu()):
+                        mask_path = mask_dir / f"{image_id}_segmentation.png"
+                        if mask_path.is_file():
+                            mask = _load_mask(mask_path)
+                            share = mask_share(saliency, mask)
+                            if share is not None:
+                                shares.append(share)
+                                areas.append(float(mask.mean()))
+        logits.append(torch.stack(views, dim=1))  # (B, V, C)
+    return {
+        "logits": torch.cat(logits).numpy(),
+        "labels": np.asarray(rows_all(raw, "label"), dtype=int),
+        "image_ids": rows_all(raw, "image_id"),
+        "lesion_ids": rows_all(raw, "lesion_id"),
+        "mask_shares": shares,
+        "mask_areas": areas,
+    }
+
+
+def rows_all(ds: datasets.Dataset, column: str) -> list:
+    return list(ds.select_columns([column])[column])
+
+
+def _patch(config: Any) -> tuple[int, int]:
+    p = config.patch_size
+    return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+
+def _crops(processor: Any) -> bool:
+    """Whether the processor crops (then rollout maps do not cover the whole mask)."""
+    data_config = getattr(processor, "data_config", None)
+    if data_config is not None:
+        return float(data_config.get("crop_pct", 1.0)) < 1.0
+    return bool(getattr(processor, "do_center_crop", False))
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def compute_metrics(
+    pred: dict[str, Any],
+    groups: np.ndarray,
+    data_names: list[str],
+    mel_index: int,
+    temperature: float,
+    temperature_fitted: float | None,
+    threshold_val95: float | None,
+    n_bootstrap: int,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Metrics of one prediction set. Returns (metrics, arrays for plots/CSV)."""
+    y = pred["labels"]
+    probs_model = tempered_probabilities(pred["logits"], temperature)  # (N, C)
+    probs = probs_model @ groups.T  # (N, K) in the data's label space
+    p_mel = probs_model[:, mel_index]
+    y_mel = np.array([data_names[i] == MELANOMA for i in y], dtype=int)
+    predicted = probs.argmax(axis=1)
+
+    sens_d, spec_d = sensitivity_specificity(y_mel, p_mel, DEFAULT_THRESHOLD)
+    sens_v, spec_v = (None, None) if threshold_val95 is None else sensitivity_specificity(y_mel, p_mel, threshold_val95)
+    ci = bootstrap_auc_ci(y_mel, p_mel, n_resamples=n_bootstrap, seed=0)
+    multi = multiclass_metrics(y, predicted, data_names)
+    probs_raw = tempered_probabilities(pred["logits"], 1.0) @ groups.T
+    probs_cal = None if temperature_fitted is None else tempered_probabilities(pred["logits"], temperature_fitted) @ groups.T
+    metrics = {
+        "n": int(len(y)),
+        "n_melanoma": int(y_mel.sum()),
+        "labels": multi["labels"],
+        "melanoma_auc": melanoma_auc(y_mel, p_mel),
+        "melanoma_auc_ci95": None if ci is None else list(ci),
+        "threshold_default": DEFAULT_THRESHOLD,
+        "sensitivity_default": sens_d,
+        "specificity_default": spec_d,
+        "threshold_val95": threshold_val95,
+        "sensitivity_val95": sens_v,
+        "specificity_val95": spec_v,
+        "balanced_accuracy": multi["balanced_accuracy"],
+        "accuracy": multi["accuracy"],
+        "macro_f1": multi["macro_f1"],
+        "per_class_recall": multi["per_class_recall"],
+        "ece": expected_calibration_error(probs_raw, y, ECE_BINS),
+        "ece_temperature_scaled": None if probs_cal is None else expected_calibration_error(probs_cal, y, ECE_BINS),
+    }
+    arrays = {"probs_model": probs_model, "probs_raw": probs_raw, "probs_cal": probs_cal,
+              "p_mel": p_mel, "y_mel": y_mel, "predicted": predicted}
+    return metrics, arrays
+
+
+# -------------------------------------------------------------------------------------- plots
+
+
+def plot_roc(y_mel: np.ndarray, p_mel: np.ndarray, points: dict[str, float], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if y_mel.min() != y_mel.max():
+        RocCurveDisplay.from_predictions(y_mel, p_mel, name="melanoma vs rest", ax=ax, plot_chance_level=True)
+        for label, t in points.items():
+            sens, spec = sensitivity_specificity(y_mel, p_mel, t)
+            ax.plot(1 - spec, sens, "o", label=f"{label} (P(mel) >= {t:.3f})")
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "ROC undefined: one class only", ha="center")
+    ax.set_title("Melanoma ROC (research use only)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confusion(y: np.ndarray, predicted: np.ndarray, data_names: list[str], path: Path) -> None:
+    present = sorted(set(y.tolist()) | set(predicted.tolist()))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(present), 1.0 + 0.8 * len(present)))
+    ConfusionMatrixDisplay.from_predictions(
+        y, predicted, labels=present, display_labels=[data_names[i] for i in present], ax=ax, colorbar=False
+    )
+    ax.set_title("Confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reliability(y: np.ndarray, curves: dict[str, np.ndarray], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for label, probs in curves.items():
+        conf, acc, counts = reliability_bins(probs.max(axis=1), probs.argmax(axis=1) == y, ECE_BINS)
+        keep = counts > 0
+        ece = expected_calibration_error(probs, y, ECE_BINS)
+        ax.plot(conf[keep], acc[keep], "o-", label=f"{label} (ECE {ece:.3f})")
+    ax.set_xlabel("top-label confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"Reliability ({ECE_BINS} bins)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confidence_hist(y_mel: np.ndarray, p_mel: np.ndarray, threshold: float, path: Path) -> None:
+    positive = p_mel >= threshold
+    groups = {
+        "TP": (y_mel == 1) & positive,
+        "FN": (y_mel == 1) & ~positive,
+        "FP": (y_mel == 0) & positive,
+        "TN": (y_mel == 0) & ~positive,
+    }
+    fig, axes = plt.subplots(2, 2, figsize=(8, 6), sharex=True)
+    bins = np.linspace(0, 1, 21)
+    for ax, (name, sel) in zip(axes.ravel(), groups.items()):
+        ax.hist(p_mel[sel], bins=bins, color="tab:red" if name in ("TP", "FN") else "tab:blue")
+        ax.axvline(threshold, color="k", ls="--", lw=1)
+        ax.set_title(f"{name} (n={int(sel.sum())})")
+        ax.set_ylabel("images")
+    for ax in axes[1]:
+        ax.set_xlabel("P(mel)")
+    fig.suptitle(f"P(mel) by outcome at threshold {threshold:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def write_calibration(folder: str | Path, config: Any, temperature: float | None, threshold: float | None) -> None:
+    """Store `temperature` and `melanoma_threshold` in a model folder's config.json.
+
+    MelanomaViTConfig declares both fields. transformers drops a config key named `temperature`
+    from configs that do not declare it (it is taken for a generation parameter), so other models
+    (TimmWrapper baselines) get `calibration_temperature` instead; `melanoma_threshold` round-trips.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--write-config needs a local model folder with config.json, got {folder}")
+    declared = {f.name for f in dataclasses.fields(config)}
+    if temperature is not None:
+        setattr(config, "temperature" if "temperature" in declared else "calibration_temperature", float(temperature))
+    if threshold is not None:
+        config.melanoma_threshold = float(threshold)
+    config.save_pretrained(folder)
+    logger.info("wrote temperature=%s melanoma_threshold=%s to %s", temperature, threshold, folder / "config.json")
+
+
+def config_temperature(config: Any) -> float | None:
+    """Temperature stored by a previous calibration, or None when uncalibrated."""
+    t = getattr(config, "temperature", None)
+    if t is None or float(t) == 1.0:
+        t = getattr(config, "calibration_temperature", None)
+    return None if t is None or float(t) == 1.0 else float(t)
+
+
+def write_predictions(pred: dict[str, Any], arrays: dict[str, np.ndarray], names: list[str], data_names: list[str],
+                      threshold: float, path: Path) -> None:
+    table = pd.DataFrame({
+        "image_id": pred["image_ids"],
+        "lesion_id": pred["lesion_ids"],
+        "label": [data_names[i] for i in pred["labels"]],
+        "predicted": [data_names[i] for i in arrays["predicted"]],
+    })
+    for c, name in enumerate(names):
+        table[f"p_{name}"] = arrays["probs_model"][:, c]
+    table["melanoma_positive"] = (arrays["p_mel"] >= threshold).astype(int)
+    table.to_csv(path, index=False, float_format="%.6f")
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder (save_pretrained) or Hub id")
+    parser.add_argument("--data", required=True, help="anything train.data.load_image_dataset accepts (folder, CSV with path,dx, Hub id)")
+    parser.add_argument("--output-dir", required=True, help="where metrics.json, predictions.csv and the plots go")
+    parser.add_argument("--split", default=None,
+                        help="split of --data to evaluate (default: 'test' with --manifest, else every row; 'all': every row)")
+    parser.add_argument("--manifest", default=None,
+                        help="split_manifest.json of the training run: --split picks its image_ids, its validation "
+                             "split is used for calibration/threshold, and the splits are checked for leakage")
+    parser.add_argument("--val-data", default=None, help="validation data for temperature and the 95%%-sensitivity threshold")
+    parser.add_argument("--val-split", default="validation", help="split of --val-data (default: validation; 'all': every row)")
+    parser.add_argument("--masks", default=None, help="folder of <image_id>_segmentation.png lesion masks (default: masks/ beside --data)")
+    parser.add_argument("--tta", type=int, default=1, help="dihedral test-time views, 1 (none) to 8")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--label-scheme", choices=("auto", "dx", "binary"), default="auto",
+                        help="labels of the data: dx codes or melanoma-vs-rest (auto: binary for binary models)")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit a temperature on the validation data (default: on)")
+    parser.add_argument("--write-config", action="store_true",
+                        help="store the fitted temperature and the validation threshold in the model folder's config.json")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def evaluate(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Run the evaluation described by the CLI arguments; returns the metrics written."""
+    if not 1 <= args.tta <= 8:
+        raise ValueError(f"--tta must be between 1 and 8 (dihedral views), got {args.tta}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.write_config and args.val_data is None and args.manifest is None:
+        raise ValueError("--write-config needs validation data: pass --val-data (or --manifest with a validation split)")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    net, processor = load_model(args.model, args.device)
+    names = model_labels(net.config)
+    if MELANOMA not in names:
+        raise ValueError(f"the model's classes {names} have no {MELANOMA!r}: melanoma metrics need P(mel)")
+    if args.label_scheme == "auto":
+        args.label_scheme = "binary" if tuple(names) == BINARY_LABELS else "dx"
+    data_names = list(label_names(args.label_scheme))
+    groups = label_groups(names, data_names)
+    mel_index = names.index(MELANOMA)
+
+    test, val, info = _select_data(args)
+    missing = sorted({data_names[i] for i in set(rows_all(test, "label"))} - {data_names[k] for k in np.flatnonzero(groups.sum(1))})
+    if missing:
+        raise ValueError(f"the data has classes {missing} the model cannot predict; use --label-scheme binary")
+
+    mask_dir = find_mask_dir(args.data, args.masks)
+    if mask_dir is not None and net.config.model_type in ROLLOUT_MODEL_TYPES and _crops(processor):
+        logger.warning("the image processor crops: rollout maps would not align with the masks; rollout_mask_share skipped")
+        mask_dir = None
+    pred = predict(net, processor, test, args.tta, args.batch_size, args.device, mask_dir, desc=f"evaluate {info['split'] or 'all'}")
+
+    # Temperature and threshold: from validation data when given, else from the model config.
+    temperature_fitted = threshold = None
+    temperature_source = threshold_source = None
+    if val is not None:
+        val_pred = predict(net, processor, val, args.tta, args.batch_size, args.device, desc="validation")
+        if args.calibrate:
+            temperature_fitted = fit_temperature(val_pred["logits"], val_pred["labels"], groups)
+            temperature_source = "validation"
+    if temperature_fitted is None and config_temperature(net.config) is not None:
+        temperature_fitted, temperature_source = config_temperature(net.config), "model_config"
+    temperature = temperature_fitted or 1.0
+    if val is not None:
+        val_p_mel = tempered_probabilities(val_pred["logits"], temperature)[:, mel_index]
+        val_y_mel = np.array([data_names[i] == MELANOMA for i in val_pred["labels"]], dtype=int)
+        threshold = threshold_for_sensitivity(val_y_mel, val_p_mel, TARGET_SENSITIVITY)
+        threshold_source = "validation" if threshold is not None else None
+    if threshold is None and getattr(net.config, "melanoma_threshold", None) is not None:
+        threshold, threshold_source = float(net.config.melanoma_threshold), "model_config"
+
+    metrics, arrays = compute_metrics(pred, groups, data_names, mel_index, temperature, temperature_fitted, threshold, args.bootstrap)
+    shares = pred["mask_shares"]
+    result: dict[str, Any] = {
+        "model": args.model,
+        "data": args.data,
+        "split": info["split"],
+        "tta": args.tta,
+        "label_scheme": args.label_scheme,
+        "model_labels": names,
+        **metrics,
+        "temperature": temperature_fitted,
+        "temperature_source": temperature_source,
+        "threshold_val95_source": threshold_source,
+        "n_validation": None if val is None else len(val),
+        "rollout_mask_share": float(np.mean(shares)) if shares else None,
+        "rollout_mask_share_uniform": float(np.mean(pred["mask_areas"])) if shares else None,
+        "rollout_mask_n": len(shares),
+        **{k: v for k, v in info.items() if k != "split"},
+        "notes": {
+            "probabilities": "softmax(logits / temperature) averaged over the TTA views (temperature 1 when null)",
+            "melanoma_auc_ci95": f"stratified percentile bootstrap, {args.bootstrap} resamples, seed 0",
+            "threshold_val95": "highest P(mel) threshold with >= 95% melanoma sensitivity on validation data "
+                               "(or the model config's melanoma_threshold); null without either",
+            "multiclass": "argmax of the model's probabilities summed into the data's classes; accuracy, balanced "
+                          "accuracy (mean recall), macro-F1 over the classes present in the labels",
+            "ece": f"top-label, {ECE_BINS} equal-width bins; ece at temperature 1, ece_temperature_scaled at 'temperature'",
+            "rollout_mask_share": "mean share of attention-rollout mass inside the lesion mask (ViT + masks only); "
+                                  "rollout_mask_share_uniform = mean mask area (what a uniform map scores)",
+            "metrics_library": "scikit-learn (evaluate.load needs the Hub)",
+            "disclaimer": DISCLAIMER,
+        },
+        "command": command,
+    }
+    if val is None:
+        result["notes"]["validation"] = "no validation data: temperature and threshold_val95 not fitted (null unless stored in the model config)"
+
+    chosen = threshold if threshold is not None else DEFAULT_THRESHOLD
+    write_predictions(pred, arrays, names, data_names, chosen, out_dir / "predictions.csv")
+    points = {"default": DEFAULT_THRESHOLD, **({"val 95% sens." : threshold} if threshold is not None else {})}
+    plot_roc(arrays["y_mel"], arrays["p_mel"], points, out_dir / "roc.png")
+    plot_confusion(pred["labels"], arrays["predicted"], data_names, out_dir / "confusion_matrix.png")
+    curves = {"T = 1": arrays["probs_raw"]}
+    if arrays["probs_cal"] is not None:
+        curves[f"T = {temperature_fitted:.2f}"] = arrays["probs_cal"]
+    plot_reliability(pred["labels"], curves, out_dir / "reliability.png")
+    plot_confidence_hist(arrays["y_mel"], arrays["p_mel"], chosen, out_dir / "confidence_hist.png")
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    if args.write_config:
+        if temperature_source != "validation" and threshold_source != "validation":
+            raise ValueError("--write-config needs validation data (--val-data or --manifest) to fit the temperature/threshold")
+        if args.tta > 1:
+            logger.warning("the stored threshold was chosen with --tta %d; single-view serving may differ slightly", args.tta)
+        write_calibration(
+            args.model, net.config,
+            temperature_fitted if temperature_source == "validation" else None,
+            threshold if threshold_source == "validation" else None,
+        )
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    # "all" (or "") selects every row of a source that has splits of its own.
+    args.split = None if (args.split or "").lower() in ("", "all") else args.split
+    args.val_split = None if (args.val_split or "").lower() in ("", "all") else args.val_split
+    command = shlex.join(["python", "train/evaluate.py", *argv])
+    result = evaluate(args, command)
+    logger.info(
+        "n=%d melanoma AUC %s CI %s, balanced accuracy %.3f -> %s",
+        result["n"], result["melanoma_auc"], result["melanoma_auc_ci95"], result["balanced_accuracy"], args.output_dir,
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
