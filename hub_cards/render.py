@@ -77,6 +77,7 @@ class EvalSet:
     plots: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     calibration: str = ""
+    method_notes: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _num(value: Any) -> bool:
@@ -109,6 +110,13 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{model_dir} has no config.json: pass a folder written by save_pretrained.")
     return _read_json(path)
+
+
+def _id2label(config: dict[str, Any]) -> dict[int, str]:
+    """Class names by index: `id2label`, or `label_names` (how TimmWrapperConfig saves them)."""
+    if config.get("id2label"):
+        return {int(k): v for k, v in config["id2label"].items()}
+    return dict(enumerate(config.get("label_names") or []))
 
 
 def _image_size(config: dict[str, Any], model_dir: Path) -> str | None:
@@ -234,6 +242,10 @@ def _eval_rows(m: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
     notes: list[str] = []
     if _num(m.get("n")):
         rows.append(("Images (n)", _fmt(m["n"])))
+    if _num(m.get("n_melanoma")):
+        rows.append(("Melanomas among them", _fmt(m["n_melanoma"])))
+    if _num(m.get("n_validation")):
+        rows.append(("Validation images (temperature / threshold fitting)", _fmt(m["n_validation"])))
     if m.get("tta") is not None:
         rows.append(("Test-time augmentation (views)", _cell(m["tta"])))
     if _num(m.get("melanoma_auc")):
@@ -253,21 +265,34 @@ def _eval_rows(m: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
                 rows.append((f"Melanoma {label} at P(mel) >= {t}", _fmt(m[key])))
     if _num(m.get("threshold_val95")):
         t = _fmt(m["threshold_val95"])
-        rows.append(("Threshold chosen on validation (sensitivity 95% there)", t))
+        rows.append((f"Melanoma threshold ({_threshold_source(m)})", t))
         for key, label in (("sensitivity_val95", "sensitivity"), ("specificity_val95", "specificity")):
             if _num(m.get(key)):
                 rows.append((f"Melanoma {label} at P(mel) >= {t}", _fmt(m[key])))
     else:
         notes.append("Sensitivity/specificity at a validation-chosen threshold: not available "
                      "(no validation data was given to the evaluation).")
+    if isinstance(m.get("leakage_check"), str):
+        notes.append(f"Leakage check: {m['leakage_check']}.")
     if _num(m.get("ece")):
         rows.append(("Expected calibration error (ECE)", _fmt(m["ece"])))
     if _num(m.get("ece_temperature_scaled")):
         t = f" (T = {_fmt(m['temperature'])})" if _num(m.get("temperature")) else ""
         rows.append((f"ECE after temperature scaling{t}", _fmt(m["ece_temperature_scaled"])))
     if _num(m.get("rollout_mask_share")):
-        rows.append(("Attention-rollout mass inside the lesion mask", _fmt(m["rollout_mask_share"])))
+        share = _fmt(m["rollout_mask_share"])
+        if _num(m.get("rollout_mask_share_uniform")):
+            share += f" (a uniform map would score {_fmt(m['rollout_mask_share_uniform'])})"
+        rows.append(("Attention-rollout mass inside the lesion mask", share))
     return rows, notes
+
+
+def _threshold_source(m: dict[str, Any]) -> str:
+    """Where threshold_val95 came from, in words (evaluate.py's `threshold_val95_source`)."""
+    source = m.get("threshold_val95_source", "validation")
+    if source == "model_config":
+        return "stored in the model config as melanoma_threshold"
+    return "chosen on validation data for 95% melanoma sensitivity"
 
 
 def _calibration(m: dict[str, Any]) -> str:
@@ -281,7 +306,7 @@ def _calibration(m: dict[str, Any]) -> str:
             text += f" (T = {_fmt(m['temperature'])})"
         parts.append(text)
     if _num(m.get("threshold_val95")):
-        parts.append(f"melanoma threshold {_fmt(m['threshold_val95'])} (chosen for 95% sensitivity on validation)")
+        parts.append(f"melanoma threshold {_fmt(m['threshold_val95'])} ({_threshold_source(m)})")
     return "; ".join(parts)
 
 
@@ -331,6 +356,8 @@ def load_eval_sets(model_dir: Path, eval_dirs: dict[str, Path] | None = None) ->
         es = EvalSet(key=key, dataset_name=name, dataset_type=dtype, split=split, metrics=metrics)
         es.rows, es.notes = _eval_rows(metrics)
         es.calibration = _calibration(metrics)
+        notes = metrics.get("notes") if isinstance(metrics.get("notes"), dict) else {}
+        es.method_notes = [(_cell(k), _cell(v)) for k, v in notes.items() if k != "disclaimer" and isinstance(v, str)]
         recall = metrics.get("per_class_recall") or {}
         es.per_class_recall = [(code, _cell(DX_NAMES.get(code, code)), _fmt(r))
                                for code, r in recall.items() if _num(r)]
@@ -392,7 +419,7 @@ def render_model_card(
     """
     model_dir = Path(model_dir)
     config = _read_config(model_dir)
-    id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
+    id2label = _id2label(config)
     labels = [(i, code, DX_NAMES.get(code, code)) for i, code in sorted(id2label.items())]
     model_type = config.get("model_type", "")
     trust_remote_code = model_type == "melanoma_vit" or "auto_map" in config
@@ -427,7 +454,8 @@ def render_model_card(
         trust_remote_code=trust_remote_code,
         eval_sets=eval_sets,
         training=training,
-        config_temperature=_fmt(temperature) if _num(temperature) else None,
+        # 1.0 is MelanomaViTConfig's default, i.e. no temperature scaling stored.
+        config_temperature=_fmt(temperature) if _num(temperature) and temperature != 1.0 else None,
         config_threshold=_fmt(threshold) if _num(threshold) else None,
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))

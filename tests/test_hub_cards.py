@@ -126,6 +126,7 @@ def test_card_tables_report_metrics_json_values_and_link_existing_plots(evaluate
     assert "| Melanoma ROC AUC (mel vs rest) | 0.812 (95% CI 0.651 to 0.938) |" in text
     assert "| Balanced accuracy | 0.614 |" in text
     assert "| Melanoma sensitivity at P(mel) >= 0.213 | 0.941 |" in text
+    assert "| Melanoma threshold (chosen on validation data for 95% melanoma sensitivity) | 0.213 |" in text
     assert "| Melanoma specificity at P(mel) >= 0.500 | 0.889 |" in text
     assert "| Expected calibration error (ECE) | 0.113 |" in text
     assert "| ECE after temperature scaling (T = 1.731) | 0.042 |" in text
@@ -179,7 +180,7 @@ def test_missing_metrics_are_left_out_not_invented(tiny_vit_dir, tmp_path):
     assert card.data.eval_results[0].dataset_name == "ISIC 2017 Part 3"
     text = card.text
     assert "not available (no validation data" in text
-    for absent in ("ECE", "Macro F1", "rollout", "Threshold chosen on validation"):
+    for absent in ("ECE", "Macro F1", "rollout", "Melanoma threshold"):
         assert absent not in text.split("## Evaluation")[1].split("## Limitations")[0], absent
 
 
@@ -232,6 +233,24 @@ def test_melanoma_vit_card_snippets_use_remote_code_and_run(tiny_melanoma_vit_di
     outputs = _run_snippets(text, tiny_melanoma_vit_dir, ham_image_paths[3])
     _check_snippet_output(outputs)
     assert "decision threshold: 0.3" in outputs[0]
+
+
+def test_timm_baseline_card_reads_label_names_and_its_snippets_run(tmp_path, ham_image_paths):
+    """TimmWrapper folders (the CNN baselines) store labels as `label_names` and preprocessing in config.json."""
+    import timm
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    pretrained_cfg = timm.get_pretrained_cfg("test_resnet").to_dict()
+    pretrained_cfg.pop("num_classes", None)
+    pretrained_cfg["input_size"] = (3, 64, 64)
+    config = TimmWrapperConfig(architecture="test_resnet", id2label=dx_id2label(), label2id=dx_label2id(),
+                               pretrained_cfg=pretrained_cfg)
+    TimmWrapperForImageClassification(config).save_pretrained(tmp_path / "cnn")
+    assert "id2label" not in json.loads((tmp_path / "cnn" / "config.json").read_text())
+    text = render_model_card(tmp_path / "cnn", model_name="cnn").text
+    assert "| 4 | `mel` | Melanoma |" in text and "| Input size | 64x64 |" in text
+    assert "| timm architecture | test_resnet |" in text and "trust_remote_code" not in text
+    _check_snippet_output(_run_snippets(text, tmp_path / "cnn", ham_image_paths[5]))
 
 
 def test_render_cli_writes_a_loadable_readme(evaluated_dir):
@@ -324,3 +343,33 @@ def test_space_card_front_matter(tmp_path):
     assert data["models"] == ["me/resnet18", "me/vit-small"]
     assert data["title"] and data["emoji"] and len(data["short_description"]) <= 60
     assert "NOT a medical device" in card.text and "`me/vit-small`" in card.text
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: a real metrics.json from train/evaluate.py on the fixture images
+
+
+@pytest.mark.slow
+def test_card_from_a_real_evaluation_reports_its_metrics_json(tiny_melanoma_vit_dir, ham_dir, tmp_path):
+    evaluate = pytest.importorskip("train.evaluate")
+    d = Path(shutil.copytree(tiny_melanoma_vit_dir, tmp_path / "mvit"))
+    _fixture_manifest(ham_dir, d / "split_manifest.json")
+    out = d / "eval" / "ham10000_test"
+    evaluate.main(["--model", str(d), "--data", str(ham_dir), "--manifest", str(d / "split_manifest.json"),
+                   "--output-dir", str(out), "--bootstrap", "50", "--device", "cpu"])
+    m = json.loads((out / "metrics.json").read_text())
+    card = ModelCard(str(render_model_card(d, model_name="mvit")))
+    expected = {"roc_auc": "melanoma_auc", "balanced_accuracy": "balanced_accuracy", "accuracy": "accuracy",
+                "f1": "macro_f1", "recall": "sensitivity_val95", "specificity": "specificity_val95", "ece": "ece"}
+    assert _metric_map(card) == {t: m[k] for t, k in expected.items() if m.get(k) is not None}
+    text = card.text
+    assert f"| Images (n) | {m['n']} |" in text
+    assert f"| Balanced accuracy | {m['balanced_accuracy']:.3f} |" in text
+    if m["melanoma_auc"] is not None:
+        assert f"| Melanoma ROC AUC (mel vs rest) | {m['melanoma_auc']:.3f}" in text
+    for code, r in m["per_class_recall"].items():
+        assert re.search(rf"\| `{code}` \| [^|]+ \| {r:.3f} \|", text), code
+    assert f"```bash\n{m['command']}\n```" in text
+    assert m["notes"]["ece"] in text
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(links) == 4 and all((d / link).is_file() for link in links)

@@ -234,3 +234,24 @@ def test_no_token_fails_before_any_network_call(folder, tmp_path, monkeypatch, c
     assert publish.main([str(folder), "--repo-id", "me/tiny"]) == 3
     assert "no Hugging Face token found" in capsys.readouterr().err
     assert _snapshot(folder) == before
+
+
+def test_melanoma_vit_folder_validates_with_its_remote_code(tmp_path):
+    model = pytest.importorskip("model")
+    if not hasattr(model, "MelanomaViTForImageClassification"):
+        pytest.skip("model.MelanomaViTForImageClassification not available yet")
+    from transformers import ViTImageProcessor
+
+    d = tmp_path / "mvit"
+    config = model.MelanomaViTConfig(**TINY, id2label=dx_id2label(), label2id=dx_label2id())
+    model.MelanomaViTForImageClassification(config).save_pretrained(d)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
+    render_model_card(d, model_name="mvit", repo_id="me/mvit").save(d / "README.md")
+    (d / "__pycache__").mkdir()
+    (d / "__pycache__" / "modeling_melanoma_vit.cpython-311.pyc").write_bytes(b"cache")
+    report = validate_model_folder(d, repo_id="me/mvit")
+    names = [rel for rel, _ in report.files]
+    assert report.model_type == "melanoma_vit"
+    assert {"configuration_melanoma_vit.py", "modeling_melanoma_vit.py", "model.safetensors"} <= set(names)
+    assert not any("__pycache__" in n for n in names)
+    assert report.warnings == ["the card has no model-index: the model is not evaluated yet"]
