@@ -16,6 +16,7 @@ import argparse
 import csv
 import logging
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ def render_dataset_card(
     metadata_csv: Path | None = None,
     pretty_name: str = "HAM10000 (lesion-grouped train/validation/test split)",
     template: Path = DATASET_CARD_TEMPLATE,
+    command: str | None = None,
 ) -> DatasetCard:
     """Render the dataset card of a prepared HAM10000 split.
 
@@ -82,6 +84,7 @@ def render_dataset_card(
         metadata_csv: HAM10000_metadata.csv; adds class counts and lesion counts per split.
         pretty_name: title of the card.
         template: Jinja template rendered by `DatasetCard.from_template`.
+        command: the command line that rendered the card (shown in it for provenance).
     """
     manifest = _read_json(Path(manifest_path))
     sizes, params = manifest_split_sizes(manifest)
@@ -127,6 +130,7 @@ def render_dataset_card(
         lesions=[(n, str(stats["lesions"][n])) for n in names] if stats and stats["lesions"] else [],
         shared_lesions=None if not stats or stats["shared_lesions"] is None else str(stats["shared_lesions"]),
         labels=[(i, c, DX_NAMES[c]) for i, c in enumerate(DX_CODES)],
+        command=command,
     )
     return DatasetCard(re.sub(r"\n{3,}", "\n\n", str(card)))
 
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        card = render_dataset_card(args.manifest, metadata_csv=args.metadata, pretty_name=args.pretty_name)
+        card = render_dataset_card(args.manifest, metadata_csv=args.metadata, pretty_name=args.pretty_name,
+                                   command=shlex.join(["python", "-m", "hub_cards.dataset_card", *(argv or sys.argv[1:])]))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

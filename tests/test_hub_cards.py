@@ -152,7 +152,7 @@ def test_card_has_every_section_and_the_required_statements(evaluated_dir):
     headings = re.findall(r"^## (.+)$", text, flags=re.M)
     assert headings == ["Model description", "Intended use", "Out-of-scope use", "Training data",
                         "Training procedure", "Evaluation", "Calibration", "Limitations and bias", "How to use",
-                        "Citation"]
+                        "About this card", "Citation"]
     for phrase in ("NOT a medical device", "Clinical or smartphone photographs",
                    "CC BY-NC-SA 4.0", "non-commercial use only", "Fitzpatrick", "Vienna", "Queensland",
                    "ISIC 2017 has a different label space", "tschandl2018ham10000", "codella2017isic",
@@ -322,6 +322,7 @@ def test_dataset_card_cli_writes_readme(tmp_path):
     card = DatasetCard.load(tmp_path / "out" / "README.md")
     assert {s["name"]: s["num_examples"] for s in card.data.dataset_info["splits"]} == {"train": 2, "test": 1}
     assert "- `seed`: 7" in card.text
+    assert "python -m hub_cards.dataset_card --manifest" in card.text
 
 
 # --------------------------------------------------------------------------------------------
