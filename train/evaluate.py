@@ -543,7 +543,9 @@ def evaluate(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
     chosen = threshold if threshold is not None else DEFAULT_THRESHOLD
     write_predictions(pred, arrays, names, data_names, chosen, out_dir / "predictions.csv")
-    points = {"default": DEFAULT_THRESHOLD, **({"val 95% sens." : threshold} if threshold is not None else {})}
+    points = {"default": DEFAULT_THRESHOLD}
+    if threshold is not None:
+        points[f"95% sens. on validation ({threshold_source})"] = threshold
     plot_roc(arrays["y_mel"], arrays["p_mel"], points, out_dir / "roc.png")
     plot_confusion(pred["labels"], arrays["predicted"], data_names, out_dir / "confusion_matrix.png")
     curves = {"T = 1": arrays["probs_raw"]}
