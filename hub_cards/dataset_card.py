@@ -23,7 +23,7 @@ from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from hub_cards.render import LICENSE, TEMPLATE_DIR, _read_json, manifest_split_sizes
+from hub_cards.render import LICENSE, TEMPLATE_DIR, read_json, manifest_split_sizes
 from model.labels import DX_CODES, DX_NAMES
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def render_dataset_card(
         template: Jinja template rendered by `DatasetCard.from_template`.
         command: the command line that rendered the card (shown in it for provenance).
     """
-    manifest = _read_json(Path(manifest_path))
+    manifest = read_json(Path(manifest_path))
     sizes, params = manifest_split_sizes(manifest)
     names = list(sizes)
     stats = None

@@ -98,7 +98,8 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; ValueError naming the file when it is not valid JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -109,7 +110,7 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise ValueError(f"{model_dir} has no config.json: pass a folder written by save_pretrained.")
-    return _read_json(path)
+    return read_json(path)
 
 
 def _id2label(config: dict[str, Any]) -> dict[int, str]:
@@ -128,7 +129,7 @@ def _image_size(config: dict[str, Any], model_dir: Path) -> str | None:
         return f"{size[0]}x{size[1]}"
     proc = model_dir / "preprocessor_config.json"
     if proc.is_file():
-        p_size = _read_json(proc).get("size")
+        p_size = read_json(proc).get("size")
         if isinstance(p_size, dict) and "height" in p_size and "width" in p_size:
             return f"{p_size['height']}x{p_size['width']}"
         if isinstance(p_size, dict) and "shortest_edge" in p_size:
@@ -193,11 +194,11 @@ def _read_training(model_dir: Path) -> dict[str, Any]:
     val = model_dir / "val_metrics.json"
     if val.is_file():
         info["val_metrics"] = [
-            (_cell(k), _fmt(v)) for k, v in _flatten(_read_json(val)).items() if _num(v)
+            (_cell(k), _fmt(v)) for k, v in _flatten(read_json(val)).items() if _num(v)
         ]
     manifest = model_dir / "split_manifest.json"
     if manifest.is_file():
-        splits, params = manifest_split_sizes(_read_json(manifest))
+        splits, params = manifest_split_sizes(read_json(manifest))
         info["splits"] = [(name, str(n)) for name, n in splits.items()]
         info["split_params"] = [(_cell(k), _cell(v)) for k, v in params.items()]
     return info
@@ -351,7 +352,7 @@ def load_eval_sets(model_dir: Path, eval_dirs: dict[str, Path] | None = None) ->
         if not metrics_path.is_file():
             raise ValueError(f"eval folder {folder} for '{key}' has no metrics.json: run train/evaluate.py "
                              "with --output-dir pointing there.")
-        metrics = _read_json(metrics_path)
+        metrics = read_json(metrics_path)
         name, dtype, split = _dataset_of(key, metrics)
         es = EvalSet(key=key, dataset_name=name, dataset_type=dtype, split=split, metrics=metrics)
         es.rows, es.notes = _eval_rows(metrics)
