@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 import sys
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
@@ -155,6 +157,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key in ("model", "distillation") and cls is TrainConfig:
@@ -162,6 +165,16 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             value = _build(sub, value or {}, f"{where}.{key}")
         elif key == "adam_betas":
             value = tuple(float(v) for v in value)
+        elif value is not None and not isinstance(value, bool):
+            # YAML 1.1 reads "1e-4" as a string: coerce to the field's numeric type.
+            kinds = typing.get_args(hints[key]) or (hints[key],)
+            try:
+                if float in kinds and isinstance(value, (int, str)):
+                    value = float(value)
+                elif int in kinds and isinstance(value, str):
+                    value = int(value)
+            except ValueError as err:
+                raise ValueError(f"{where}.{key}: expected a number, got {value!r}") from err
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -336,6 +349,38 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def create_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, max_steps: int, updates_per_epoch: int, num_processes: int = 1
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Learning-rate schedule over `max_steps` optimizer updates (transformers' schedules; torch StepLR for "step").
+
+    Counted in scheduler calls: accelerate steps a prepared scheduler once per process per update.
+    cosine / linear / constant / cosine_with_min_lr: linear warm-up then decay; cosine_with_restarts:
+    `restart_cycles` hard restarts; step: x `step_gamma` every `step_size_epochs` epochs after the warm-up.
+    """
+    total = max_steps * num_processes
+    warmup = (cfg.warmup_steps or int(round(cfg.warmup_ratio * max_steps))) * num_processes
+    if cfg.scheduler == "step":
+        step_size = max(1, int(round(cfg.step_size_epochs * updates_per_epoch))) * num_processes
+        decay = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=cfg.step_gamma)
+        if warmup == 0:
+            return decay
+        ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
+    specific: dict[str, Any] = {}
+    if cfg.scheduler == "cosine_with_restarts":
+        specific = {"num_cycles": cfg.restart_cycles}
+    elif cfg.scheduler == "cosine_with_min_lr":
+        specific = {"min_lr": cfg.min_lr}
+    return get_scheduler(
+        "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=total,
+        scheduler_specific_kwargs=specific,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------
@@ -364,6 +409,21 @@ class FocalLoss(nn.Module):
         return loss.sum() / norm.clamp_min(1e-12)
 
 
+def imbalance_weights(imbalance: str, train_split: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(class weights (C,) for the loss, per-image weights (N,) for the sampler); at most one is set.
+
+    "class_weights": inverse-frequency CE weights; "sampler": class-balanced WeightedRandomSampler
+    weights (every class drawn equally often); "none": neither.
+    """
+    if imbalance == "class_weights":
+        return data_lib.class_weights(train_split), None
+    if imbalance == "sampler":
+        return None, data_lib.balanced_sampler_weights(train_split)
+    if imbalance == "none":
+        return None, None
+    raise ValueError(f"imbalance must be one of {IMBALANCE}, got {imbalance!r}")
+
+
 def make_criterion(cfg: TrainConfig, class_weights: torch.Tensor | None) -> nn.Module:
     if cfg.focal_gamma > 0:
         return FocalLoss(cfg.focal_gamma, class_weights, cfg.label_smoothing)
@@ -390,14 +450,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-class EpochSeededSampler(Sampler[int]):
+class EpochSeededSampler(Sampler[tuple[int, int, int]]):
     """Shuffling (or class-balanced drawing with `weights`) re-seeded from `seed + epoch`.
 
-    The order of an epoch depends only on (seed, epoch), so a run resumed mid-epoch replays the
-    same order and `skip_first_batches` skips exactly the batches already trained on.
+    Yields (epoch, position, index) keys for `SeededAugmentation`. The order of an epoch depends
+    only on (seed, epoch), so a run resumed mid-epoch replays the same order and
+    `skip_first_batches` skips exactly the batches already trained on.
     """
 
-    def __init__(self, num_items: int, seed: int, weights: Sequence[float] | None = None) -> None:
+    def __init__(self, num_items: int, seed: int, weights: Sequence[float] | torch.Tensor | None = None) -> None:
         self.generator = torch.Generator()
         self.seed = seed
         self.epoch = 0
@@ -409,12 +470,40 @@ class EpochSeededSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         self.generator.manual_seed(self.seed + self.epoch)
-        return iter(self.sampler)
+        epoch = self.epoch
+        return ((epoch, position, int(index)) for position, index in enumerate(self.sampler))
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """Random augmentation seeded per batch from (seed, epoch, position of its first draw).
+
+    Augmentation then draws from its own RNG stream instead of the global one, so it does not
+    depend on DataLoader prefetching, worker count or where a run was resumed, and the global
+    RNG (dropout, drop path) restored by `load_state` continues exactly as in an uninterrupted run.
+    Keys come from `EpochSeededSampler`.
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
+        epoch, position, _ = keys[0]
+        seed = int(np.random.SeedSequence([self.seed, epoch, position]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset.__getitems__([index for _, _, index in keys])
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
+        return self.__getitems__([key])[0]
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -562,8 +651,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         teacher_processor = AutoImageProcessor.from_pretrained(cfg.distillation.teacher)
 
     counts = data_lib.class_counts(splits["train"])
-    class_weights = data_lib.class_weights(splits["train"]) if cfg.imbalance == "class_weights" else None
-    sample_weights = data_lib.balanced_sampler_weights(splits["train"]) if cfg.imbalance == "sampler" else None
+    class_weights, sample_weights = imbalance_weights(cfg.imbalance, splits["train"])
     logger.info("train %d images, class counts %s", len(splits["train"]), dict(zip(label_names, counts)))
 
     augmentation = data_lib.AugmentConfig.from_any(cfg.augmentation)
@@ -576,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Own generator: DataLoader workers' base seed must not consume the global RNG (exact resume).
     loader_generator = torch.Generator()
     train_dataloader = DataLoader(
-        train_ds,
+        SeededAugmentation(train_ds, cfg.seed),
         batch_size=cfg.batch_size,
         sampler=sampler,
         collate_fn=collate,
@@ -599,31 +687,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     updates_per_epoch = math.ceil(len(train_dataloader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * updates_per_epoch
-    # accelerate steps the scheduler once per process per update: count in those units.
-    scheduler_steps = max_steps * accelerator.num_processes
-    warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * max_steps))
-    warmup *= accelerator.num_processes
-    if cfg.scheduler == "step":
-        step_size = max(1, int(round(cfg.step_size_epochs * updates_per_epoch))) * accelerator.num_processes
-        decay = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=cfg.step_gamma)
-        if warmup > 0:
-            ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
-            lr_scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
-        else:
-            lr_scheduler = decay
-    else:
-        specific = {}
-        if cfg.scheduler == "cosine_with_restarts":
-            specific = {"num_cycles": cfg.restart_cycles}
-        elif cfg.scheduler == "cosine_with_min_lr":
-            specific = {"min_lr": cfg.min_lr}
-        lr_scheduler = get_scheduler(
-            "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=warmup,
-            num_training_steps=scheduler_steps,
-            scheduler_specific_kwargs=specific,
-        )
+    lr_scheduler = create_scheduler(cfg, optimizer, max_steps, updates_per_epoch, accelerator.num_processes)
 
     # ---- the one prepare()
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
@@ -688,7 +752,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         epoch = state["epoch"]
         model.train()
         refresh_freezing()
-        sampler.set_epoch(epoch)
+        # accelerate's loader calls sampler.set_epoch(its own counter) when iterated: set that counter.
+        train_dataloader.set_epoch(epoch)
         loader_generator.manual_seed(cfg.seed + epoch)
         skip = state["batches_in_epoch"]
         active_dataloader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
