@@ -114,6 +114,7 @@ def load_image(
     max_bytes: int = MAX_BYTES,
     max_pixels: int = MAX_PIXELS,
     min_side: int = MIN_SIDE,
+    max_side: int | None = None,
 ) -> Image.Image:
     """Decode untrusted image data into an 8-bit RGB image.
 
@@ -123,6 +124,8 @@ def load_image(
         max_pixels: largest accepted width * height, checked from the header before decoding
             (default 50 megapixels), so decompression bombs are refused cheaply.
         min_side: smallest accepted width and height in pixels.
+        max_side: if set, larger images are downscaled (aspect kept) so neither side exceeds it;
+            JPEGs are then decoded at reduced resolution (faster, less memory).
 
     Returns:
         A fully loaded `PIL.Image.Image` in mode "RGB", EXIF orientation applied; for animated
@@ -172,9 +175,13 @@ def load_image(
         # Another module relaxed Pillow globally; truncated uploads must still be refused here.
         logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; truncation checks are weaker.")
     try:
+        if max_side is not None and im.format == "JPEG" and max(width, height) > 2 * max_side:
+            im.draft(None, (max_side, max_side))  # DCT-domain downscale by a power of two
         im.load()
         im = ImageOps.exif_transpose(im)
         rgb = _to_rgb(im)
+        if max_side is not None and max(rgb.size) > max_side:
+            rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     except InvalidImageError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:

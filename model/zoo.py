@@ -199,6 +199,33 @@ class ZooModel:
             "metrics": [{"name": n, "value": v, "dataset": d} for n, v, d in (card.metrics if card else [])],
         }
 
+    def record(self, name: str, probabilities: dict[str, float], ood: Any | None = None) -> dict[str, Any]:
+        """One image's JSON result (REST `from_task`, Gradio JSON output, batch CSV rows).
+
+        `prediction.melanoma` is `P(mel) >= melanoma_threshold`. When the OOD detector flags the
+        image, `ood.is_ood` is true and `warning` says why the score is not meaningful.
+        """
+        top = max(probabilities, key=probabilities.__getitem__)
+        p_mel = probabilities.get(MELANOMA)
+        ood_dict = ood.to_dict() if ood is not None and hasattr(ood, "to_dict") else None
+        if ood is not None and ood_dict is None:
+            ood_dict = {"is_ood": bool(ood.is_ood), "score": float(ood.score), "reason": str(ood.reason)}
+        return {
+            "name": name,
+            "probabilities": probabilities,
+            "metadata": self.metadata(),
+            "prediction": {
+                "label": top,
+                "label_name": self.labels.get(top, top),
+                "probability": probabilities[top],
+                "melanoma": bool(p_mel is not None and p_mel >= self.melanoma_threshold),
+                "melanoma_probability": p_mel,
+                "melanoma_threshold": self.melanoma_threshold,
+            },
+            "ood": ood_dict,
+            "warning": ood_dict["reason"] if ood_dict and ood_dict["is_ood"] else None,
+        }
+
     # ---------------------------------------------------------------------------- inference
     def _pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """list of RGB PIL images -> (B, 3, img_size, img_size) float tensor on the model device."""
@@ -331,6 +358,8 @@ class ModelZoo:
         hub_ids: Hub ids to offer (default `$MELANOMA_HUB_MODELS` or `models.yaml`).
         default: default model id (default `$MELANOMA_DEFAULT_MODEL` or the preference list).
         device: torch device for inference (default "cpu").
+        ood_path: out-of-distribution detector folder (default `$MELANOMA_OOD_PATH`, else
+            `model.ood`'s default `models/ood-detector`); "none" disables the check.
     """
 
     def __init__(
@@ -339,7 +368,9 @@ class ModelZoo:
         hub_ids: Sequence[str] | None = None,
         default: str | None = None,
         device: str = "cpu",
+        ood_path: str | Path | None = None,
     ) -> None:
+        self.ood_path = ood_path if ood_path is not None else os.environ.get("MELANOMA_OOD_PATH")
         self.models_dir = Path(models_dir or os.environ.get("MELANOMA_MODELS_DIR") or DEFAULT_MODELS_DIR)
         self.device = device
         self._lock = threading.RLock()
@@ -370,10 +401,13 @@ class ModelZoo:
         with self._lock:
             if not self._ood_loaded:
                 self._ood_loaded = True
+                if str(self.ood_path).lower() == "none":
+                    self.ood_note = "Out-of-distribution check disabled (MELANOMA_OOD_PATH=none)."
+                    return None
                 try:
                     from .ood import load_ood_detector
 
-                    self._ood = load_ood_detector()
+                    self._ood = load_ood_detector(self.ood_path) if self.ood_path else load_ood_detector()
                 except Exception as err:  # optional component: missing module or artifact
                     self.ood_note = f"Out-of-distribution check unavailable: {err}"
                     logger.warning(self.ood_note)

@@ -1,0 +1,626 @@
+"""Melanoma classification demo: Gradio UI + REST API (glue only; the ML lives in model/).
+
+RESEARCH AND EDUCATION DEMO - NOT A MEDICAL DEVICE. It does not diagnose, screen for or rule
+out skin cancer.
+
+Run: `python app.py` serves on http://127.0.0.1:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
+respected, e.g. 0.0.0.0 on Hugging Face Spaces), offline, with the models under `models/`.
+
+- Gradio UI at `/` with named API endpoints `/predict` (one image) and `/predict_batch`.
+- REST (OpenAPI docs at `/docs`): `GET /public_models`, `POST /predict?model_id=`,
+  `POST /predict_bulk?model_id=`, `GET /from_task/{task_uuid}`.
+
+Environment: MELANOMA_MODELS_DIR, MELANOMA_HUB_MODELS, MELANOMA_DEFAULT_MODEL (see model/zoo.py),
+MELANOMA_OOD_PATH (out-of-distribution detector folder; "none" disables it),
+MELANOMA_MAX_PENDING_TASKS (REST queue size, default 16), MELANOMA_TASK_TTL_S (default 3600).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import yaml
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import JSONResponse
+from PIL import Image, ImageOps
+
+from model.imageio import MAX_BYTES, InvalidImageError, load_image
+from model.labels import DX_NAMES, MELANOMA
+from model.zoo import ModelZoo, UnknownModelError, ZooModel
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES_FILE = ROOT / "assets" / "examples.yaml"
+# Images are downscaled to this side after decoding: every model input is far smaller, and it
+# bounds memory for big uploads.
+WORKING_SIDE = 1024
+BATCH_CHUNK = 16
+MAX_BULK_FILES = 1000
+THUMB_SIDE = 160
+ABOVE_COLOUR, BELOW_COLOUR, OOD_COLOUR = (220, 30, 30), (30, 90, 220), (150, 150, 150)
+
+DISCLAIMER = (
+    "**Research and education demo, not a medical device.** It does not diagnose, screen for "
+    "or rule out skin cancer, and its scores are not validated for clinical use. Anyone worried "
+    "about a skin lesion should see a dermatologist."
+)
+API_DESCRIPTION = (
+    "RESEARCH AND EDUCATION DEMO, NOT A MEDICAL DEVICE: results must not be used for diagnosis.\n\n"
+    "Classifies dermoscopic skin-lesion images into the 7 HAM10000 classes (dx codes) and reports "
+    "the melanoma probability P(mel) against the model's calibrated threshold. Submit images with "
+    "`POST /predict` or `POST /predict_bulk` (multipart), then poll `GET /from_task/{task_uuid}`."
+)
+
+
+# ------------------------------------------------------------------------------- task store
+class QueueFullError(RuntimeError):
+    """The bounded REST queue is full; the client should retry later."""
+
+
+class TaskStore:
+    """Background REST work: a bounded queue in front of one worker, results kept for a while.
+
+    Args:
+        max_pending: tasks queued or running at once; more -> `QueueFullError` (HTTP 503).
+        ttl_s: seconds a finished task's result is kept.
+        max_tasks: most tasks remembered; the oldest finished ones are dropped first.
+        workers: worker threads (1: the CPU is the bottleneck, threads would only contend).
+    """
+
+    def __init__(self, max_pending: int = 16, ttl_s: float = 3600.0, max_tasks: int = 1000, workers: int = 1):
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="melanoma-task")
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._lock = threading.Lock()
+        self._tasks: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.ttl_s, self.max_tasks = ttl_s, max_tasks
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        finished = [k for k, t in self._tasks.items() if t["status"] != "pending"]
+        for key in finished:
+            if now - self._tasks[key]["finished_at"] > self.ttl_s:
+                del self._tasks[key]
+        for key in [k for k, t in self._tasks.items() if t["status"] != "pending"]:
+            if len(self._tasks) <= self.max_tasks:
+                break
+            del self._tasks[key]
+
+    def submit(self, fn: Callable[[], dict[str, Any]]) -> str:
+        """Queue `fn` (returns the task's result dict); returns the task uuid."""
+        if not self._slots.acquire(blocking=False):
+            raise QueueFullError("Too many tasks in progress; retry in a few seconds.")
+        task_uuid = str(uuid.uuid4())
+        with self._lock:
+            self._prune()
+            self._tasks[task_uuid] = {"status": "pending", "finished_at": None}
+
+        def run() -> None:
+            try:
+                result = {"status": "done", **fn()}
+            except Exception as err:  # reported to the client, the worker keeps serving
+                logger.exception("Task %s failed", task_uuid)
+                result = {"status": "failed", "detail": str(err)}
+            finally:
+                self._slots.release()
+            with self._lock:
+                self._tasks[task_uuid] = {**result, "finished_at": time.monotonic()}
+
+        self._executor.submit(run)
+        return task_uuid
+
+    def get(self, task_uuid: str) -> dict[str, Any] | None:
+        with self._lock:
+            self._prune()
+            task = self._tasks.get(task_uuid)
+        if task is None:
+            return None
+        return {k: v for k, v in task.items() if k != "finished_at"}
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# -------------------------------------------------------------------------------- helpers
+def _ood_markdown(record: dict[str, Any]) -> str:
+    return (
+        "## ⚠️ This may not be a dermoscopic skin-lesion image\n"
+        f"{record['warning']}\n\n"
+        "The classifier was only trained on dermoscopy; its scores are **not meaningful** for "
+        "this image, so no melanoma flag is shown."
+    )
+
+
+def verdict_markdown(record: dict[str, Any]) -> str:
+    """The risk statement for one result: the OOD warning replaces the flag when raised."""
+    if record.get("warning"):
+        return _ood_markdown(record)
+    pred = record["prediction"]
+    p_mel, threshold = pred["melanoma_probability"], pred["melanoma_threshold"]
+    if p_mel is None:
+        return f"Top class: **{pred['label_name']}** ({pred['probability']:.1%}). This model has no melanoma class."
+    if pred["melanoma"]:
+        flag = f"🔴 **Above** the model's threshold ({threshold:.2f}): this demo would flag it for a closer look."
+    else:
+        flag = f"🔵 Below the model's threshold ({threshold:.2f})."
+    return (
+        f"### Melanoma probability: {p_mel:.1%}\n{flag}\n\n"
+        f"Top class: {pred['label_name']} ({pred['probability']:.1%}). "
+        "_Research demo output, not a diagnosis._"
+    )
+
+
+def readable_probabilities(entry: ZooModel, probabilities: dict[str, float]) -> dict[str, float]:
+    return {entry.labels.get(code, code): p for code, p in probabilities.items()}
+
+
+def model_details_markdown(entry: ZooModel, skipped: dict[str, str]) -> str:
+    info = entry.describe()
+    lines = [
+        f"**{info['model_id']}**: `{info['net_type']}`, {info['num_parameters'] / 1e6:.2f} M parameters, "
+        f"input {info['img_size']}x{info['img_size']} px, {info['out_dim']} classes; "
+        f"explanation: {info['explanation']}.",
+        f"Calibration: temperature {info['temperature']:.3g}; melanoma threshold {info['melanoma_threshold']:.3g} on P(mel).",
+        f"Training data: {', '.join(info['datasets']) or 'not stated (no model card)'}.",
+        f"License: {info['license'] or 'not stated (no model card)'}.",
+    ]
+    if info["base_model"]:
+        lines.append(f"Base model: {info['base_model']}.")
+    if info["metrics"]:
+        lines.append(
+            "Headline metrics (from the model card): "
+            + "; ".join(f"{m['name']} {m['value']:.3f} on {m['dataset']}" for m in info["metrics"])
+            + "."
+        )
+    if skipped:
+        lines.append("Hub models not available here (skipped): " + ", ".join(f"`{k}`" for k in skipped) + ".")
+    return "\n\n".join(lines)
+
+
+def _marked_thumbnail(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    thumb = image.copy()
+    thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    return ImageOps.expand(thumb, border=8, fill=colour)
+
+
+def _csv_row(rank: int | None, record: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"rank": rank, "file": record["name"]}
+    if "error" in record:
+        return {**row, "error": record["error"]}
+    pred, ood = record["prediction"], record.get("ood") or {}
+    row.update(
+        melanoma_probability=pred["melanoma_probability"],
+        above_threshold=pred["melanoma"],
+        threshold=pred["melanoma_threshold"],
+        top_class=pred["label"],
+        top_class_name=pred["label_name"],
+        top_probability=pred["probability"],
+        ood=ood.get("is_ood"),
+        ood_score=ood.get("score"),
+        model_id=record["metadata"]["model_id"],
+    )
+    row.update({f"p_{code}": p for code, p in record["probabilities"].items()})
+    row["error"] = ""
+    return row
+
+
+def _load_examples() -> tuple[list[str], list[str], str]:
+    if not EXAMPLES_FILE.is_file():
+        return [], [], ""
+    spec = yaml.safe_load(EXAMPLES_FILE.read_text()) or {}
+    paths, captions = [], []
+    for item in spec.get("examples", []):
+        path = ROOT / item["path"]
+        if path.is_file():
+            paths.append(str(path))
+            captions.append(item.get("caption", path.name))
+    return paths, captions, spec.get("attribution", "")
+
+
+def _name_of(path: str) -> str:
+    return Path(path).name
+
+
+# ------------------------------------------------------------------------------ the app
+def build_app(
+    zoo: ModelZoo | None = None,
+    max_pending_tasks: int | None = None,
+    task_ttl_s: float | None = None,
+    max_upload_bytes: int = MAX_BYTES,
+) -> tuple[gr.Blocks, FastAPI]:
+    """Build the Gradio Blocks and the FastAPI app (REST routes + the UI mounted at `/`).
+
+    Args:
+        zoo: the model zoo (default: `ModelZoo()` from the environment).
+        max_pending_tasks: REST queue size (default `$MELANOMA_MAX_PENDING_TASKS` or 16).
+        task_ttl_s: seconds REST results are kept (default `$MELANOMA_TASK_TTL_S` or 3600).
+        max_upload_bytes: largest accepted file (default 20 MB).
+
+    Returns:
+        (demo, app): serve `app` with uvicorn (see `serve`); `demo` is the mounted Blocks.
+    """
+    zoo = zoo or ModelZoo()
+    tasks = TaskStore(
+        max_pending=max_pending_tasks or int(os.environ.get("MELANOMA_MAX_PENDING_TASKS", 16)),
+        ttl_s=task_ttl_s or float(os.environ.get("MELANOMA_TASK_TTL_S", 3600)),
+    )
+    default_id = zoo.default_id
+    _ = zoo.ood_detector  # loads the small OOD artifact (or records why there is none) up front
+
+    def read_image(source: Any) -> Image.Image:
+        return load_image(source, max_bytes=max_upload_bytes, max_side=WORKING_SIDE)
+
+    def get_entry(model_id: str | None) -> ZooModel:
+        try:
+            return zoo.get(model_id or None)
+        except UnknownModelError as err:
+            raise gr.Error(str(err)) from err
+
+    def score_images(entry: ZooModel, named: Sequence[tuple[str, Image.Image]], on_chunk=None) -> list[dict[str, Any]]:
+        """Records for (name, image) pairs: probabilities + OOD verdicts, in chunks."""
+        records: list[dict[str, Any]] = []
+        for start in range(0, len(named), BATCH_CHUNK):
+            chunk = named[start : start + BATCH_CHUNK]
+            images = [im for _, im in chunk]
+            probs = entry.predict(images)
+            oods = zoo.check_ood(images)
+            records.extend(entry.record(name, p, o) for (name, _), p, o in zip(chunk, probs, oods))
+            if on_chunk is not None:
+                on_chunk(len(records))
+        return records
+
+    # --------------------------------------------------------------- Gradio functions
+    def predict(
+        image_path: str | None,
+        model_id: str | None,
+        head_fusion: str = "mean",
+        discard_ratio: float = 0.9,
+        start_layer: int = 0,
+    ):
+        """One image -> (class probabilities, verdict, explanation overlay, plain image, JSON record)."""
+        if not image_path:
+            raise gr.Error("Upload an image first.")
+        try:
+            image = read_image(image_path)
+        except InvalidImageError as err:
+            raise gr.Error(str(err)) from err
+        entry = get_entry(model_id)
+        start_layer = min(int(start_layer), max(entry.num_layers - 1, 0))
+        try:
+            analysis = entry.analyze(image, head_fusion, float(discard_ratio), start_layer)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        record = entry.record(_name_of(image_path), analysis.probabilities, zoo.check_ood([image])[0])
+        record["explanation"] = analysis.method
+        return (
+            readable_probabilities(entry, analysis.probabilities),
+            verdict_markdown(record),
+            gr.Image(value=analysis.heatmap, label=f"Explanation: {analysis.method}"),
+            image,
+            record,
+        )
+
+    def predict_batch(files: list[str] | None, model_id: str | None, progress=gr.Progress()):
+        """Many images -> (ranked marked gallery, table, CSV file, error list, state)."""
+        if not files:
+            raise gr.Error("Upload one or more images first.")
+        entry = get_entry(model_id)
+        named: list[tuple[str, Image.Image]] = []
+        paths: dict[str, str] = {}
+        errors: list[dict[str, Any]] = []
+        for path in progress.tqdm(files, desc="Reading images"):
+            name = _name_of(path)
+            try:
+                named.append((name, read_image(path)))
+                paths[name] = path
+            except InvalidImageError as err:
+                errors.append({"name": name, "error": str(err)})
+        total = len(named)
+        progress((0, total), desc="Classifying", unit="images")
+        records = score_images(entry, named, on_chunk=lambda done: progress((done, total), desc="Classifying", unit="images"))
+        images = dict(named)
+        order = sorted(range(len(records)), key=lambda i: -(records[i]["prediction"]["melanoma_probability"] or 0.0))
+        ranked = [records[i] for i in order]
+        gallery = []
+        for rank, record in enumerate(ranked, start=1):
+            pred = record["prediction"]
+            if record["warning"]:
+                colour, tag = OOD_COLOUR, "⚠ not dermoscopy?"
+            elif pred["melanoma"]:
+                colour, tag = ABOVE_COLOUR, "ABOVE threshold"
+            else:
+                colour, tag = BELOW_COLOUR, "below threshold"
+            p_mel = pred["melanoma_probability"] or 0.0
+            gallery.append(
+                (_marked_thumbnail(images[record["name"]], colour), f"#{rank} {record['name']}: P(mel) {p_mel:.1%}, {tag}")
+            )
+            record["path"] = paths[record["name"]]
+        rows = [_csv_row(rank, r) for rank, r in enumerate(ranked, start=1)] + [_csv_row(None, e) for e in errors]
+        table = pd.DataFrame(rows)
+        table["rank"] = table["rank"].astype("Int64")
+        csv_dir = Path(tempfile.mkdtemp(prefix="melanoma_batch_"))
+        csv_path = csv_dir / f"melanoma_batch_{entry.id.replace('/', '_')}.csv"
+        table.to_csv(csv_path, index=False)
+        shown = table[[c for c in ("rank", "file", "melanoma_probability", "above_threshold", "top_class_name", "ood", "error") if c in table]]
+        error_md = (
+            "**Files that could not be used** (the rest of the batch was processed):\n"
+            + "\n".join(f"- `{e['name']}`: {e['error']}" for e in errors)
+            if errors
+            else f"All {len(records)} images processed."
+        )
+        return gallery, shown, str(csv_path), error_md, {"model_id": entry.id, "records": ranked}
+
+    def show_selected(state: dict[str, Any] | None, evt: gr.SelectData):
+        if not state or evt.index is None or evt.index >= len(state["records"]):
+            raise gr.Error("Run a batch first.")
+        record = state["records"][evt.index]
+        entry = get_entry(state["model_id"])
+        image = read_image(record["path"])
+        heatmap, method = entry.explain(image)
+        return (
+            readable_probabilities(entry, record["probabilities"]),
+            f"**{record['name']}**\n\n" + verdict_markdown(record),
+            gr.Image(value=heatmap, label=f"Explanation: {method}"),
+            image,
+        )
+
+    def on_model_change(model_id: str | None):
+        if not model_id:
+            return "No model found: add a model folder under models/.", gr.Radio(), gr.Slider(), gr.Slider()
+        entry = get_entry(model_id)
+        rollout = entry.uses_rollout
+        return (
+            model_details_markdown(entry, zoo.skipped),
+            gr.Radio(visible=rollout),
+            gr.Slider(visible=rollout),
+            gr.Slider(maximum=max(entry.num_layers - 1, 0), value=0, visible=rollout and entry.num_layers > 1),
+        )
+
+    # ----------------------------------------------------------------------- layout
+    example_paths, example_captions, attribution = _load_examples()
+    with gr.Blocks(title="Melanoma ViT: research demo") as demo:
+        gr.Markdown("# Melanoma ViT: dermoscopy classifier (research demo)\n\n> " + DISCLAIMER)
+        with gr.Row():
+            model_choice = gr.Dropdown(
+                choices=zoo.ids, value=default_id, label="Model", interactive=True, scale=1
+            )
+            with gr.Accordion("Model details", open=False):
+                details = gr.Markdown(
+                    "No model found: add a model folder under models/." if default_id is None else ""
+                )
+        if zoo.skipped:
+            gr.Markdown("Hub models skipped (unreachable here): " + ", ".join(f"`{k}`" for k in zoo.skipped))
+        if zoo.ood_note:
+            gr.Markdown(f"_{zoo.ood_note}_")
+
+        with gr.Tab("Single image"):
+            with gr.Row():
+                with gr.Column():
+                    image_in = gr.Image(
+                        type="filepath", image_mode=None, label="Dermoscopic image", sources=["upload", "clipboard"]
+                    )
+                    with gr.Accordion("Explanation settings", open=False):
+                        head_fusion = gr.Radio(["mean", "max", "min"], value="mean", label="Rollout head fusion")
+                        discard_ratio = gr.Slider(0.0, 0.99, value=0.9, step=0.01, label="Rollout discard ratio")
+                        start_layer = gr.Slider(0, 11, value=0, step=1, label="Rollout start layer")
+                    run_button = gr.Button("Classify", variant="primary")
+                    if example_paths:
+                        gr.Examples(examples=[[p] for p in example_paths], inputs=[image_in], example_labels=example_captions)
+                        gr.Markdown(f"<small>{attribution}</small>")
+                with gr.Column():
+                    verdict = gr.Markdown()
+                    probs_out = gr.Label(num_top_classes=len(DX_NAMES), label="Class probabilities")
+            with gr.Row():
+                plain_out = gr.Image(label="Image", type="pil", interactive=False)
+                heatmap_out = gr.Image(label="Explanation", interactive=False)
+            with gr.Accordion("Raw result (JSON)", open=False):
+                json_out = gr.JSON()
+            run_button.click(
+                predict,
+                inputs=[image_in, model_choice, head_fusion, discard_ratio, start_layer],
+                outputs=[probs_out, verdict, heatmap_out, plain_out, json_out],
+                api_name="predict",
+                api_description="One image -> class probabilities, verdict, explanation, image, JSON. " + API_DESCRIPTION,
+            )
+
+        with gr.Tab("Batch"):
+            gr.Markdown(
+                "Upload many images at once: results are ranked by melanoma probability, highest first. "
+                "Red border: above the model's threshold; blue: below; grey: may not be dermoscopy. "
+                "Click a thumbnail for details. " + DISCLAIMER
+            )
+            files_in = gr.File(file_count="multiple", label="Images")
+            batch_button = gr.Button("Classify all", variant="primary")
+            batch_errors = gr.Markdown()
+            gallery = gr.Gallery(label="Ranked by melanoma probability", columns=6, height="auto", allow_preview=False)
+            with gr.Row():
+                sel_probs = gr.Label(num_top_classes=len(DX_NAMES), label="Selected image")
+                with gr.Column():
+                    sel_verdict = gr.Markdown()
+                    sel_plain = gr.Image(label="Image", type="pil", interactive=False)
+                sel_heatmap = gr.Image(label="Explanation", interactive=False)
+            table = gr.Dataframe(label="Results", interactive=False)
+            csv_out = gr.File(label="All results (CSV)")
+            batch_state = gr.State()
+            batch_button.click(
+                predict_batch,
+                inputs=[files_in, model_choice],
+                outputs=[gallery, table, csv_out, batch_errors, batch_state],
+                api_name="predict_batch",
+                api_description="Many images -> ranked gallery, table, CSV file, errors. " + API_DESCRIPTION,
+            )
+            gallery.select(
+                show_selected,
+                inputs=[batch_state],
+                outputs=[sel_probs, sel_verdict, sel_heatmap, sel_plain],
+                api_visibility="private",
+            )
+
+        gr.Markdown(f"<small>{DISCLAIMER} Models trained on HAM10000 inherit its CC BY-NC-SA 4.0 terms (non-commercial).</small>")
+        model_choice.change(
+            on_model_change,
+            inputs=[model_choice],
+            outputs=[details, head_fusion, discard_ratio, start_layer],
+            api_visibility="private",
+        )
+        demo.load(
+            on_model_change,
+            inputs=[model_choice],
+            outputs=[details, head_fusion, discard_ratio, start_layer],
+            api_visibility="private",
+        )
+
+    # ------------------------------------------------------------------------ REST
+    api = FastAPI(title="Melanoma ViT API (research demo, not a medical device)", description=API_DESCRIPTION)
+
+    @api.exception_handler(InvalidImageError)
+    async def _invalid_image(_: Request, err: InvalidImageError) -> JSONResponse:
+        return JSONResponse(status_code=400, content={"detail": str(err)})
+
+    @api.exception_handler(QueueFullError)
+    async def _queue_full(_: Request, err: QueueFullError) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": str(err)}, headers={"Retry-After": "5"})
+
+    def rest_entry(model_id: str | None) -> ZooModel:
+        try:
+            return zoo.get(model_id or None)
+        except UnknownModelError as err:
+            raise HTTPException(status_code=404, detail=str(err)) from err
+
+    def read_upload(upload: UploadFile) -> bytes:
+        data = upload.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(
+                status_code=413,
+                detail=f"{upload.filename}: file is larger than the {max_upload_bytes / 1e6:.0f} MB limit.",
+            )
+        return data
+
+    def run_records(entry: ZooModel, named: list[tuple[str, Image.Image]], errors: list[dict[str, str]]) -> Callable:
+        def work() -> dict[str, Any]:
+            return {
+                "model_id": entry.id,
+                "disclaimer": API_DESCRIPTION.split("\n")[0],
+                "results": score_images(entry, named),
+                "errors": errors,
+            }
+
+        return work
+
+    @api.get("/public_models", summary="List the available models", tags=["models"])
+    def public_models() -> dict[str, Any]:
+        """Every model in the zoo with its metadata; Hub ids that could not be reached are in `skipped`."""
+        models = []
+        for model_id in zoo.ids:
+            try:
+                models.append(zoo.get(model_id).describe())
+            except Exception as err:  # a broken folder must not hide the others
+                models.append({"model_id": model_id, "error": str(err)})
+        return {"default": default_id, "models": models, "skipped": zoo.skipped, "disclaimer": DISCLAIMER}
+
+    @api.post("/predict", summary="Classify one image (async task)", tags=["predict"])
+    def rest_predict(
+        file: UploadFile = File(..., description="One image (JPEG, PNG, ...)"),
+        model_id: str | None = Query(None, description="Zoo model id; default model when omitted"),
+    ) -> dict[str, str]:
+        """Queue one image; poll `GET /from_task/{task_uuid}`. Research demo, not a medical device."""
+        entry = rest_entry(model_id)
+        image = read_image(read_upload(file))
+        return {"task_uuid": tasks.submit(run_records(entry, [(file.filename or "image", image)], []))}
+
+    @api.post("/predict_bulk", summary="Classify many images (async task)", tags=["predict"])
+    def rest_predict_bulk(
+        files: list[UploadFile] = File(..., description="Images; unreadable ones are listed in `errors`"),
+        model_id: str | None = Query(None, description="Zoo model id; default model when omitted"),
+    ) -> dict[str, Any]:
+        """Queue many images; bad files are reported per file and do not abort the batch."""
+        entry = rest_entry(model_id)
+        if len(files) > MAX_BULK_FILES:
+            raise HTTPException(status_code=413, detail=f"At most {MAX_BULK_FILES} files per request, got {len(files)}.")
+        named, errors = [], []
+        for upload in files:
+            name = upload.filename or f"image_{len(named) + len(errors)}"
+            try:
+                named.append((name, read_image(read_upload(upload))))
+            except (InvalidImageError, HTTPException) as err:
+                errors.append({"name": name, "error": getattr(err, "detail", None) or str(err)})
+        if not named:
+            raise HTTPException(status_code=400, detail={"message": "No usable image in the request.", "errors": errors})
+        task_uuid = tasks.submit(run_records(entry, named, errors))
+        return {"task_uuid": task_uuid, "num_images": len(named), "errors": errors}
+
+    @api.get("/from_task/{task_uuid}", summary="Result of a task", tags=["predict"])
+    def from_task(task_uuid: str) -> dict[str, Any]:
+        """`{"status": "pending"}` while running; then the per-image results (research demo output)."""
+        task = tasks.get(task_uuid)
+        if task is None:
+            raise HTTPException(status_code=404, detail=f"Unknown or expired task {task_uuid!r}.")
+        return {"task_uuid": task_uuid, **task}
+
+    api.state.tasks = tasks
+    api.state.zoo = zoo
+    example_dirs = sorted({str(Path(p).parent) for p in example_paths})
+    app = gr.mount_gradio_app(
+        api, demo, path="/", max_file_size=max_upload_bytes, allowed_paths=example_dirs, show_error=True
+    )
+    return demo, app
+
+
+def create_app() -> FastAPI:
+    """The ASGI app for `uvicorn app:create_app --factory`."""
+    return build_app()[1]
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Serve `app` with uvicorn; with `block=False` returns (server, thread) once it accepts connections.
+
+    Stop a non-blocking server with `server.should_exit = True; thread.join()`.
+    """
+    import uvicorn
+
+    # Graceful-shutdown timeout: open Gradio heartbeat streams would otherwise block exit.
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    if block:
+        server.run()
+        return server, None
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"Server did not start on {host}:{port}.")
+        time.sleep(0.05)
+    return server, thread
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    demo, app = build_app()
+    zoo_ = app.state.zoo
+    if zoo_.default_id is not None:
+        zoo_.get(zoo_.default_id)  # load once at startup, not on the first request
+    _ = zoo_.ood_detector
+    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    logger.info("Serving on http://%s:%d (REST docs at /docs). %s", host, port, DISCLAIMER)
+    serve(app, host=host, port=port)
