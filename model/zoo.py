@@ -413,6 +413,13 @@ class ModelZoo:
                     logger.warning(self.ood_note)
             return self._ood
 
+    @ood_detector.setter
+    def ood_detector(self, detector: Any) -> None:
+        """Use `detector` (anything with `score(images) -> list[OODResult]`), or None for no check."""
+        with self._lock:
+            self._ood_loaded, self._ood = True, detector
+            self.ood_note = None if detector is not None else "Out-of-distribution check disabled."
+
     def check_ood(self, images: Sequence[Image.Image]) -> list[Any | None]:
         """Per image the detector's OODResult(is_ood, score, reason), or None without a detector."""
         detector = self.ood_detector

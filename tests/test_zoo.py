@@ -61,7 +61,7 @@ def make_tiny_model_folders(root: Path, fixtures_dir: Path, cnn: bool = True) ->
     """Save tiny real model folders under `root` (a models/ directory); returns name -> folder.
 
     - melanoma-vit-tiny: MelanomaViT (image 32, patch 8, hidden 32, 2 layers, 4 heads), fine-tuned (10 steps)
-      on the 16 fixture images, temperature 2.0 and melanoma threshold 0.3 in its config,
+      on the 16 fixture images, temperature 2.0 and the median fixture P(mel) as melanoma threshold,
       and a model card with a license and a model-index metric;
     - vit-tiny: transformers' ViTForImageClassification with the same sizes (random init);
     - resnet18-tiny (cnn=True): timm ResNet-18 through TimmWrapper at 32 px (random init).
@@ -82,7 +82,11 @@ def make_tiny_model_folders(root: Path, fixtures_dir: Path, cnn: bool = True) ->
     losses = _fine_tune(vit, processor, images, labels)
     assert losses[-1] < losses[0], losses
     vit.config.temperature = 2.0
-    vit.config.melanoma_threshold = 0.3
+    # Threshold at the median P(mel) of the fixture images, so the app shows both flags.
+    with torch.no_grad():
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+        p_mel = torch.softmax(vit(pixel_values=pixel_values).logits / 2.0, dim=-1)[:, dx_label2id()["mel"]]
+    vit.config.melanoma_threshold = round(float(p_mel.median()), 6)
     folders["melanoma-vit-tiny"] = root / "melanoma-vit-tiny"
     vit.save_pretrained(folders["melanoma-vit-tiny"])
     processor.save_pretrained(folders["melanoma-vit-tiny"])
@@ -167,12 +171,14 @@ def test_models_yaml_lists_hub_ids(tmp_path):
     assert zoo.default_id is None
 
 
-def test_entry_metadata_and_card(zoo):
+def test_entry_metadata_and_card(zoo, models_dir):
     entry = zoo.get("melanoma-vit-tiny")
+    saved = json.loads((models_dir / "melanoma-vit-tiny" / "config.json").read_text())
     assert zoo.get("melanoma-vit-tiny") is entry  # loaded once, cached
     assert entry.net_type == "melanoma_vit"
     assert (entry.img_size, entry.out_dim) == (32, 7)
-    assert entry.temperature == 2.0 and entry.melanoma_threshold == 0.3
+    assert entry.temperature == 2.0 and 0.0 < entry.melanoma_threshold < 1.0
+    assert entry.melanoma_threshold == saved["melanoma_threshold"]
     assert entry.labels["mel"] == "Melanoma" and list(entry.labels) == list(DX_CODES)
     info = entry.describe()
     assert info["license"] == "cc-by-nc-sa-4.0"

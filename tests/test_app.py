@@ -1,0 +1,332 @@
+"""app.py end to end: the real app (Gradio UI + REST) served in-process on a free port, driven
+through gradio_client and HTTP, on tiny real models trained from the fixture images."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image, ImageDraw
+
+from model.imageio import load_image
+from test_zoo import _png_bytes, bad_image_files, make_tiny_model_folders
+
+MAX_UPLOAD = 1_000_000  # small limit so the over-size test uploads little
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, fixtures_dir):
+    """The app served on 127.0.0.1:<free port>; yields (base url, gradio client, zoo, fastapi app)."""
+    import app as app_module
+    from model.zoo import ModelZoo
+
+    models_dir = tmp_path_factory.mktemp("models")
+    make_tiny_model_folders(models_dir, fixtures_dir)
+    zoo = ModelZoo(models_dir=models_dir, hub_ids=["nobody/unreachable-model"], ood_path="none")
+    demo, fastapi_app = app_module.build_app(zoo, max_pending_tasks=4, max_upload_bytes=MAX_UPLOAD)
+    port = app_module.free_port()
+    server, thread = app_module.serve(fastapi_app, port=port, block=False)
+    url = f"http://127.0.0.1:{port}/"
+    client = Client(url, verbose=False)
+    yield url, client, zoo, fastapi_app
+    client.close()
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def _expected(zoo, model_id: str, path) -> dict[str, float]:
+    """Probabilities computed directly through the zoo, for comparison with the app's."""
+    return zoo.get(model_id).predict([load_image(path, max_side=1024)])[0]
+
+
+def _poll(url: str, task_uuid: str, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{url}from_task/{task_uuid}")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        if body["status"] != "pending":
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_uuid} still pending after {timeout} s")
+
+
+# ---------------------------------------------------------------------------------- Gradio
+
+
+def test_gradio_predict_endpoint(live, ham_image_paths):
+    url, client, zoo, _ = live
+    path = ham_image_paths[0]
+    probs, verdict, heatmap, plain, record = client.predict(
+        handle_file(str(path)), "melanoma-vit-tiny", "mean", 0.9, 0, api_name="/predict"
+    )
+    expected = _expected(zoo, "melanoma-vit-tiny", path)
+    assert record["probabilities"] == pytest.approx(expected, abs=1e-5)
+    confidences = {c["label"]: c["confidence"] for c in probs["confidences"]}
+    assert confidences["Melanoma"] == pytest.approx(expected["mel"], abs=1e-5)  # readable names
+    assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-4)
+    entry = zoo.get("melanoma-vit-tiny")
+    assert record["prediction"]["melanoma"] == (expected["mel"] >= entry.melanoma_threshold)
+    assert record["metadata"] == {"model_id": "melanoma-vit-tiny", "net_type": "melanoma_vit", "img_size": 32, "out_dim": 7}
+    assert f"Melanoma probability: {expected['mel']:.1%}" in verdict
+    assert ("Above" in verdict) == record["prediction"]["melanoma"]
+    overlay = np.asarray(Image.open(heatmap["value"] if isinstance(heatmap, dict) else heatmap))
+    assert overlay.ndim == 3 and overlay.shape[2] == 3 and "rollout" in record["explanation"]
+    assert Image.open(plain).size == Image.open(path).size
+
+    # Default model when none is chosen; Grad-CAM for the CNN.
+    *_, default_record = client.predict(handle_file(str(path)), None, "mean", 0.9, 0, api_name="/predict")
+    assert default_record["metadata"]["model_id"] == "melanoma-vit-tiny"
+    *_, cnn_record = client.predict(handle_file(str(path)), "resnet18-tiny", "mean", 0.9, 0, api_name="/predict")
+    assert "Grad-CAM" in cnn_record["explanation"] and cnn_record["metadata"]["net_type"] == "timm/resnet18"
+
+
+def test_gradio_predict_errors_and_exif(live, tmp_path, ham_image_paths):
+    url, client, zoo, _ = live
+    files = bad_image_files(tmp_path, ham_image_paths[0])
+    for kind, message in [("truncated", "truncated or corrupt"), ("svg", "not a raster image"), ("tiny", "at least 8")]:
+        with pytest.raises(AppError, match=message):
+            client.predict(handle_file(str(files[kind])), None, "mean", 0.9, 0, api_name="/predict")
+    with pytest.raises(AppError, match="nope is not in the list of choices"):
+        client.predict(handle_file(str(ham_image_paths[0])), "nope", "mean", 0.9, 0, api_name="/predict")
+    with pytest.raises(AppError):  # not decodable at all: refused by Gradio's own image check
+        client.predict(handle_file(str(files["empty"])), None, "mean", 0.9, 0, api_name="/predict")
+
+    # EXIF orientation 6 on an 80x60 JPEG: the model sees (and the UI shows) a 60x80 image.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = tmp_path / "rotated.jpg"
+    Image.open(ham_image_paths[0]).convert("RGB").resize((80, 60)).save(rotated, exif=exif.tobytes())
+    _, _, _, plain, record = client.predict(handle_file(str(rotated)), None, "mean", 0.9, 0, api_name="/predict")
+    assert Image.open(plain).size == (60, 80)
+    # The server still answers after the errors.
+    assert httpx.get(url + "public_models").status_code == 200
+
+
+def _thumbnail_border(path: str) -> tuple[int, int, int]:
+    return tuple(int(v) for v in np.asarray(Image.open(path).convert("RGB"))[2, 2])
+
+
+def test_gradio_batch_ranking_gallery_csv(live, tmp_path, fixtures_dir, ham_image_paths):
+    url, client, zoo, _ = live
+    images = ham_image_paths + sorted((fixtures_dir / "isic2017" / "test").glob("*.jpg"))
+    bad = bad_image_files(tmp_path, ham_image_paths[0])
+    uploads = [handle_file(str(p)) for p in images] + [handle_file(str(bad["truncated"])), handle_file(str(bad["text"]))]
+    gallery, table, csv_path, errors_md = client.predict(uploads, "melanoma-vit-tiny", api_name="/predict_batch")
+
+    entry = zoo.get("melanoma-vit-tiny")
+    expected = {p.name: _expected(zoo, "melanoma-vit-tiny", p)["mel"] for p in images}
+    ranked_names = sorted(expected, key=lambda n: -expected[n])
+    csv = pd.read_csv(csv_path)
+    ok = csv[csv["error"].isna()]
+    assert list(ok["file"]) == ranked_names  # highest P(mel) first
+    assert list(ok["rank"]) == list(range(1, len(images) + 1))
+    np.testing.assert_allclose(ok["melanoma_probability"], [expected[n] for n in ranked_names], atol=1e-5)
+    assert (ok["above_threshold"] == (ok["melanoma_probability"] >= entry.melanoma_threshold)).all()
+    assert ok["above_threshold"].any() and not ok["above_threshold"].all()  # both colours shown
+    np.testing.assert_allclose(ok[[f"p_{c}" for c in entry.labels]].sum(axis=1), 1.0, atol=1e-4)
+    failed = csv[csv["error"].notna()].set_index("file")["error"]
+    assert "truncated or corrupt" in failed["truncated.jpg"] and "Not a recognised image" in failed["notes.txt"]
+    assert "truncated.jpg" in errors_md and "notes.txt" in errors_md
+
+    assert len(gallery) == len(images)
+    for item, name in zip(gallery, ranked_names):
+        assert item["caption"].startswith(f"#{ranked_names.index(name) + 1} {name}")
+        colour = _thumbnail_border(item["image"])
+        if expected[name] >= entry.melanoma_threshold:
+            assert "ABOVE" in item["caption"] and colour[0] > 180 and colour[2] < 80  # red
+        else:
+            assert "below" in item["caption"] and colour[2] > 180 and colour[0] < 80  # blue
+    assert table["headers"][:3] == ["rank", "file", "melanoma_probability"]
+
+
+# ------------------------------------------------------------------------------------ REST
+
+
+def test_rest_docs_models_and_predict(live, ham_image_paths):
+    url, _, zoo, _ = live
+    docs = httpx.get(url + "docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = httpx.get(url + "openapi.json").json()
+    assert {"/public_models", "/predict", "/predict_bulk", "/from_task/{task_uuid}"} <= set(spec["paths"])
+    assert "NOT A MEDICAL DEVICE" in spec["info"]["description"]
+
+    models = httpx.get(url + "public_models").json()
+    assert [m["model_id"] for m in models["models"]] == ["melanoma-vit-tiny", "resnet18-tiny", "vit-tiny"]
+    assert models["default"] == "melanoma-vit-tiny"
+    assert "nobody/unreachable-model" in models["skipped"]
+    assert models["models"][0]["license"] == "cc-by-nc-sa-4.0"
+
+    path = ham_image_paths[3]
+    response = httpx.post(url + "predict", params={"model_id": "vit-tiny"}, files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+    assert response.status_code == 200, response.text
+    body = _poll(url, response.json()["task_uuid"])
+    assert body["status"] == "done" and "NOT A MEDICAL DEVICE" in body["disclaimer"]
+    (result,) = body["results"]
+    assert result["name"] == path.name
+    assert result["metadata"] == {"model_id": "vit-tiny", "net_type": "vit", "img_size": 32, "out_dim": 7}
+    assert result["probabilities"] == pytest.approx(_expected(zoo, "vit-tiny", path), abs=1e-5)
+    pred = result["prediction"]
+    assert pred["label"] == max(result["probabilities"], key=result["probabilities"].get)
+    assert pred["melanoma_probability"] == result["probabilities"]["mel"]
+    assert pred["melanoma"] == (pred["melanoma_probability"] >= 0.5)
+    assert result["ood"] is None and result["warning"] is None  # detector disabled here
+
+
+def test_rest_bad_inputs_give_4xx_json(live, tmp_path, ham_image_paths):
+    url, _, _, _ = live
+    files = bad_image_files(tmp_path, ham_image_paths[0])
+    expected = {
+        "empty": "empty", "truncated": "truncated or corrupt", "text": "Not a recognised image",
+        "html": "not a raster image", "svg": "not a raster image", "bomb": "decompression", "tiny": "at least 8",
+    }
+    for kind, message in expected.items():
+        response = httpx.post(url + "predict", files={"file": (files[kind].name, files[kind].read_bytes())})
+        assert response.status_code == 400, (kind, response.text)
+        assert message in response.json()["detail"], (kind, response.json())
+    too_big = ham_image_paths[0].read_bytes() + b"\0" * MAX_UPLOAD
+    response = httpx.post(url + "predict", files={"file": ("big.jpg", too_big)})
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+    response = httpx.post(url + "predict", params={"model_id": "nope"}, files={"file": ("a.jpg", ham_image_paths[0].read_bytes())})
+    assert response.status_code == 404 and "Unknown model 'nope'" in response.json()["detail"]
+    response = httpx.get(url + "from_task/00000000-0000-4000-8000-000000000000")
+    assert response.status_code == 404 and "Unknown or expired task" in response.json()["detail"]
+    response = httpx.post(url + "predict")  # no file at all
+    assert response.status_code == 422 and "detail" in response.json()
+    response = httpx.post(url + "predict_bulk", files=[("files", ("a.txt", b"hello")), ("files", ("b.jpg", b""))])
+    assert response.status_code == 400 and len(response.json()["detail"]["errors"]) == 2
+    assert httpx.get(url + "public_models").status_code == 200  # still serving
+
+
+def _unusual_images(ham_jpeg: Path) -> dict[str, bytes]:
+    rgb = Image.open(ham_jpeg).convert("RGB")
+    out = {"grey16.png": _png_bytes(Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)))}
+    out["rgba.png"] = _png_bytes(rgb.convert("RGBA"))
+    out["palette.png"] = _png_bytes(rgb.quantize(64))
+    out["grey.png"] = _png_bytes(rgb.convert("L"))
+    buffer = io.BytesIO()
+    rgb.convert("CMYK").save(buffer, format="JPEG")
+    out["cmyk.jpg"] = buffer.getvalue()
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="GIF", save_all=True, append_images=[rgb.rotate(90)], duration=100)
+    out["animated.gif"] = buffer.getvalue()
+    return out
+
+
+def test_rest_bulk_mixed_and_unusual_inputs(live, ham_image_paths):
+    url, _, zoo, _ = live
+    unusual = _unusual_images(ham_image_paths[0])
+    uploads = [("files", (name, data)) for name, data in unusual.items()] + [("files", ("bad.html", b"<html></html>"))]
+    response = httpx.post(url + "predict_bulk", files=uploads)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["num_images"] == len(unusual)
+    assert [e["name"] for e in body["errors"]] == ["bad.html"]
+    done = _poll(url, body["task_uuid"])
+    assert [r["name"] for r in done["results"]] == list(unusual)
+    for result in done["results"]:
+        assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert done["errors"][0]["name"] == "bad.html"
+
+
+def test_rest_queue_full_gives_503_and_recovers(live, ham_image_paths):
+    from app import QueueFullError
+
+    url, _, _, fastapi_app = live
+    tasks, release = fastapi_app.state.tasks, threading.Event()
+    blockers = []
+    try:
+        with pytest.raises(QueueFullError):
+            for _ in range(10):  # the queue holds 4
+                blockers.append(tasks.submit(lambda: {"waited": release.wait(30)}))
+        assert len(blockers) == 4
+        response = httpx.post(url + "predict", files={"file": ("a.jpg", ham_image_paths[0].read_bytes())})
+        assert response.status_code == 503 and "retry" in response.json()["detail"].lower()
+        assert httpx.get(url + f"from_task/{blockers[0]}").json() == {"task_uuid": blockers[0], "status": "pending"}
+    finally:
+        release.set()
+    assert _poll(url, blockers[-1])["waited"] is True
+    response = httpx.post(url + "predict", files={"file": ("a.jpg", ham_image_paths[0].read_bytes())})
+    assert response.status_code == 200 and _poll(url, response.json()["task_uuid"])["status"] == "done"
+
+
+def test_task_store_ttl_and_max_count():
+    from app import TaskStore
+
+    store = TaskStore(max_pending=2, ttl_s=0.2, max_tasks=3)
+    ids = [store.submit(lambda i=i: {"i": i}) for i in range(2)]
+    deadline = time.monotonic() + 10
+    while any(store.get(i)["status"] == "pending" for i in ids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [store.get(i)["i"] for i in ids] == [0, 1]
+    time.sleep(0.3)
+    assert store.get(ids[0]) is None  # expired
+    failing = store.submit(lambda: 1 / 0)
+    while store.get(failing)["status"] == "pending":
+        time.sleep(0.01)
+    assert store.get(failing) == {"status": "failed", "detail": "division by zero"}
+    store.ttl_s = 60
+    more = []
+    for i in range(5):
+        more.append(store.submit(lambda i=i: {"i": i}))
+        while store.get(more[-1])["status"] == "pending":
+            time.sleep(0.01)
+    assert store.get(more[0]) is None and store.get(more[-1])["i"] == 4  # at most 3 kept
+    store.shutdown()
+
+
+@pytest.mark.slow
+def test_rest_bulk_of_104_images_completes(live, tmp_path, ham_image_paths, fixtures_dir):
+    url, _, zoo, _ = live
+    sources = ham_image_paths + sorted((fixtures_dir / "isic2017" / "test").glob("*.jpg"))
+    uploads = [("files", (f"copy{i:03d}_{p.name}", p.read_bytes(), "image/jpeg")) for i, p in enumerate(sources * 7)][:104]
+    response = httpx.post(url + "predict_bulk", params={"model_id": "melanoma-vit-tiny"}, files=uploads, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["num_images"] == 104
+    done = _poll(url, response.json()["task_uuid"], timeout=120)
+    assert done["status"] == "done" and len(done["results"]) == 104
+    assert [r["name"] for r in done["results"]] == [u[1][0] for u in uploads]
+    by_source: dict[str, float] = {}
+    for result in done["results"]:  # copies of one image get the same probability
+        source = result["name"].split("_", 1)[1]
+        p = result["prediction"]["melanoma_probability"]
+        assert by_source.setdefault(source, p) == pytest.approx(p, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ood_warning_replaces_the_flag(live, tmp_path, ham_image_paths):
+    """A real OOD detector (EfficientNet-Lite0 features + PPCA) fitted on the fixture images."""
+    ood = pytest.importorskip("model.ood")
+    url, client, zoo, _ = live
+    backbone = ood.create_feature_extractor()
+    ham = [Image.open(p).convert("RGB") for p in ham_image_paths]
+    features = ood.extract_features(backbone, ham, 64)
+    detector = ood.fit_ood_detector(features, features, 64, n_components=2, percentile=100.0, backbone=backbone)
+    checkerboard = Image.fromarray((np.indices((150, 200)).sum(0) // 20 % 2 * 255).astype(np.uint8)).convert("RGB")
+    ImageDraw.Draw(checkerboard).text((10, 10), "not a skin lesion", fill=(255, 0, 0))
+    s_lesion, s_board = (r.score for r in detector.score([ham[0], checkerboard]))
+    assert s_board > s_lesion  # a checkerboard is further from dermoscopy than a fitted lesion
+    detector.threshold = (s_lesion + s_board) / 2
+    tmp = tmp_path / "checkerboard.png"
+    checkerboard.save(tmp)
+    try:
+        zoo.ood_detector = detector
+        _, verdict, _, _, record = client.predict(handle_file(str(tmp)), None, "mean", 0.9, 0, api_name="/predict")
+        assert record["ood"]["is_ood"] and record["warning"]
+        assert "may not be a dermoscopic" in verdict and "Melanoma probability" not in verdict
+        _, verdict, _, _, record = client.predict(handle_file(str(ham_image_paths[0])), None, "mean", 0.9, 0, api_name="/predict")
+        assert record["ood"]["is_ood"] is False and record["warning"] is None
+        assert "Melanoma probability" in verdict
+        response = httpx.post(url + "predict", files={"file": ("board.png", tmp.read_bytes())})
+        result = _poll(url, response.json()["task_uuid"])["results"][0]
+        assert result["ood"]["is_ood"] and "does not look like" in result["warning"]
+    finally:
+        zoo.ood_detector = None
