@@ -117,9 +117,10 @@ class MelanomaViTConfig(PretrainedConfig):
         self.drop_path_rate = drop_path_rate
         self.use_distillation_token = use_distillation_token
         self.initializer_range = initializer_range
-        self.temperature = temperature
         self.melanoma_threshold = melanoma_threshold
         super().__init__(**kwargs)
+        # After the base __init__: transformers 4.x resets `temperature` there (a generation default).
+        self.temperature = temperature
         if self.id2label is not None and not self.label2id:
             self.label2id = {label: int(i) for i, label in self.id2label.items()}
         self._validate_melanoma_vit()
