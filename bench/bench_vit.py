@@ -157,7 +157,10 @@ def main() -> None:
         print(f"\npeak resident-memory increase of one batch-{args.batch} forward pass (fresh process per model):")
         for name in MODELS:
             print(f"{name:>10} {memory[name]:>8.1f} MiB")
-        print(f"      memory ours/timm = {memory['ours'] / memory['timm']:.3f}   ours/hf = {memory['ours'] / memory['hf']:.3f}")
+        print(
+            f"      memory ours/timm = {memory['ours'] / memory['timm']:.3f}   "
+            f"ours/hf = {memory['ours'] / memory['hf']:.3f}"
+        )
 
 
 if __name__ == "__main__":

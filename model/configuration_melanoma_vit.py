@@ -166,7 +166,8 @@ class MelanomaViTConfig(PretrainedConfig):
             raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}.")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}.")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"temperature must be a float > 0 (1.0 = uncalibrated), got {self.temperature!r}.")
         threshold = self.melanoma_threshold
         if threshold is not None and (not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0):

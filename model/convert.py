@@ -34,7 +34,10 @@ _TIMM_TO_OURS: tuple[tuple[str, str], ...] = (
     (r"^dist_token$", "vit.embeddings.dist_token"),
     (r"^pos_embed$", "vit.embeddings.pos_embed"),
     (r"^patch_embed\.proj\.(weight|bias)$", r"vit.embeddings.patch_embed.proj.\1"),
-    (r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$", r"vit.encoder.blocks.\1.\2.\3"),
+    (
+        r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$",
+        r"vit.encoder.blocks.\1.\2.\3",
+    ),
     (r"^norm\.(weight|bias)$", r"vit.norm.\1"),
     (r"^(head|head_dist)\.(weight|bias)$", r"\1.\2"),
 )
@@ -118,7 +121,8 @@ def melanoma_vit_config_from_timm(timm_model: nn.Module, id2label: dict[int, str
 
     num_classes = timm_model.num_classes
     if id2label is None:
-        id2label = dict(enumerate(DEFAULT_DX_CODES)) if num_classes == 7 else {i: f"LABEL_{i}" for i in range(num_classes)}
+        default_names = DEFAULT_DX_CODES if num_classes == len(DEFAULT_DX_CODES) else None
+        id2label = {i: default_names[i] if default_names else f"LABEL_{i}" for i in range(num_classes)}
     if len(id2label) != num_classes:
         raise ValueError(f"id2label has {len(id2label)} entries but the timm head has {num_classes} classes.")
     return MelanomaViTConfig(
@@ -182,8 +186,8 @@ def _vit_config_kwargs(config: MelanomaViTConfig) -> dict:
 def vit_config_from_melanoma_vit(config: MelanomaViTConfig) -> ViTConfig | DeiTConfig:
     """The stock transformers config of an export: `DeiTConfig` for distilled models, else `ViTConfig`.
 
-    `melanoma_threshold` is kept as an extra attribute; `temperature` is not (it is folded into the
-    head weights by `export_to_vit`, and transformers 5 refuses a `temperature` key in model configs).
+    `melanoma_threshold` is kept as an extra attribute; `temperature` is not (`export_to_vit` folds it
+    into the head weights by default, and transformers 5 refuses a `temperature` key in model configs).
     """
     if not isinstance(config.patch_size, int) and config.patch_size[0] != config.patch_size[1]:
         raise ValueError(f"transformers' ViT needs square patches, got patch_size={config.patch_size}.")
@@ -238,7 +242,8 @@ def melanoma_vit_state_dict_to_vit(
     for i in range(num_hidden_layers):
         src = f"vit.encoder.blocks.{i}."
         dst = _HF_LAYER_PREFIX[layout].format(base=base, i=i)
-        for ours, theirs in (("norm1", "norm1"), ("norm2", "norm2"), ("attn.proj", "o"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
+        renames = (("norm1", "norm1"), ("norm2", "norm2"), ("attn.proj", "o"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"))
+        for ours, theirs in renames:
             for kind in ("weight", "bias"):
                 out[f"{dst}{names[theirs]}.{kind}"] = state_dict[f"{src}{ours}.{kind}"]
         for kind in ("weight", "bias"):
@@ -267,6 +272,12 @@ def _export_state_dict(model: MelanomaViTForImageClassification, layout: str, fo
             for kind in ("weight", "bias"):
                 if f"{name}.{kind}" in state_dict:
                     state_dict[f"{name}.{kind}"] = state_dict[f"{name}.{kind}"] / temperature
+    elif temperature != 1.0:
+        logger.warning(
+            "Exporting without folding temperature %.3f: softmax over the export's logits is uncalibrated, "
+            "and melanoma_threshold refers to calibrated P(mel).",
+            temperature,
+        )
     return melanoma_vit_state_dict_to_vit(
         state_dict, model.config.num_hidden_layers, distilled=model.config.use_distillation_token, layout=layout
     )
@@ -287,9 +298,10 @@ def export_to_vit(
     differently in transformers' ViT.
     """
     vit_config = vit_config_from_melanoma_vit(model.config)
-    hf_class = DeiTForImageClassificationWithTeacher if model.config.use_distillation_token else ViTForImageClassification
+    distilled = model.config.use_distillation_token
+    hf_class = DeiTForImageClassificationWithTeacher if distilled else ViTForImageClassification
     hf_model = hf_class(vit_config)
-    layout = _installed_layout(hf_model, "deit" if model.config.use_distillation_token else "vit")
+    layout = _installed_layout(hf_model, "deit" if distilled else "vit")
     hf_model.load_state_dict(_export_state_dict(model, layout, fold_temperature), strict=True)
     return hf_model.to(model.dtype).eval()
 
@@ -312,7 +324,8 @@ def save_vit_export(
     ]
     vit_config.save_pretrained(folder)
     state_dict = _export_state_dict(model, "v4", fold_temperature)
-    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     logger.info("Saved a stock transformers %s export to %s", vit_config.architectures[0], folder)
     return folder
 

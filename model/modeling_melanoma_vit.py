@@ -86,7 +86,9 @@ class MelanomaViTPatchEmbeddings(nn.Module):
         super().__init__()
         self.patch_size = _pair(config.patch_size)
         self.num_channels = config.num_channels
-        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size)
+        self.proj = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, num_channels, H, W) -> tokens (B, h * w, C) and the grid (h, w) = (H / patch, W / patch)."""
@@ -407,7 +409,8 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
         if labels.is_floating_point():
             if labels.shape != logits.shape:
                 raise ValueError(
-                    f"Soft labels must have shape (batch, num_labels) = {tuple(logits.shape)}, got {tuple(labels.shape)}."
+                    f"Soft labels must have shape (batch, num_labels) = {tuple(logits.shape)}, "
+                    f"got {tuple(labels.shape)}."
                 )
             return F.cross_entropy(logits.float(), labels.float())
         if labels.shape != logits.shape[:1]:

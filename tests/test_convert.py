@@ -135,7 +135,8 @@ def test_state_dict_with_unknown_keys_raises():
 def test_export_to_vit_parity(timm_case):
     ours = convert_timm_checkpoint(timm_case)
     exported = export_to_vit(ours)
-    expected_class = DeiTForImageClassificationWithTeacher if ours.config.use_distillation_token else ViTForImageClassification
+    distilled = ours.config.use_distillation_token
+    expected_class = DeiTForImageClassificationWithTeacher if distilled else ViTForImageClassification
     assert type(exported) is expected_class and not exported.training
     x = pixels_for(timm_case)
     torch.testing.assert_close(exported(x).logits, ours(x).logits, **TOL)
