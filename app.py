@@ -386,7 +386,8 @@ def build_app(
             model_details_markdown(entry, zoo.skipped),
             gr.Radio(visible=rollout),
             gr.Slider(visible=rollout),
-            gr.Slider(maximum=max(entry.num_layers - 1, 0), value=0, visible=rollout and entry.num_layers > 1),
+            # Slider needs maximum > minimum; predict() clamps start_layer to the last layer.
+            gr.Slider(maximum=max(entry.num_layers - 1, 1), value=0, visible=rollout and entry.num_layers > 1),
         )
 
     # ----------------------------------------------------------------------- layout

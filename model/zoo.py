@@ -401,7 +401,7 @@ class ModelZoo:
         with self._lock:
             if not self._ood_loaded:
                 self._ood_loaded = True
-                if str(self.ood_path).lower() == "none":
+                if isinstance(self.ood_path, str) and self.ood_path.lower() == "none":
                     self.ood_note = "Out-of-distribution check disabled (MELANOMA_OOD_PATH=none)."
                     return None
                 try:
@@ -467,7 +467,7 @@ class ModelZoo:
         """The loaded model for `model_id` (default model when None); loads it on first use."""
         model_id = model_id or self.default_id
         if model_id is None:
-            raise UnknownModelError(f"No models found in {self.models_dir} (folders with a config.json).")
+            raise UnknownModelError(f"No models found in {self.models_dir} (folders with an image-classification config.json).")
         if model_id not in self._sources:
             raise UnknownModelError(f"Unknown model {model_id!r}; available: {', '.join(self.ids) or 'none'}.")
         with self._lock:

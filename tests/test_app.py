@@ -17,7 +17,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
 from model.imageio import load_image
-from test_zoo import _png_bytes, bad_image_files, make_tiny_model_folders
+from test_zoo import _png_bytes, bad_image_files, shared_tiny_models
 
 MAX_UPLOAD = 1_000_000  # small limit so the over-size test uploads little
 
@@ -28,8 +28,7 @@ def live(tmp_path_factory, fixtures_dir):
     import app as app_module
     from model.zoo import ModelZoo
 
-    models_dir = tmp_path_factory.mktemp("models")
-    make_tiny_model_folders(models_dir, fixtures_dir)
+    models_dir = shared_tiny_models(tmp_path_factory, fixtures_dir)
     zoo = ModelZoo(models_dir=models_dir, hub_ids=["nobody/unreachable-model"], ood_path="none")
     demo, fastapi_app = app_module.build_app(zoo, max_pending_tasks=4, max_upload_bytes=MAX_UPLOAD)
     port = app_module.free_port()
@@ -330,3 +329,32 @@ def test_ood_warning_replaces_the_flag(live, tmp_path, ham_image_paths):
         assert result["ood"]["is_ood"] and "does not look like" in result["warning"]
     finally:
         zoo.ood_detector = None
+
+
+def _blocks_fn(demo, name: str):
+    return next(f.fn for f in demo.fns.values() if f.name == name)
+
+
+def test_gallery_selection_and_model_switch(live, ham_image_paths):
+    """The UI-only events (not API endpoints): per-image detail on gallery selection, and the
+    model dropdown switching between rollout controls (ViT) and Grad-CAM (CNN)."""
+    import gradio as gr
+
+    import app as app_module
+
+    demo, _ = app_module.build_app(live[2])  # a second app on the same (already loaded) zoo
+    paths = [str(p) for p in ham_image_paths[:4]]
+    gallery, _, _, _, state = _blocks_fn(demo, "predict_batch")(paths, "resnet18-tiny", progress=gr.Progress())
+    assert [r["name"] for r in state["records"]] == [c.split(" ")[1].rstrip(":") for _, c in gallery]
+    probs, verdict, heatmap, plain = _blocks_fn(demo, "show_selected")(state, gr.SelectData(None, {"index": 1, "value": None}))
+    second = state["records"][1]
+    assert second["name"] in verdict
+    assert probs["Melanoma"] == pytest.approx(second["probabilities"]["mel"])
+    assert plain.size == Image.open(ham_image_paths[[Path(p).name for p in paths].index(second["name"])]).size
+    assert "Grad-CAM" in heatmap.label
+
+    details, fusion, discard, start = _blocks_fn(demo, "on_model_change")("resnet18-tiny")
+    assert "timm/resnet18" in details and "Grad-CAM" in details and fusion.visible is False
+    details, fusion, discard, start = _blocks_fn(demo, "on_model_change")("melanoma-vit-tiny")
+    assert "cc-by-nc-sa-4.0" in details and "Melanoma AUC 0.500" in details
+    assert fusion.visible is True and start.maximum == 1

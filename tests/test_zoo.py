@@ -125,11 +125,19 @@ def make_tiny_model_folders(root: Path, fixtures_dir: Path, cnn: bool = True) ->
     return folders
 
 
+def shared_tiny_models(tmp_path_factory, fixtures_dir) -> Path:
+    """The tiny model folders, built once per pytest session (test_zoo.py and test_app.py share them)."""
+    root = tmp_path_factory.getbasetemp() / "tiny_models"
+    if not (root / ".complete").exists():
+        root.mkdir(exist_ok=True)
+        make_tiny_model_folders(root, fixtures_dir)
+        (root / ".complete").touch()
+    return root
+
+
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, fixtures_dir) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    make_tiny_model_folders(root, fixtures_dir)
-    return root
+    return shared_tiny_models(tmp_path_factory, fixtures_dir)
 
 
 @pytest.fixture(scope="module")
