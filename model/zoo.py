@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS_DIR = ROOT / "models"
 # Default model preference: the first id equal to or starting with one of these wins.
 DEFAULT_PREFERENCE: tuple[str, ...] = ("melanoma-vit", "efficientnet-lite0", "resnet")
-# Longest side of the image the explanation is drawn on (the overlay is display-only).
-EXPLAIN_DISPLAY_SIDE = 448
+# Smaller model views are upsampled to this width for the explanation overlay (display only).
+EXPLAIN_DISPLAY_SIDE = 224
 
 
 class UnknownModelError(KeyError):
@@ -155,7 +155,12 @@ class ZooModel:
             # transformers' ViT returns attention weights only with the eager kernel.
             kwargs["attn_implementation"] = "eager"
         self.model = AutoModelForImageClassification.from_pretrained(source, **kwargs).to(self.device).eval()
-        self.processor = AutoImageProcessor.from_pretrained(source)
+        try:
+            # The PIL backend: measured ~1.6 ms vs ~90 ms for the torchvision one on a 200x150
+            # image to 224 px (2 shared CPU cores); latency matters more than the tiny numeric gap.
+            self.processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+        except (TypeError, ValueError):
+            self.processor = AutoImageProcessor.from_pretrained(source)
         self.config = self.model.config
         self.net_type = _net_type(self.config)
         self.img_size = _image_size(self.processor, self.config)
