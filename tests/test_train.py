@@ -303,18 +303,18 @@ def test_accelerate_launch_two_steps_then_load_and_predict(tiny_config: Path, tm
     assert probs.shape == (1, 7) and torch.isfinite(probs).all()
     torch.testing.assert_close(probs.sum(), torch.tensor(1.0))
 
-    evaluate_py = ROOT / "train" / "evaluate.py"
-    if evaluate_py.exists():  # H4's evaluation CLI on the exported folder
-        eval_dir = tmp_path / "eval"
-        data = yaml.safe_load(tiny_config.read_text())["data"]
-        proc = subprocess.run(
-            [sys.executable, str(evaluate_py), "--model", str(out), "--data", data, "--output-dir", str(eval_dir),
-             "--manifest", str(out / "split_manifest.json"), "--split", "validation"],
-            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        result = json.loads((eval_dir / "metrics.json").read_text())
-        assert result["n"] == 5 and 0.0 <= result["accuracy"] <= 1.0
+    # H4's evaluation CLI reads the exported folder and the run's split manifest.
+    eval_dir = tmp_path / "eval"
+    data = yaml.safe_load(tiny_config.read_text())["data"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "evaluate.py"), "--model", str(out), "--data", data,
+         "--output-dir", str(eval_dir), "--manifest", str(out / "split_manifest.json"), "--split", "validation",
+         "--bootstrap", "20"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((eval_dir / "metrics.json").read_text())
+    assert result["n"] == 5 and 0.0 <= result["accuracy"] <= 1.0
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

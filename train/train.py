@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 import sys
+import time
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -273,16 +274,6 @@ def create_model(cfg: ModelArgs, id2label: dict[int, str]) -> tuple[PreTrainedMo
         )
         processor = AutoImageProcessor.from_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code)
     return model.train(), processor
-
-
-def processor_size_mean_std(processor: Any) -> tuple[int | None, list[float], list[float]]:
-    """(square input size or None, mean, std) of a ViTImageProcessor / TimmWrapperImageProcessor."""
-    if hasattr(processor, "data_config"):
-        dc = processor.data_config
-        return int(dc["input_size"][-1]), list(dc["mean"]), list(dc["std"])
-    size = getattr(processor, "size", None) or {}
-    side = size.get("height") or size.get("shortest_edge")
-    return side, list(processor.image_mean), list(processor.image_std)
 
 
 def parameter_blocks(model: nn.Module) -> list[list[str]]:
@@ -594,6 +585,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
     parser.add_argument("--seed", type=int, default=None, help="training seed (overrides the config)")
     parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (0 = main process)")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch intra-op threads per process (default: torch's); 1 on a CPU shared with other jobs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set learning_rate=3e-4 --set model.kwargs.hidden_size=128")
     return parser.parse_args(argv)
@@ -611,6 +604,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides.append(f"seed={args.seed}")
     cfg = load_config(args.config, overrides)
     output_dir = Path(args.output_dir)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     freezing = cfg.freeze_backbone > 0
 
     accelerator = Accelerator(
@@ -685,7 +680,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(
         weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas)
     )
-    updates_per_epoch = math.ceil(len(train_dataloader) / cfg.gradient_accumulation_steps)
+    # Per-process optimizer updates per epoch, as after prepare() shards the batches over processes.
+    updates_per_epoch = math.ceil(math.ceil(len(train_dataloader) / accelerator.num_processes) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * updates_per_epoch
     lr_scheduler = create_scheduler(cfg, optimizer, max_steps, updates_per_epoch, accelerator.num_processes)
 
@@ -699,8 +695,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ema = ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema else None
     if teacher is not None:
         teacher.to(accelerator.device)
-        _, s_mean, s_std = processor_size_mean_std(processor)
-        t_size, t_mean, t_std = processor_size_mean_std(teacher_processor)
+        student_geometry = data_lib.processor_geometry(processor)
+        teacher_geometry = data_lib.processor_geometry(teacher_processor)
+        s_mean, s_std = student_geometry["mean"], student_geometry["std"]
+        t_mean, t_std, t_size = teacher_geometry["mean"], teacher_geometry["std"], teacher_geometry["size"]
         # Student pixels -> teacher pixels: undo the student's normalisation, apply the teacher's.
         renorm_scale = (torch.tensor(s_std) / torch.tensor(t_std)).view(1, 3, 1, 1).to(accelerator.device)
         renorm_shift = ((torch.tensor(s_mean) - torch.tensor(t_mean)) / torch.tensor(t_std)).view(1, 3, 1, 1).to(accelerator.device)
@@ -745,6 +743,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     progress = tqdm(total=max_steps, initial=state["completed_steps"], desc="train", disable=not accelerator.is_local_main_process)
     running_loss = torch.zeros((), device=accelerator.device)
+    # Training throughput (data loading + step, evaluation and checkpointing excluded), after 2 warm-up steps.
+    speed = {"images": 0, "seconds": 0.0, "warmup": 2}
     running_count = 0
     while state["epoch"] < num_epochs:
         if state["completed_steps"] >= max_steps and state["batches_in_epoch"] == 0:
@@ -757,6 +757,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         loader_generator.manual_seed(cfg.seed + epoch)
         skip = state["batches_in_epoch"]
         active_dataloader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        tick = time.perf_counter()
         for batch in active_dataloader:
             if state["completed_steps"] >= max_steps:
                 break
@@ -768,8 +769,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if teacher is not None:
                     with torch.no_grad(), accelerator.autocast():
                         teacher_pixels = batch["pixel_values"] * renorm_scale + renorm_shift
-                        if t_size and t_size != teacher_pixels.shape[-1]:
-                            teacher_pixels = F.interpolate(teacher_pixels, size=(t_size, t_size), mode="bicubic", align_corners=False)
+                        if tuple(t_size) != tuple(teacher_pixels.shape[-2:]):
+                            teacher_pixels = F.interpolate(teacher_pixels, size=t_size, mode="bicubic", align_corners=False)
                         teacher_logits = teacher(pixel_values=teacher_pixels).logits
                     student = getattr(outputs, "distillation_logits", None)
                     student = outputs.logits if student is None else student
@@ -790,6 +791,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if not accelerator.sync_gradients:
                 continue
             state["completed_steps"] += 1
+            tock = time.perf_counter()
+            if speed["warmup"] > 0:
+                speed["warmup"] -= 1
+            else:
+                speed["images"] += len(batch["pixel_values"]) * cfg.gradient_accumulation_steps * accelerator.num_processes
+                speed["seconds"] += tock - tick
             progress.update(1)
             if ema is not None:
                 ema.update(unwrapped, step=state["completed_steps"])
@@ -797,13 +804,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 refresh_freezing()
             if state["completed_steps"] % cfg.logging_steps == 0 or state["completed_steps"] == max_steps:
                 mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / max(running_count, 1)
-                accelerator.log({"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0], "epoch": epoch},
+                accelerator.log({"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0], "epoch": epoch,
+                                 "train/images_per_s": speed["images"] / speed["seconds"] if speed["seconds"] else 0.0},
                                 step=state["completed_steps"])
                 progress.set_postfix(loss=f"{mean_loss:.4f}")
                 running_loss.zero_()
                 running_count = 0
             if cfg.checkpointing_steps and state["completed_steps"] % cfg.checkpointing_steps == 0:
                 save_checkpoint()
+            tick = time.perf_counter()
         metrics = evaluate_model(ema.module if ema is not None else model, eval_dataloader, accelerator, label_names)
         metrics.update(epoch=epoch, step=state["completed_steps"])
         state["history"].append(metrics)
@@ -837,7 +846,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
         (output_dir / "command.txt").write_text(f"{launcher} {shlex.join(sys.argv)}\n")
         result = {"final": final, "history": state["history"], "labels": label_names,
-                  "ema": cfg.ema, "steps": state["completed_steps"]}
+                  "ema": cfg.ema, "steps": state["completed_steps"],
+                  "train_images_per_s": speed["images"] / speed["seconds"] if speed["seconds"] else None}
         (output_dir / "val_metrics.json").write_text(json.dumps(result, indent=2))
         logger.info("saved %s to %s (validation: %s)", cfg.model.name, output_dir, _fmt(final))
     accelerator.end_training()
