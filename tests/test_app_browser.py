@@ -1,0 +1,175 @@
+"""The real app in a real browser: headless Chromium (Debian's /usr/bin/chromium) via Playwright.
+
+Serves app.py in-process on 127.0.0.1 with tiny real models (built by test_zoo's
+`make_tiny_model_folders`, found through MELANOMA_MODELS_DIR) and the shipped OOD detector, then:
+single image -> class probabilities + explanation heat map; batch of 5 -> ranked gallery whose
+order matches the zoo's P(mel), with the natural photo marked "not dermoscopy?".
+Screenshots go to artifacts/browser/ (git-ignored); the path is printed.
+
+Chromium missing -> the test FAILS (CI installs it in .ci/run); set MELANOMA_SKIP_BROWSER=1 to skip.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import expect
+
+from model.imageio import load_image
+from model.labels import DX_NAMES
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path(os.environ.get("MELANOMA_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "artifacts" / "browser"
+GRACE_HOPPER = Path(np.__file__).resolve().parents[1] / "matplotlib" / "mpl-data" / "sample_data" / "grace_hopper.jpg"
+TIMEOUT_MS = 90_000
+CAPTION = re.compile(r"#(\d+) (\S+): P\(mel\) ([\d.]+)%")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if os.environ.get("MELANOMA_SKIP_BROWSER") == "1":
+        pytest.skip("MELANOMA_SKIP_BROWSER=1")
+    if not CHROMIUM.is_file():
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: install it (`apt-get install -y chromium`, as .ci/run does), "
+            "point MELANOMA_CHROMIUM at a Chromium binary, or set MELANOMA_SKIP_BROWSER=1 to skip this test."
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def live_app(tmp_path_factory, fixtures_dir):
+    """app.build_app() from the environment (MELANOMA_MODELS_DIR), served on a free local port."""
+    from test_zoo import make_tiny_model_folders
+
+    import app as app_module
+
+    models_dir = tmp_path_factory.mktemp("browser_models")
+    make_tiny_model_folders(models_dir, fixtures_dir, cnn=False)
+    saved = {k: os.environ.get(k) for k in ("MELANOMA_MODELS_DIR", "MELANOMA_HUB_MODELS", "MELANOMA_DEFAULT_MODEL")}
+    os.environ["MELANOMA_MODELS_DIR"] = str(models_dir)
+    os.environ["MELANOMA_HUB_MODELS"] = ""
+    os.environ["MELANOMA_DEFAULT_MODEL"] = "melanoma-vit-tiny"
+    try:
+        _, fastapi_app = app_module.build_app()
+        zoo = fastapi_app.state.zoo
+        assert zoo.ood_detector is not None, zoo.ood_note  # the shipped models/ood-detector
+        port = app_module.free_port()
+        server, thread = app_module.serve(fastapi_app, port=port, block=False)
+        yield f"http://127.0.0.1:{port}/", zoo
+        server.should_exit = True
+        thread.join(timeout=30)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture()
+def page(browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    yield page
+    page.close()
+
+
+def _shot(page, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    return path
+
+
+def test_single_image_shows_probabilities_and_heatmap(browser, live_app, page, ham_image_paths):
+    url, zoo = live_app
+    page.goto(url)
+    page.get_by_role("button", name="Classify", exact=True).wait_for()
+    page.locator("input[type=file]").first.set_input_files(str(ham_image_paths[0]))
+    page.get_by_role("button", name="Classify", exact=True).click()
+
+    # The verdict appears with the melanoma probability, and the explanation image gets its new label.
+    page.get_by_text("Melanoma probability:").wait_for()
+    explanation = page.locator(".block").filter(
+        has=page.locator("[data-testid=block-label]", has_text="Explanation: attention rollout")
+    )
+    heatmap = explanation.locator("img").first
+    heatmap.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=heatmap.element_handle())
+    # The browser shows a real overlay: the lesion, visibly recoloured by the heat map.
+    response = page.request.get(heatmap.get_attribute("src"))
+    assert response.ok, response.status
+    overlay = Image.open(io.BytesIO(response.body())).convert("RGB")
+    assert min(overlay.size) >= 32
+    original = load_image(ham_image_paths[0]).convert("RGB").resize(overlay.size)
+    assert np.abs(np.asarray(overlay, np.float32) - np.asarray(original, np.float32)).mean() > 10.0
+
+    # gr.Label lists every class name with a percentage; P(mel) matches the zoo's own prediction.
+    label = page.locator(".block", has=page.get_by_text("Class probabilities")).first
+    text = label.inner_text()
+    for name in DX_NAMES.values():
+        assert name in text, (name, text)
+    expected = zoo.get(None).predict([load_image(ham_image_paths[0], max_side=1024)])[0]["mel"]
+    shown = page.get_by_text(re.compile(r"Melanoma probability: [\d.]+%")).inner_text()
+    assert float(re.search(r"([\d.]+)%", shown).group(1)) == pytest.approx(100 * expected, abs=0.051)
+    _shot(page, "single_image")
+
+
+def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_image_paths, fixtures_dir):
+    url, zoo = live_app
+    files = [*ham_image_paths[:3], sorted((fixtures_dir / "isic2017" / "test").glob("*.jpg"))[0], GRACE_HOPPER]
+    page.goto(url)
+    page.get_by_role("tab", name="Batch").click()
+    batch_button = page.get_by_role("button", name="Classify all")
+    batch_button.wait_for()
+    page.locator("input[type=file][multiple]").set_input_files([str(p) for p in files])
+    # The upload finishes before the click counts: wait for every file in the File component's list.
+    for path in files:
+        page.locator(f'[aria-label="{path.name}"]').first.wait_for()
+    batch_button.click()
+
+    captions = page.locator(".caption-label")
+    expect(captions).to_have_count(len(files), timeout=TIMEOUT_MS)
+    shown = [CAPTION.search(t).groups() for t in captions.all_inner_texts()]
+    ranks = [int(rank) for rank, _, _ in shown]
+    names = [name for _, name, _ in shown]
+    probs = [float(p) for _, _, p in shown]
+    assert ranks == list(range(1, len(files) + 1))
+    assert probs == sorted(probs, reverse=True), probs
+
+    # Same order as ranking the zoo's own P(mel) (the app ranks records by it, highest first).
+    entry = zoo.get(None)
+    p_mel = {p.name: entry.predict([load_image(p, max_side=1024)])[0]["mel"] for p in files}
+    assert names == sorted(p_mel, key=lambda n: -p_mel[n])
+    for name, p in zip(names, probs):
+        assert p == pytest.approx(100 * p_mel[name], abs=0.051)
+    # The natural photo is marked as possibly not dermoscopy; the lesions are not.
+    texts = captions.all_inner_texts()
+    assert any(GRACE_HOPPER.name in t and "not dermoscopy?" in t for t in texts), texts
+    assert not any(t for t in texts if "not dermoscopy?" in t and GRACE_HOPPER.name not in t), texts
+    _shot(page, "batch_ranked")
