@@ -559,7 +559,8 @@ def build_app(
             except (InvalidImageError, HTTPException) as err:
                 errors.append({"name": name, "error": getattr(err, "detail", None) or str(err)})
         if not named:
-            raise HTTPException(status_code=400, detail={"message": "No usable image in the request.", "errors": errors})
+            summary = "; ".join(f"{e['name']}: {e['error']}" for e in errors)
+            return JSONResponse(status_code=400, content={"detail": f"No usable image in the request. {summary}", "errors": errors})
         task_uuid = tasks.submit(run_records(entry, named, errors))
         return {"task_uuid": task_uuid, "num_images": len(named), "errors": errors}
 

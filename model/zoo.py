@@ -393,6 +393,7 @@ class ModelZoo:
         self._resolve_hub_ids()
         self._default = default or os.environ.get("MELANOMA_DEFAULT_MODEL") or None
         self._ood_loaded = False
+        self._ood_score_lock = threading.Lock()
         self._ood: Any = None
         self.ood_note: str | None = None
 
@@ -430,7 +431,8 @@ class ModelZoo:
         detector = self.ood_detector
         if detector is None:
             return [None] * len(images)
-        return list(detector.score(list(images)))
+        with self._ood_score_lock:  # one shared feature extractor, built lazily by the detector
+            return list(detector.score(list(images)))
 
     def _resolve_hub_ids(self) -> None:
         """Keep Hub ids whose config can be fetched (or is cached); note the others as skipped."""

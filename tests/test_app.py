@@ -201,7 +201,8 @@ def test_rest_bad_inputs_give_4xx_json(live, tmp_path, ham_image_paths):
     response = httpx.post(url + "predict")  # no file at all
     assert response.status_code == 422 and "detail" in response.json()
     response = httpx.post(url + "predict_bulk", files=[("files", ("a.txt", b"hello")), ("files", ("b.jpg", b""))])
-    assert response.status_code == 400 and len(response.json()["detail"]["errors"]) == 2
+    assert response.status_code == 400 and len(response.json()["errors"]) == 2
+    assert "a.txt: Not a recognised image" in response.json()["detail"] and "b.jpg: The file is empty" in response.json()["detail"]
     assert httpx.get(url + "public_models").status_code == 200  # still serving
 
 
