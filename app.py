@@ -167,7 +167,7 @@ def readable_probabilities(entry: ZooModel, probabilities: dict[str, float]) -> 
     return {entry.labels.get(code, code): p for code, p in probabilities.items()}
 
 
-def model_details_markdown(entry: ZooModel, skipped: dict[str, str]) -> str:
+def model_details_markdown(entry: ZooModel) -> str:
     info = entry.describe()
     lines = [
         f"**{info['model_id']}**: `{info['net_type']}`, {info['num_parameters'] / 1e6:.2f} M parameters, "
@@ -185,8 +185,6 @@ def model_details_markdown(entry: ZooModel, skipped: dict[str, str]) -> str:
             + "; ".join(f"{m['name']} {m['value']:.3f} on {m['dataset']}" for m in info["metrics"])
             + "."
         )
-    if skipped:
-        lines.append("Hub models not available here (skipped): " + ", ".join(f"`{k}`" for k in skipped) + ".")
     return "\n\n".join(lines)
 
 
@@ -354,7 +352,8 @@ def build_app(
         csv_dir = Path(tempfile.mkdtemp(prefix="melanoma_batch_"))
         csv_path = csv_dir / f"melanoma_batch_{entry.id.replace('/', '_')}.csv"
         table.to_csv(csv_path, index=False)
-        shown = table[[c for c in ("rank", "file", "melanoma_probability", "above_threshold", "top_class_name", "ood", "error") if c in table]]
+        columns = ("rank", "file", "melanoma_probability", "above_threshold", "top_class_name", "ood", "error")
+        shown = table[[c for c in columns if c in table]].round(4)
         error_md = (
             "**Files that could not be used** (the rest of the batch was processed):\n"
             + "\n".join(f"- `{e['name']}`: {e['error']}" for e in errors)
@@ -383,7 +382,7 @@ def build_app(
         entry = get_entry(model_id)
         rollout = entry.uses_rollout
         return (
-            model_details_markdown(entry, zoo.skipped),
+            model_details_markdown(entry),
             gr.Radio(visible=rollout),
             gr.Slider(visible=rollout),
             # Slider needs maximum > minimum; predict() clamps start_layer to the last layer.
@@ -398,7 +397,7 @@ def build_app(
             model_choice = gr.Dropdown(
                 choices=zoo.ids, value=default_id, label="Model", interactive=True, scale=1
             )
-            with gr.Accordion("Model details", open=False):
+            with gr.Accordion("Model details", open=True):
                 details = gr.Markdown(
                     "No model found: add a model folder under models/." if default_id is None else ""
                 )
@@ -446,7 +445,9 @@ def build_app(
             files_in = gr.File(file_count="multiple", label="Images")
             batch_button = gr.Button("Classify all", variant="primary")
             batch_errors = gr.Markdown()
-            gallery = gr.Gallery(label="Ranked by melanoma probability", columns=6, height="auto", allow_preview=False)
+            gallery = gr.Gallery(
+                label="Ranked by melanoma probability", columns=6, height="auto", allow_preview=False, object_fit="contain"
+            )
             with gr.Row():
                 sel_probs = gr.Label(num_top_classes=len(DX_NAMES), label="Selected image")
                 with gr.Column():

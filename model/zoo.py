@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -343,6 +344,22 @@ def _hub_ids_from_env_or_yaml(models_dir: Path) -> list[str]:
     return []
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hub endpoint accepts a TCP connection (False when HF_HUB_OFFLINE is set)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 def _is_classifier_folder(folder: Path) -> bool:
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -438,9 +455,13 @@ class ModelZoo:
         """Keep Hub ids whose config can be fetched (or is cached); note the others as skipped."""
         from transformers import AutoConfig
 
+        if not self._hub_ids:
+            return
+        # One quick probe instead of huggingface_hub's retries per id (~40 s each when offline).
+        local_only = not _hub_reachable()
         for hub_id in self._hub_ids:
             try:
-                AutoConfig.from_pretrained(hub_id)
+                AutoConfig.from_pretrained(hub_id, local_files_only=local_only)
             except Exception as err:  # offline, missing, private, unknown model type
                 reason = str(err).splitlines()[0][:200]
                 logger.warning("Skipping Hub model %s: %s", hub_id, reason)
