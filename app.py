@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, ImageOps
 
 from model.imageio import MAX_BYTES, InvalidImageError, load_image
-from model.labels import DX_NAMES, MELANOMA
+from model.labels import DX_NAMES
 from model.zoo import ModelZoo, UnknownModelError, ZooModel
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,8 @@ def model_details_markdown(entry: ZooModel) -> str:
         f"**{info['model_id']}**: `{info['net_type']}`, {info['num_parameters'] / 1e6:.2f} M parameters, "
         f"input {info['img_size']}x{info['img_size']} px, {info['out_dim']} classes; "
         f"explanation: {info['explanation']}.",
-        f"Calibration: temperature {info['temperature']:.3g}; melanoma threshold {info['melanoma_threshold']:.3g} on P(mel).",
+        f"Calibration: temperature {info['temperature']:.3g}; "
+        f"melanoma threshold {info['melanoma_threshold']:.3g} on P(mel).",
         f"Training data: {', '.join(info['datasets']) or 'not stated (no model card)'}.",
         f"License: {info['license'] or 'not stated (no model card)'}.",
     ]
@@ -328,7 +329,9 @@ def build_app(
                 errors.append({"name": name, "error": str(err)})
         total = len(named)
         progress((0, total), desc="Classifying", unit="images")
-        records = score_images(entry, named, on_chunk=lambda done: progress((done, total), desc="Classifying", unit="images"))
+        records = score_images(
+            entry, named, on_chunk=lambda done: progress((done, total), desc="Classifying", unit="images")
+        )
         images = dict(named)
         order = sorted(range(len(records)), key=lambda i: -(records[i]["prediction"]["melanoma_probability"] or 0.0))
         ranked = [records[i] for i in order]
@@ -342,9 +345,8 @@ def build_app(
             else:
                 colour, tag = BELOW_COLOUR, "below threshold"
             p_mel = pred["melanoma_probability"] or 0.0
-            gallery.append(
-                (_marked_thumbnail(images[record["name"]], colour), f"#{rank} {record['name']}: P(mel) {p_mel:.1%}, {tag}")
-            )
+            caption = f"#{rank} {record['name']}: P(mel) {p_mel:.1%}, {tag}"
+            gallery.append((_marked_thumbnail(images[record["name"]], colour), caption))
             record["path"] = paths[record["name"]]
         rows = [_csv_row(rank, r) for rank, r in enumerate(ranked, start=1)] + [_csv_row(None, e) for e in errors]
         table = pd.DataFrame(rows)
@@ -418,7 +420,9 @@ def build_app(
                         start_layer = gr.Slider(0, 11, value=0, step=1, label="Rollout start layer")
                     run_button = gr.Button("Classify", variant="primary")
                     if example_paths:
-                        gr.Examples(examples=[[p] for p in example_paths], inputs=[image_in], example_labels=example_captions)
+                        gr.Examples(
+                            examples=[[p] for p in example_paths], inputs=[image_in], example_labels=example_captions
+                        )
                         gr.Markdown(f"<small>{attribution}</small>")
                 with gr.Column():
                     verdict = gr.Markdown()
@@ -433,7 +437,8 @@ def build_app(
                 inputs=[image_in, model_choice, head_fusion, discard_ratio, start_layer],
                 outputs=[probs_out, verdict, heatmap_out, plain_out, json_out],
                 api_name="predict",
-                api_description="One image -> class probabilities, verdict, explanation, image, JSON. " + API_DESCRIPTION,
+                api_description="One image -> class probabilities, verdict, explanation, image, JSON. "
+                + API_DESCRIPTION,
             )
 
         with gr.Tab("Batch"):
@@ -446,7 +451,11 @@ def build_app(
             batch_button = gr.Button("Classify all", variant="primary")
             batch_errors = gr.Markdown()
             gallery = gr.Gallery(
-                label="Ranked by melanoma probability", columns=6, height="auto", allow_preview=False, object_fit="contain"
+                label="Ranked by melanoma probability",
+                columns=6,
+                height="auto",
+                allow_preview=False,
+                object_fit="contain",
             )
             with gr.Row():
                 sel_probs = gr.Label(num_top_classes=len(DX_NAMES), label="Selected image")
@@ -471,7 +480,10 @@ def build_app(
                 api_visibility="private",
             )
 
-        gr.Markdown(f"<small>{DISCLAIMER} Models trained on HAM10000 inherit its CC BY-NC-SA 4.0 terms (non-commercial).</small>")
+        gr.Markdown(
+            f"<small>{DISCLAIMER} Models trained on HAM10000 inherit its CC BY-NC-SA 4.0 terms "
+            "(non-commercial).</small>"
+        )
         model_choice.change(
             on_model_change,
             inputs=[model_choice],
@@ -551,7 +563,8 @@ def build_app(
         """Queue many images; bad files are reported per file and do not abort the batch."""
         entry = rest_entry(model_id)
         if len(files) > MAX_BULK_FILES:
-            raise HTTPException(status_code=413, detail=f"At most {MAX_BULK_FILES} files per request, got {len(files)}.")
+            detail = f"At most {MAX_BULK_FILES} files per request, got {len(files)}."
+            raise HTTPException(status_code=413, detail=detail)
         named, errors = [], []
         for upload in files:
             name = upload.filename or f"image_{len(named) + len(errors)}"
@@ -561,7 +574,8 @@ def build_app(
                 errors.append({"name": name, "error": getattr(err, "detail", None) or str(err)})
         if not named:
             summary = "; ".join(f"{e['name']}: {e['error']}" for e in errors)
-            return JSONResponse(status_code=400, content={"detail": f"No usable image in the request. {summary}", "errors": errors})
+            content = {"detail": f"No usable image in the request. {summary}", "errors": errors}
+            return JSONResponse(status_code=400, content=content)
         task_uuid = tasks.submit(run_records(entry, named, errors))
         return {"task_uuid": task_uuid, "num_images": len(named), "errors": errors}
 

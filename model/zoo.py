@@ -306,7 +306,10 @@ class ZooModel:
                     token_rows=token_rows,
                 )[0]
                 logits = out.logits
-                method = f"attention rollout (head fusion {head_fusion}, discard {discard_ratio:.2f}, from layer {int(start_layer)})"
+                method = (
+                    f"attention rollout (head fusion {head_fusion}, discard {discard_ratio:.2f}, "
+                    f"from layer {int(start_layer)})"
+                )
             else:
                 from .gradcam import grad_cam
 
@@ -495,7 +498,9 @@ class ModelZoo:
         """The loaded model for `model_id` (default model when None); loads it on first use."""
         model_id = model_id or self.default_id
         if model_id is None:
-            raise UnknownModelError(f"No models found in {self.models_dir} (folders with an image-classification config.json).")
+            raise UnknownModelError(
+                f"No models found in {self.models_dir} (folders with an image-classification config.json)."
+            )
         if model_id not in self._sources:
             raise UnknownModelError(f"Unknown model {model_id!r}; available: {', '.join(self.ids) or 'none'}.")
         with self._lock:

@@ -74,7 +74,8 @@ def test_gradio_predict_endpoint(live, ham_image_paths):
     assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-4)
     entry = zoo.get("melanoma-vit-tiny")
     assert record["prediction"]["melanoma"] == (expected["mel"] >= entry.melanoma_threshold)
-    assert record["metadata"] == {"model_id": "melanoma-vit-tiny", "net_type": "melanoma_vit", "img_size": 32, "out_dim": 7}
+    metadata = {"model_id": "melanoma-vit-tiny", "net_type": "melanoma_vit", "img_size": 32, "out_dim": 7}
+    assert record["metadata"] == metadata
     assert f"Melanoma probability: {expected['mel']:.1%}" in verdict
     assert ("Above" in verdict) == record["prediction"]["melanoma"]
     overlay = np.asarray(Image.open(heatmap["value"] if isinstance(heatmap, dict) else heatmap))
@@ -118,7 +119,7 @@ def test_gradio_batch_ranking_gallery_csv(live, tmp_path, fixtures_dir, ham_imag
     url, client, zoo, _ = live
     images = ham_image_paths + sorted((fixtures_dir / "isic2017" / "test").glob("*.jpg"))
     bad = bad_image_files(tmp_path, ham_image_paths[0])
-    uploads = [handle_file(str(p)) for p in images] + [handle_file(str(bad["truncated"])), handle_file(str(bad["text"]))]
+    uploads = [handle_file(str(p)) for p in images + [bad["truncated"], bad["text"]]]
     gallery, table, csv_path, errors_md = client.predict(uploads, "melanoma-vit-tiny", api_name="/predict_batch")
 
     entry = zoo.get("melanoma-vit-tiny")
@@ -165,7 +166,8 @@ def test_rest_docs_models_and_predict(live, ham_image_paths):
     assert models["models"][0]["license"] == "cc-by-nc-sa-4.0"
 
     path = ham_image_paths[3]
-    response = httpx.post(url + "predict", params={"model_id": "vit-tiny"}, files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+    upload = {"file": (path.name, path.read_bytes(), "image/jpeg")}
+    response = httpx.post(url + "predict", params={"model_id": "vit-tiny"}, files=upload)
     assert response.status_code == 200, response.text
     body = _poll(url, response.json()["task_uuid"])
     assert body["status"] == "done" and "NOT A MEDICAL DEVICE" in body["disclaimer"]
@@ -194,7 +196,8 @@ def test_rest_bad_inputs_give_4xx_json(live, tmp_path, ham_image_paths):
     too_big = ham_image_paths[0].read_bytes() + b"\0" * MAX_UPLOAD
     response = httpx.post(url + "predict", files={"file": ("big.jpg", too_big)})
     assert response.status_code == 413 and "limit" in response.json()["detail"]
-    response = httpx.post(url + "predict", params={"model_id": "nope"}, files={"file": ("a.jpg", ham_image_paths[0].read_bytes())})
+    upload = {"file": ("a.jpg", ham_image_paths[0].read_bytes())}
+    response = httpx.post(url + "predict", params={"model_id": "nope"}, files=upload)
     assert response.status_code == 404 and "Unknown model 'nope'" in response.json()["detail"]
     response = httpx.get(url + "from_task/00000000-0000-4000-8000-000000000000")
     assert response.status_code == 404 and "Unknown or expired task" in response.json()["detail"]
@@ -202,7 +205,8 @@ def test_rest_bad_inputs_give_4xx_json(live, tmp_path, ham_image_paths):
     assert response.status_code == 422 and "detail" in response.json()
     response = httpx.post(url + "predict_bulk", files=[("files", ("a.txt", b"hello")), ("files", ("b.jpg", b""))])
     assert response.status_code == 400 and len(response.json()["errors"]) == 2
-    assert "a.txt: Not a recognised image" in response.json()["detail"] and "b.jpg: The file is empty" in response.json()["detail"]
+    detail = response.json()["detail"]
+    assert "a.txt: Not a recognised image" in detail and "b.jpg: The file is empty" in detail
     assert httpx.get(url + "public_models").status_code == 200  # still serving
 
 
@@ -287,7 +291,8 @@ def test_task_store_ttl_and_max_count():
 def test_rest_bulk_of_104_images_completes(live, tmp_path, ham_image_paths, fixtures_dir):
     url, _, zoo, _ = live
     sources = ham_image_paths + sorted((fixtures_dir / "isic2017" / "test").glob("*.jpg"))
-    uploads = [("files", (f"copy{i:03d}_{p.name}", p.read_bytes(), "image/jpeg")) for i, p in enumerate(sources * 7)][:104]
+    copies = list(enumerate(sources * 7))[:104]
+    uploads = [("files", (f"copy{i:03d}_{p.name}", p.read_bytes(), "image/jpeg")) for i, p in copies]
     response = httpx.post(url + "predict_bulk", params={"model_id": "melanoma-vit-tiny"}, files=uploads, timeout=120)
     assert response.status_code == 200, response.text
     assert response.json()["num_images"] == 104
@@ -322,7 +327,8 @@ def test_ood_warning_replaces_the_flag(live, tmp_path, ham_image_paths):
         _, verdict, _, _, record = client.predict(handle_file(str(tmp)), None, "mean", 0.9, 0, api_name="/predict")
         assert record["ood"]["is_ood"] and record["warning"]
         assert "may not be a dermoscopic" in verdict and "Melanoma probability" not in verdict
-        _, verdict, _, _, record = client.predict(handle_file(str(ham_image_paths[0])), None, "mean", 0.9, 0, api_name="/predict")
+        lesion = handle_file(str(ham_image_paths[0]))
+        _, verdict, _, _, record = client.predict(lesion, None, "mean", 0.9, 0, api_name="/predict")
         assert record["ood"]["is_ood"] is False and record["warning"] is None
         assert "Melanoma probability" in verdict
         response = httpx.post(url + "predict", files={"file": ("board.png", tmp.read_bytes())})
@@ -347,7 +353,8 @@ def test_gallery_selection_and_model_switch(live, ham_image_paths):
     paths = [str(p) for p in ham_image_paths[:4]]
     gallery, _, _, _, state = _blocks_fn(demo, "predict_batch")(paths, "resnet18-tiny", progress=gr.Progress())
     assert [r["name"] for r in state["records"]] == [c.split(" ")[1].rstrip(":") for _, c in gallery]
-    probs, verdict, heatmap, plain = _blocks_fn(demo, "show_selected")(state, gr.SelectData(None, {"index": 1, "value": None}))
+    selected = gr.SelectData(None, {"index": 1, "value": None})
+    probs, verdict, heatmap, plain = _blocks_fn(demo, "show_selected")(state, selected)
     second = state["records"][1]
     assert second["name"] in verdict
     assert probs["Melanoma"] == pytest.approx(second["probabilities"]["mel"])

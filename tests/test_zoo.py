@@ -74,7 +74,9 @@ def make_tiny_model_folders(root: Path, fixtures_dir: Path, cnn: bool = True) ->
     images, labels = _fixture_batch(fixtures_dir)
     folders: dict[str, Path] = {}
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
-    sizes = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    sizes = dict(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
 
     vit = MelanomaViTForImageClassification(
         MelanomaViTConfig(**sizes, id2label=dx_id2label(), label2id=dx_label2id())
@@ -276,7 +278,8 @@ def png_header_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def bad_image_files(directory: Path, fixture_jpeg: Path) -> dict[str, Path]:
