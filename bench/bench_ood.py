@@ -348,6 +348,8 @@ def main() -> None:
         "isic2017_val (threshold set)": isic_val,
         "isic2017_test (held out)": isic_test,
     }
+    test_labels = pd.read_csv(DATA / "isic2017" / "labels.csv").query("split == 'test'")["label"].to_numpy()
+    in_dist["  of which melanoma"] = isic_test[torch.from_numpy(test_labels == "melanoma")]
     ood: dict[str, torch.Tensor] = {}
     for name, fn in OOD_SOURCES.items():
         if name in args.skip:
@@ -360,14 +362,17 @@ def main() -> None:
 
     def report(det) -> None:
         print(f"\nOOD detector: image {det.image_size}px, k={det.components.shape[0]}, threshold {det.threshold:.1f}")
-        print(f"{'source':40s} {'n':>5s} {'warned':>8s}   median score")
+        print(f"{'source':40s} {'n':>5s} {'warned':>8s}   median score   min/threshold  max/threshold")
         total_warn = total_n = 0
         for title, table in (("in distribution (want <= 5 %)", in_dist), ("out of distribution (want >= 90 %)", ood)):
             print(f"-- {title}")
             for name, feats in table.items():
                 scores = det.score_features(feats)
                 rate = float((scores > det.threshold).float().mean())
-                print(f"{name:40s} {len(scores):5d} {100 * rate:7.1f}%   {float(scores.median()):10.1f}")
+                print(
+                    f"{name:40s} {len(scores):5d} {100 * rate:7.1f}%   {float(scores.median()):10.1f}"
+                    f"   {float(scores.min()) / det.threshold:12.2f}  {float(scores.max()) / det.threshold:12.2f}"
+                )
                 if table is ood:
                     total_warn += int((scores > det.threshold).sum())
                     total_n += len(scores)
