@@ -318,13 +318,13 @@ def build_app(
             raise gr.Error("Upload one or more images first.")
         entry = get_entry(model_id)
         named: list[tuple[str, Image.Image]] = []
-        paths: dict[str, str] = {}
+        paths: list[str] = []  # parallel to `named` (file names may repeat across folders)
         errors: list[dict[str, Any]] = []
         for path in progress.tqdm(files, desc="Reading images"):
             name = _name_of(path)
             try:
                 named.append((name, read_image(path)))
-                paths[name] = path
+                paths.append(path)
             except InvalidImageError as err:
                 errors.append({"name": name, "error": str(err)})
         total = len(named)
@@ -332,11 +332,10 @@ def build_app(
         records = score_images(
             entry, named, on_chunk=lambda done: progress((done, total), desc="Classifying", unit="images")
         )
-        images = dict(named)
         order = sorted(range(len(records)), key=lambda i: -(records[i]["prediction"]["melanoma_probability"] or 0.0))
         ranked = [records[i] for i in order]
         gallery = []
-        for rank, record in enumerate(ranked, start=1):
+        for rank, (index, record) in enumerate(zip(order, ranked), start=1):
             pred = record["prediction"]
             if record["warning"]:
                 colour, tag = OOD_COLOUR, "⚠ not dermoscopy?"
@@ -346,8 +345,8 @@ def build_app(
                 colour, tag = BELOW_COLOUR, "below threshold"
             p_mel = pred["melanoma_probability"] or 0.0
             caption = f"#{rank} {record['name']}: P(mel) {p_mel:.1%}, {tag}"
-            gallery.append((_marked_thumbnail(images[record["name"]], colour), caption))
-            record["path"] = paths[record["name"]]
+            gallery.append((_marked_thumbnail(named[index][1], colour), caption))
+            record["path"] = paths[index]
         rows = [_csv_row(rank, r) for rank, r in enumerate(ranked, start=1)] + [_csv_row(None, e) for e in errors]
         table = pd.DataFrame(rows)
         table["rank"] = table["rank"].astype("Int64")

@@ -4,6 +4,7 @@ through gradio_client and HTTP, on tiny real models trained from the fixture ima
 from __future__ import annotations
 
 import io
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -342,7 +343,7 @@ def _blocks_fn(demo, name: str):
     return next(f.fn for f in demo.fns.values() if f.name == name)
 
 
-def test_gallery_selection_and_model_switch(live, ham_image_paths):
+def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     """The UI-only events (not API endpoints): per-image detail on gallery selection, and the
     model dropdown switching between rollout controls (ViT) and Grad-CAM (CNN)."""
     import gradio as gr
@@ -351,8 +352,16 @@ def test_gallery_selection_and_model_switch(live, ham_image_paths):
 
     demo, _ = app_module.build_app(live[2])  # a second app on the same (already loaded) zoo
     paths = [str(p) for p in ham_image_paths[:4]]
-    gallery, _, _, _, state = _blocks_fn(demo, "predict_batch")(paths, "resnet18-tiny", progress=gr.Progress())
+    # Same file name from another folder (a different image): both must be kept apart.
+    twin = tmp_path / ham_image_paths[0].name
+    shutil.copy(ham_image_paths[5], twin)
+    gallery, _, _, _, state = _blocks_fn(demo, "predict_batch")(
+        paths + [str(twin)], "resnet18-tiny", progress=gr.Progress()
+    )
     assert [r["name"] for r in state["records"]] == [c.split(" ")[1].rstrip(":") for _, c in gallery]
+    twins = [r for r in state["records"] if r["name"] == twin.name]
+    assert len(twins) == 2 and {r["path"] for r in twins} == {paths[0], str(twin)}
+    assert twins[0]["probabilities"] != twins[1]["probabilities"]
     selected = gr.SelectData(None, {"index": 1, "value": None})
     probs, verdict, heatmap, plain = _blocks_fn(demo, "show_selected")(state, selected)
     second = state["records"][1]
