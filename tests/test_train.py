@@ -209,7 +209,7 @@ def test_unfreezing_schedule_and_frozen_params_unchanged() -> None:
                 assert torch.equal(p, before[n]), n  # frozen: no gradient, no decay, no update
 
 
-def test_frozen_batchnorm_stats_stay(tmp_path: Path) -> None:
+def test_frozen_batchnorm_stats_stay() -> None:
     resnet = create_resnet("resnet18", pretrained=False).train()
     apply_freezing(resnet, parameter_blocks(resnet), 1)
     stem_bn = resnet.timm_model.bn1
