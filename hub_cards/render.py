@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from model.calibration import config_temperature
 from model.labels import DX_NAMES, MELANOMA
 
 logger = logging.getLogger(__name__)
@@ -441,7 +442,7 @@ def render_model_card(
         eval_results=eval_results or None,
         base_model=base_model if isinstance(base_model, str) and "/" in base_model else None,
     )
-    temperature = config.get("temperature")
+    temperature = config_temperature(config)
     threshold = config.get("melanoma_threshold")
     card = ModelCard.from_template(
         card_data,

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 # Importing this module imports the `model` package, which registers MelanomaViT with the Auto classes.
+from .calibration import config_temperature
 from .labels import DX_NAMES, MELANOMA
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class ZooModel:
         self.id2label: dict[int, str] = {int(k): v for k, v in self.config.id2label.items()}
         self.out_dim = len(self.id2label)
         self.labels: dict[str, str] = {code: DX_NAMES.get(code, code) for code in self.id2label.values()}
-        self.temperature = float(getattr(self.config, "temperature", None) or 1.0)
+        self.temperature = config_temperature(self.config) or 1.0
         threshold = getattr(self.config, "melanoma_threshold", None)
         self.melanoma_threshold = float(threshold) if threshold is not None else 0.5
         self.has_melanoma_class = MELANOMA in self.id2label.values()

@@ -395,3 +395,18 @@ def test_write_calibration_round_trips_for_timm_wrapper(tmp_path):
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert config_temperature(loaded) == pytest.approx(1.7)
     assert loaded.melanoma_threshold == pytest.approx(0.12)
+
+
+def test_calibration_temperature_is_read_from_either_key():
+    """Baselines store T as calibration_temperature (transformers drops an undeclared `temperature`)."""
+    from transformers import TimmWrapperConfig
+
+    from model.calibration import config_temperature
+    from model.configuration_melanoma_vit import MelanomaViTConfig
+
+    assert config_temperature(MelanomaViTConfig()) is None
+    assert config_temperature(MelanomaViTConfig(temperature=1.7)) == 1.7
+    timm_cfg = TimmWrapperConfig(architecture="resnet18", calibration_temperature=2.5)
+    assert config_temperature(TimmWrapperConfig.from_dict(timm_cfg.to_dict())) == 2.5
+    assert config_temperature({"calibration_temperature": 1.3}) == 1.3
+    assert config_temperature({"temperature": 1.0}) is None

@@ -57,6 +57,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification  # noqa: E402
 
 import model as _melanoma_models  # noqa: E402,F401  registers MelanomaViT with the Auto classes
+from model.calibration import config_temperature  # noqa: E402
 from model.labels import BINARY_LABELS, MELANOMA  # noqa: E402
 from model.rollout import attention_rollout  # noqa: E402
 from train.data import (  # noqa: E402
@@ -401,14 +402,6 @@ def write_calibration(folder: str | Path, config: Any, temperature: float | None
         config.melanoma_threshold = float(threshold)
     config.save_pretrained(folder)
     logger.info("wrote temperature=%s melanoma_threshold=%s to %s", temperature, threshold, folder / "config.json")
-
-
-def config_temperature(config: Any) -> float | None:
-    """Temperature stored by a previous calibration, or None when uncalibrated."""
-    t = getattr(config, "temperature", None)
-    if t is None or float(t) == 1.0:
-        t = getattr(config, "calibration_temperature", None)
-    return None if t is None or float(t) == 1.0 else float(t)
 
 
 def write_predictions(pred: dict[str, Any], arrays: dict[str, np.ndarray], names: list[str], data_names: list[str],
