@@ -167,23 +167,29 @@ def readable_probabilities(entry: ZooModel, probabilities: dict[str, float]) -> 
     return {entry.labels.get(code, code): p for code, p in probabilities.items()}
 
 
+# Model-index metric names shown in the model details (the card has the rest).
+HEADLINE_METRICS = ("Melanoma ROC AUC", "Balanced accuracy", "Melanoma sensitivity")
+
+
 def model_details_markdown(entry: ZooModel) -> str:
     info = entry.describe()
+    no_card_value = "see the model card" if info["license"] else "not stated (no model card)"
     lines = [
         f"**{info['model_id']}**: `{info['net_type']}`, {info['num_parameters'] / 1e6:.2f} M parameters, "
         f"input {info['img_size']}x{info['img_size']} px, {info['out_dim']} classes; "
         f"explanation: {info['explanation']}.",
         f"Calibration: temperature {info['temperature']:.3g}; "
         f"melanoma threshold {info['melanoma_threshold']:.3g} on P(mel).",
-        f"Training data: {', '.join(info['datasets']) or 'not stated (no model card)'}.",
-        f"License: {info['license'] or 'not stated (no model card)'}.",
+        f"Training data: {', '.join(info['datasets']) or no_card_value}.",
+        f"License: {info['license'] or no_card_value}.",
     ]
     if info["base_model"]:
         lines.append(f"Base model: {info['base_model']}.")
     if info["metrics"]:
         lines.append(
             "Headline metrics (from the model card): "
-            + "; ".join(f"{m['name']} {m['value']:.3f} on {m['dataset']}" for m in info["metrics"])
+            + "; ".join(f"{m['name']} {m['value']:.3f} on {m['dataset']}" for m in info["metrics"]
+                        if m["name"].startswith(HEADLINE_METRICS))
             + "."
         )
     return "\n\n".join(lines)
