@@ -153,8 +153,8 @@ class ZooModel:
         self.device = torch.device(device)
         config = AutoConfig.from_pretrained(source)
         kwargs: dict[str, Any] = {}
-        if config.model_type == "vit":
-            # transformers' ViT returns attention weights only with the eager kernel.
+        if config.model_type in ("vit", "deit"):
+            # transformers' ViT / DeiT return attention weights only with the eager kernel.
             kwargs["attn_implementation"] = "eager"
         self.model = AutoModelForImageClassification.from_pretrained(source, **kwargs).to(self.device).eval()
         try:
@@ -173,7 +173,9 @@ class ZooModel:
         threshold = getattr(self.config, "melanoma_threshold", None)
         self.melanoma_threshold = float(threshold) if threshold is not None else 0.5
         self.has_melanoma_class = MELANOMA in self.id2label.values()
-        self.num_prefix_tokens = int(getattr(self.config, "num_prefix_tokens", 1))
+        # Stock DeiT exports of distilled models have CLS + distillation tokens but no such config key.
+        default_prefix = 2 if self.config.model_type == "deit" else 1
+        self.num_prefix_tokens = int(getattr(self.config, "num_prefix_tokens", default_prefix))
         self.num_layers = int(getattr(self.config, "num_hidden_layers", 0) or 0)
         self.card = _parse_card(Path(source)) if Path(source).is_dir() else None
         self.uses_rollout = self.net_type in ("melanoma_vit", "vit", "deit")

@@ -410,3 +410,32 @@ def test_calibration_temperature_is_read_from_either_key():
     assert config_temperature(TimmWrapperConfig.from_dict(timm_cfg.to_dict())) == 2.5
     assert config_temperature({"calibration_temperature": 1.3}) == 1.3
     assert config_temperature({"temperature": 1.0}) is None
+
+
+def test_rollout_mask_share_equal_for_distilled_model_and_its_stock_deit_export(ham_dir, tmp_path):
+    """Stock exports carry no num_prefix_tokens: the prefix count comes from the attention shape."""
+    from transformers import ViTImageProcessor
+
+    from model import MelanomaViTConfig, MelanomaViTForImageClassification
+    from model.convert import save_vit_export
+    from model.labels import dx_id2label
+    from train.data import load_image_dataset
+    from train.evaluate import load_model, predict
+
+    torch.manual_seed(0)
+    config = MelanomaViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=37, id2label=dx_id2label(),
+                               use_distillation_token=True)
+    ours = MelanomaViTForImageClassification(config).eval()
+    save_vit_export(ours, tmp_path / "export")
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path / "export")
+    export, export_processor = load_model(str(tmp_path / "export"), "cpu")
+    assert export.config.model_type == "deit"
+
+    ds = load_image_dataset(str(ham_dir))
+    a = predict(ours, processor, ds, 1, 8, "cpu", ham_dir / "masks")
+    b = predict(export, export_processor, ds, 1, 8, "cpu", ham_dir / "masks")
+    assert len(a["mask_shares"]) == 4
+    np.testing.assert_allclose(a["mask_shares"], b["mask_shares"], atol=1e-5)
+    torch.testing.assert_close(a["logits"], b["logits"], atol=1e-4, rtol=1e-4)

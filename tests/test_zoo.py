@@ -390,3 +390,29 @@ def test_real_fixture_roundtrip(ham_image_paths):
         out = load_image(path)
         assert out.mode == "RGB" and out.size == Image.open(path).size
         assert np.array_equal(np.asarray(out), np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_rollout_on_stock_deit_export_of_a_distilled_model(tmp_path, ham_image_paths):
+    """The stock export of a distilled MelanomaViT (DeiT-with-teacher) explains like the original."""
+    from transformers import ViTImageProcessor
+
+    from model import MelanomaViTConfig, MelanomaViTForImageClassification
+    from model.convert import save_vit_export
+    from model.labels import dx_id2label
+    from model.zoo import ZooModel
+
+    torch.manual_seed(0)
+    config = MelanomaViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=37, id2label=dx_id2label(),
+                               use_distillation_token=True)
+    ours = MelanomaViTForImageClassification(config).eval()
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    for name, save in (("ours", ours.save_pretrained), ("export", lambda d: save_vit_export(ours, d))):
+        save(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+    image = Image.open(ham_image_paths[0]).convert("RGB")
+    a = ZooModel("ours", tmp_path / "ours").analyze(image, discard_ratio=0.5)
+    b = ZooModel("export", tmp_path / "export").analyze(image, discard_ratio=0.5)
+    assert "rollout" in b.method
+    assert b.probabilities == pytest.approx(a.probabilities, abs=1e-4)
+    np.testing.assert_allclose(b.heatmap.astype(int), a.heatmap.astype(int), atol=2)

@@ -204,8 +204,6 @@ def predict(
     """
     config = net.config
     do_rollout = mask_dir is not None and config.model_type in ROLLOUT_MODEL_TYPES
-    num_prefix = int(getattr(config, "num_prefix_tokens", 1))
-    token_rows = ("cls", "dist") if num_prefix == 2 else ("cls",)
     raw = ds.cast_column("image", datasets.Image(decode=False)).with_format(None)
     logits, shares, areas = [], [], []
     for start in tqdm(range(0, len(raw), batch_size), desc=desc, unit="batch"):
@@ -221,6 +219,10 @@ def predict(
                 views.append(out.logits.float().cpu())
                 if want_attn:
                     grid = (pixel_values.shape[-2] // _patch(config)[0], pixel_values.shape[-1] // _patch(config)[1])
+                    # Prefix tokens (CLS, + DIST for distilled models) from the attention shape: stock
+                    # exports (ViT / DeiT-with-teacher) have no num_prefix_tokens in their config.
+                    num_prefix = out.attentions[0].shape[-1] - grid[0] * grid[1]
+                    token_rows = ("cls", "dist") if num_prefix == 2 else ("cls",)
                     maps = attention_rollout(out.attentions, num_prefix_tokens=num_prefix, token_rows=token_rows, grid_size=grid)
                     for image_id, saliency in zip(rows["image_id"], maps.float().cpu()):
                         mask_path = mask_dir / f"{image_id}_segmentation.png"
