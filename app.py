@@ -167,8 +167,8 @@ def readable_probabilities(entry: ZooModel, probabilities: dict[str, float]) -> 
     return {entry.labels.get(code, code): p for code, p in probabilities.items()}
 
 
-# Model-index metric names shown in the model details (the card has the rest).
-HEADLINE_METRICS = ("Melanoma ROC AUC", "Balanced accuracy", "Melanoma sensitivity")
+# Substrings of the model-index metric names shown in the model details (the card has the rest).
+HEADLINE_METRICS = ("auc", "balanced accuracy", "sensitivity")
 
 
 def model_details_markdown(entry: ZooModel) -> str:
@@ -185,11 +185,11 @@ def model_details_markdown(entry: ZooModel) -> str:
     ]
     if info["base_model"]:
         lines.append(f"Base model: {info['base_model']}.")
-    if info["metrics"]:
+    headline = [m for m in info["metrics"] if any(k in m["name"].lower() for k in HEADLINE_METRICS)]
+    if headline:
         lines.append(
             "Headline metrics (from the model card): "
-            + "; ".join(f"{m['name']} {m['value']:.3f} on {m['dataset']}" for m in info["metrics"]
-                        if m["name"].startswith(HEADLINE_METRICS))
+            + "; ".join(f"{m['name']} {m['value']:.3f} on {m['dataset']}" for m in headline)
             + "."
         )
     return "\n\n".join(lines)
