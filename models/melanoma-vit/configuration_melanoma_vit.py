@@ -1,0 +1,176 @@
+"""Configuration of MelanomaViT, a ViT/DeiT image classifier written for the Hugging Face ecosystem.
+
+This file ships to the Hub as remote code next to ``modeling_melanoma_vit.py``: it must only import
+torch/transformers and sibling files by relative import, never other modules of this project.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+# Copy of model/labels.py::DX_CODES (HAM10000 `dx` codes, the class index order of every 7-class
+# model). Copied rather than imported so the remote-code folder is self-contained; a test keeps
+# the two in sync.
+DEFAULT_DX_CODES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+
+_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu", "swish")
+
+
+def _as_pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {value!r}.")
+
+
+class MelanomaViTConfig(PretrainedConfig):
+    r"""Configuration of [`MelanomaViTModel`] / [`MelanomaViTForImageClassification`].
+
+    Field names follow transformers' `ViTConfig`, so a ViT-S/16 is
+    `MelanomaViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)`.
+
+    Args:
+        image_size: Input resolution (pixels) the position embeddings are learned for; int or (H, W).
+            Other sizes work through bicubic interpolation of the position embeddings.
+        patch_size: Side of the square patches (pixels); int or (H, W). Must divide `image_size`.
+        num_channels: Input channels (3 for RGB).
+        hidden_size: Token width C. Must be divisible by `num_attention_heads`.
+        num_hidden_layers: Number of pre-norm transformer blocks.
+        num_attention_heads: Attention heads per block.
+        intermediate_size: Hidden width of the MLP in each block.
+        hidden_act: MLP activation, a transformers `ACT2FN` name ("gelu" is the exact GELU used by timm).
+        hidden_dropout_prob: Dropout after the position embeddings, the attention projection and the MLP.
+        attention_probs_dropout_prob: Dropout on the attention weights.
+        layer_norm_eps: LayerNorm epsilon (timm ViT/DeiT use 1e-6).
+        qkv_bias: Whether the fused query/key/value projection has a bias.
+        drop_path_rate: Stochastic-depth rate of the last block; block i uses `rate * i / (L - 1)`.
+        use_distillation_token: Add a DeiT distillation token (token order `[CLS, DIST, patches]`) and
+            a second head.
+        initializer_range: Std of the truncated normal used to initialise weights.
+        temperature: Calibration temperature T > 0 (set by evaluation). The forward pass returns raw
+            logits; calibrated probabilities are `softmax(logits / T)`, see
+            `MelanomaViTForImageClassification.predict_proba`.
+        melanoma_threshold: Decision threshold on P(mel) chosen on validation data, or None.
+        id2label / label2id: Class names; default: the 7 HAM10000 dx codes.
+    """
+
+    model_type = "melanoma_vit"
+
+    # Declared as fields so transformers >= 5 (dataclass configs) serialises them as model fields;
+    # `temperature` would otherwise be mistaken for a generation parameter and refused on save.
+    image_size: int | list[int] = 224
+    patch_size: int | list[int] = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+    use_distillation_token: bool = False
+    initializer_range: float = 0.02
+    temperature: float = 1.0
+    melanoma_threshold: float | None = None
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        num_channels: int = 3,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 3072,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.0,
+        layer_norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        use_distillation_token: bool = False,
+        initializer_range: float = 0.02,
+        temperature: float = 1.0,
+        melanoma_threshold: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if "id2label" not in kwargs and "num_labels" not in kwargs:
+            kwargs["id2label"] = dict(enumerate(DEFAULT_DX_CODES))
+        self.image_size = list(image_size) if isinstance(image_size, (tuple, list)) else image_size
+        self.patch_size = list(patch_size) if isinstance(patch_size, (tuple, list)) else patch_size
+        self.num_channels = num_channels
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.layer_norm_eps = layer_norm_eps
+        self.qkv_bias = qkv_bias
+        self.drop_path_rate = drop_path_rate
+        self.use_distillation_token = use_distillation_token
+        self.initializer_range = initializer_range
+        self.melanoma_threshold = melanoma_threshold
+        super().__init__(**kwargs)
+        # After the base __init__: transformers 4.x resets `temperature` there (a generation default).
+        self.temperature = temperature
+        if self.id2label is not None and not self.label2id:
+            self.label2id = {label: int(i) for i, label in self.id2label.items()}
+        self._validate_melanoma_vit()
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens: CLS (+ DIST when `use_distillation_token`)."""
+        return 2 if self.use_distillation_token else 1
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, cols) at the native `image_size`."""
+        (ih, iw), (ph, pw) = _as_pair(self.image_size, "image_size"), _as_pair(self.patch_size, "patch_size")
+        return ih // ph, iw // pw
+
+    def _validate_melanoma_vit(self) -> None:
+        """Raise ValueError naming the field to change when the combination cannot build a model."""
+        for name in ("num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}); change one of them (e.g. hidden_size="
+                f"{self.num_attention_heads * max(1, round(self.hidden_size / self.num_attention_heads))})."
+            )
+        image, patch = _as_pair(self.image_size, "image_size"), _as_pair(self.patch_size, "patch_size")
+        if min(image) <= 0 or min(patch) <= 0:
+            raise ValueError(f"image_size ({image}) and patch_size ({patch}) must be positive.")
+        if image[0] % patch[0] or image[1] % patch[1]:
+            raise ValueError(
+                f"image_size {image} must be divisible by patch_size {patch}; change image_size to a multiple "
+                f"of the patch size (e.g. {patch[0] * max(1, image[0] // patch[0])})."
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}.")
+        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}.")
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
+            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}.")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}.")
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise ValueError(f"temperature must be a float > 0 (1.0 = uncalibrated), got {self.temperature!r}.")
+        threshold = self.melanoma_threshold
+        if threshold is not None and (not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0):
+            raise ValueError(f"melanoma_threshold must be None or a probability in [0, 1], got {threshold!r}.")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}.")
