@@ -10,7 +10,6 @@ import pytest
 import timm
 import torch
 from transformers import (
-    AutoModelForImageClassification,
     DeiTForImageClassificationWithTeacher,
     ViTForImageClassification,
     ViTImageProcessor,

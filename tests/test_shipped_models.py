@@ -94,3 +94,13 @@ def _repo_id_in(content: str, name: str) -> str | None:
 
     match = re.search(r'model_id = "([^"]+)"', content)
     return match.group(1) if match and match.group(1) != f"OWNER/{name}" else None
+
+
+@pytest.mark.parametrize("folder", [f for f in CLASSIFIERS if (f / "modeling_melanoma_vit.py").is_file()],
+                         ids=lambda f: f.name)
+def test_shipped_remote_code_is_the_current_model_code(folder):
+    """trust_remote_code runs the copies in the folder: they must not drift from model/."""
+    for name in ("configuration_melanoma_vit.py", "modeling_melanoma_vit.py"):
+        assert (folder / name).read_text() == (ROOT / "model" / name).read_text(), (
+            f"{folder.name}/{name} differs from model/{name}: re-save the folder with save_pretrained"
+        )
