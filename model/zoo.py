@@ -376,7 +376,8 @@ def _is_classifier_folder(folder: Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     architectures = config.get("architectures") or []
-    return any(str(a).endswith("ForImageClassification") for a in architectures)
+    # Substring, not suffix: DeiT exports of distilled models are *ForImageClassificationWithTeacher.
+    return any("ForImageClassification" in str(a) for a in architectures)
 
 
 class ModelZoo:

@@ -399,7 +399,7 @@ def test_rollout_on_stock_deit_export_of_a_distilled_model(tmp_path, ham_image_p
     from model import MelanomaViTConfig, MelanomaViTForImageClassification
     from model.convert import save_vit_export
     from model.labels import dx_id2label
-    from model.zoo import ZooModel
+    from model.zoo import ModelZoo, ZooModel
 
     torch.manual_seed(0)
     config = MelanomaViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
@@ -414,5 +414,6 @@ def test_rollout_on_stock_deit_export_of_a_distilled_model(tmp_path, ham_image_p
     a = ZooModel("ours", tmp_path / "ours").analyze(image, discard_ratio=0.5)
     b = ZooModel("export", tmp_path / "export").analyze(image, discard_ratio=0.5)
     assert "rollout" in b.method
+    assert ModelZoo(models_dir=tmp_path, hub_ids=[]).ids == ["export", "ours"]  # both discovered
     assert b.probabilities == pytest.approx(a.probabilities, abs=1e-4)
     np.testing.assert_allclose(b.heatmap.astype(int), a.heatmap.astype(int), atol=2)
