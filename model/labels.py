@@ -27,3 +27,25 @@ def dx_id2label() -> dict[int, str]:
 
 def dx_label2id() -> dict[str, int]:
     return {c: i for i, c in enumerate(DX_CODES)}
+
+
+# --------------------------------------------------------------------------------------------
+# Extra heads of multi-source models (one per data source, one per seven-point criterion).
+# Names and label orders are what `config.extra_heads` stores; the grouping of Derm7pt's raw
+# values follows Kawahara et al. (IEEE JBHI 2019), the dataset's own paper.
+# --------------------------------------------------------------------------------------------
+ISIC2017_LABELS: tuple[str, ...] = ("melanoma", "nevus", "seborrheic_keratosis")
+
+# Derm7pt's 20 diagnoses grouped into Kawahara et al.'s 5 diagnosis classes.
+DERM7PT_LABELS: tuple[str, ...] = ("bcc", "nevus", "melanoma", "misc", "seborrheic_keratosis")
+
+# Seven-point checklist criteria: head name -> label names (index order).
+CRITERIA_LABELS: dict[str, tuple[str, ...]] = {
+    "pigment_network": ("absent", "typical", "atypical"),
+    "streaks": ("absent", "regular", "irregular"),
+    "pigmentation": ("absent", "regular", "irregular"),
+    "regression_structures": ("absent", "present"),
+    "dots_and_globules": ("absent", "regular", "irregular"),
+    "blue_whitish_veil": ("absent", "present"),
+    "vascular_structures": ("absent", "regular", "irregular"),
+}

@@ -691,6 +691,10 @@ class AugmentConfig:
     blur: float = 0.1  # probability of a GaussianBlur
     blur_sigma: tuple[float, float] = (0.1, 1.5)
     erasing: float = 0.25  # RandomErasing probability (on the normalised tensor)
+    # Acquisition shift between dermoscopes: a per-channel gain up to exp(+-color_cast) (warm or
+    # blue casts) and a dark circular vignette (probability `vignette`), as other archives show.
+    color_cast: float = 0.0
+    vignette: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0  # probability that a batch is mixed at all
@@ -707,6 +711,39 @@ class AugmentConfig:
             raise ValueError(f"unknown augmentation option(s) {sorted(unknown)}; known: {sorted(known)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
         return cls(**values)
+
+
+class RandomColorCast(torch.nn.Module):
+    """Multiply each channel of a float image in [0, 1] by exp(U(-strength, strength)) (a colour cast)."""
+
+    def __init__(self, strength: float) -> None:
+        super().__init__()
+        self.strength = strength
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        gain = torch.empty(img.shape[-3], 1, 1).uniform_(-self.strength, self.strength).exp()
+        return (img * gain).clamp(0, 1)
+
+
+class RandomVignette(torch.nn.Module):
+    """With probability p, darken a float image outside a random circle (the dermoscope's field stop)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) >= self.p:
+            return img
+        h, w = img.shape[-2:]
+        y = torch.linspace(-1, 1, h).view(h, 1)
+        x = torch.linspace(-1, 1, w).view(1, w)
+        r = (x**2 + y**2).sqrt()  # 1 at the edge midpoints, sqrt(2) in the corners
+        radius = float(torch.empty(()).uniform_(0.8, 1.3))
+        width = float(torch.empty(()).uniform_(0.02, 0.2))
+        floor = float(torch.empty(()).uniform_(0.0, 0.15))
+        mask = floor + (1 - floor) * torch.sigmoid((radius - r) / width)  # (H, W)
+        return img * mask
 
 
 class RandomRot90(torch.nn.Module):
@@ -803,7 +840,12 @@ def train_pipeline(image_processor: Any, cfg: AugmentConfig | Mapping[str, Any] 
     if cfg.blur:
         kernel = max(3, int(0.05 * min(geo["size"])) // 2 * 2 + 1)  # odd, ~5% of the side
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=cfg.blur_sigma)], p=cfg.blur))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(geo["mean"], geo["std"])]
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if cfg.color_cast:
+        steps.append(RandomColorCast(cfg.color_cast))
+    if cfg.vignette:
+        steps.append(RandomVignette(cfg.vignette))
+    steps.append(v2.Normalize(geo["mean"], geo["std"]))
     if cfg.erasing:
         steps.append(v2.RandomErasing(p=cfg.erasing, value=0))
     return v2.Compose(steps)

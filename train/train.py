@@ -116,6 +116,11 @@ class TrainConfig:
     test_size: float = 0.15
     split_seed: int = 42  # lesion-grouped split; keep fixed across recipes so they share one split
     augmentation: dict[str, Any] = field(default_factory=dict)  # passed to train.data.build_transforms
+    # multi-source recipes (train/multisource.py): list of train.sources.SourceSpec fields; when set,
+    # `data`/`val_size`/`test_size` are per source and training runs on cached stem features
+    sources: list[dict[str, Any]] | None = None
+    feature_cache: dict[str, Any] | None = None  # {"dir": shared cache folder, "views": 1 eval + augmented views}
+    head_loss_weights: dict[str, float] = field(default_factory=dict)  # extra head -> loss weight (default 1)
     # optimisation
     epochs: int = 10
     max_steps: int | None = None  # optimizer updates; overrides epochs when set
@@ -233,22 +238,34 @@ def _validate(cfg: TrainConfig) -> None:
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
-def create_model(cfg: ModelArgs, id2label: dict[int, str]) -> tuple[PreTrainedModel, Any]:
-    """Model (train mode) and its image processor for `cfg.name`, with a head for `id2label`."""
+def create_model(
+    cfg: ModelArgs, id2label: dict[int, str], extra_heads: dict[str, list[str]] | None = None
+) -> tuple[PreTrainedModel, Any]:
+    """Model (train mode) and its image processor for `cfg.name`, with a head for `id2label`.
+
+    `extra_heads` (name -> labels) become MelanomaViT's `config.extra_heads`; CNN baselines ignore
+    them (multi-source training adds training-only auxiliary heads instead).
+    """
     label2id = {name: i for i, name in id2label.items()}
     if cfg.name == "melanoma_vit":
         kwargs = dict(cfg.kwargs)
         if cfg.image_size is not None:
             kwargs["image_size"] = cfg.image_size
+        if extra_heads:
+            kwargs["extra_heads"] = extra_heads
         config = melanoma_models.MelanomaViTConfig(**kwargs, id2label=id2label, label2id=label2id)
         model = melanoma_models.MelanomaViTForImageClassification(config)
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        if getattr(config, "patch_embedding_type", "linear") == "hybrid":
+            # The CNN stem keeps its ImageNet weights and the normalisation they were trained with.
+            mean, std = load_hybrid_stem_imagenet(model)
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
         processor = ViTImageProcessor(
             do_resize=True,
             size={"height": size, "width": size},
             resample=3,  # bicubic
-            image_mean=list(IMAGENET_DEFAULT_MEAN),
-            image_std=list(IMAGENET_DEFAULT_STD),
+            image_mean=list(mean),
+            image_std=list(std),
         )
     elif cfg.name in CNN_BASELINES:
         if cfg.name == "efficientnet_lite0":
@@ -257,9 +274,10 @@ def create_model(cfg: ModelArgs, id2label: dict[int, str]) -> tuple[PreTrainedMo
             model = create_resnet(cfg.name, id2label=id2label, pretrained=cfg.pretrained, **cfg.kwargs)
         if cfg.image_size is not None:
             # The saved config's pretrained_cfg is what TimmWrapperImageProcessor reloads: train and ship
-            # at the same resolution, no centre crop (dermoscopy lesions fill the frame).
+            # at the same resolution; squash the whole field of view to a square (no crop: lesions can sit
+            # near the edge), as the ViTs' processor does.
             pretrained_cfg = dict(model.config.pretrained_cfg)
-            pretrained_cfg.update(input_size=[3, cfg.image_size, cfg.image_size], crop_pct=1.0)
+            pretrained_cfg.update(input_size=[3, cfg.image_size, cfg.image_size], crop_pct=1.0, crop_mode="squash")
             pretrained_cfg.pop("test_input_size", None)
             model.config.pretrained_cfg = pretrained_cfg
         processor = create_image_processor(model)
@@ -606,6 +624,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    if cfg.sources:
+        from train.multisource import train_multisource
+
+        return train_multisource(cfg, args, create_model, weight_decay_groups, create_scheduler)
     freezing = cfg.freeze_backbone > 0
 
     accelerator = Accelerator(

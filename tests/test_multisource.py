@@ -1,0 +1,237 @@
+"""Multi-source training: source loading and splits, masked per-head losses, the source-balanced
+sampler, the seven-point score, cached stem features, and a real run (train, resume, export) of an
+EfficientNet-Lite0 with auxiliary heads on the fixture images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification
+
+from model.baselines import create_efficientnet_lite0, create_image_processor
+from model.labels import CRITERIA_LABELS, DERM7PT_LABELS, DX_CODES
+from model.sevenpoint import SEVEN_POINT, seven_point_score, seven_point_score_from_labels
+from train.data import IGNORE_INDEX, load_image_dataset
+from train.features import build_cache, efficientnet_stem, load_cache, stem_bypassed
+from train.multisource import MultiHeadNet, masked_head_loss, sampler_weights
+from train.sources import SourceSpec, derm7pt_diagnosis, head_labels, load_sources
+from train.train import main
+
+# Criteria values in Derm7pt's raw vocabulary (grouped by train.sources), one row per image.
+DERM7PT_ROWS = [
+    # split, diagnosis, dx, pigment_network, streaks, pigmentation, regression, dots, veil, vascular
+    ("train", "melanoma (in situ)", "mel", "atypical", "irregular", "diffuse irregular", "blue areas", "irregular", "present", "dotted"),
+    ("train", "clark nevus", "nv", "typical", "absent", "diffuse regular", "absent", "regular", "absent", "absent"),
+    ("train", "basal cell carcinoma", "bcc", "absent", "absent", "absent", "absent", "absent", "absent", "arborizing"),
+    ("train", "melanosis", "", "absent", "regular", "localized regular", "white areas", "absent", "absent", "comma"),
+    ("val", "melanoma (0.76 to 1.5 mm)", "mel", "atypical", "absent", "localized irregular", "combinations", "irregular", "present", "linear irregular"),
+    ("val", "seborrheic keratosis", "bkl", "absent", "absent", "absent", "absent", "absent", "absent", "hairpin"),
+    ("test", "reed or spitz nevus", "nv", "typical", "regular", "absent", "absent", "regular", "absent", "absent"),
+    ("test", "melanoma", "mel", "atypical", "irregular", "diffuse irregular", "absent", "irregular", "absent", "absent"),
+]
+CRITERIA = ("pigment_network", "streaks", "pigmentation", "regression_structures", "dots_and_globules",
+            "blue_whitish_veil", "vascular_structures")
+
+
+@pytest.fixture()
+def derm7pt_dir(tmp_path: Path, ham_image_paths: list[Path]) -> Path:
+    """Derm7pt's labels.csv layout (the real column names and vocabulary) over real fixture images."""
+    folder = tmp_path / "derm7pt"
+    (folder / "images").mkdir(parents=True)
+    with open(folder / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case_id", "lesion_group", "split", "path", "diagnosis", "dx", *CRITERIA])
+        for i, (row, image) in enumerate(zip(DERM7PT_ROWS, ham_image_paths)):
+            shutil.copy(image, folder / "images" / f"d{i}.jpg")
+            writer.writerow([f"derm7pt_{i:04d}", f"g{i}", row[0], f"images/d{i}.jpg", *row[1:]])
+    return folder
+
+
+@pytest.fixture()
+def isic_dir(tmp_path: Path, isic2017_dir: Path) -> Path:
+    """ISIC 2017's labels.csv layout with train / val / test rows over the 4 fixture images."""
+    folder = tmp_path / "isic2017"
+    shutil.copytree(isic2017_dir, folder)
+    rows = list(csv.DictReader(open(isic2017_dir / "labels.csv")))
+    for row, split in zip(rows, ("train", "train", "val", "test")):
+        row["split"] = split
+    with open(folder / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+@pytest.fixture()
+def specs(ham_dir: Path, isic_dir: Path, derm7pt_dir: Path) -> list[SourceSpec]:
+    return [
+        SourceSpec(name="ham10000", data=str(ham_dir), val_size=0.2, test_size=0.2),
+        SourceSpec(name="isic2017", data=str(isic_dir)),
+        SourceSpec(name="derm7pt", data=str(derm7pt_dir), weight=0.5),
+    ]
+
+
+def test_derm7pt_diagnosis_groups() -> None:
+    assert derm7pt_diagnosis("melanoma (in situ)") == "melanoma"
+    assert derm7pt_diagnosis("melanosis") == "misc"
+    assert derm7pt_diagnosis("reed or spitz nevus") == "nevus"
+    assert derm7pt_diagnosis("seborrheic keratosis") == "seborrheic_keratosis"
+    assert derm7pt_diagnosis("lentigo") == "misc"
+
+
+def test_load_sources_labels_and_masks(specs: list[SourceSpec]) -> None:
+    dd = load_sources(specs)
+    heads = head_labels(specs)
+    assert list(heads) == ["isic2017", "derm7pt", *CRITERIA]
+    assert sum(len(ds) for ds in dd.values()) == 12 + 4 + 8
+    rows = {r["image_id"]: r for split in dd.values() for r in split.remove_columns("image")}
+    mel = rows["derm7pt/derm7pt_0000"]
+    assert mel["label"] == DX_CODES.index("mel") and mel["derm7pt"] == DERM7PT_LABELS.index("melanoma")
+    assert mel["pigment_network"] == CRITERIA_LABELS["pigment_network"].index("atypical")
+    assert mel["pigmentation"] == CRITERIA_LABELS["pigmentation"].index("irregular")
+    assert mel["regression_structures"] == CRITERIA_LABELS["regression_structures"].index("present")
+    assert mel["vascular_structures"] == CRITERIA_LABELS["vascular_structures"].index("irregular")
+    assert mel["isic2017"] == IGNORE_INDEX
+    # melanosis has no dx code: masked, never guessed
+    assert rows["derm7pt/derm7pt_0003"]["label"] == IGNORE_INDEX
+    assert rows["derm7pt/derm7pt_0003"]["vascular_structures"] == CRITERIA_LABELS["vascular_structures"].index("regular")
+    isic = rows["isic2017/ISIC_0012086"]
+    assert isic["label"] == DX_CODES.index("bkl") and isic["isic2017"] == 2 and isic["streaks"] == IGNORE_INDEX
+    ham = rows["ham10000/ISIC_0033902"]
+    assert ham["isic2017"] == IGNORE_INDEX and all(ham[c] == IGNORE_INDEX for c in CRITERIA)
+    # official splits kept; HAM split by lesion (both images of HAM_0000048 in one split)
+    assert {r["image_id"] for r in dd["test"] if r["source"] == "derm7pt"} == {"derm7pt/derm7pt_0006", "derm7pt/derm7pt_0007"}
+    where = {r["image_id"]: split for split, ds in dd.items() for r in ds.remove_columns("image")}
+    assert where["ham10000/ISIC_0033902"] == where["ham10000/ISIC_0032774"]
+
+
+def test_source_heads_subset_and_errors(ham_dir: Path, derm7pt_dir: Path) -> None:
+    specs = [SourceSpec(name="ham10000", data=str(ham_dir), val_size=0.2, test_size=0.2),
+             SourceSpec(name="d7", kind="derm7pt", data=str(derm7pt_dir), heads=["dx", "blue_whitish_veil"])]
+    assert list(head_labels(specs)) == ["blue_whitish_veil"]
+    with pytest.raises(ValueError, match="has no labels for heads"):
+        SourceSpec(name="ham10000", data=str(ham_dir), heads=["dx", "streaks"])
+    with pytest.raises(ValueError, match="kind must be one of"):
+        SourceSpec(name="mystery", data=str(ham_dir))
+    with pytest.raises(ValueError, match="unique names"):
+        load_sources([specs[0], specs[0]])
+
+
+def test_masked_loss_matches_hand_computed_and_masks_gradients() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(4, 8, requires_grad=True)
+    heads = torch.nn.ModuleDict({"dx": torch.nn.Linear(8, 7), "a": torch.nn.Linear(8, 3), "b": torch.nn.Linear(8, 2)})
+    logits = {n: h(features) for n, h in heads.items()}
+    labels = {"dx": torch.tensor([4, IGNORE_INDEX, 5, 0]), "a": torch.tensor([IGNORE_INDEX, 2, IGNORE_INDEX, IGNORE_INDEX]),
+              "b": torch.full((4,), IGNORE_INDEX)}
+    loss, counts = masked_head_loss(logits, labels, {"a": 0.5})
+    expected = (
+        torch.nn.functional.cross_entropy(logits["dx"][[0, 2, 3]], torch.tensor([4, 5, 0]))
+        + 0.5 * torch.nn.functional.cross_entropy(logits["a"][[1]], torch.tensor([2]))
+    )
+    torch.testing.assert_close(loss, expected)
+    assert counts == {"dx": 3, "a": 1, "b": 0}
+    loss.backward()
+    assert heads["dx"].weight.grad.abs().sum() > 0 and heads["a"].weight.grad.abs().sum() > 0
+    assert heads["b"].weight.grad is None or heads["b"].weight.grad.abs().sum() == 0
+    # only label-free samples: zero loss that still backpropagates
+    empty, _ = masked_head_loss(logits, {"b": labels["b"]}, {})
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_sampler_weights_give_each_source_its_share() -> None:
+    specs = [SourceSpec(name="ham10000", data="x", weight=3.0), SourceSpec(name="derm7pt", data="y", weight=1.0)]
+    sources = ["ham10000"] * 8 + ["derm7pt"] * 2
+    dx = [5, 5, 5, 5, 5, 5, 4, 4, 4, IGNORE_INDEX]
+    w = sampler_weights(sources, dx, specs).numpy()
+    assert w[:8].sum() == pytest.approx(0.75) and w[8:].sum() == pytest.approx(0.25)
+    # sqrt balancing inside HAM: a melanoma row weighs sqrt(6/2) times a nevus row
+    assert w[6] / w[0] == pytest.approx(np.sqrt(3))
+
+
+def test_seven_point_score_hand_computed() -> None:
+    labels = {"pigment_network": "atypical", "blue_whitish_veil": "absent", "vascular_structures": "irregular",
+              "streaks": "irregular", "pigmentation": "regular", "dots_and_globules": "absent",
+              "regression_structures": "present"}
+    assert seven_point_score_from_labels(labels) == 2 + 2 + 1 + 1
+    # one-hot probabilities reproduce the label score; soft ones give the expected value
+    onehot = {name: np.eye(len(CRITERIA_LABELS[name]))[[CRITERIA_LABELS[name].index(labels[name])]] for name in SEVEN_POINT}
+    assert seven_point_score(onehot)[0] == pytest.approx(6.0)
+    half = {name: np.full((1, len(CRITERIA_LABELS[name])), 1 / len(CRITERIA_LABELS[name])) for name in SEVEN_POINT}
+    expected = 2 * (1 / 3) + 2 * (1 / 2) + 2 * (1 / 3) + 1 / 3 + 1 / 3 + 1 / 3 + 1 / 2
+    assert seven_point_score(half)[0] == pytest.approx(expected)
+    with pytest.raises(KeyError, match="streaks"):
+        seven_point_score({k: v for k, v in half.items() if k != "streaks"})
+
+
+def test_stem_bypass_gives_the_same_logits(ham_image_paths: list[Path]) -> None:
+    torch.manual_seed(0)
+    model = create_efficientnet_lite0(pretrained=False).eval()
+    net = MultiHeadNet(model, {"isic2017": ["melanoma", "nevus", "seborrheic_keratosis"]}).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full = net(x)
+        cached = efficientnet_stem(model)(x)
+        with stem_bypassed(net, net.stem_names()):
+            bypassed = net(cached)
+    assert cached.shape == (2, 112, 4, 4)
+    for name in full:
+        torch.testing.assert_close(bypassed[name], full[name])
+    assert not isinstance(model.timm_model.conv_stem, torch.nn.Identity)  # restored
+
+
+def test_build_cache_views_and_resume(tmp_path: Path, ham_dir: Path) -> None:
+    model = create_efficientnet_lite0(pretrained=True).eval()  # random init zeroes the blocks' outputs
+    pc = dict(model.config.pretrained_cfg)
+    pc.update(input_size=[3, 64, 64], crop_pct=1.0, crop_mode="squash")
+    model.config.pretrained_cfg = pc
+    ds = load_image_dataset(ham_dir)
+    out = build_cache(ds, efficientnet_stem(model), create_image_processor(model), tmp_path / "c", views=2, batch_size=5, num_workers=0)
+    feats = load_cache(out)
+    assert feats.shape == (2, 12, 112, 4, 4) and feats.dtype == torch.float16
+    assert not torch.equal(feats[0], feats[1])  # view 1 is augmented
+    stamp = (out / "view_1.safetensors").stat().st_mtime_ns
+    build_cache(ds, efficientnet_stem(model), create_image_processor(model), out, views=2, num_workers=0)
+    assert (out / "view_1.safetensors").stat().st_mtime_ns == stamp  # existing views are kept
+
+
+@pytest.mark.slow
+def test_multisource_run_resume_and_export(tmp_path: Path, specs: list[SourceSpec]) -> None:
+    recipe = {
+        "model": {"name": "efficientnet_lite0", "image_size": 64, "pretrained": False},
+        "sources": [{k: v for k, v in vars(s).items() if k not in ("kind",)} for s in specs],
+        "feature_cache": {"dir": str(tmp_path / "cache"), "views": 2},
+        "head_loss_weights": {"derm7pt": 0.5},
+        "batch_size": 4, "eval_batch_size": 8, "epochs": 2, "learning_rate": 1e-3, "report_to": "none",
+    }
+    config = tmp_path / "ms.yaml"
+    config.write_text(json.dumps(recipe))
+    out = tmp_path / "run"
+    args = ["--config", str(config), "--output_dir", str(out), "--num_workers", "0"]
+    main([*args, "--max_steps", "2"])  # stops after 2 steps: one (short) epoch of 2
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["completed_steps"] == 2 and state["epoch"] == 1
+    main([*args, "--resume_from_checkpoint", "latest"])
+    result = json.loads((out / "val_metrics.json").read_text())
+    manifest = json.loads((out / "split_manifest.json").read_text())
+    steps_per_epoch = manifest["sizes"]["train"] // 4
+    assert [h["epoch"] for h in result["history"]] == [0, 1]
+    assert result["history"][-1]["step"] == 2 + steps_per_epoch  # resumed at epoch 1, not from scratch
+    assert {s["name"] for s in manifest["sources"]} == {"ham10000", "isic2017", "derm7pt"}
+    assert not set(manifest["train"]) & set(manifest["test"])
+    # the shipped folder is a stock TimmWrapper with the dx head only, calibrated
+    net = AutoModelForImageClassification.from_pretrained(out)
+    assert isinstance(net, TimmWrapperForImageClassification)
+    assert [net.config.id2label[i] for i in range(7)] == list(DX_CODES)
+    assert net.config.calibration_temperature > 0 and net.config.melanoma_threshold is not None
+    assert not any("aux_heads" in k for k in load_file(out / "model.safetensors"))
+    # frozen stem: the exported stem equals the initial (random, seeded) one, the top was trained
+    best = load_file(out / "best.safetensors")
+    assert any(k.startswith("aux_heads.") for k in best)

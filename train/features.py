@@ -1,0 +1,149 @@
+"""Cached frozen-stem features: train the top of a network for many epochs at the cost of a few.
+
+On 2 CPU cores a full EfficientNet-Lite forward/backward is the bottleneck of every epoch. The
+first stages (stride 16) are generic ImageNet filters that training keeps frozen anyway, so their
+outputs for a few augmented views of every training image are computed once, stored in fp16, and
+epochs then only run what is trained: the last CNN stages + heads, or a hybrid ViT's projection +
+transformer (the same stride-16 tokens).
+
+    stem = efficientnet_stem(model)                       # conv_stem, bn1, blocks[0..4]
+    build_cache(dd["train"], stem, processor, "runs/cache/train", views=4, augment=cfg)
+    feats = load_cache("runs/cache/train")                # (views, N, C, H/16, W/16) fp16
+
+View 0 is always the model's own image processor (what inference sees); views 1.. are the
+recipe's training augmentation, each with its own seed. Each view is one safetensors file, written
+atomically, so an interrupted build resumes at the first missing view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import AugmentConfig, build_transforms, with_image_transform
+
+logger = logging.getLogger(__name__)
+
+# timm EfficientNet(-Lite) submodules up to the last stride-16 stage, in forward order.
+EFFICIENTNET_STEM = ("conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4")
+
+
+def _timm_model(model: nn.Module) -> nn.Module:
+    return getattr(model, "timm_model", model)
+
+
+def efficientnet_stem(model: nn.Module) -> nn.Sequential:
+    """The stride-16 stem of a timm EfficientNet (or a TimmWrapper around one), sharing its modules.
+
+    Input (B, 3, H, W) normalised pixels; output (B, C, H/16, W/16) (C = 112 for Lite0).
+    """
+    timm_model = _timm_model(model)
+    return nn.Sequential(*(timm_model.get_submodule(name) for name in EFFICIENTNET_STEM))
+
+
+@contextlib.contextmanager
+def stem_bypassed(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
+    """Temporarily replace the submodules `names` of `model` by nn.Identity.
+
+    With the stem bypassed, the model takes cached stem features where it took pixels. The
+    original modules are put back on exit, also when the body raises.
+    """
+    saved = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        saved[name] = (parent, child, getattr(parent, child) if not child.isdigit() else parent[int(child)])
+        if child.isdigit():
+            parent[int(child)] = nn.Identity()
+        else:
+            setattr(parent, child, nn.Identity())
+    try:
+        yield model
+    finally:
+        for parent, child, module in saved.values():
+            if child.isdigit():
+                parent[int(child)] = module
+            else:
+                setattr(parent, child, module)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+@torch.inference_mode()
+def build_cache(
+    ds: datasets.Dataset,
+    stem: nn.Module,
+    image_processor: Any,
+    out_dir: str | Path,
+    views: int = 1,
+    augment: AugmentConfig | dict | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    num_workers: int = 1,
+) -> Path:
+    """Write `views` files `view_<v>.safetensors` with the stem's fp16 output for every row of `ds`.
+
+    Args:
+        ds: dataset with an `image` column (rows in the order the cache keeps).
+        stem: frozen module, (B, 3, H, W) -> (B, C, h, w); run in eval mode.
+        image_processor: the model's processor (geometry, normalisation; view 0 uses it as is).
+        views: 1 = the processor view only; v >= 1 adds training-augmented views.
+        augment: `AugmentConfig` (or dict) of the augmented views.
+
+    Returns:
+        `out_dir`. A view whose file exists (same row count) is skipped, so reruns resume.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = stem.eval().to(memory_format=torch.channels_last)
+    images = ds.select_columns(["image"])
+    for view in range(views):
+        path = out / f"view_{view}.safetensors"
+        if path.exists():
+            continue
+        transform = build_transforms(image_processor, train=view > 0, cfg=augment)
+        loader = torch.utils.data.DataLoader(
+            with_image_transform(images, transform),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed * 1000 + view),
+            worker_init_fn=lambda worker: torch.manual_seed(seed * 1000 + view * 10 + worker),
+        )
+        if num_workers == 0:
+            torch.manual_seed(seed * 1000 + view)
+        chunks = []
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"stem features {out.name} view {view}/{views - 1}", unit="batch")
+        for batch in bar:
+            x = batch["pixel_values"].to(memory_format=torch.channels_last)
+            chunks.append(stem(x).to(torch.float16).contiguous())
+            bar.set_postfix(img_s=f"{sum(len(c) for c in chunks) / (time.perf_counter() - start):.1f}")
+        features = torch.cat(chunks)
+        _atomic_save({"features": features}, path, {"view": str(view), "n_failed": str(transform.n_failed)})
+        logger.info("cached view %d of %s: %s in %.0f s", view, out, tuple(features.shape), time.perf_counter() - start)
+    (out / "cache.json").write_text(json.dumps({"rows": len(ds), "views": views}))
+    return out
+
+
+def load_cache(out_dir: str | Path) -> torch.Tensor:
+    """(views, N, C, h, w) fp16 features of every view file in `out_dir`, view 0 first."""
+    files = sorted(Path(out_dir).glob("view_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
+    if not files:
+        raise FileNotFoundError(f"no cached views in {out_dir}; build them with train.features.build_cache")
+    return torch.stack([load_file(str(p))["features"] for p in files])
