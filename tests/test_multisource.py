@@ -235,3 +235,15 @@ def test_multisource_run_resume_and_export(tmp_path: Path, specs: list[SourceSpe
     # frozen stem: the exported stem equals the initial (random, seeded) one, the top was trained
     best = load_file(out / "best.safetensors")
     assert any(k.startswith("aux_heads.") for k in best)
+
+
+def test_build_cache_refuses_other_augmentation(tmp_path: Path, ham_dir: Path) -> None:
+    model = create_efficientnet_lite0(pretrained=False).eval()
+    pc = dict(model.config.pretrained_cfg)
+    pc.update(input_size=[3, 32, 32], crop_pct=1.0, crop_mode="squash")
+    model.config.pretrained_cfg = pc
+    ds = load_image_dataset(ham_dir)
+    stem, processor = efficientnet_stem(model), create_image_processor(model)
+    build_cache(ds, stem, processor, tmp_path / "c", views=1, augment={"hue": 0.0}, num_workers=0)
+    with pytest.raises(ValueError, match="augment"):
+        build_cache(ds, stem, processor, tmp_path / "c", views=2, augment={"hue": 0.1}, num_workers=0)

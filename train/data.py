@@ -249,10 +249,17 @@ def _load_csv(csv_path: Path, label_scheme: str, split: str | None) -> tuple[dat
         )
     has_split = split is not None and "split" in table.columns
     table = _pick_split_rows(table, split, str(csv_path))
+    unlabelled = table[label_col].map(_missing)
+    if unlabelled.any():
+        # e.g. Derm7pt's melanosis / miscellaneous rows have no dx code: left out, never guessed
+        logger.warning("%s: %d row(s) without a %r label skipped", csv_path, int(unlabelled.sum()), label_col)
+        table = table[~unlabelled]
     root = csv_path.parent
     paths = [str(p if Path(p).is_absolute() else root / p) for p in table["path"]]
-    image_ids = table["image_id"] if "image_id" in table.columns else [Path(p).stem for p in paths]
-    lesions = table["lesion_id"] if "lesion_id" in table.columns else [None] * len(table)
+    id_col = next((c for c in ("image_id", "case_id") if c in table.columns), None)
+    image_ids = table[id_col] if id_col else [Path(p).stem for p in paths]
+    lesion_col = next((c for c in ("lesion_id", "lesion_group") if c in table.columns), None)
+    lesions = table[lesion_col] if lesion_col else [None] * len(table)
     ds = _from_records(paths, list(table[label_col]), list(image_ids), list(lesions), label_scheme, str(csv_path))
     return ds, has_split
 

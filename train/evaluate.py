@@ -59,7 +59,9 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 import model as _melanoma_models  # noqa: E402,F401  registers MelanomaViT with the Auto classes
 from model.calibration import config_temperature  # noqa: E402
 from model.labels import BINARY_LABELS, MELANOMA  # noqa: E402
+from model.labels import CRITERIA_LABELS  # noqa: E402
 from model.rollout import attention_rollout  # noqa: E402
+from model.sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score  # noqa: E402
 from train.data import (  # noqa: E402
     apply_manifest,
     check_no_leakage,
@@ -81,6 +83,7 @@ from train.metrics import (  # noqa: E402
     tempered_probabilities,
     threshold_for_sensitivity,
 )
+from train.sources import derm7pt_criteria  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
@@ -199,13 +202,16 @@ def predict(
     """Logits of every TTA view, plus rollout mask shares where masks exist.
 
     Returns:
-        {"logits": (N, tta, C) float32, "labels": (N,) int, "image_ids": [N], "lesion_ids": [N],
-         "mask_shares": [float], "mask_areas": [float]} (mask lists over images with masks).
+        {"logits": (N, tta, C) float32, "head_logits": {head: (N, tta, C_head)} (models with extra
+         heads), "labels": (N,) int, "image_ids": [N], "lesion_ids": [N], "mask_shares": [float],
+         "mask_areas": [float]} (mask lists over images with masks).
     """
     config = net.config
     do_rollout = mask_dir is not None and config.model_type in ROLLOUT_MODEL_TYPES
     raw = ds.cast_column("image", datasets.Image(decode=False)).with_format(None)
     logits, shares, areas = [], [], []
+    head_logits: dict[str, list[torch.Tensor]] = {}  # extra heads (multi-source MelanomaViT)
+    head_views: dict[str, list[torch.Tensor]] = {}
     for start in tqdm(range(0, len(raw), batch_size), desc=desc, unit="batch"):
         rows = raw[start : start + batch_size]
         images = [load_rgb(v) for v in rows["image"]]
@@ -217,6 +223,8 @@ def predict(
                 kwargs = {"output_attentions": True} if want_attn else {}
                 out = net(pixel_values=apply_view(pixel_values, v), **kwargs)
                 views.append(out.logits.float().cpu())
+                for name, z in (getattr(out, "head_logits", None) or {}).items():
+                    head_views.setdefault(name, []).append(z.float().cpu())
                 if want_attn:
                     grid = (pixel_values.shape[-2] // _patch(config)[0], pixel_values.shape[-1] // _patch(config)[1])
                     # Prefix tokens (CLS, + DIST for distilled models) from the attention shape: stock
@@ -233,8 +241,12 @@ def predict(
                                 shares.append(share)
                                 areas.append(float(mask.mean()))
         logits.append(torch.stack(views, dim=1))  # (B, V, C)
+        for name, zs in head_views.items():
+            head_logits.setdefault(name, []).append(torch.stack(zs, dim=1))  # (B, V, C_head)
+        head_views = {}
     return {
         "logits": torch.cat(logits).numpy(),
+        "head_logits": {name: torch.cat(z).numpy() for name, z in head_logits.items()},
         "labels": np.asarray(rows_all(raw, "label"), dtype=int),
         "image_ids": rows_all(raw, "image_id"),
         "lesion_ids": rows_all(raw, "lesion_id"),
@@ -309,6 +321,42 @@ def compute_metrics(
     arrays = {"probs_model": probs_model, "probs_raw": probs_raw, "probs_cal": probs_cal,
               "p_mel": p_mel, "y_mel": y_mel, "predicted": predicted}
     return metrics, arrays
+
+
+def criteria_metrics(pred: dict[str, Any], y_mel: np.ndarray, config: Any, data: str, n_bootstrap: int) -> dict[str, Any] | None:
+    """Seven-point checklist results of a model with criteria heads on Derm7pt-layout data.
+
+    Per criterion: AUC of P(melanoma-specific pattern) (atypical / irregular / present) against
+    the dermatologists' label; the expected checklist score's melanoma AUC (95% bootstrap CI) and
+    sensitivity/specificity of score >= 3. None when the model or the data has no criteria.
+    """
+    heads = dict(getattr(config, "extra_heads", None) or {})
+    truth = derm7pt_criteria(data)
+    if truth is None or not set(SEVEN_POINT) <= set(heads) or not set(pred["image_ids"]) <= set(truth):
+        return None
+    temperatures = dict(getattr(config, "head_temperatures", None) or {})
+    probs = {h: tempered_probabilities(pred["head_logits"][h], temperatures.get(h, 1.0)) for h in SEVEN_POINT}
+    rows = [truth[i] for i in pred["image_ids"]]
+    result: dict[str, Any] = {"criteria": {}}
+    for name, (label, points) in SEVEN_POINT.items():
+        y = np.array([r[name] == CRITERIA_LABELS[name].index(label) for r in rows], dtype=int)
+        ci = bootstrap_auc_ci(y, criterion_probability(name, probs[name]), n_resamples=n_bootstrap, seed=0)
+        result["criteria"][name] = {
+            "label": label, "points": points, "n_positive": int(y.sum()), "n": int(len(y)),
+            "auc": melanoma_auc(y, criterion_probability(name, probs[name])),
+            "auc_ci95": None if ci is None else list(ci),
+        }
+    score = seven_point_score(probs)
+    ci = bootstrap_auc_ci(y_mel, score, n_resamples=n_bootstrap, seed=0)
+    sens, spec = sensitivity_specificity(y_mel, score, MELANOMA_SCORE_THRESHOLD)
+    result.update(
+        seven_point_score_melanoma_auc=melanoma_auc(y_mel, score),
+        seven_point_score_melanoma_auc_ci95=None if ci is None else list(ci),
+        seven_point_score_threshold=MELANOMA_SCORE_THRESHOLD,
+        seven_point_score_sensitivity=sens,
+        seven_point_score_specificity=spec,
+    )
+    return result
 
 
 # -------------------------------------------------------------------------------------- plots
@@ -502,6 +550,7 @@ def evaluate(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
     metrics, arrays = compute_metrics(pred, groups, data_names, mel_index, temperature, temperature_fitted, threshold, args.bootstrap)
     shares = pred["mask_shares"]
+    seven_point = criteria_metrics(pred, arrays["y_mel"], net.config, args.data, args.bootstrap)
     result: dict[str, Any] = {
         "model": args.model,
         "data": args.data,
@@ -517,6 +566,7 @@ def evaluate(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "rollout_mask_share": float(np.mean(shares)) if shares else None,
         "rollout_mask_share_uniform": float(np.mean(pred["mask_areas"])) if shares else None,
         "rollout_mask_n": len(shares),
+        **({"seven_point": seven_point} if seven_point is not None else {}),
         **{k: v for k, v in info.items() if k != "split"},
         "notes": {
             "probabilities": "softmax(logits / temperature) averaged over the TTA views (temperature 1 when null)",

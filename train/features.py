@@ -18,6 +18,7 @@ atomically, so an interrupted build resumes at the first missing view.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import AugmentConfig, build_transforms, with_image_transform
+from .data import AugmentConfig, build_transforms, processor_geometry, with_image_transform
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,18 @@ def build_cache(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    geometry = processor_geometry(image_processor)
+    recipe = {
+        "rows": len(ds), "size": list(geometry["size"]), "mean": list(geometry["mean"]), "std": list(geometry["std"]),
+        "augment": json.loads(json.dumps(dataclasses.asdict(AugmentConfig.from_any(augment)))),
+    }
+    meta = out / "cache.json"
+    if meta.is_file():
+        # A cache is only reused for the same rows, geometry and augmentation (keys it records).
+        old = json.loads(meta.read_text())
+        changed = sorted(k for k in recipe if k in old and old[k] != recipe[k])
+        if changed:
+            raise ValueError(f"feature cache {out} was built with other {changed}; delete it or use another dir")
     stem = stem.eval().to(memory_format=torch.channels_last)
     images = ds.select_columns(["image"])
     for view in range(views):
@@ -137,7 +150,7 @@ def build_cache(
         features = torch.cat(chunks)
         _atomic_save({"features": features}, path, {"view": str(view), "n_failed": str(transform.n_failed)})
         logger.info("cached view %d of %s: %s in %.0f s", view, out, tuple(features.shape), time.perf_counter() - start)
-    (out / "cache.json").write_text(json.dumps({"rows": len(ds), "views": views}))
+    meta.write_text(json.dumps({**recipe, "views": max(views, json.loads(meta.read_text()).get("views", 0) if meta.is_file() else 0)}))
     return out
 
 

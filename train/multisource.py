@@ -117,10 +117,12 @@ def sampler_weights(sources: Sequence[str], dx: Sequence[int], specs: Sequence[S
     sources = np.asarray(sources)
     dx = np.asarray(dx)
     total = sum(s.weight for s in specs)
+    if total <= 0:
+        raise ValueError("at least one source needs a training weight > 0")
     w = np.zeros(len(sources))
     for spec in specs:
         rows = np.flatnonzero(sources == spec.name)
-        if not len(rows):
+        if not len(rows) or spec.weight == 0:
             continue
         classes, inverse, counts = np.unique(dx[rows], return_inverse=True, return_counts=True)
         per = counts[inverse].astype(float) ** -power

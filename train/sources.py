@@ -89,7 +89,8 @@ class SourceSpec:
         data: folder of the source (see ../shared/data/README.md layouts).
         kind: "ham10000", "isic2017" or "derm7pt" (which heads and which split rule).
         heads: heads to train from this source (default: every head of its kind).
-        weight: share of each training batch drawn from this source, relative to the others.
+        weight: share of each training batch drawn from this source, relative to the others; 0
+            keeps the source for validation and test only (single-source baselines on one cache).
     """
 
     name: str
@@ -110,8 +111,8 @@ class SourceSpec:
         unknown = set(self.heads) - set(known)
         if unknown:
             raise ValueError(f"source {self.name!r} has no labels for heads {sorted(unknown)}; it has {list(known)}")
-        if self.weight <= 0:
-            raise ValueError(f"source {self.name!r}: weight must be > 0, got {self.weight}")
+        if self.weight < 0:
+            raise ValueError(f"source {self.name!r}: weight must be >= 0, got {self.weight}")
 
 
 def head_labels(specs: Sequence[SourceSpec]) -> dict[str, list[str]]:
@@ -176,6 +177,21 @@ def _load_derm7pt(spec: SourceSpec) -> dict[str, pd.DataFrame]:
         frame[name] = [CRITERIA_LABELS[name].index(groups[v]) for v in table[name]]
     split = table["split"].str.lower().replace({"val": "validation", "valid": "validation"})
     return {name: frame[(split == name).to_numpy()] for name in SPLIT_NAMES}
+
+
+def derm7pt_criteria(data: str | Path) -> dict[str, dict[str, int]] | None:
+    """case_id -> {criterion: index into CRITERIA_LABELS} of a Derm7pt folder (or its labels.csv);
+    None when `data` is not a Derm7pt layout."""
+    path = Path(data)
+    csv = path if path.suffix == ".csv" else path / "labels.csv"
+    if not csv.is_file():
+        return None
+    try:
+        parts = _load_derm7pt(SourceSpec(name="derm7pt", data=str(csv.parent)))
+    except ValueError:
+        return None
+    frame = pd.concat(parts.values())
+    return {row["image_id"]: {c: int(row[c]) for c in CRITERIA_LABELS} for _, row in frame.iterrows()}
 
 
 def _load_source(spec: SourceSpec) -> dict[str, pd.DataFrame]:

@@ -191,11 +191,18 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise ValueError(f"--set expects key=value, got {assignment!r}")
     key, value = assignment.split("=", 1)
     parts = key.strip().split(".")
-    node = raw
+    node: Any = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
+        if isinstance(node, list):  # list items by index, e.g. sources.1.weight
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"--set {key}: {part!r} is not an index of a {len(node)}-item list")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
             raise ValueError(f"--set {key}: {part!r} is not a section")
+    if isinstance(node, list):
+        raise ValueError(f"--set {key}: set a field of a list item (e.g. sources.0.weight), not the item")
     node[parts[-1]] = yaml.safe_load(value)
 
 
