@@ -64,7 +64,7 @@ from transformers import (  # noqa: E402
 )
 
 import model as melanoma_models  # noqa: E402  (registers MelanomaViT with the Auto classes)
-from model.baselines import create_efficientnet_lite0, create_image_processor, create_resnet  # noqa: E402
+from model.baselines import create_efficientnet_lite, create_image_processor, create_resnet  # noqa: E402
 from model.labels import MELANOMA  # noqa: E402
 from train import data as data_lib  # noqa: E402
 
@@ -252,7 +252,7 @@ def create_model(cfg: ModelArgs, id2label: dict[int, str]) -> tuple[PreTrainedMo
         )
     elif cfg.name in CNN_BASELINES:
         if cfg.name == "efficientnet_lite0":
-            model = create_efficientnet_lite0(id2label=id2label, pretrained=cfg.pretrained is not False, **cfg.kwargs)
+            model = create_efficientnet_lite("lite0", id2label=id2label, pretrained=cfg.pretrained is not False, **cfg.kwargs)
         else:
             model = create_resnet(cfg.name, id2label=id2label, pretrained=cfg.pretrained, **cfg.kwargs)
         if cfg.image_size is not None:
