@@ -20,6 +20,7 @@ top-1 on natural images.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -212,6 +213,32 @@ def create_efficientnet_lite(
     if pretrained:
         _load_backbone(model, create_timm_efficientnet_lite_imagenet(variant).state_dict())
     return model.eval()
+
+
+@functools.cache
+def _stride16_feature(variant: str) -> dict[str, Any]:
+    """timm's ``feature_info`` entry of the last stride-16 stage of ``tf_efficientnet_{variant}``."""
+    arch = _lite_arch(variant)
+    with torch.device("meta"):  # architecture only: no weights allocated or initialised
+        feature_info = timm.create_model(arch, pretrained=False).feature_info
+    (info,) = [f for f in feature_info if f["reduction"] == 16]
+    return dict(info)
+
+
+def efficientnet_lite_stem_modules(variant: str) -> list[str]:
+    """timm submodule names that, run in order, form the stride-16 stem of ``tf_efficientnet_{variant}``.
+
+    ``["conv_stem", "bn1", "blocks.0", ..., "blocks.4"]`` (``bn1`` includes the ReLU6); input
+    (B, 3, H, W) -> (B, C, ceil(H / 16), ceil(W / 16)) with C = ``efficientnet_lite_stem_channels(variant)``.
+    Read from timm's ``feature_info``, so a timm layout change shows up here, not silently downstream.
+    """
+    last = int(_stride16_feature(variant)["module"].removeprefix("blocks."))
+    return ["conv_stem", "bn1", *(f"blocks.{i}" for i in range(last + 1))]
+
+
+def efficientnet_lite_stem_channels(variant: str) -> int:
+    """Output channels of the stride-16 stem (``blocks.4``): lite0/lite1 112, lite2 120 (width x1.1)."""
+    return int(_stride16_feature(variant)["num_chs"])
 
 
 def create_image_processor(model: TimmWrapperForImageClassification) -> TimmWrapperImageProcessor:

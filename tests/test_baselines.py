@@ -22,6 +22,8 @@ from model.baselines import (
     create_resnet,
     create_timm_efficientnet_lite_imagenet,
     efficientnet_lite_checkpoint_path,
+    efficientnet_lite_stem_channels,
+    efficientnet_lite_stem_modules,
 )
 from model.labels import DX_CODES
 
@@ -150,8 +152,30 @@ def test_conversion_rejects_shape_mismatch():
         convert_efficientnet_lite_state_dict(lite1, _imagenet("lite2").state_dict())
 
 
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_stem_is_the_stride16_prefix_of_the_network(variant):
+    names = efficientnet_lite_stem_modules(variant)
+    assert names == ["conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4"]
+    model = timm.create_model(EFFICIENTNET_LITE_ARCHS[variant]).eval()
+    stem = torch.nn.Sequential(*(model.get_submodule(n) for n in names))
+    size = NATIVE_SIZE[variant]
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    model.blocks[4].register_forward_hook(lambda module, args, out: seen.update(out=out))
+    with torch.no_grad():
+        model(x)
+        out = stem(x)
+    side = -(-size // 16)  # SAME padding: ceil(size / 16) = 14, 15, 17
+    assert out.shape == (1, efficientnet_lite_stem_channels(variant), side, side)
+    torch.testing.assert_close(out, seen["out"])  # exactly what the full network computes there
+
+
+def test_lite_stem_channels_follow_the_width_multiplier():
+    assert {v: efficientnet_lite_stem_channels(v) for v in LITE_VARIANTS} == {"lite0": 112, "lite1": 112, "lite2": 120}
+
+
 def test_unknown_lite_variant_raises():
-    for call in (create_efficientnet_lite, efficientnet_lite_checkpoint_path):
+    for call in (create_efficientnet_lite, efficientnet_lite_checkpoint_path, efficientnet_lite_stem_modules):
         with pytest.raises(ValueError, match="variant must be one of"):
             call("lite3")
 
