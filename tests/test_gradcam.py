@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from model.baselines import create_efficientnet_lite0, create_image_processor, create_resnet
+from model.baselines import create_efficientnet_lite, create_image_processor, create_resnet
 from model.gradcam import grad_cam
 
 
@@ -87,7 +87,9 @@ def fixture_batch(ham_image_paths):
 
 
 @pytest.mark.parametrize(
-    "factory", [lambda: create_resnet("resnet18", pretrained=False), create_efficientnet_lite0], ids=["resnet18", "lite0"]
+    "factory",
+    [lambda: create_resnet("resnet18", pretrained=False), lambda: create_efficientnet_lite("lite0")],
+    ids=["resnet18", "lite0"],
 )
 def test_timm_wrapper_baselines_on_real_images(factory, fixture_batch):
     model = factory()

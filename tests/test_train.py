@@ -29,9 +29,11 @@ from train.train import (
     TRAINER_STATE,
     EpochSeededSampler,
     FocalLoss,
+    ModelArgs,
     TrainConfig,
     apply_freezing,
     complete_checkpoints,
+    create_model,
     create_scheduler,
     distillation_loss,
     imbalance_weights,
@@ -93,10 +95,21 @@ def test_config_overrides_and_errors(tiny_config: Path) -> None:
 
 def test_recipe_configs_load() -> None:
     recipes = {p.stem: load_config(p) for p in sorted((ROOT / "train" / "configs").glob("*.yaml"))}
-    assert {"melanoma_vit_scratch", "melanoma_vit_distill", "resnet18", "resnet50", "efficientnet_lite0"} <= set(recipes)
+    names = {"melanoma_vit_scratch", "melanoma_vit_distill", "resnet18", "resnet50", "efficientnet_lite0", "efficientnet_lite2"}
+    assert names <= set(recipes)
     assert recipes["melanoma_vit_distill"].model.kwargs["use_distillation_token"] is True
     assert recipes["melanoma_vit_distill"].distillation.teacher
     assert recipes["efficientnet_lite0"].model.pretrained is True
+    assert recipes["efficientnet_lite2"].model.image_size == 260 and recipes["efficientnet_lite2"].model.pretrained is True
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_create_model_dispatches_efficientnet_lite_names(variant: str) -> None:
+    id2label = dict(enumerate(DX_CODES))
+    model, processor = create_model(ModelArgs(name=f"efficientnet_{variant}", image_size=64, pretrained=False), id2label)
+    assert model.config.architecture == f"tf_efficientnet_{variant}"
+    assert processor.data_config["input_size"] == (3, 64, 64) and processor.data_config["mean"] == (0.5, 0.5, 0.5)
+    assert model(torch.zeros(2, 3, 64, 64)).logits.shape == (2, len(DX_CODES))
 
 
 # ------------------------------------------------------------------------------------ losses

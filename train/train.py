@@ -64,13 +64,13 @@ from transformers import (  # noqa: E402
 )
 
 import model as melanoma_models  # noqa: E402  (registers MelanomaViT with the Auto classes)
-from model.baselines import create_efficientnet_lite0, create_image_processor, create_resnet  # noqa: E402
+from model.baselines import create_efficientnet_lite, create_image_processor, create_resnet  # noqa: E402
 from model.labels import MELANOMA  # noqa: E402
 from train import data as data_lib  # noqa: E402
 
 logger = logging.getLogger("train")
 
-CNN_BASELINES = ("resnet18", "resnet50", "efficientnet_lite0")
+CNN_BASELINES = ("resnet18", "resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_restarts", "cosine_with_min_lr", "step")
 IMBALANCE = ("sampler", "class_weights", "none")
 TRAINER_STATE = "trainer_state.json"
@@ -86,7 +86,7 @@ NO_DECAY_NAMES = ("cls_token", "dist_token", "pos_embed", "position_embedding", 
 class ModelArgs:
     """`model:` section: which architecture, at which resolution, with which kwargs."""
 
-    name: str = "melanoma_vit"  # melanoma_vit | resnet18 | resnet50 | efficientnet_lite0 | path / Hub id
+    name: str = "melanoma_vit"  # melanoma_vit | resnet18 | resnet50 | efficientnet_lite{0,1,2} | path / Hub id
     image_size: int | None = None  # training resolution (px); melanoma_vit also reads kwargs.image_size
     pretrained: bool | None = None  # CNN baselines: ImageNet weights (None = when available)
     kwargs: dict[str, Any] = field(default_factory=dict)  # MelanomaViTConfig fields / from_pretrained kwargs
@@ -275,8 +275,9 @@ def create_model(
             image_std=list(std),
         )
     elif cfg.name in CNN_BASELINES:
-        if cfg.name == "efficientnet_lite0":
-            model = create_efficientnet_lite0(id2label=id2label, pretrained=cfg.pretrained is not False, **cfg.kwargs)
+        if cfg.name.startswith("efficientnet_lite"):
+            variant = cfg.name.removeprefix("efficientnet_")
+            model = create_efficientnet_lite(variant, id2label=id2label, pretrained=cfg.pretrained is not False, **cfg.kwargs)
         else:
             model = create_resnet(cfg.name, id2label=id2label, pretrained=cfg.pretrained, **cfg.kwargs)
         if cfg.image_size is not None:
