@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification
 
-from model.baselines import create_efficientnet_lite0, create_image_processor
+from model.baselines import create_efficientnet_lite, create_image_processor
 from model.labels import CRITERIA_LABELS, DERM7PT_LABELS, DX_CODES
 from model.sevenpoint import SEVEN_POINT, seven_point_score, seven_point_score_from_labels
 from train.data import IGNORE_INDEX, load_image_dataset
@@ -173,7 +173,7 @@ def test_seven_point_score_hand_computed() -> None:
 
 def test_stem_bypass_gives_the_same_logits(ham_image_paths: list[Path]) -> None:
     torch.manual_seed(0)
-    model = create_efficientnet_lite0(pretrained=False).eval()
+    model = create_efficientnet_lite("lite0", pretrained=False).eval()
     net = MultiHeadNet(model, {"isic2017": ["melanoma", "nevus", "seborrheic_keratosis"]}).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -188,7 +188,7 @@ def test_stem_bypass_gives_the_same_logits(ham_image_paths: list[Path]) -> None:
 
 
 def test_build_cache_views_and_resume(tmp_path: Path, ham_dir: Path) -> None:
-    model = create_efficientnet_lite0(pretrained=True).eval()  # random init zeroes the blocks' outputs
+    model = create_efficientnet_lite("lite0", pretrained=True).eval()  # random init zeroes the blocks' outputs
     pc = dict(model.config.pretrained_cfg)
     pc.update(input_size=[3, 64, 64], crop_pct=1.0, crop_mode="squash")
     model.config.pretrained_cfg = pc
@@ -238,7 +238,7 @@ def test_multisource_run_resume_and_export(tmp_path: Path, specs: list[SourceSpe
 
 
 def test_build_cache_refuses_other_augmentation(tmp_path: Path, ham_dir: Path) -> None:
-    model = create_efficientnet_lite0(pretrained=False).eval()
+    model = create_efficientnet_lite("lite0", pretrained=False).eval()
     pc = dict(model.config.pretrained_cfg)
     pc.update(input_size=[3, 32, 32], crop_pct=1.0, crop_mode="squash")
     model.config.pretrained_cfg = pc
