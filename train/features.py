@@ -33,25 +33,27 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from model.baselines import EFFICIENTNET_LITE_ARCHS, efficientnet_lite_stem_modules
+
 from .data import AugmentConfig, build_transforms, processor_geometry, with_image_transform
 
 logger = logging.getLogger(__name__)
 
-# timm EfficientNet(-Lite) submodules up to the last stride-16 stage, in forward order.
-EFFICIENTNET_STEM = ("conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4")
-
-
-def _timm_model(model: nn.Module) -> nn.Module:
-    return getattr(model, "timm_model", model)
+def efficientnet_stem_names(model: nn.Module) -> list[str]:
+    """Submodule names (relative to the timm model) of a TimmWrapper EfficientNet-Lite's stride-16 stem."""
+    arch = model.config.architecture
+    variant = next((v for v, a in EFFICIENTNET_LITE_ARCHS.items() if a == arch), None)
+    if variant is None:
+        raise ValueError(f"cached stem features need an EfficientNet-Lite ({sorted(EFFICIENTNET_LITE_ARCHS.values())}), got {arch}")
+    return efficientnet_lite_stem_modules(variant)
 
 
 def efficientnet_stem(model: nn.Module) -> nn.Sequential:
-    """The stride-16 stem of a timm EfficientNet (or a TimmWrapper around one), sharing its modules.
+    """The stride-16 stem of a TimmWrapper EfficientNet-Lite, sharing its modules.
 
     Input (B, 3, H, W) normalised pixels; output (B, C, H/16, W/16) (C = 112 for Lite0).
     """
-    timm_model = _timm_model(model)
-    return nn.Sequential(*(timm_model.get_submodule(name) for name in EFFICIENTNET_STEM))
+    return nn.Sequential(*(model.timm_model.get_submodule(name) for name in efficientnet_stem_names(model)))
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ from transformers import TimmWrapperForImageClassification
 from model.labels import DX_CODES, MELANOMA
 
 from .data import IGNORE_INDEX
-from .features import EFFICIENTNET_STEM, build_cache, load_cache, stem_bypassed
+from .features import build_cache, efficientnet_stem_names, load_cache, stem_bypassed
 from .metrics import fit_temperature, melanoma_auc, threshold_for_sensitivity
 from .sources import MAIN_HEAD, SourceSpec, head_labels, load_sources, source_manifest
 
@@ -85,7 +85,7 @@ class MultiHeadNet(nn.Module):
     def stem_names(self) -> tuple[str, ...]:
         """Names (relative to this module) of the frozen stem that cached features replace."""
         if self.is_timm:
-            return tuple(f"model.timm_model.{n}" for n in EFFICIENTNET_STEM)
+            return tuple(f"model.timm_model.{n}" for n in efficientnet_stem_names(self.model))
         return tuple(f"model.{n}" for n in HYBRID_STEM)
 
 
