@@ -16,6 +16,7 @@ from transformers import PretrainedConfig
 DEFAULT_DX_CODES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
 _ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu", "swish")
+_PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
 def _as_pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -54,6 +55,8 @@ class MelanomaViTConfig(PretrainedConfig):
             logits; calibrated probabilities are `softmax(logits / T)`, see
             `MelanomaViTForImageClassification.predict_proba`.
         melanoma_threshold: Decision threshold on P(mel) chosen on validation data, or None.
+        problem_type: As in transformers: "regression", "single_label_classification" or
+            "multi_label_classification"; None infers it from `num_labels` and the labels' dtype.
         id2label / label2id: Class names; default: the 7 HAM10000 dx codes.
     """
 
@@ -174,3 +177,5 @@ class MelanomaViTConfig(PretrainedConfig):
             raise ValueError(f"melanoma_threshold must be None or a probability in [0, 1], got {threshold!r}.")
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}.")
+        if self.problem_type is not None and self.problem_type not in _PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be None or one of {_PROBLEM_TYPES}, got {self.problem_type!r}.")

@@ -178,6 +178,7 @@ def _vit_config_kwargs(config: MelanomaViTConfig) -> dict:
         layer_norm_eps=config.layer_norm_eps,
         qkv_bias=config.qkv_bias,
         initializer_range=config.initializer_range,
+        problem_type=config.problem_type,
         id2label=dict(config.id2label),
         label2id=dict(config.label2id),
     )

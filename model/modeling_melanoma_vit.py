@@ -13,6 +13,7 @@ Research/education tool only: never use its outputs for diagnosis.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_melanoma_vit import MelanomaViTConfig
@@ -80,7 +83,11 @@ class MelanomaViTDropPath(nn.Module):
 
 
 class MelanomaViTPatchEmbeddings(nn.Module):
-    """Non-overlapping patches -> tokens with one strided convolution (timm's `PatchEmbed`)."""
+    """Non-overlapping patches -> patch features with one strided convolution (timm's `PatchEmbed`).
+
+    Returns the (B, C, h, w) map rather than tokens, as timm's `PatchEmbed(output_fmt="NCHW")`: a tensor
+    output is what `enable_input_require_grads()` hooks, and the map carries the grid for `MelanomaViTEmbeddings`.
+    """
 
     def __init__(self, config: MelanomaViTConfig) -> None:
         super().__init__()
@@ -90,8 +97,8 @@ class MelanomaViTPatchEmbeddings(nn.Module):
             config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
         )
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, num_channels, H, W) -> tokens (B, h * w, C) and the grid (h, w) = (H / patch, W / patch)."""
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, num_channels, H, W) -> (B, C, h, w) with (h, w) = (H / patch, W / patch)."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
             raise ValueError(
                 f"pixel_values must have shape (batch, {self.num_channels}, height, width), got "
@@ -103,9 +110,7 @@ class MelanomaViTPatchEmbeddings(nn.Module):
                 f"Image size ({height}x{width}) must be divisible by the patch size {self.patch_size}; "
                 "resize or crop the images to a multiple of it."
             )
-        x = self.proj(pixel_values)  # (B, C, h, w)
-        grid = (x.shape[-2], x.shape[-1])
-        return x.flatten(2).transpose(1, 2), grid  # (B, h * w, C)
+        return self.proj(pixel_values)  # (B, C, h, w)
 
 
 class MelanomaViTEmbeddings(nn.Module):
@@ -128,7 +133,9 @@ class MelanomaViTEmbeddings(nn.Module):
         `interpolate_pos_encoding`: None or True resizes the position embeddings when the patch grid
         differs from the configured one; False refuses other input sizes.
         """
-        x, grid = self.patch_embed(pixel_values)
+        x = self.patch_embed(pixel_values)  # (B, C, h, w)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)  # (B, h * w, C)
         if grid != self.grid_size and interpolate_pos_encoding is False:
             raise ValueError(
                 f"Input gives a {grid} patch grid but the model was configured for {self.grid_size}; resize the "
@@ -143,21 +150,48 @@ class MelanomaViTEmbeddings(nn.Module):
         return self.pos_drop(x)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit `softmax(q k^T * scaling) v`: the `attn_implementation="eager"` entry of the attention interface.
+
+    Args:
+        query / key / value: (B, heads, N, d).
+        attention_mask: part of the interface's signature; always None here (images have no padding).
+
+    Returns:
+        ((B, N, heads, d), attention weights (B, heads, N, N) before dropout, which rollout reads).
+    """
+    weights = torch.matmul(query, key.transpose(-2, -1)) * scaling  # (B, heads, N, N)
+    weights = weights.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)  # (B, heads, N, d)
+    return output.transpose(1, 2), weights  # (B, N, heads, d)
+
+
 class MelanomaViTAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
-    Uses `F.scaled_dot_product_attention` unless the attention weights are requested, in which case
-    it computes `softmax(q k^T / sqrt(d))` explicitly (the weights are returned before dropout).
+    Dispatches on `config._attn_implementation` through transformers' attention interface ("sdpa":
+    `F.scaled_dot_product_attention`, "eager": `eager_attention_forward`). Requested attention weights
+    always come from the eager path, whatever the implementation, since SDPA does not return them.
     """
 
     def __init__(self, config: MelanomaViTConfig) -> None:
         super().__init__()
+        self.config = config
+        self.is_causal = False  # read by transformers' SDPA function (its default is causal)
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop_prob = config.attention_probs_dropout_prob
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.attn_drop = nn.Dropout(config.attention_probs_dropout_prob)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
 
@@ -166,17 +200,18 @@ class MelanomaViTAttention(nn.Module):
         batch, num_tokens, channels = x.shape
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, d)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
-        if output_attentions:
+        attention: Callable = eager_attention_forward
+        if not output_attentions:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        if attention is eager_attention_forward:
             # One contiguous copy up front saves matmul from copying q, k and v separately (~15% faster on CPU).
-            q, k, v = qkv.contiguous().unbind(0)  # 3 x (B, heads, N, d)
-            weights = (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)  # (B, heads, N, N)
-            x = self.attn_drop(weights) @ v  # (B, heads, N, d)
-        else:
-            q, k, v = qkv.unbind(0)  # 3 x (B, heads, N, d)
-            weights = None
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop_prob if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(batch, num_tokens, channels)  # (B, N, C)
-        return self.proj_drop(self.proj(x)), weights
+            qkv = qkv.contiguous()
+        q, k, v = qkv.unbind(0)  # 3 x (B, heads, N, d)
+        x, weights = attention(
+            self, q, k, v, None, dropout=self.attn_drop_prob if self.training else 0.0, scaling=self.scale
+        )
+        x = x.reshape(batch, num_tokens, channels)  # (B, N, C)
+        return self.proj_drop(self.proj(x)), weights if output_attentions else None
 
 
 class MelanomaViTMLP(nn.Module):
@@ -195,8 +230,12 @@ class MelanomaViTMLP(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-class MelanomaViTLayer(nn.Module):
-    """Pre-norm transformer block with stochastic depth on both residual branches."""
+class MelanomaViTLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block with stochastic depth on both residual branches.
+
+    As a `GradientCheckpointingLayer`, it recomputes its activations in backward after
+    `model.gradient_checkpointing_enable()`; call it with the hidden states positional.
+    """
 
     def __init__(self, config: MelanomaViTConfig, drop_path: float = 0.0) -> None:
         super().__init__()
@@ -220,10 +259,10 @@ class MelanomaViTEncoder(nn.Module):
 
     def __init__(self, config: MelanomaViTConfig) -> None:
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # Pure Python (not torch.linspace(...).tolist()) so the model also builds on the meta device.
+        last = max(config.num_hidden_layers - 1, 1)
+        rates = [config.drop_path_rate * i / last for i in range(config.num_hidden_layers)]
         self.blocks = nn.ModuleList([MelanomaViTLayer(config, drop_path=rate) for rate in rates])
-        # Set by `PreTrainedModel.gradient_checkpointing_enable()` together with `_gradient_checkpointing_func`.
-        self.gradient_checkpointing = False
 
     def forward(
         self, x: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False
@@ -233,10 +272,7 @@ class MelanomaViTEncoder(nn.Module):
         hidden_states = (x,) if output_hidden_states else None
         attentions = () if output_attentions else None
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x, weights = self._gradient_checkpointing_func(block.__call__, x, output_attentions)
-            else:
-                x, weights = block(x, output_attentions)
+            x, weights = block(x, output_attentions)
             if output_hidden_states:
                 hidden_states += (x,)
             if output_attentions:
@@ -281,6 +317,10 @@ class MelanomaViTPreTrainedModel(PreTrainedModel):
             if module.dist_token is not None:
                 init.trunc_normal_(module.dist_token, mean=0.0, std=std)
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embeddings (as transformers' ViT), so `enable_input_require_grads()` hooks their output."""
+        return self.base_model.embeddings.patch_embed
+
 
 class MelanomaViTModel(MelanomaViTPreTrainedModel):
     """The ViT backbone: embeddings -> encoder -> final LayerNorm."""
@@ -320,7 +360,7 @@ class MelanomaViTModel(MelanomaViTPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        x = self.embeddings(pixel_values.to(self.embeddings.patch_embed.proj.weight.dtype), interpolate_pos_encoding)
+        x = self.embeddings(pixel_values.to(self.embeddings.cls_token.dtype), interpolate_pos_encoding)
         x, hidden_states, attentions = self.encoder(x, bool(output_attentions), bool(output_hidden_states))
         x = self.norm(x)
         output = BaseModelOutputWithPooling(
@@ -359,10 +399,14 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
 
         Args:
             pixel_values: (B, num_channels, H, W).
-            labels: (B,) class indices or (B, num_labels) soft targets (mixup/cutmix); adds a
-                cross-entropy `loss`.
+            labels: targets of the main head, by `config.problem_type` (None: inferred as transformers' ViT
+                does: regression when num_labels == 1, single-label for int64/int32 labels, else multi-label):
+                "single_label_classification": (B,) class indices or (B, num_labels) soft targets
+                (mixup/cutmix); cross-entropy.
+                "multi_label_classification": (B, num_labels) 0/1 floats; BCE with logits.
+                "regression": (B,) or (B, num_labels) floats; mean squared error.
             distillation_labels: (B,) teacher predictions for DeiT hard distillation (distilled models in
-                training only). The loss is then `(CE(cls, labels) + CE(dist, distillation_labels)) / 2`;
+                training only). The main loss is then `(loss(cls, labels) + loss(dist, distillation_labels)) / 2`;
                 without them the distillation head is trained on `labels`.
             output_attentions / output_hidden_states / interpolate_pos_encoding: see `MelanomaViTModel`.
 
@@ -393,10 +437,10 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = self._cross_entropy(logits, labels)
+            loss = self._main_loss(logits, labels)
             if self.training and distillation_logits is not None:
                 dist_target = distillation_labels if distillation_labels is not None else labels
-                loss = (loss + self._cross_entropy(distillation_logits, dist_target)) / 2
+                loss = (loss + self._main_loss(distillation_logits, dist_target)) / 2
 
         output = MelanomaViTImageClassifierOutput(
             loss=loss,
@@ -407,8 +451,28 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _main_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The main head's loss by `config.problem_type`."""
         labels = labels.to(logits.device)
+        problem_type = self.config.problem_type
+        if problem_type is None:  # transformers' ViT rule, without writing it back into the config
+            if self.num_labels == 1:
+                problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem_type = "single_label_classification"
+            else:
+                problem_type = "multi_label_classification"
+        if problem_type == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.float().squeeze(), labels.float().squeeze())
+            return F.mse_loss(logits.float(), labels.float())
+        if problem_type == "multi_label_classification":
+            if labels.shape != logits.shape:
+                raise ValueError(
+                    f"Multi-label targets must have shape (batch, num_labels) = {tuple(logits.shape)}, "
+                    f"got {tuple(labels.shape)}."
+                )
+            return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         if labels.is_floating_point():
             if labels.shape != logits.shape:
                 raise ValueError(
@@ -447,5 +511,6 @@ __all__ = [
     "MelanomaViTPreTrainedModel",
     "MelanomaViTModel",
     "MelanomaViTForImageClassification",
+    "eager_attention_forward",
     "resample_pos_embed",
 ]

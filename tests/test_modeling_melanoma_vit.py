@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, ViTImageProcessor
 
 import model
@@ -98,7 +99,7 @@ def test_every_parameter_gets_a_gradient(pixels):
 
 
 def test_loss_is_cross_entropy_and_accepts_soft_labels(pixels):
-    model_ = tiny_model()
+    model_ = tiny_model(problem_type="single_label_classification")
     labels = torch.tensor([1, 4, 5])
     out = model_(pixels, labels=labels)
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
@@ -192,19 +193,25 @@ def test_drop_path_only_active_in_training(pixels):
     assert any(not torch.allclose(runs[0], r) for r in runs[1:])
 
 
-def test_gradient_checkpointing_trains(pixels):
-    model_ = tiny_model(drop_path_rate=0.1, hidden_dropout_prob=0.1)
-    reference = tiny_model(drop_path_rate=0.1, hidden_dropout_prob=0.1)
-    # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias) to activation_*.
-    enable = getattr(model_, "activation_checkpointing_enable", None) or model_.gradient_checkpointing_enable
-    enable()
-    encoder = model_.vit.encoder
-    assert encoder.gradient_checkpointing
+def _count_block_starts(model_) -> list[int]:
+    """Pre-hooks on every block's first module: checkpointing reruns the block in backward, so calls double.
+    (A pre-hook, as the recompute stops early once it has regenerated the saved tensors.)"""
     calls = []
-    checkpoint_func = encoder._gradient_checkpointing_func
-    encoder._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or checkpoint_func(*a, **k)
-    model_.train()
-    reference.train()
+    for block in model_.vit.encoder.blocks:
+        block.norm1.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_disable` is deprecated:FutureWarning")
+def test_gradient_checkpointing_same_loss_and_gradients(pixels):
+    model_ = tiny_model(drop_path_rate=0.1, hidden_dropout_prob=0.1).train()
+    reference = tiny_model(drop_path_rate=0.1, hidden_dropout_prob=0.1).train()
+    model_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model_.is_gradient_checkpointing
+    assert all(block.gradient_checkpointing for block in model_.vit.encoder.blocks)
+    calls, ref_calls = _count_block_starts(model_), _count_block_starts(reference)
     labels = torch.tensor([0, 4, 6])
     torch.manual_seed(3)
     loss = model_(pixels, labels=labels).loss
@@ -212,14 +219,93 @@ def test_gradient_checkpointing_trains(pixels):
     torch.manual_seed(3)
     ref_loss = reference(pixels, labels=labels).loss
     ref_loss.backward()
-    assert len(calls) == TINY["num_hidden_layers"]  # every block went through torch.utils.checkpoint
+    layers = TINY["num_hidden_layers"]
+    assert (len(calls), len(ref_calls)) == (2 * layers, layers)  # each block recomputed once in backward
     torch.testing.assert_close(loss, ref_loss)  # same RNG: checkpoint replays dropout identically
     for (name, p), (_, q) in zip(model_.named_parameters(), reference.named_parameters()):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4)
-    optimizer = torch.optim.SGD(model_.parameters(), lr=0.5)
-    optimizer.step()
-    assert model_(pixels, labels=labels).loss < loss
+
+    model_.gradient_checkpointing_disable()
+    assert not any(block.gradient_checkpointing for block in model_.vit.encoder.blocks)
+    calls.clear()
+    model_(pixels, labels=labels).loss.backward()
+    assert len(calls) == layers
+
+
+def test_builds_on_the_meta_device():
+    with torch.device("meta"):
+        model_ = MelanomaViTForImageClassification(tiny_config(drop_path_rate=0.2, num_hidden_layers=3))
+    assert model_.head.weight.is_meta
+    assert [b.drop_path1.drop_prob for b in model_.vit.encoder.blocks[1:]] == pytest.approx([0.1, 0.2])
+
+
+def test_input_embeddings_are_the_patch_embeddings(pixels):
+    model_ = tiny_model()
+    assert model_.get_input_embeddings() is model_.vit.embeddings.patch_embed
+    assert model_.vit.get_input_embeddings() is model_.vit.embeddings.patch_embed
+    model_.requires_grad_(False)
+    model_.head.requires_grad_(True)  # e.g. an adapter after frozen embeddings
+    seen = []
+    model_.vit.encoder.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].requires_grad))
+    model_(pixels)
+    assert seen == [False]
+    model_.enable_input_require_grads()
+    model_(pixels)
+    assert seen == [False, True]
+    model_.disable_input_require_grads()
+
+
+REGRESSION_1 = ("regression", 1, lambda: torch.tensor([0.5, -1.0, 2.0]), lambda out, y: F.mse_loss(out.squeeze(), y))
+SINGLE = ("single_label_classification", 3, lambda: torch.tensor([0, 2, 1]), F.cross_entropy)
+MULTI = ("multi_label_classification", 3, lambda: torch.tensor([[1.0, 0, 1], [0, 0, 0], [0, 1, 1]]),
+         F.binary_cross_entropy_with_logits)
+
+
+@pytest.mark.parametrize(
+    ("configured", "case"),
+    [
+        ("regression", REGRESSION_1),
+        ("regression", ("regression", 3, lambda: torch.randn(3, 3), F.mse_loss)),
+        ("single_label_classification", SINGLE),
+        ("multi_label_classification", MULTI),
+        (None, REGRESSION_1),  # inferred as ViT does: num_labels 1 -> regression,
+        (None, SINGLE),  # int64 labels -> single-label,
+        (None, MULTI),  # float labels -> multi-label
+    ],
+)  # fmt: skip
+def test_problem_types_like_vit(pixels, configured, case):
+    _, num_labels, make_labels, loss_fn = case
+    model_ = tiny_model(num_labels=num_labels, problem_type=configured)
+    labels = make_labels()
+    out = model_(pixels, labels=labels)
+    torch.testing.assert_close(out.loss, loss_fn(out.logits, labels))
+    assert model_.config.problem_type == configured  # inferring does not write into the config
+
+
+def test_attn_implementation_eager_and_sdpa(tmp_path, pixels, monkeypatch):
+    model_ = tiny_model()
+    assert model_.config._attn_implementation == "sdpa"
+    sdpa_logits = model_(pixels).logits
+    model_.set_attn_implementation("eager")
+    assert model_.config._attn_implementation == "eager"
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("scaled_dot_product_attention called on the eager path")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    eager_logits = model_(pixels).logits  # the eager path never calls SDPA
+    torch.testing.assert_close(eager_logits, sdpa_logits, atol=1e-5, rtol=1e-5)
+
+    model_.save_pretrained(tmp_path)
+    loaded = MelanomaViTForImageClassification.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert loaded.config._attn_implementation == "eager"
+    torch.testing.assert_close(loaded(pixels).logits, sdpa_logits, atol=1e-5, rtol=1e-5)
+    loaded.set_attn_implementation("sdpa")
+    with pytest.raises(AssertionError, match="eager path"):  # proves the patch above would have caught SDPA
+        loaded(pixels)
+    out = loaded(pixels, output_attentions=True)  # weights come from the eager path whatever the setting
+    assert len(out.attentions) == TINY["num_hidden_layers"] and out.attentions[0].shape == (3, 4, 17, 17)
 
 
 def test_calibrated_probs_use_temperature(pixels):
@@ -246,18 +332,23 @@ def test_auto_classes_registered(tmp_path, pixels):
     torch.testing.assert_close(loaded(pixels).logits, model_(pixels).logits)
 
 
+def _imports(nodes) -> tuple[set[str], set[str]]:
+    absolute, relative = set(), set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            absolute |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            (relative if node.level else absolute).add(node.module.split(".")[0])
+    return absolute, relative
+
+
 def test_remote_code_files_are_self_contained():
     """The Hub copy of these files must import nothing from this project (or timm) by absolute import."""
     root = Path(model.__file__).parent
+    stdlib = {"__future__", "collections", "dataclasses", "typing"}
     for name in ("configuration_melanoma_vit.py", "modeling_melanoma_vit.py"):
-        tree = ast.parse((root / name).read_text())
-        absolute, relative = set(), set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                absolute |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                (relative if node.level else absolute).add(node.module.split(".")[0])
-        assert absolute <= {"__future__", "dataclasses", "typing", "torch", "transformers"}, (name, absolute)
+        absolute, relative = _imports(ast.walk(ast.parse((root / name).read_text())))
+        assert absolute <= stdlib | {"torch", "transformers"}, (name, absolute)
         assert relative <= {"configuration_melanoma_vit"}, (name, relative)
 
 
@@ -317,3 +408,4 @@ def test_fresh_process_trust_remote_code_and_pipeline(tmp_path, ham_image_paths)
     assert set(by_label) == set(DX_CODES)
     for i, code in enumerate(DX_CODES):
         assert by_label[code] == pytest.approx(probs[i].item(), abs=1e-5)
+
