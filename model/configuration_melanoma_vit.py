@@ -6,8 +6,10 @@ torch/transformers and sibling files by relative import, never other modules of 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from torch import nn
 from transformers import PretrainedConfig
 
 # Copy of model/labels.py::DX_CODES (HAM10000 `dx` codes, the class index order of every 7-class
@@ -17,6 +19,9 @@ DEFAULT_DX_CODES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "
 
 _ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu", "swish")
 _PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+# Names an extra head may not take: the main head's name in `predict_heads` and the output field.
+_RESERVED_HEAD_NAMES = ("dx", "logits")
+_HEAD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _as_pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -55,6 +60,12 @@ class MelanomaViTConfig(PretrainedConfig):
             logits; calibrated probabilities are `softmax(logits / T)`, see
             `MelanomaViTForImageClassification.predict_proba`.
         melanoma_threshold: Decision threshold on P(mel) chosen on validation data, or None.
+        extra_heads: Optional ordered mapping head name -> label names (at least 2) of further linear
+            classification heads on the CLS token, e.g. one per extra dataset or per seven-point-checklist
+            criterion: `{"pigment_network": ["absent", "typical", "atypical"]}`. Names are identifiers,
+            not "dx" or "logits". The main head (`logits`, `id2label`) is unaffected.
+        head_temperatures: Calibration temperature T > 0 per extra head (missing heads: 1.0), see
+            `MelanomaViTForImageClassification.predict_heads`.
         problem_type: As in transformers: "regression", "single_label_classification" or
             "multi_label_classification"; None infers it from `num_labels` and the labels' dtype.
         id2label / label2id: Class names; default: the 7 HAM10000 dx codes.
@@ -81,6 +92,8 @@ class MelanomaViTConfig(PretrainedConfig):
     initializer_range: float = 0.02
     temperature: float = 1.0
     melanoma_threshold: float | None = None
+    extra_heads: dict[str, list[str]] | None = None
+    head_temperatures: dict[str, float] | None = None
 
     def __init__(
         self,
@@ -101,6 +114,8 @@ class MelanomaViTConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         temperature: float = 1.0,
         melanoma_threshold: float | None = None,
+        extra_heads: dict[str, list[str]] | None = None,
+        head_temperatures: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         if "id2label" not in kwargs and "num_labels" not in kwargs:
@@ -121,6 +136,11 @@ class MelanomaViTConfig(PretrainedConfig):
         self.use_distillation_token = use_distillation_token
         self.initializer_range = initializer_range
         self.melanoma_threshold = melanoma_threshold
+        if isinstance(extra_heads, dict):
+            # Lists, as JSON gives them back, so a saved and a loaded config compare equal.
+            extra_heads = {name: list(v) if isinstance(v, tuple) else v for name, v in extra_heads.items()}
+        self.extra_heads = extra_heads or None
+        self.head_temperatures = head_temperatures or None
         super().__init__(**kwargs)
         # After the base __init__: transformers 4.x resets `temperature` there (a generation default).
         self.temperature = temperature
@@ -179,3 +199,36 @@ class MelanomaViTConfig(PretrainedConfig):
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}.")
         if self.problem_type is not None and self.problem_type not in _PROBLEM_TYPES:
             raise ValueError(f"problem_type must be None or one of {_PROBLEM_TYPES}, got {self.problem_type!r}.")
+        self._validate_extra_heads()
+
+    def _validate_extra_heads(self) -> None:
+        heads = self.extra_heads or {}
+        if not isinstance(heads, dict):
+            raise ValueError(f"extra_heads must be None or a dict head name -> label names, got {heads!r}.")
+        for name, labels in heads.items():
+            # ModuleDict methods (keys, items, update, ...) cannot be module names either.
+            valid = isinstance(name, str) and _HEAD_NAME.match(name) and name not in _RESERVED_HEAD_NAMES
+            if not valid or hasattr(nn.ModuleDict, name):
+                raise ValueError(
+                    f"extra_heads name {name!r} is not allowed: use an identifier (letters, digits, _) other than "
+                    f"{_RESERVED_HEAD_NAMES} and nn.ModuleDict attribute names, e.g. 'pigment_network'."
+                )
+            if (
+                not isinstance(labels, list)
+                or len(labels) < 2
+                or not all(isinstance(label, str) for label in labels)
+                or len(set(labels)) != len(labels)
+            ):
+                raise ValueError(
+                    f"extra_heads[{name!r}] must list at least 2 distinct label names (strings), got {labels!r}."
+                )
+        temperatures = self.head_temperatures or {}
+        if not isinstance(temperatures, dict):
+            raise ValueError(f"head_temperatures must be None or a dict head name -> T, got {temperatures!r}.")
+        for name, value in temperatures.items():
+            if name not in heads:
+                raise ValueError(f"head_temperatures names {name!r}, which is not in extra_heads {list(heads)}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(
+                    f"head_temperatures[{name!r}] must be a float > 0 (1.0 = uncalibrated), got {value!r}."
+                )

@@ -8,6 +8,7 @@
 * `save_vit_export(model, folder)`: writes that export in the transformers 4.x key layout
   (`vit.encoder.layer.N.attention.attention.query`, ...), which 4.x loads natively and transformers 5
   renames on load through its checkpoint conversion mapping, so one folder serves both.
+  Exports carry the main (dx) head only.
 
 The state-dict functions are pure `dict -> dict` renamings (plus the qkv split for the export).
 """
@@ -189,6 +190,7 @@ def vit_config_from_melanoma_vit(config: MelanomaViTConfig) -> ViTConfig | DeiTC
 
     `melanoma_threshold` is kept as an extra attribute; `temperature` is not (`export_to_vit` folds it
     into the head weights by default, and transformers 5 refuses a `temperature` key in model configs).
+    Extra heads are not part of the export.
     """
     if not isinstance(config.patch_size, int) and config.patch_size[0] != config.patch_size[1]:
         raise ValueError(f"transformers' ViT needs square patches, got patch_size={config.patch_size}.")
@@ -265,6 +267,11 @@ def _installed_layout(hf_model: nn.Module, base: str) -> str:
 
 
 def _export_state_dict(model: MelanomaViTForImageClassification, layout: str, fold_temperature: bool) -> dict:
+    if model.config.extra_heads:
+        logger.warning(
+            "The stock transformers export keeps only the main (dx) head; the extra heads %s are dropped.",
+            list(model.config.extra_heads),
+        )
     state_dict = dict(model.state_dict())
     temperature = float(model.config.temperature)
     if fold_temperature and temperature != 1.0:

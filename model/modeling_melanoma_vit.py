@@ -35,6 +35,9 @@ except ImportError:  # transformers 4.x initialises only missing weights, plain 
 
 logger = logging.get_logger(__name__)
 
+# Label value that masks a sample out of a loss (transformers' and PyTorch's cross-entropy convention).
+IGNORE_INDEX = -100
+
 
 def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
@@ -282,12 +285,14 @@ class MelanomaViTEncoder(nn.Module):
 
 @dataclass
 class MelanomaViTImageClassifierOutput(ImageClassifierOutput):
-    """`ImageClassifierOutput` plus the distillation head's logits (B, num_labels) of DeiT-style models.
+    """`ImageClassifierOutput` plus the distillation head's logits (B, num_labels) of DeiT-style models
+    and the raw logits of the extra heads, `{name: (B, len(config.extra_heads[name]))}` (None without extra heads).
 
     `logits` is the CLS head in training and the mean of the CLS and distillation heads in eval.
     """
 
     distillation_logits: torch.FloatTensor | None = None
+    head_logits: dict[str, torch.FloatTensor] | None = None
 
 
 class MelanomaViTPreTrainedModel(PreTrainedModel):
@@ -370,10 +375,14 @@ class MelanomaViTModel(MelanomaViTPreTrainedModel):
 
 
 class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
-    """MelanomaViT with a linear head on the CLS token (+ a DeiT distillation head on the DIST token).
+    """MelanomaViT with a linear head on the CLS token (+ a DeiT distillation head on the DIST token), plus
+    optional extra linear heads on the same CLS token (`config.extra_heads`, e.g. one per training dataset
+    or per seven-point-checklist criterion).
 
-    The forward pass returns raw logits. Calibrated probabilities are `softmax(logits / config.temperature)`:
-    use `calibrated_probs` / `predict_proba` (transformers' `pipeline` applies a plain softmax, i.e. T = 1).
+    The forward pass returns raw logits; `logits` is always the main (dx, `id2label`) head, so `pipeline`,
+    the Auto classes and exports see a plain classifier. Calibrated probabilities are
+    `softmax(logits / config.temperature)`: use `calibrated_probs` / `predict_proba`, or `predict_heads`
+    for every head (transformers' `pipeline` applies a plain softmax, i.e. T = 1).
     """
 
     def __init__(self, config: MelanomaViTConfig) -> None:
@@ -382,6 +391,10 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
         self.vit = MelanomaViTModel(config)
         self.head = nn.Linear(config.hidden_size, config.num_labels)
         self.head_dist = nn.Linear(config.hidden_size, config.num_labels) if config.use_distillation_token else None
+        # Always present (empty without extra heads) so forward has no branch; adds no state-dict keys.
+        self.extra_heads = nn.ModuleDict(
+            {name: nn.Linear(config.hidden_size, len(labels)) for name, labels in (config.extra_heads or {}).items()}
+        )
         self.post_init()
 
     def forward(
@@ -389,6 +402,8 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         distillation_labels: torch.Tensor | None = None,
+        head_labels: dict[str, torch.Tensor] | None = None,
+        head_loss_weights: dict[str, float] | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
@@ -401,18 +416,24 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
             pixel_values: (B, num_channels, H, W).
             labels: targets of the main head, by `config.problem_type` (None: inferred as transformers' ViT
                 does: regression when num_labels == 1, single-label for int64/int32 labels, else multi-label):
-                "single_label_classification": (B,) class indices or (B, num_labels) soft targets
-                (mixup/cutmix); cross-entropy.
+                "single_label_classification": (B,) class indices, -100 = no label for that sample (masked
+                out of the loss), or (B, num_labels) soft targets (mixup/cutmix); cross-entropy.
                 "multi_label_classification": (B, num_labels) 0/1 floats; BCE with logits.
                 "regression": (B,) or (B, num_labels) floats; mean squared error.
             distillation_labels: (B,) teacher predictions for DeiT hard distillation (distilled models in
                 training only). The main loss is then `(loss(cls, labels) + loss(dist, distillation_labels)) / 2`;
                 without them the distillation head is trained on `labels`.
+            head_labels: {extra head name: (B,) class indices, -100 = no label}. Each head adds the mean
+                cross-entropy over its labelled samples; a head without any labelled sample in the batch adds
+                nothing (and gets no gradient).
+            head_loss_weights: {extra head name: weight} for those terms; default 1 each.
             output_attentions / output_hidden_states / interpolate_pos_encoding: see `MelanomaViTModel`.
 
         Returns:
-            `MelanomaViTImageClassifierOutput`: loss, logits (B, num_labels) (raw, not temperature
-            scaled), distillation_logits (B, num_labels) or None, hidden_states, attentions.
+            `MelanomaViTImageClassifierOutput`: loss (main loss + weighted extra-head losses; when every
+            given label is masked, a zero that still backpropagates), logits (B, num_labels) (raw, not
+            temperature scaled), distillation_logits (B, num_labels) or None, head_logits
+            {name: (B, n_labels)} or None, hidden_states, attentions.
         """
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         outputs = self.vit(
@@ -434,13 +455,23 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
                 "distillation_labels are only used by a distilled model (use_distillation_token=True) in training "
                 "mode; drop them or call model.train()."
             )
+        head_logits = {name: head(tokens[:, 0]) for name, head in self.extra_heads.items()} or None
 
         loss = None
-        if labels is not None:
-            loss = self._main_loss(logits, labels)
-            if self.training and distillation_logits is not None:
-                dist_target = distillation_labels if distillation_labels is not None else labels
-                loss = (loss + self._main_loss(distillation_logits, dist_target)) / 2
+        if labels is not None or head_labels is not None:
+            terms = []
+            if labels is not None:
+                main = [(logits, labels)]
+                if self.training and distillation_logits is not None:
+                    dist_target = distillation_labels if distillation_labels is not None else labels
+                    main.append((distillation_logits, dist_target))
+                for head_output, target in main:
+                    term = self._main_loss(head_output, target)
+                    if term is not None:  # weight 1 / len(main) even when the other head's labels are all masked
+                        terms.append(term / len(main))
+            terms += self._extra_head_losses(head_logits or {}, head_labels or {}, head_loss_weights or {})
+            # Every label masked: a zero that keeps the graph, so `loss.backward()` still works.
+            loss = sum(terms) if terms else logits.sum() * 0.0
 
         output = MelanomaViTImageClassifierOutput(
             loss=loss,
@@ -448,11 +479,12 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             distillation_logits=distillation_logits,
+            head_logits=head_logits,
         )
         return output if return_dict else output.to_tuple()
 
-    def _main_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The main head's loss by `config.problem_type`."""
+    def _main_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """The main head's loss by `config.problem_type`; None when every label is masked (-100)."""
         labels = labels.to(logits.device)
         problem_type = self.config.problem_type
         if problem_type is None:  # transformers' ViT rule, without writing it back into the config
@@ -480,11 +512,21 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
                     f"got {tuple(labels.shape)}."
                 )
             return F.cross_entropy(logits.float(), labels.float())
-        if labels.shape != logits.shape[:1]:
-            raise ValueError(f"labels must have shape (batch,) = ({logits.shape[0]},), got {tuple(labels.shape)}.")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_labels):
-            raise ValueError(f"labels must be class indices in [0, {self.num_labels - 1}], got {labels.tolist()}.")
-        return F.cross_entropy(logits.float(), labels)
+        return _masked_cross_entropy(logits, labels, "labels")
+
+    def _extra_head_losses(
+        self, head_logits: dict[str, torch.Tensor], head_labels: dict[str, torch.Tensor], weights: dict[str, float]
+    ) -> list[torch.Tensor]:
+        unknown = sorted((set(head_labels) | set(weights)) - set(head_logits))
+        if unknown:
+            raise ValueError(f"head_labels / head_loss_weights name {unknown}, not extra heads {list(head_logits)}.")
+        losses = []
+        for name, labels in head_labels.items():
+            logits = head_logits[name]
+            loss = _masked_cross_entropy(logits, labels.to(logits.device), f"head_labels[{name!r}]")
+            if loss is not None:
+                losses.append(loss * weights.get(name, 1.0))
+        return losses
 
     def calibrated_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, num_labels) raw logits -> (B, num_labels) `softmax(logits / config.temperature)` in float32."""
@@ -497,6 +539,40 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
         Runs the forward pass as is (call `model.eval()` first for inference); extra kwargs go to `forward`.
         """
         return self.calibrated_probs(self(pixel_values, **kwargs).logits)
+
+    @torch.no_grad()
+    def predict_heads(self, pixel_values: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+        """(B, num_channels, H, W) -> calibrated float32 probabilities of every head.
+
+        Returns:
+            {"dx": (B, num_labels) `softmax(logits / config.temperature)`, then per extra head in config order
+            name: (B, n_labels) `softmax(head_logits / config.head_temperatures.get(name, 1.0))`}.
+            Runs the forward pass as is (call `model.eval()` first); extra kwargs go to `forward`.
+        """
+        output = self(pixel_values, **kwargs)
+        temperatures = self.config.head_temperatures or {}
+        probs = {"dx": self.calibrated_probs(output.logits)}
+        for name, logits in (output.head_logits or {}).items():
+            probs[name] = torch.softmax(logits.float() / float(temperatures.get(name, 1.0)), dim=-1)
+        return probs
+
+
+def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, name: str) -> torch.Tensor | None:
+    """Mean cross-entropy of (B, K) logits over the samples whose (B,) class index is not -100; None if none is."""
+    if labels.is_floating_point() or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"{name} must be (batch,) = ({logits.shape[0]},) integer class indices, got {labels.dtype} "
+            f"{tuple(labels.shape)}."
+        )
+    labelled = labels != IGNORE_INDEX
+    if not labelled.any():
+        return None
+    if labels[labelled].min() < 0 or labels[labelled].max() >= logits.shape[-1]:
+        raise ValueError(
+            f"{name} must be class indices in [0, {logits.shape[-1] - 1}] or {IGNORE_INDEX} (no label), "
+            f"got {labels.tolist()}."
+        )
+    return F.cross_entropy(logits[labelled].float(), labels[labelled].long())
 
 
 __all__ = [

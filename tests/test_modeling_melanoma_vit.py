@@ -107,7 +107,7 @@ def test_loss_is_cross_entropy_and_accepts_soft_labels(pixels):
     torch.testing.assert_close(model_(pixels, labels=soft).loss, out.loss)
     with pytest.raises(ValueError, match=r"class indices in \[0, 6\]"):
         model_(pixels, labels=torch.tensor([0, 7, 1]))
-    with pytest.raises(ValueError, match="labels must have shape"):
+    with pytest.raises(ValueError, match=r"labels must be \(batch,\)"):
         model_(pixels, labels=torch.tensor([0, 1]))
 
 
@@ -345,7 +345,7 @@ def _imports(nodes) -> tuple[set[str], set[str]]:
 def test_remote_code_files_are_self_contained():
     """The Hub copy of these files must import nothing from this project (or timm) by absolute import."""
     root = Path(model.__file__).parent
-    stdlib = {"__future__", "collections", "dataclasses", "typing"}
+    stdlib = {"__future__", "collections", "dataclasses", "re", "typing"}
     for name in ("configuration_melanoma_vit.py", "modeling_melanoma_vit.py"):
         absolute, relative = _imports(ast.walk(ast.parse((root / name).read_text())))
         assert absolute <= stdlib | {"torch", "transformers"}, (name, absolute)
@@ -409,3 +409,164 @@ def test_fresh_process_trust_remote_code_and_pipeline(tmp_path, ham_image_paths)
     for i, code in enumerate(DX_CODES):
         assert by_label[code] == pytest.approx(probs[i].item(), abs=1e-5)
 
+
+# --- extra heads (multi-source training: one head per dataset / seven-point-checklist criterion) ---
+
+HEADS = {
+    "isic2017": ["melanoma", "nevus", "seborrheic_keratosis"],
+    "pigment_network": ["absent", "typical", "atypical"],
+    "streaks": ["absent", "present"],
+}
+
+
+def heads_model(**overrides) -> MelanomaViTForImageClassification:
+    return tiny_model(extra_heads=HEADS, **overrides)
+
+
+def test_extra_heads_config_roundtrip_and_output(tmp_path, pixels):
+    model_ = heads_model(head_temperatures={"streaks": 2.0})
+    out = model_(pixels)
+    assert out.logits.shape == (3, 7)  # the main (dx) head, unchanged for pipeline / Auto classes / exports
+    assert list(out.head_logits) == list(HEADS)
+    assert [t.shape for t in out.head_logits.values()] == [(3, 3), (3, 3), (3, 2)]
+    tokens = model_.vit(pixels).last_hidden_state
+    torch.testing.assert_close(out.head_logits["streaks"], model_.extra_heads["streaks"](tokens[:, 0]))
+    assert tiny_model()(pixels).head_logits is None
+    assert not [k for k in tiny_model().state_dict() if "extra_heads" in k]  # existing checkpoints unchanged
+
+    model_.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["extra_heads"] == HEADS and saved["head_temperatures"] == {"streaks": 2.0}
+    loaded = MelanomaViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.extra_heads == HEADS and list(loaded.extra_heads) == list(HEADS)
+    again = loaded(pixels)
+    torch.testing.assert_close(again.logits, out.logits, rtol=0, atol=0)
+    for name in HEADS:
+        torch.testing.assert_close(again.head_logits[name], out.head_logits[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(extra_heads={"dx": ["a", "b"]}), "name 'dx' is not allowed"),
+        (dict(extra_heads={"logits": ["a", "b"]}), "name 'logits' is not allowed"),
+        (dict(extra_heads={"pigment-network": ["a", "b"]}), "is not allowed: use an identifier"),
+        (dict(extra_heads={"items": ["a", "b"]}), "name 'items' is not allowed"),
+        (dict(extra_heads={"streaks": ["present"]}), "at least 2 distinct label names"),
+        (dict(extra_heads={"streaks": ["a", "a"]}), "at least 2 distinct label names"),
+        (dict(extra_heads={"streaks": ["a", "b"]}, head_temperatures={"other": 1.0}), "not in extra_heads"),
+        (dict(extra_heads={"streaks": ["a", "b"]}, head_temperatures={"streaks": 0.0}), "must be a float > 0"),
+    ],
+)
+def test_invalid_extra_heads_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_extra_head_loss_is_masked_mean_cross_entropy(pixels):
+    model_ = heads_model().train()
+    labels = torch.tensor([4, -100, 1])
+    head_labels = {"isic2017": torch.tensor([-100, 2, 0]), "pigment_network": torch.tensor([1, 1, -100])}
+    out = model_(pixels, labels=labels, head_labels=head_labels, head_loss_weights={"pigment_network": 0.5})
+    ce = F.cross_entropy
+    expected = (
+        ce(out.logits[[0, 2]], labels[[0, 2]])
+        + ce(out.head_logits["isic2017"][[1, 2]], torch.tensor([2, 0]))
+        + 0.5 * ce(out.head_logits["pigment_network"][[0, 1]], torch.tensor([1, 1]))
+    )
+    torch.testing.assert_close(out.loss, expected)
+    # By hand for one term: -log softmax at the label, averaged over the labelled samples.
+    log_probs = out.head_logits["isic2017"].log_softmax(-1)
+    torch.testing.assert_close(
+        ce(out.head_logits["isic2017"][[1, 2]], torch.tensor([2, 0])), -(log_probs[1, 2] + log_probs[2, 0]) / 2
+    )
+    with pytest.raises(ValueError, match="not extra heads"):
+        model_(pixels, head_labels={"unknown": torch.tensor([0, 1, 0])})
+    with pytest.raises(ValueError, match=r"class indices in \[0, 1\] or -100"):
+        model_(pixels, head_labels={"streaks": torch.tensor([0, 2, 0])})
+
+
+def test_unlabelled_head_gets_no_gradient(pixels):
+    model_ = heads_model().train()
+    head_labels = {"isic2017": torch.tensor([0, -100, 2]), "streaks": torch.tensor([-100, -100, -100])}
+    model_(pixels, labels=torch.tensor([-100, 5, -100]), head_labels=head_labels).loss.backward()
+    assert model_.extra_heads["isic2017"].weight.grad.abs().sum() > 0
+    assert model_.head.weight.grad.abs().sum() > 0
+    for name in ("streaks", "pigment_network"):  # all masked / not given: no gradient at all
+        grad = model_.extra_heads[name].weight.grad
+        assert grad is None or not grad.any(), name
+
+
+def test_all_labels_masked_gives_a_zero_loss_that_backpropagates(pixels):
+    model_ = heads_model().train()
+    masked = torch.full((3,), -100)
+    out = model_(pixels, labels=masked, head_labels={"streaks": masked})
+    assert out.loss.item() == 0.0 and out.loss.requires_grad
+    out.loss.backward()
+    assert model_.head.weight.grad is not None and not model_.head.weight.grad.any()
+    # Main labels only, with masking, keeps the old behaviour for models without extra heads.
+    plain = tiny_model()
+    loss = plain(pixels, labels=torch.tensor([3, -100, 6])).loss
+    torch.testing.assert_close(loss, F.cross_entropy(plain(pixels).logits[[0, 2]], torch.tensor([3, 6])))
+
+
+def test_predict_heads_are_calibrated_probabilities(pixels):
+    model_ = heads_model(temperature=1.5, head_temperatures={"isic2017": 3.0})
+    probs = model_.predict_heads(pixels)
+    assert list(probs) == ["dx", *HEADS]
+    out = model_(pixels)
+    torch.testing.assert_close(probs["dx"], torch.softmax(out.logits / 1.5, -1))
+    torch.testing.assert_close(probs["isic2017"], torch.softmax(out.head_logits["isic2017"] / 3.0, -1))
+    torch.testing.assert_close(probs["streaks"], torch.softmax(out.head_logits["streaks"], -1))
+    for name, p in probs.items():
+        torch.testing.assert_close(p.sum(-1), torch.ones(3), msg=name)
+        assert not p.requires_grad
+
+
+def test_vit_export_keeps_only_the_main_head(pixels, caplog):
+    from model.convert import export_to_vit
+
+    model_ = heads_model()
+    with caplog.at_level("WARNING", logger="model.convert"):
+        exported = export_to_vit(model_)
+    assert "extra heads" in caplog.text and "isic2017" in caplog.text
+    torch.testing.assert_close(exported(pixels).logits, model_(pixels).logits, atol=1e-5, rtol=1e-5)
+
+
+HEADS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from transformers import AutoModelForImageClassification
+    folder, pixels_path = sys.argv[1:3]
+    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        out = model(torch.load(pixels_path, weights_only=True))
+    print(json.dumps({"class": type(model).__module__, "logits": out.logits.tolist(),
+                      "head_logits": {k: v.tolist() for k, v in out.head_logits.items()},
+                      "leaked": sorted(m for m in sys.modules if m == "model" or m.startswith("model."))}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_fresh_process_remote_code_returns_head_logits(tmp_path, pixels):
+    model_ = heads_model()
+    model_.save_pretrained(tmp_path / "folder")
+    torch.save(pixels, tmp_path / "pixels.pt")
+    expected = model_(pixels)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run(
+        [sys.executable, "-c", HEADS_SCRIPT, str(tmp_path / "folder"), str(tmp_path / "pixels.pt")],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["leaked"] == [] and "transformers_modules" in report["class"]
+    torch.testing.assert_close(torch.tensor(report["logits"]), expected.logits, atol=1e-5, rtol=1e-5)
+    assert list(report["head_logits"]) == list(HEADS)
+    for name, values in report["head_logits"].items():
+        torch.testing.assert_close(torch.tensor(values), expected.head_logits[name], atol=1e-5, rtol=1e-5)
