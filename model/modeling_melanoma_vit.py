@@ -6,13 +6,14 @@ transformers prefixes `vit.embeddings` / `vit.encoder`, so timm ViT and DeiT che
 a pure dict -> dict renaming (see `model/convert.py`).
 
 This file ships to the Hub as remote code: it imports only torch, transformers and (relatively) its
-configuration file.
+configuration file; timm only when a hybrid model (CNN stem, `patch_embedding_type="hybrid"`) is built.
 
 Research/education tool only: never use its outputs for diagnosis.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from .configuration_melanoma_vit import MelanomaViTConfig
+from .configuration_melanoma_vit import HYBRID_PATCH_SIZE, MelanomaViTConfig
 
 try:  # transformers >= 5: these skip tensors already filled from a checkpoint.
     from transformers import initialization as init
@@ -116,12 +117,96 @@ class MelanomaViTPatchEmbeddings(nn.Module):
         return self.proj(pixel_values)  # (B, C, h, w)
 
 
+def _create_timm_efficientnet(config: MelanomaViTConfig) -> nn.Module:
+    """`config.backbone` as a randomly initialised timm EfficientNet (weights come from the checkpoint)."""
+    # Imported here and inside `try` so linear models (and transformers' remote-code import check,
+    # which skips `try` blocks) never need timm.
+    try:
+        import timm
+        from timm.models.efficientnet import EfficientNet
+    except ImportError as error:
+        raise ImportError("patch_embedding_type='hybrid' builds its CNN stem with timm: pip install timm") from error
+    backbone = timm.create_model(config.backbone, pretrained=False, in_chans=config.num_channels)
+    if not isinstance(backbone, EfficientNet):
+        raise ValueError(
+            f"backbone {config.backbone!r} is a timm {type(backbone).__name__}; the hybrid stem needs a timm "
+            "EfficientNet (conv_stem, bn1, blocks), e.g. 'tf_efficientnet_lite0'."
+        )
+    return backbone
+
+
+class MelanomaViTHybridStem(nn.Module):
+    """The first `backbone_stage + 1` stages of a timm EfficientNet: (B, num_channels, H, W) -> (B, C_b, H/16, W/16).
+
+    Submodule names equal timm's (`conv_stem`, `bn1`, `blocks.i.j....`), so timm weights copy in by key
+    (`model/convert.py::load_hybrid_stem_from_timm`); BatchNorm statistics are buffers saved with the model.
+    """
+
+    def __init__(self, config: MelanomaViTConfig) -> None:
+        super().__init__()
+        backbone = _create_timm_efficientnet(config)
+        stage = config.backbone_stage
+        features = {info["module"]: info for info in backbone.feature_info}
+        info = features.get(f"blocks.{stage}")
+        if info is None or info["reduction"] != HYBRID_PATCH_SIZE:
+            stride16 = [int(name.split(".")[1]) for name, f in features.items() if f["reduction"] == HYBRID_PATCH_SIZE]
+            raise ValueError(
+                f"backbone_stage={stage} is not the stride-{HYBRID_PATCH_SIZE} output of {config.backbone}; "
+                f"use backbone_stage={stride16[0] if stride16 else '?'}."
+            )
+        if info["num_chs"] != config.backbone_channels:
+            raise ValueError(
+                f"{config.backbone} blocks[{stage}] gives {info['num_chs']} channels but backbone_channels="
+                f"{config.backbone_channels}; set backbone_channels={info['num_chs']}."
+            )
+        self.num_channels = config.num_channels
+        self.conv_stem = backbone.conv_stem
+        self.bn1 = backbone.bn1  # BatchNorm + activation (timm's BatchNormAct2d)
+        self.blocks = nn.Sequential(*backbone.blocks[: stage + 1])
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, num_channels, H, W), H and W multiples of 16 -> (B, backbone_channels, H / 16, W / 16)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {self.num_channels}, height, width), got "
+                f"{tuple(pixel_values.shape)}; preprocess images with the model's image processor."
+            )
+        height, width = pixel_values.shape[-2:]
+        if height % HYBRID_PATCH_SIZE or width % HYBRID_PATCH_SIZE:
+            raise ValueError(
+                f"Image size ({height}x{width}) must be divisible by the hybrid stem's stride {HYBRID_PATCH_SIZE}; "
+                "resize or crop the images to a multiple of it."
+            )
+        return self.blocks(self.bn1(self.conv_stem(pixel_values)))
+
+
+class MelanomaViTHybridPatchEmbeddings(nn.Module):
+    """ViT-hybrid patches (Dosovitskiy et al. 2020, section 3.1): CNN feature map -> 1x1 conv -> (B, C, h, w).
+
+    Each cell of the stem's stride-16 map is one token. `stem` may be swapped for `nn.Identity()` to feed
+    precomputed stem maps (B, backbone_channels, h, w) as `pixel_values`, so the channel count is only
+    checked by the stem itself.
+    """
+
+    def __init__(self, config: MelanomaViTConfig) -> None:
+        super().__init__()
+        self.stem = MelanomaViTHybridStem(config)
+        self.projection = nn.Conv2d(config.backbone_channels, config.hidden_size, kernel_size=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, num_channels, H, W) images (or (B, backbone_channels, h, w) stem maps) -> (B, C, H / 16, W / 16)."""
+        return self.projection(self.stem(pixel_values))  # (B, C, h, w)
+
+
+PATCH_EMBEDDINGS = {"linear": MelanomaViTPatchEmbeddings, "hybrid": MelanomaViTHybridPatchEmbeddings}
+
+
 class MelanomaViTEmbeddings(nn.Module):
     """Patch tokens with prepended CLS (+ DIST) tokens plus learned absolute position embeddings."""
 
     def __init__(self, config: MelanomaViTConfig) -> None:
         super().__init__()
-        self.patch_embed = MelanomaViTPatchEmbeddings(config)
+        self.patch_embed = PATCH_EMBEDDINGS[config.patch_embedding_type](config)
         self.grid_size = config.grid_size
         self.num_prefix_tokens = config.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
@@ -295,6 +380,23 @@ class MelanomaViTImageClassifierOutput(ImageClassifierOutput):
     head_logits: dict[str, torch.FloatTensor] | None = None
 
 
+def _init_efficientnet_stem(stem: nn.Module) -> None:
+    """timm's EfficientNet init (TensorFlow's): convs normal(0, sqrt(2 / fan_out)), BatchNorm (1, 0) with fresh
+    statistics. Through transformers' `init` functions, so weights loaded from a checkpoint are left alone."""
+    for layer in stem.modules():
+        if isinstance(layer, nn.Conv2d):
+            fan_out = layer.kernel_size[0] * layer.kernel_size[1] * layer.out_channels // layer.groups
+            init.normal_(layer.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+            if layer.bias is not None:
+                init.zeros_(layer.bias)
+        elif isinstance(layer, nn.BatchNorm2d):
+            init.ones_(layer.weight)
+            init.zeros_(layer.bias)
+            init.zeros_(layer.running_mean)
+            init.ones_(layer.running_var)
+            init.zeros_(layer.num_batches_tracked)
+
+
 class MelanomaViTPreTrainedModel(PreTrainedModel):
     """Weight initialisation (as timm's ViT), gradient checkpointing and Hub loading for MelanomaViT."""
 
@@ -307,7 +409,8 @@ class MelanomaViTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Truncated normal (std `initializer_range`) weights, zero biases, LayerNorm (1, 0)."""
+        """Truncated normal (std `initializer_range`) weights, zero biases, LayerNorm (1, 0); the hybrid
+        stem as timm initialises EfficientNets (TensorFlow's fan-out normal, BatchNorm (1, 0))."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
@@ -321,6 +424,11 @@ class MelanomaViTPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.cls_token, mean=0.0, std=std)
             if module.dist_token is not None:
                 init.trunc_normal_(module.dist_token, mean=0.0, std=std)
+            if isinstance(module.patch_embed, MelanomaViTHybridPatchEmbeddings):
+                # Here rather than in a stem branch: transformers skips modules without parameters of their
+                # own (the stem) in remote code, and it visits children first, so this replaces the ViT init
+                # of the stem's convs, whose std 0.02 would vanish the signal through a deep conv stack.
+                _init_efficientnet_stem(module.patch_embed.stem)
 
     def get_input_embeddings(self) -> nn.Module:
         """The patch embeddings (as transformers' ViT), so `enable_input_require_grads()` hooks their output."""
@@ -349,7 +457,8 @@ class MelanomaViTModel(MelanomaViTPreTrainedModel):
         """Encode images.
 
         Args:
-            pixel_values: (B, num_channels, H, W), H and W multiples of the patch size.
+            pixel_values: (B, num_channels, H, W), H and W multiples of the patch size (hybrid models with
+                the stem replaced by `nn.Identity()`: precomputed stem maps (B, backbone_channels, h, w)).
             output_attentions: return per-layer attention weights, each (B, heads, N, N) with
                 N = num_prefix_tokens + patches (slower explicit-softmax path).
             output_hidden_states: return the embeddings and every block output, each (B, N, C).
@@ -578,6 +687,8 @@ def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, name: str)
 __all__ = [
     "MelanomaViTDropPath",
     "MelanomaViTPatchEmbeddings",
+    "MelanomaViTHybridStem",
+    "MelanomaViTHybridPatchEmbeddings",
     "MelanomaViTEmbeddings",
     "MelanomaViTAttention",
     "MelanomaViTMLP",
