@@ -8,6 +8,9 @@
 * `save_vit_export(model, folder)`: writes that export in the transformers 4.x key layout
   (`vit.encoder.layer.N.attention.attention.query`, ...), which 4.x loads natively and transformers 5
   renames on load through its checkpoint conversion mapping, so one folder serves both.
+  Exports carry the main (dx) head only; hybrid models (CNN stem) have no stock equivalent.
+* `load_hybrid_stem_from_timm(model, timm_model)`: copies a timm EfficientNet's first stages (e.g.
+  pretrained `tf_efficientnet_lite0`) into a hybrid MelanomaViT's stem.
 
 The state-dict functions are pure `dict -> dict` renamings (plus the qkv split for the export).
 """
@@ -178,6 +181,7 @@ def _vit_config_kwargs(config: MelanomaViTConfig) -> dict:
         layer_norm_eps=config.layer_norm_eps,
         qkv_bias=config.qkv_bias,
         initializer_range=config.initializer_range,
+        problem_type=config.problem_type,
         id2label=dict(config.id2label),
         label2id=dict(config.label2id),
     )
@@ -188,7 +192,16 @@ def vit_config_from_melanoma_vit(config: MelanomaViTConfig) -> ViTConfig | DeiTC
 
     `melanoma_threshold` is kept as an extra attribute; `temperature` is not (`export_to_vit` folds it
     into the head weights by default, and transformers 5 refuses a `temperature` key in model configs).
+    Extra heads are not part of the export.
+
+    Raises:
+        ValueError: for hybrid models (no stock transformers equivalent) and non-square patches.
     """
+    if config.patch_embedding_type != "linear":
+        raise ValueError(
+            f"A patch_embedding_type={config.patch_embedding_type!r} model (CNN stem {config.backbone}) has no stock "
+            "transformers ViT/DeiT equivalent; publish it with its remote code (save_pretrained) instead."
+        )
     if not isinstance(config.patch_size, int) and config.patch_size[0] != config.patch_size[1]:
         raise ValueError(f"transformers' ViT needs square patches, got patch_size={config.patch_size}.")
     kwargs = _vit_config_kwargs(config)
@@ -216,6 +229,8 @@ def melanoma_vit_state_dict_to_vit(
     """
     if layout not in _HF_LAYER_NAMES:
         raise ValueError(f"layout must be one of {sorted(_HF_LAYER_NAMES)}, got {layout!r}.")
+    if any(key.startswith(_HYBRID_STEM_PREFIX) for key in state_dict):
+        raise ValueError("This is a hybrid MelanomaViT (CNN stem): stock transformers ViT/DeiT has no equivalent.")
     if distilled != ("vit.embeddings.dist_token" in state_dict):
         raise ValueError(
             f"distilled={distilled} but the state dict {'lacks' if distilled else 'has'} a distillation token; "
@@ -255,6 +270,52 @@ def melanoma_vit_state_dict_to_vit(
     return out
 
 
+_HYBRID_STEM_PREFIX = "vit.embeddings.patch_embed.stem."
+
+
+def timm_efficientnet_state_dict_to_hybrid_stem(
+    state_dict: dict[str, torch.Tensor], backbone_stage: int
+) -> dict[str, torch.Tensor]:
+    """Select and rename a timm EfficientNet's stem weights to hybrid MelanomaViT names (tensors shared).
+
+    Keeps `conv_stem.*`, `bn1.*` and `blocks.i.*` for i <= `backbone_stage` (BatchNorm statistics
+    included) under `vit.embeddings.patch_embed.stem.`; the later blocks and the classifier are dropped.
+    """
+    kept = {}
+    for key, tensor in state_dict.items():
+        match = re.match(r"^blocks\.(\d+)\.", key)
+        if key.startswith(("conv_stem.", "bn1.")) or (match and int(match.group(1)) <= backbone_stage):
+            kept[_HYBRID_STEM_PREFIX + key] = tensor
+    return kept
+
+
+@torch.no_grad()
+def load_hybrid_stem_from_timm(model: MelanomaViTForImageClassification, timm_model: nn.Module) -> None:
+    """Copy the first stages of a timm EfficientNet (e.g. pretrained `tf_efficientnet_lite0`) into the stem
+    of a hybrid `model` (patch_embedding_type="hybrid", same `backbone`), in place.
+
+    Raises:
+        ValueError: for a linear model, or when the timm model's stages do not fit the stem (another backbone).
+    """
+    if model.config.patch_embedding_type != "hybrid":
+        raise ValueError("load_hybrid_stem_from_timm needs a patch_embedding_type='hybrid' MelanomaViT.")
+    stem = model.vit.embeddings.patch_embed.stem
+    converted = timm_efficientnet_state_dict_to_hybrid_stem(timm_model.state_dict(), model.config.backbone_stage)
+    stem_state = {key.removeprefix(_HYBRID_STEM_PREFIX): tensor for key, tensor in converted.items()}
+    expected = stem.state_dict()
+    mismatched = sorted(
+        set(stem_state) ^ set(expected)
+        | {key for key in set(stem_state) & set(expected) if stem_state[key].shape != expected[key].shape}
+    )
+    if mismatched:
+        raise ValueError(
+            f"The timm model's stages do not fit the stem of a {model.config.backbone} hybrid (mismatched: "
+            f"{mismatched[:6]}{' ...' if len(mismatched) > 6 else ''}); create it with timm.create_model("
+            f"{model.config.backbone!r})."
+        )
+    stem.load_state_dict(stem_state, strict=True)
+
+
 def _installed_layout(hf_model: nn.Module, base: str) -> str:
     keys = hf_model.state_dict().keys()
     for layout, names in _HF_LAYER_NAMES.items():
@@ -264,6 +325,11 @@ def _installed_layout(hf_model: nn.Module, base: str) -> str:
 
 
 def _export_state_dict(model: MelanomaViTForImageClassification, layout: str, fold_temperature: bool) -> dict:
+    if model.config.extra_heads:
+        logger.warning(
+            "The stock transformers export keeps only the main (dx) head; the extra heads %s are dropped.",
+            list(model.config.extra_heads),
+        )
     state_dict = dict(model.state_dict())
     temperature = float(model.config.temperature)
     if fold_temperature and temperature != 1.0:
@@ -333,9 +399,11 @@ def save_vit_export(
 __all__ = [
     "convert_timm_checkpoint",
     "export_to_vit",
+    "load_hybrid_stem_from_timm",
     "melanoma_vit_config_from_timm",
     "melanoma_vit_state_dict_to_vit",
     "save_vit_export",
+    "timm_efficientnet_state_dict_to_hybrid_stem",
     "timm_state_dict_to_melanoma_vit",
     "vit_config_from_melanoma_vit",
 ]

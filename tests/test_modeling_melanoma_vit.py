@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, ViTImageProcessor
 
 import model
@@ -98,7 +99,7 @@ def test_every_parameter_gets_a_gradient(pixels):
 
 
 def test_loss_is_cross_entropy_and_accepts_soft_labels(pixels):
-    model_ = tiny_model()
+    model_ = tiny_model(problem_type="single_label_classification")
     labels = torch.tensor([1, 4, 5])
     out = model_(pixels, labels=labels)
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
@@ -106,7 +107,7 @@ def test_loss_is_cross_entropy_and_accepts_soft_labels(pixels):
     torch.testing.assert_close(model_(pixels, labels=soft).loss, out.loss)
     with pytest.raises(ValueError, match=r"class indices in \[0, 6\]"):
         model_(pixels, labels=torch.tensor([0, 7, 1]))
-    with pytest.raises(ValueError, match="labels must have shape"):
+    with pytest.raises(ValueError, match=r"labels must be \(batch,\)"):
         model_(pixels, labels=torch.tensor([0, 1]))
 
 
@@ -192,19 +193,25 @@ def test_drop_path_only_active_in_training(pixels):
     assert any(not torch.allclose(runs[0], r) for r in runs[1:])
 
 
-def test_gradient_checkpointing_trains(pixels):
-    model_ = tiny_model(drop_path_rate=0.1, hidden_dropout_prob=0.1)
-    reference = tiny_model(drop_path_rate=0.1, hidden_dropout_prob=0.1)
-    # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias) to activation_*.
-    enable = getattr(model_, "activation_checkpointing_enable", None) or model_.gradient_checkpointing_enable
-    enable()
-    encoder = model_.vit.encoder
-    assert encoder.gradient_checkpointing
+def _count_block_starts(model_) -> list[int]:
+    """Pre-hooks on every block's first module: checkpointing reruns the block in backward, so calls double.
+    (A pre-hook, as the recompute stops early once it has regenerated the saved tensors.)"""
     calls = []
-    checkpoint_func = encoder._gradient_checkpointing_func
-    encoder._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or checkpoint_func(*a, **k)
-    model_.train()
-    reference.train()
+    for block in model_.vit.encoder.blocks:
+        block.norm1.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_disable` is deprecated:FutureWarning")
+def test_gradient_checkpointing_same_loss_and_gradients(pixels):
+    model_ = tiny_model(drop_path_rate=0.1, hidden_dropout_prob=0.1).train()
+    reference = tiny_model(drop_path_rate=0.1, hidden_dropout_prob=0.1).train()
+    model_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model_.is_gradient_checkpointing
+    assert all(block.gradient_checkpointing for block in model_.vit.encoder.blocks)
+    calls, ref_calls = _count_block_starts(model_), _count_block_starts(reference)
     labels = torch.tensor([0, 4, 6])
     torch.manual_seed(3)
     loss = model_(pixels, labels=labels).loss
@@ -212,14 +219,93 @@ def test_gradient_checkpointing_trains(pixels):
     torch.manual_seed(3)
     ref_loss = reference(pixels, labels=labels).loss
     ref_loss.backward()
-    assert len(calls) == TINY["num_hidden_layers"]  # every block went through torch.utils.checkpoint
+    layers = TINY["num_hidden_layers"]
+    assert (len(calls), len(ref_calls)) == (2 * layers, layers)  # each block recomputed once in backward
     torch.testing.assert_close(loss, ref_loss)  # same RNG: checkpoint replays dropout identically
     for (name, p), (_, q) in zip(model_.named_parameters(), reference.named_parameters()):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4)
-    optimizer = torch.optim.SGD(model_.parameters(), lr=0.5)
-    optimizer.step()
-    assert model_(pixels, labels=labels).loss < loss
+
+    model_.gradient_checkpointing_disable()
+    assert not any(block.gradient_checkpointing for block in model_.vit.encoder.blocks)
+    calls.clear()
+    model_(pixels, labels=labels).loss.backward()
+    assert len(calls) == layers
+
+
+def test_builds_on_the_meta_device():
+    with torch.device("meta"):
+        model_ = MelanomaViTForImageClassification(tiny_config(drop_path_rate=0.2, num_hidden_layers=3))
+    assert model_.head.weight.is_meta
+    assert [b.drop_path1.drop_prob for b in model_.vit.encoder.blocks[1:]] == pytest.approx([0.1, 0.2])
+
+
+def test_input_embeddings_are_the_patch_embeddings(pixels):
+    model_ = tiny_model()
+    assert model_.get_input_embeddings() is model_.vit.embeddings.patch_embed
+    assert model_.vit.get_input_embeddings() is model_.vit.embeddings.patch_embed
+    model_.requires_grad_(False)
+    model_.head.requires_grad_(True)  # e.g. an adapter after frozen embeddings
+    seen = []
+    model_.vit.encoder.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].requires_grad))
+    model_(pixels)
+    assert seen == [False]
+    model_.enable_input_require_grads()
+    model_(pixels)
+    assert seen == [False, True]
+    model_.disable_input_require_grads()
+
+
+REGRESSION_1 = ("regression", 1, lambda: torch.tensor([0.5, -1.0, 2.0]), lambda out, y: F.mse_loss(out.squeeze(), y))
+SINGLE = ("single_label_classification", 3, lambda: torch.tensor([0, 2, 1]), F.cross_entropy)
+MULTI = ("multi_label_classification", 3, lambda: torch.tensor([[1.0, 0, 1], [0, 0, 0], [0, 1, 1]]),
+         F.binary_cross_entropy_with_logits)
+
+
+@pytest.mark.parametrize(
+    ("configured", "case"),
+    [
+        ("regression", REGRESSION_1),
+        ("regression", ("regression", 3, lambda: torch.randn(3, 3), F.mse_loss)),
+        ("single_label_classification", SINGLE),
+        ("multi_label_classification", MULTI),
+        (None, REGRESSION_1),  # inferred as ViT does: num_labels 1 -> regression,
+        (None, SINGLE),  # int64 labels -> single-label,
+        (None, MULTI),  # float labels -> multi-label
+    ],
+)  # fmt: skip
+def test_problem_types_like_vit(pixels, configured, case):
+    _, num_labels, make_labels, loss_fn = case
+    model_ = tiny_model(num_labels=num_labels, problem_type=configured)
+    labels = make_labels()
+    out = model_(pixels, labels=labels)
+    torch.testing.assert_close(out.loss, loss_fn(out.logits, labels))
+    assert model_.config.problem_type == configured  # inferring does not write into the config
+
+
+def test_attn_implementation_eager_and_sdpa(tmp_path, pixels, monkeypatch):
+    model_ = tiny_model()
+    assert model_.config._attn_implementation == "sdpa"
+    sdpa_logits = model_(pixels).logits
+    model_.set_attn_implementation("eager")
+    assert model_.config._attn_implementation == "eager"
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("scaled_dot_product_attention called on the eager path")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    eager_logits = model_(pixels).logits  # the eager path never calls SDPA
+    torch.testing.assert_close(eager_logits, sdpa_logits, atol=1e-5, rtol=1e-5)
+
+    model_.save_pretrained(tmp_path)
+    loaded = MelanomaViTForImageClassification.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert loaded.config._attn_implementation == "eager"
+    torch.testing.assert_close(loaded(pixels).logits, sdpa_logits, atol=1e-5, rtol=1e-5)
+    loaded.set_attn_implementation("sdpa")
+    with pytest.raises(AssertionError, match="eager path"):  # proves the patch above would have caught SDPA
+        loaded(pixels)
+    out = loaded(pixels, output_attentions=True)  # weights come from the eager path whatever the setting
+    assert len(out.attentions) == TINY["num_hidden_layers"] and out.attentions[0].shape == (3, 4, 17, 17)
 
 
 def test_calibrated_probs_use_temperature(pixels):
@@ -246,18 +332,28 @@ def test_auto_classes_registered(tmp_path, pixels):
     torch.testing.assert_close(loaded(pixels).logits, model_(pixels).logits)
 
 
+def _imports(nodes) -> tuple[set[str], set[str]]:
+    absolute, relative = set(), set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            absolute |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            (relative if node.level else absolute).add(node.module.split(".")[0])
+    return absolute, relative
+
+
 def test_remote_code_files_are_self_contained():
-    """The Hub copy of these files must import nothing from this project (or timm) by absolute import."""
+    """The Hub copy of these files must import nothing from this project by absolute import, and timm only
+    lazily inside a `try` (transformers' remote-code import check skips those), for hybrid models."""
     root = Path(model.__file__).parent
+    stdlib = {"__future__", "collections", "dataclasses", "math", "re", "typing"}
     for name in ("configuration_melanoma_vit.py", "modeling_melanoma_vit.py"):
         tree = ast.parse((root / name).read_text())
-        absolute, relative = set(), set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                absolute |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                (relative if node.level else absolute).add(node.module.split(".")[0])
-        assert absolute <= {"__future__", "dataclasses", "typing", "torch", "transformers"}, (name, absolute)
+        absolute, relative = _imports(ast.walk(tree))
+        top_level, _ = _imports(tree.body)
+        in_try = {n for t in ast.walk(tree) if isinstance(t, ast.Try) for n in _imports(ast.walk(t))[0]}
+        assert absolute <= stdlib | {"torch", "transformers", "timm"}, (name, absolute)
+        assert "timm" not in top_level and ("timm" not in absolute or "timm" in in_try), name
         assert relative <= {"configuration_melanoma_vit"}, (name, relative)
 
 
@@ -317,3 +413,165 @@ def test_fresh_process_trust_remote_code_and_pipeline(tmp_path, ham_image_paths)
     assert set(by_label) == set(DX_CODES)
     for i, code in enumerate(DX_CODES):
         assert by_label[code] == pytest.approx(probs[i].item(), abs=1e-5)
+
+
+# --- extra heads (multi-source training: one head per dataset / seven-point-checklist criterion) ---
+
+HEADS = {
+    "isic2017": ["melanoma", "nevus", "seborrheic_keratosis"],
+    "pigment_network": ["absent", "typical", "atypical"],
+    "streaks": ["absent", "present"],
+}
+
+
+def heads_model(**overrides) -> MelanomaViTForImageClassification:
+    return tiny_model(extra_heads=HEADS, **overrides)
+
+
+def test_extra_heads_config_roundtrip_and_output(tmp_path, pixels):
+    model_ = heads_model(head_temperatures={"streaks": 2.0})
+    out = model_(pixels)
+    assert out.logits.shape == (3, 7)  # the main (dx) head, unchanged for pipeline / Auto classes / exports
+    assert list(out.head_logits) == list(HEADS)
+    assert [t.shape for t in out.head_logits.values()] == [(3, 3), (3, 3), (3, 2)]
+    tokens = model_.vit(pixels).last_hidden_state
+    torch.testing.assert_close(out.head_logits["streaks"], model_.extra_heads["streaks"](tokens[:, 0]))
+    assert tiny_model()(pixels).head_logits is None
+    assert not [k for k in tiny_model().state_dict() if "extra_heads" in k]  # existing checkpoints unchanged
+
+    model_.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["extra_heads"] == HEADS and saved["head_temperatures"] == {"streaks": 2.0}
+    loaded = MelanomaViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.extra_heads == HEADS and list(loaded.extra_heads) == list(HEADS)
+    again = loaded(pixels)
+    torch.testing.assert_close(again.logits, out.logits, rtol=0, atol=0)
+    for name in HEADS:
+        torch.testing.assert_close(again.head_logits[name], out.head_logits[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(extra_heads={"dx": ["a", "b"]}), "name 'dx' is not allowed"),
+        (dict(extra_heads={"logits": ["a", "b"]}), "name 'logits' is not allowed"),
+        (dict(extra_heads={"pigment-network": ["a", "b"]}), "is not allowed: use an identifier"),
+        (dict(extra_heads={"items": ["a", "b"]}), "name 'items' is not allowed"),
+        (dict(extra_heads={"streaks": ["present"]}), "at least 2 distinct label names"),
+        (dict(extra_heads={"streaks": ["a", "a"]}), "at least 2 distinct label names"),
+        (dict(extra_heads={"streaks": ["a", "b"]}, head_temperatures={"other": 1.0}), "not in extra_heads"),
+        (dict(extra_heads={"streaks": ["a", "b"]}, head_temperatures={"streaks": 0.0}), "must be a float > 0"),
+    ],
+)
+def test_invalid_extra_heads_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_extra_head_loss_is_masked_mean_cross_entropy(pixels):
+    model_ = heads_model().train()
+    labels = torch.tensor([4, -100, 1])
+    head_labels = {"isic2017": torch.tensor([-100, 2, 0]), "pigment_network": torch.tensor([1, 1, -100])}
+    out = model_(pixels, labels=labels, head_labels=head_labels, head_loss_weights={"pigment_network": 0.5})
+    ce = F.cross_entropy
+    expected = (
+        ce(out.logits[[0, 2]], labels[[0, 2]])
+        + ce(out.head_logits["isic2017"][[1, 2]], torch.tensor([2, 0]))
+        + 0.5 * ce(out.head_logits["pigment_network"][[0, 1]], torch.tensor([1, 1]))
+    )
+    torch.testing.assert_close(out.loss, expected)
+    # By hand for one term: -log softmax at the label, averaged over the labelled samples.
+    log_probs = out.head_logits["isic2017"].log_softmax(-1)
+    torch.testing.assert_close(
+        ce(out.head_logits["isic2017"][[1, 2]], torch.tensor([2, 0])), -(log_probs[1, 2] + log_probs[2, 0]) / 2
+    )
+    with pytest.raises(ValueError, match="not extra heads"):
+        model_(pixels, head_labels={"unknown": torch.tensor([0, 1, 0])})
+    with pytest.raises(ValueError, match=r"class indices in \[0, 1\] or -100"):
+        model_(pixels, head_labels={"streaks": torch.tensor([0, 2, 0])})
+
+
+def test_unlabelled_head_gets_no_gradient(pixels):
+    model_ = heads_model().train()
+    head_labels = {"isic2017": torch.tensor([0, -100, 2]), "streaks": torch.tensor([-100, -100, -100])}
+    model_(pixels, labels=torch.tensor([-100, 5, -100]), head_labels=head_labels).loss.backward()
+    assert model_.extra_heads["isic2017"].weight.grad.abs().sum() > 0
+    assert model_.head.weight.grad.abs().sum() > 0
+    for name in ("streaks", "pigment_network"):  # all masked / not given: no gradient at all
+        grad = model_.extra_heads[name].weight.grad
+        assert grad is None or not grad.any(), name
+
+
+def test_all_labels_masked_gives_a_zero_loss_that_backpropagates(pixels):
+    model_ = heads_model().train()
+    masked = torch.full((3,), -100)
+    out = model_(pixels, labels=masked, head_labels={"streaks": masked})
+    assert out.loss.item() == 0.0 and out.loss.requires_grad
+    out.loss.backward()
+    assert model_.head.weight.grad is not None and not model_.head.weight.grad.any()
+    # Main labels only, with masking, keeps the old behaviour for models without extra heads.
+    plain = tiny_model()
+    loss = plain(pixels, labels=torch.tensor([3, -100, 6])).loss
+    torch.testing.assert_close(loss, F.cross_entropy(plain(pixels).logits[[0, 2]], torch.tensor([3, 6])))
+
+
+def test_predict_heads_are_calibrated_probabilities(pixels):
+    model_ = heads_model(temperature=1.5, head_temperatures={"isic2017": 3.0})
+    probs = model_.predict_heads(pixels)
+    assert list(probs) == ["dx", *HEADS]
+    out = model_(pixels)
+    torch.testing.assert_close(probs["dx"], torch.softmax(out.logits / 1.5, -1))
+    torch.testing.assert_close(probs["isic2017"], torch.softmax(out.head_logits["isic2017"] / 3.0, -1))
+    torch.testing.assert_close(probs["streaks"], torch.softmax(out.head_logits["streaks"], -1))
+    for name, p in probs.items():
+        torch.testing.assert_close(p.sum(-1), torch.ones(3), msg=name)
+        assert not p.requires_grad
+
+
+def test_vit_export_keeps_only_the_main_head(pixels, caplog):
+    from model.convert import export_to_vit
+
+    model_ = heads_model()
+    with caplog.at_level("WARNING", logger="model.convert"):
+        exported = export_to_vit(model_)
+    assert "extra heads" in caplog.text and "isic2017" in caplog.text
+    torch.testing.assert_close(exported(pixels).logits, model_(pixels).logits, atol=1e-5, rtol=1e-5)
+
+
+HEADS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from transformers import AutoModelForImageClassification
+    folder, pixels_path = sys.argv[1:3]
+    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        out = model(torch.load(pixels_path, weights_only=True))
+    print(json.dumps({"class": type(model).__module__, "logits": out.logits.tolist(),
+                      "head_logits": {k: v.tolist() for k, v in out.head_logits.items()},
+                      "leaked": sorted(m for m in sys.modules if m == "model" or m.startswith("model."))}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_fresh_process_remote_code_returns_head_logits(tmp_path, pixels):
+    model_ = heads_model()
+    model_.save_pretrained(tmp_path / "folder")
+    torch.save(pixels, tmp_path / "pixels.pt")
+    expected = model_(pixels)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run(
+        [sys.executable, "-c", HEADS_SCRIPT, str(tmp_path / "folder"), str(tmp_path / "pixels.pt")],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["leaked"] == [] and "transformers_modules" in report["class"]
+    torch.testing.assert_close(torch.tensor(report["logits"]), expected.logits, atol=1e-5, rtol=1e-5)
+    assert list(report["head_logits"]) == list(HEADS)
+    for name, values in report["head_logits"].items():
+        torch.testing.assert_close(torch.tensor(values), expected.head_logits[name], atol=1e-5, rtol=1e-5)
