@@ -247,3 +247,53 @@ def test_build_cache_refuses_other_augmentation(tmp_path: Path, ham_dir: Path) -
     build_cache(ds, stem, processor, tmp_path / "c", views=1, augment={"hue": 0.0}, num_workers=0)
     with pytest.raises(ValueError, match="augment"):
         build_cache(ds, stem, processor, tmp_path / "c", views=2, augment={"hue": 0.1}, num_workers=0)
+
+
+@pytest.mark.slow
+def test_multisource_hybrid_vit_ships_every_head(tmp_path: Path, specs: list[SourceSpec], derm7pt_dir: Path) -> None:
+    """A tiny hybrid MelanomaViT: trained on cached Lite0 stem features, exported with all heads and
+    their temperatures; evaluate.py reports the seven-point criteria on the Derm7pt layout."""
+    import subprocess
+    import sys
+
+    recipe = {
+        "model": {"name": "melanoma_vit", "kwargs": {
+            "image_size": 64, "patch_size": 16, "patch_embedding_type": "hybrid", "backbone": "tf_efficientnet_lite0",
+            "backbone_stage": 4, "backbone_channels": 112, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 37}},
+        "sources": [{k: v for k, v in vars(s).items() if k != "kind"} for s in specs],
+        "feature_cache": {"dir": str(tmp_path / "cache"), "views": 2},
+        "batch_size": 4, "eval_batch_size": 8, "epochs": 1, "learning_rate": 1e-3, "report_to": "none",
+    }
+    config = tmp_path / "hybrid.yaml"
+    config.write_text(json.dumps(recipe))
+    out = tmp_path / "run"
+    main(["--config", str(config), "--output_dir", str(out), "--num_workers", "0"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "melanoma_vit" and cfg["patch_embedding_type"] == "hybrid"
+    assert set(cfg["extra_heads"]) == {"isic2017", "derm7pt", *CRITERIA}
+    assert set(cfg["head_temperatures"]) == set(cfg["extra_heads"]) and cfg["melanoma_threshold"] is not None
+    # the stem kept its ImageNet weights (frozen, never trained) and ships in the safetensors
+    stem_keys = [k for k in load_file(out / "model.safetensors") if k.startswith("vit.embeddings.patch_embed.stem.")]
+    assert stem_keys
+    # remote code in a fresh process that never imports the project: every head comes back
+    script = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForImageClassification\n"
+        f"net = AutoModelForImageClassification.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
+        "probs = net.predict_heads(torch.randn(2, 3, 64, 64))\n"
+        "print(json.dumps({k: list(v.shape) for k, v in probs.items()}))\n"
+    )
+    shapes = json.loads(subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True, capture_output=True,
+                                       text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}).stdout.strip().splitlines()[-1])
+    assert shapes["dx"] == [2, 7] and shapes["pigment_network"] == [2, 3] and shapes["isic2017"] == [2, 3]
+    # evaluate.py: criteria AUCs and the checklist score on the Derm7pt layout (rows without dx skipped)
+    from train.evaluate import main as evaluate_main
+
+    metrics = evaluate_main(["--model", str(out), "--data", str(derm7pt_dir), "--split", "all",
+                             "--output-dir", str(tmp_path / "eval"), "--bootstrap", "20"])
+    assert metrics["n"] == 7  # 8 rows, melanosis has no dx
+    seven = metrics["seven_point"]
+    assert set(seven["criteria"]) == set(CRITERIA)
+    assert seven["criteria"]["pigment_network"]["n_positive"] == 3
+    assert 0.0 <= seven["seven_point_score_melanoma_auc"] <= 1.0

@@ -55,7 +55,7 @@ logger = logging.getLogger("train.multisource")
 
 BEST_WEIGHTS = "best.safetensors"
 TRAINER_STATE = "trainer_state.json"
-HYBRID_STEM = ("vit.embeddings.patch_embeddings.stem",)
+HYBRID_STEM = ("vit.embeddings.patch_embed.stem",)
 
 
 class MultiHeadNet(nn.Module):

@@ -64,7 +64,14 @@ from transformers import (  # noqa: E402
 )
 
 import model as melanoma_models  # noqa: E402  (registers MelanomaViT with the Auto classes)
-from model.baselines import create_efficientnet_lite, create_image_processor, create_resnet  # noqa: E402
+from model.baselines import (  # noqa: E402
+    EFFICIENTNET_LITE_ARCHS,
+    create_efficientnet_lite,
+    create_image_processor,
+    create_resnet,
+    create_timm_efficientnet_lite_imagenet,
+)
+from model.convert import load_hybrid_stem_from_timm  # noqa: E402
 from model.labels import MELANOMA  # noqa: E402
 from train import data as data_lib  # noqa: E402
 
@@ -300,6 +307,19 @@ def create_model(
         )
         processor = AutoImageProcessor.from_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code)
     return model.train(), processor
+
+
+def load_hybrid_stem_imagenet(model: PreTrainedModel) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Copy the ImageNet EfficientNet-Lite stages into a hybrid MelanomaViT's stem (in place).
+
+    Returns the (mean, std) normalisation those weights expect (0.5, 0.5 for the TF Lite ports).
+    """
+    arch = model.config.backbone
+    variant = next((v for v, a in EFFICIENTNET_LITE_ARCHS.items() if a == arch), None)
+    if variant is None:
+        raise ValueError(f"ImageNet weights exist here for {sorted(EFFICIENTNET_LITE_ARCHS.values())} stems, not {arch!r}")
+    load_hybrid_stem_from_timm(model, create_timm_efficientnet_lite_imagenet(variant))
+    return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 def parameter_blocks(model: nn.Module) -> list[list[str]]:

@@ -6,8 +6,10 @@ torch/transformers and sibling files by relative import, never other modules of 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from torch import nn
 from transformers import PretrainedConfig
 
 # Copy of model/labels.py::DX_CODES (HAM10000 `dx` codes, the class index order of every 7-class
@@ -16,6 +18,13 @@ from transformers import PretrainedConfig
 DEFAULT_DX_CODES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
 _ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu", "swish")
+_PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+PATCH_EMBEDDING_TYPES = ("linear", "hybrid")
+# Output stride of the hybrid stem's feature map, so the patch size a hybrid model must declare.
+HYBRID_PATCH_SIZE = 16
+# Names an extra head may not take: the main head's name in `predict_heads` and the output field.
+_RESERVED_HEAD_NAMES = ("dx", "logits")
+_HEAD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _as_pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -54,6 +63,22 @@ class MelanomaViTConfig(PretrainedConfig):
             logits; calibrated probabilities are `softmax(logits / T)`, see
             `MelanomaViTForImageClassification.predict_proba`.
         melanoma_threshold: Decision threshold on P(mel) chosen on validation data, or None.
+        extra_heads: Optional ordered mapping head name -> label names (at least 2) of further linear
+            classification heads on the CLS token, e.g. one per extra dataset or per seven-point-checklist
+            criterion: `{"pigment_network": ["absent", "typical", "atypical"]}`. Names are identifiers,
+            not "dx" or "logits". The main head (`logits`, `id2label`) is unaffected.
+        head_temperatures: Calibration temperature T > 0 per extra head (missing heads: 1.0), see
+            `MelanomaViTForImageClassification.predict_heads`.
+        patch_embedding_type: "linear" (ViT patches: one strided convolution) or "hybrid" (the ViT paper's
+            hybrid: a CNN stem's stride-16 feature map, projected by a 1x1 convolution, gives the tokens;
+            `patch_size` must then be 16).
+        backbone: timm model name of the hybrid stem, an EfficientNet such as "tf_efficientnet_lite0".
+        backbone_stage: Index into the timm model's `blocks` whose output is the stride-16 feature map
+            (4 for tf_efficientnet_lite0/1/2).
+        backbone_channels: Channels of that feature map (112 for tf_efficientnet_lite0/1, 120 for lite2);
+            checked against timm when the model is built.
+        problem_type: As in transformers: "regression", "single_label_classification" or
+            "multi_label_classification"; None infers it from `num_labels` and the labels' dtype.
         id2label / label2id: Class names; default: the 7 HAM10000 dx codes.
     """
 
@@ -78,6 +103,12 @@ class MelanomaViTConfig(PretrainedConfig):
     initializer_range: float = 0.02
     temperature: float = 1.0
     melanoma_threshold: float | None = None
+    extra_heads: dict[str, list[str]] | None = None
+    head_temperatures: dict[str, float] | None = None
+    patch_embedding_type: str = "linear"
+    backbone: str | None = None
+    backbone_stage: int | None = None
+    backbone_channels: int | None = None
 
     def __init__(
         self,
@@ -98,6 +129,12 @@ class MelanomaViTConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         temperature: float = 1.0,
         melanoma_threshold: float | None = None,
+        extra_heads: dict[str, list[str]] | None = None,
+        head_temperatures: dict[str, float] | None = None,
+        patch_embedding_type: str = "linear",
+        backbone: str | None = None,
+        backbone_stage: int | None = None,
+        backbone_channels: int | None = None,
         **kwargs: Any,
     ) -> None:
         if "id2label" not in kwargs and "num_labels" not in kwargs:
@@ -118,6 +155,15 @@ class MelanomaViTConfig(PretrainedConfig):
         self.use_distillation_token = use_distillation_token
         self.initializer_range = initializer_range
         self.melanoma_threshold = melanoma_threshold
+        if isinstance(extra_heads, dict):
+            # Lists, as JSON gives them back, so a saved and a loaded config compare equal.
+            extra_heads = {name: list(v) if isinstance(v, tuple) else v for name, v in extra_heads.items()}
+        self.extra_heads = extra_heads or None
+        self.head_temperatures = head_temperatures or None
+        self.patch_embedding_type = patch_embedding_type
+        self.backbone = backbone
+        self.backbone_stage = backbone_stage
+        self.backbone_channels = backbone_channels
         super().__init__(**kwargs)
         # After the base __init__: transformers 4.x resets `temperature` there (a generation default).
         self.temperature = temperature
@@ -174,3 +220,65 @@ class MelanomaViTConfig(PretrainedConfig):
             raise ValueError(f"melanoma_threshold must be None or a probability in [0, 1], got {threshold!r}.")
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}.")
+        if self.problem_type is not None and self.problem_type not in _PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be None or one of {_PROBLEM_TYPES}, got {self.problem_type!r}.")
+        self._validate_extra_heads()
+        self._validate_patch_embedding()
+
+    def _validate_extra_heads(self) -> None:
+        heads = self.extra_heads or {}
+        if not isinstance(heads, dict):
+            raise ValueError(f"extra_heads must be None or a dict head name -> label names, got {heads!r}.")
+        for name, labels in heads.items():
+            # ModuleDict methods (keys, items, update, ...) cannot be module names either.
+            valid = isinstance(name, str) and _HEAD_NAME.match(name) and name not in _RESERVED_HEAD_NAMES
+            if not valid or hasattr(nn.ModuleDict, name):
+                raise ValueError(
+                    f"extra_heads name {name!r} is not allowed: use an identifier (letters, digits, _) other than "
+                    f"{_RESERVED_HEAD_NAMES} and nn.ModuleDict attribute names, e.g. 'pigment_network'."
+                )
+            if (
+                not isinstance(labels, list)
+                or len(labels) < 2
+                or not all(isinstance(label, str) for label in labels)
+                or len(set(labels)) != len(labels)
+            ):
+                raise ValueError(
+                    f"extra_heads[{name!r}] must list at least 2 distinct label names (strings), got {labels!r}."
+                )
+        temperatures = self.head_temperatures or {}
+        if not isinstance(temperatures, dict):
+            raise ValueError(f"head_temperatures must be None or a dict head name -> T, got {temperatures!r}.")
+        for name, value in temperatures.items():
+            if name not in heads:
+                raise ValueError(f"head_temperatures names {name!r}, which is not in extra_heads {list(heads)}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(
+                    f"head_temperatures[{name!r}] must be a float > 0 (1.0 = uncalibrated), got {value!r}."
+                )
+
+    def _validate_patch_embedding(self) -> None:
+        if self.patch_embedding_type not in PATCH_EMBEDDING_TYPES:
+            raise ValueError(
+                f"patch_embedding_type must be one of {PATCH_EMBEDDING_TYPES}, got {self.patch_embedding_type!r}."
+            )
+        if self.patch_embedding_type == "linear":
+            return
+        if _as_pair(self.patch_size, "patch_size") != (HYBRID_PATCH_SIZE, HYBRID_PATCH_SIZE):
+            raise ValueError(
+                f"patch_embedding_type='hybrid' needs patch_size={HYBRID_PATCH_SIZE} (the stem's output stride), "
+                f"got {self.patch_size!r}."
+            )
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ValueError(
+                "patch_embedding_type='hybrid' needs backbone, a timm EfficientNet name such as "
+                f"'tf_efficientnet_lite0', got {self.backbone!r}."
+            )
+        for name in ("backbone_stage", "backbone_channels"):
+            value = getattr(self, name)
+            minimum = 0 if name == "backbone_stage" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(
+                    f"patch_embedding_type='hybrid' needs {name} as an int >= {minimum} (tf_efficientnet_lite0: "
+                    f"backbone_stage=4, backbone_channels=112), got {value!r}."
+                )

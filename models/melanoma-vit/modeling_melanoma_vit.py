@@ -6,13 +6,15 @@ transformers prefixes `vit.embeddings` / `vit.encoder`, so timm ViT and DeiT che
 a pure dict -> dict renaming (see `model/convert.py`).
 
 This file ships to the Hub as remote code: it imports only torch, transformers and (relatively) its
-configuration file.
+configuration file; timm only when a hybrid model (CNN stem, `patch_embedding_type="hybrid"`) is built.
 
 Research/education tool only: never use its outputs for diagnosis.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from .configuration_melanoma_vit import MelanomaViTConfig
+from .configuration_melanoma_vit import HYBRID_PATCH_SIZE, MelanomaViTConfig
 
 try:  # transformers >= 5: these skip tensors already filled from a checkpoint.
     from transformers import initialization as init
@@ -31,6 +35,9 @@ except ImportError:  # transformers 4.x initialises only missing weights, plain 
     from torch.nn import init
 
 logger = logging.get_logger(__name__)
+
+# Label value that masks a sample out of a loss (transformers' and PyTorch's cross-entropy convention).
+IGNORE_INDEX = -100
 
 
 def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
@@ -80,7 +87,11 @@ class MelanomaViTDropPath(nn.Module):
 
 
 class MelanomaViTPatchEmbeddings(nn.Module):
-    """Non-overlapping patches -> tokens with one strided convolution (timm's `PatchEmbed`)."""
+    """Non-overlapping patches -> patch features with one strided convolution (timm's `PatchEmbed`).
+
+    Returns the (B, C, h, w) map rather than tokens, as timm's `PatchEmbed(output_fmt="NCHW")`: a tensor
+    output is what `enable_input_require_grads()` hooks, and the map carries the grid for `MelanomaViTEmbeddings`.
+    """
 
     def __init__(self, config: MelanomaViTConfig) -> None:
         super().__init__()
@@ -90,8 +101,8 @@ class MelanomaViTPatchEmbeddings(nn.Module):
             config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
         )
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, num_channels, H, W) -> tokens (B, h * w, C) and the grid (h, w) = (H / patch, W / patch)."""
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, num_channels, H, W) -> (B, C, h, w) with (h, w) = (H / patch, W / patch)."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
             raise ValueError(
                 f"pixel_values must have shape (batch, {self.num_channels}, height, width), got "
@@ -103,9 +114,91 @@ class MelanomaViTPatchEmbeddings(nn.Module):
                 f"Image size ({height}x{width}) must be divisible by the patch size {self.patch_size}; "
                 "resize or crop the images to a multiple of it."
             )
-        x = self.proj(pixel_values)  # (B, C, h, w)
-        grid = (x.shape[-2], x.shape[-1])
-        return x.flatten(2).transpose(1, 2), grid  # (B, h * w, C)
+        return self.proj(pixel_values)  # (B, C, h, w)
+
+
+def _create_timm_efficientnet(config: MelanomaViTConfig) -> nn.Module:
+    """`config.backbone` as a randomly initialised timm EfficientNet (weights come from the checkpoint)."""
+    # Imported here and inside `try` so linear models (and transformers' remote-code import check,
+    # which skips `try` blocks) never need timm.
+    try:
+        import timm
+        from timm.models.efficientnet import EfficientNet
+    except ImportError as error:
+        raise ImportError("patch_embedding_type='hybrid' builds its CNN stem with timm: pip install timm") from error
+    backbone = timm.create_model(config.backbone, pretrained=False, in_chans=config.num_channels)
+    if not isinstance(backbone, EfficientNet):
+        raise ValueError(
+            f"backbone {config.backbone!r} is a timm {type(backbone).__name__}; the hybrid stem needs a timm "
+            "EfficientNet (conv_stem, bn1, blocks), e.g. 'tf_efficientnet_lite0'."
+        )
+    return backbone
+
+
+class MelanomaViTHybridStem(nn.Module):
+    """The first `backbone_stage + 1` stages of a timm EfficientNet: (B, num_channels, H, W) -> (B, C_b, H/16, W/16).
+
+    Submodule names equal timm's (`conv_stem`, `bn1`, `blocks.i.j....`), so timm weights copy in by key
+    (`model/convert.py::load_hybrid_stem_from_timm`); BatchNorm statistics are buffers saved with the model.
+    """
+
+    def __init__(self, config: MelanomaViTConfig) -> None:
+        super().__init__()
+        backbone = _create_timm_efficientnet(config)
+        stage = config.backbone_stage
+        features = {info["module"]: info for info in backbone.feature_info}
+        info = features.get(f"blocks.{stage}")
+        if info is None or info["reduction"] != HYBRID_PATCH_SIZE:
+            stride16 = [int(name.split(".")[1]) for name, f in features.items() if f["reduction"] == HYBRID_PATCH_SIZE]
+            raise ValueError(
+                f"backbone_stage={stage} is not the stride-{HYBRID_PATCH_SIZE} output of {config.backbone}; "
+                f"use backbone_stage={stride16[0] if stride16 else '?'}."
+            )
+        if info["num_chs"] != config.backbone_channels:
+            raise ValueError(
+                f"{config.backbone} blocks[{stage}] gives {info['num_chs']} channels but backbone_channels="
+                f"{config.backbone_channels}; set backbone_channels={info['num_chs']}."
+            )
+        self.num_channels = config.num_channels
+        self.conv_stem = backbone.conv_stem
+        self.bn1 = backbone.bn1  # BatchNorm + activation (timm's BatchNormAct2d)
+        self.blocks = nn.Sequential(*backbone.blocks[: stage + 1])
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, num_channels, H, W), H and W multiples of 16 -> (B, backbone_channels, H / 16, W / 16)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {self.num_channels}, height, width), got "
+                f"{tuple(pixel_values.shape)}; preprocess images with the model's image processor."
+            )
+        height, width = pixel_values.shape[-2:]
+        if height % HYBRID_PATCH_SIZE or width % HYBRID_PATCH_SIZE:
+            raise ValueError(
+                f"Image size ({height}x{width}) must be divisible by the hybrid stem's stride {HYBRID_PATCH_SIZE}; "
+                "resize or crop the images to a multiple of it."
+            )
+        return self.blocks(self.bn1(self.conv_stem(pixel_values)))
+
+
+class MelanomaViTHybridPatchEmbeddings(nn.Module):
+    """ViT-hybrid patches (Dosovitskiy et al. 2020, section 3.1): CNN feature map -> 1x1 conv -> (B, C, h, w).
+
+    Each cell of the stem's stride-16 map is one token. `stem` may be swapped for `nn.Identity()` to feed
+    precomputed stem maps (B, backbone_channels, h, w) as `pixel_values`, so the channel count is only
+    checked by the stem itself.
+    """
+
+    def __init__(self, config: MelanomaViTConfig) -> None:
+        super().__init__()
+        self.stem = MelanomaViTHybridStem(config)
+        self.projection = nn.Conv2d(config.backbone_channels, config.hidden_size, kernel_size=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, num_channels, H, W) images (or (B, backbone_channels, h, w) stem maps) -> (B, C, H / 16, W / 16)."""
+        return self.projection(self.stem(pixel_values))  # (B, C, h, w)
+
+
+PATCH_EMBEDDINGS = {"linear": MelanomaViTPatchEmbeddings, "hybrid": MelanomaViTHybridPatchEmbeddings}
 
 
 class MelanomaViTEmbeddings(nn.Module):
@@ -113,7 +206,7 @@ class MelanomaViTEmbeddings(nn.Module):
 
     def __init__(self, config: MelanomaViTConfig) -> None:
         super().__init__()
-        self.patch_embed = MelanomaViTPatchEmbeddings(config)
+        self.patch_embed = PATCH_EMBEDDINGS[config.patch_embedding_type](config)
         self.grid_size = config.grid_size
         self.num_prefix_tokens = config.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
@@ -128,7 +221,9 @@ class MelanomaViTEmbeddings(nn.Module):
         `interpolate_pos_encoding`: None or True resizes the position embeddings when the patch grid
         differs from the configured one; False refuses other input sizes.
         """
-        x, grid = self.patch_embed(pixel_values)
+        x = self.patch_embed(pixel_values)  # (B, C, h, w)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)  # (B, h * w, C)
         if grid != self.grid_size and interpolate_pos_encoding is False:
             raise ValueError(
                 f"Input gives a {grid} patch grid but the model was configured for {self.grid_size}; resize the "
@@ -143,21 +238,48 @@ class MelanomaViTEmbeddings(nn.Module):
         return self.pos_drop(x)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit `softmax(q k^T * scaling) v`: the `attn_implementation="eager"` entry of the attention interface.
+
+    Args:
+        query / key / value: (B, heads, N, d).
+        attention_mask: part of the interface's signature; always None here (images have no padding).
+
+    Returns:
+        ((B, N, heads, d), attention weights (B, heads, N, N) before dropout, which rollout reads).
+    """
+    weights = torch.matmul(query, key.transpose(-2, -1)) * scaling  # (B, heads, N, N)
+    weights = weights.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)  # (B, heads, N, d)
+    return output.transpose(1, 2), weights  # (B, N, heads, d)
+
+
 class MelanomaViTAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
-    Uses `F.scaled_dot_product_attention` unless the attention weights are requested, in which case
-    it computes `softmax(q k^T / sqrt(d))` explicitly (the weights are returned before dropout).
+    Dispatches on `config._attn_implementation` through transformers' attention interface ("sdpa":
+    `F.scaled_dot_product_attention`, "eager": `eager_attention_forward`). Requested attention weights
+    always come from the eager path, whatever the implementation, since SDPA does not return them.
     """
 
     def __init__(self, config: MelanomaViTConfig) -> None:
         super().__init__()
+        self.config = config
+        self.is_causal = False  # read by transformers' SDPA function (its default is causal)
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop_prob = config.attention_probs_dropout_prob
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.attn_drop = nn.Dropout(config.attention_probs_dropout_prob)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
 
@@ -166,17 +288,18 @@ class MelanomaViTAttention(nn.Module):
         batch, num_tokens, channels = x.shape
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, d)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
-        if output_attentions:
+        attention: Callable = eager_attention_forward
+        if not output_attentions:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        if attention is eager_attention_forward:
             # One contiguous copy up front saves matmul from copying q, k and v separately (~15% faster on CPU).
-            q, k, v = qkv.contiguous().unbind(0)  # 3 x (B, heads, N, d)
-            weights = (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)  # (B, heads, N, N)
-            x = self.attn_drop(weights) @ v  # (B, heads, N, d)
-        else:
-            q, k, v = qkv.unbind(0)  # 3 x (B, heads, N, d)
-            weights = None
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop_prob if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(batch, num_tokens, channels)  # (B, N, C)
-        return self.proj_drop(self.proj(x)), weights
+            qkv = qkv.contiguous()
+        q, k, v = qkv.unbind(0)  # 3 x (B, heads, N, d)
+        x, weights = attention(
+            self, q, k, v, None, dropout=self.attn_drop_prob if self.training else 0.0, scaling=self.scale
+        )
+        x = x.reshape(batch, num_tokens, channels)  # (B, N, C)
+        return self.proj_drop(self.proj(x)), weights if output_attentions else None
 
 
 class MelanomaViTMLP(nn.Module):
@@ -195,8 +318,12 @@ class MelanomaViTMLP(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-class MelanomaViTLayer(nn.Module):
-    """Pre-norm transformer block with stochastic depth on both residual branches."""
+class MelanomaViTLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block with stochastic depth on both residual branches.
+
+    As a `GradientCheckpointingLayer`, it recomputes its activations in backward after
+    `model.gradient_checkpointing_enable()`; call it with the hidden states positional.
+    """
 
     def __init__(self, config: MelanomaViTConfig, drop_path: float = 0.0) -> None:
         super().__init__()
@@ -220,10 +347,10 @@ class MelanomaViTEncoder(nn.Module):
 
     def __init__(self, config: MelanomaViTConfig) -> None:
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # Pure Python (not torch.linspace(...).tolist()) so the model also builds on the meta device.
+        last = max(config.num_hidden_layers - 1, 1)
+        rates = [config.drop_path_rate * i / last for i in range(config.num_hidden_layers)]
         self.blocks = nn.ModuleList([MelanomaViTLayer(config, drop_path=rate) for rate in rates])
-        # Set by `PreTrainedModel.gradient_checkpointing_enable()` together with `_gradient_checkpointing_func`.
-        self.gradient_checkpointing = False
 
     def forward(
         self, x: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False
@@ -233,10 +360,7 @@ class MelanomaViTEncoder(nn.Module):
         hidden_states = (x,) if output_hidden_states else None
         attentions = () if output_attentions else None
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x, weights = self._gradient_checkpointing_func(block.__call__, x, output_attentions)
-            else:
-                x, weights = block(x, output_attentions)
+            x, weights = block(x, output_attentions)
             if output_hidden_states:
                 hidden_states += (x,)
             if output_attentions:
@@ -246,12 +370,31 @@ class MelanomaViTEncoder(nn.Module):
 
 @dataclass
 class MelanomaViTImageClassifierOutput(ImageClassifierOutput):
-    """`ImageClassifierOutput` plus the distillation head's logits (B, num_labels) of DeiT-style models.
+    """`ImageClassifierOutput` plus the distillation head's logits (B, num_labels) of DeiT-style models
+    and the raw logits of the extra heads, `{name: (B, len(config.extra_heads[name]))}` (None without extra heads).
 
     `logits` is the CLS head in training and the mean of the CLS and distillation heads in eval.
     """
 
     distillation_logits: torch.FloatTensor | None = None
+    head_logits: dict[str, torch.FloatTensor] | None = None
+
+
+def _init_efficientnet_stem(stem: nn.Module) -> None:
+    """timm's EfficientNet init (TensorFlow's): convs normal(0, sqrt(2 / fan_out)), BatchNorm (1, 0) with fresh
+    statistics. Through transformers' `init` functions, so weights loaded from a checkpoint are left alone."""
+    for layer in stem.modules():
+        if isinstance(layer, nn.Conv2d):
+            fan_out = layer.kernel_size[0] * layer.kernel_size[1] * layer.out_channels // layer.groups
+            init.normal_(layer.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+            if layer.bias is not None:
+                init.zeros_(layer.bias)
+        elif isinstance(layer, nn.BatchNorm2d):
+            init.ones_(layer.weight)
+            init.zeros_(layer.bias)
+            init.zeros_(layer.running_mean)
+            init.ones_(layer.running_var)
+            init.zeros_(layer.num_batches_tracked)
 
 
 class MelanomaViTPreTrainedModel(PreTrainedModel):
@@ -266,7 +409,8 @@ class MelanomaViTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Truncated normal (std `initializer_range`) weights, zero biases, LayerNorm (1, 0)."""
+        """Truncated normal (std `initializer_range`) weights, zero biases, LayerNorm (1, 0); the hybrid
+        stem as timm initialises EfficientNets (TensorFlow's fan-out normal, BatchNorm (1, 0))."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
@@ -280,6 +424,15 @@ class MelanomaViTPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.cls_token, mean=0.0, std=std)
             if module.dist_token is not None:
                 init.trunc_normal_(module.dist_token, mean=0.0, std=std)
+            if isinstance(module.patch_embed, MelanomaViTHybridPatchEmbeddings):
+                # Here rather than in a stem branch: transformers skips modules without parameters of their
+                # own (the stem) in remote code, and it visits children first, so this replaces the ViT init
+                # of the stem's convs, whose std 0.02 would vanish the signal through a deep conv stack.
+                _init_efficientnet_stem(module.patch_embed.stem)
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embeddings (as transformers' ViT), so `enable_input_require_grads()` hooks their output."""
+        return self.base_model.embeddings.patch_embed
 
 
 class MelanomaViTModel(MelanomaViTPreTrainedModel):
@@ -304,7 +457,8 @@ class MelanomaViTModel(MelanomaViTPreTrainedModel):
         """Encode images.
 
         Args:
-            pixel_values: (B, num_channels, H, W), H and W multiples of the patch size.
+            pixel_values: (B, num_channels, H, W), H and W multiples of the patch size (hybrid models with
+                the stem replaced by `nn.Identity()`: precomputed stem maps (B, backbone_channels, h, w)).
             output_attentions: return per-layer attention weights, each (B, heads, N, N) with
                 N = num_prefix_tokens + patches (slower explicit-softmax path).
             output_hidden_states: return the embeddings and every block output, each (B, N, C).
@@ -320,7 +474,7 @@ class MelanomaViTModel(MelanomaViTPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        x = self.embeddings(pixel_values.to(self.embeddings.patch_embed.proj.weight.dtype), interpolate_pos_encoding)
+        x = self.embeddings(pixel_values.to(self.embeddings.cls_token.dtype), interpolate_pos_encoding)
         x, hidden_states, attentions = self.encoder(x, bool(output_attentions), bool(output_hidden_states))
         x = self.norm(x)
         output = BaseModelOutputWithPooling(
@@ -330,10 +484,14 @@ class MelanomaViTModel(MelanomaViTPreTrainedModel):
 
 
 class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
-    """MelanomaViT with a linear head on the CLS token (+ a DeiT distillation head on the DIST token).
+    """MelanomaViT with a linear head on the CLS token (+ a DeiT distillation head on the DIST token), plus
+    optional extra linear heads on the same CLS token (`config.extra_heads`, e.g. one per training dataset
+    or per seven-point-checklist criterion).
 
-    The forward pass returns raw logits. Calibrated probabilities are `softmax(logits / config.temperature)`:
-    use `calibrated_probs` / `predict_proba` (transformers' `pipeline` applies a plain softmax, i.e. T = 1).
+    The forward pass returns raw logits; `logits` is always the main (dx, `id2label`) head, so `pipeline`,
+    the Auto classes and exports see a plain classifier. Calibrated probabilities are
+    `softmax(logits / config.temperature)`: use `calibrated_probs` / `predict_proba`, or `predict_heads`
+    for every head (transformers' `pipeline` applies a plain softmax, i.e. T = 1).
     """
 
     def __init__(self, config: MelanomaViTConfig) -> None:
@@ -342,6 +500,10 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
         self.vit = MelanomaViTModel(config)
         self.head = nn.Linear(config.hidden_size, config.num_labels)
         self.head_dist = nn.Linear(config.hidden_size, config.num_labels) if config.use_distillation_token else None
+        # Always present (empty without extra heads) so forward has no branch; adds no state-dict keys.
+        self.extra_heads = nn.ModuleDict(
+            {name: nn.Linear(config.hidden_size, len(labels)) for name, labels in (config.extra_heads or {}).items()}
+        )
         self.post_init()
 
     def forward(
@@ -349,6 +511,8 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         distillation_labels: torch.Tensor | None = None,
+        head_labels: dict[str, torch.Tensor] | None = None,
+        head_loss_weights: dict[str, float] | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
@@ -359,16 +523,26 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
 
         Args:
             pixel_values: (B, num_channels, H, W).
-            labels: (B,) class indices or (B, num_labels) soft targets (mixup/cutmix); adds a
-                cross-entropy `loss`.
+            labels: targets of the main head, by `config.problem_type` (None: inferred as transformers' ViT
+                does: regression when num_labels == 1, single-label for int64/int32 labels, else multi-label):
+                "single_label_classification": (B,) class indices, -100 = no label for that sample (masked
+                out of the loss), or (B, num_labels) soft targets (mixup/cutmix); cross-entropy.
+                "multi_label_classification": (B, num_labels) 0/1 floats; BCE with logits.
+                "regression": (B,) or (B, num_labels) floats; mean squared error.
             distillation_labels: (B,) teacher predictions for DeiT hard distillation (distilled models in
-                training only). The loss is then `(CE(cls, labels) + CE(dist, distillation_labels)) / 2`;
+                training only). The main loss is then `(loss(cls, labels) + loss(dist, distillation_labels)) / 2`;
                 without them the distillation head is trained on `labels`.
+            head_labels: {extra head name: (B,) class indices, -100 = no label}. Each head adds the mean
+                cross-entropy over its labelled samples; a head without any labelled sample in the batch adds
+                nothing (and gets no gradient).
+            head_loss_weights: {extra head name: weight} for those terms; default 1 each.
             output_attentions / output_hidden_states / interpolate_pos_encoding: see `MelanomaViTModel`.
 
         Returns:
-            `MelanomaViTImageClassifierOutput`: loss, logits (B, num_labels) (raw, not temperature
-            scaled), distillation_logits (B, num_labels) or None, hidden_states, attentions.
+            `MelanomaViTImageClassifierOutput`: loss (main loss + weighted extra-head losses; when every
+            given label is masked, a zero that still backpropagates), logits (B, num_labels) (raw, not
+            temperature scaled), distillation_logits (B, num_labels) or None, head_logits
+            {name: (B, n_labels)} or None, hidden_states, attentions.
         """
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         outputs = self.vit(
@@ -390,13 +564,23 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
                 "distillation_labels are only used by a distilled model (use_distillation_token=True) in training "
                 "mode; drop them or call model.train()."
             )
+        head_logits = {name: head(tokens[:, 0]) for name, head in self.extra_heads.items()} or None
 
         loss = None
-        if labels is not None:
-            loss = self._cross_entropy(logits, labels)
-            if self.training and distillation_logits is not None:
-                dist_target = distillation_labels if distillation_labels is not None else labels
-                loss = (loss + self._cross_entropy(distillation_logits, dist_target)) / 2
+        if labels is not None or head_labels is not None:
+            terms = []
+            if labels is not None:
+                main = [(logits, labels)]
+                if self.training and distillation_logits is not None:
+                    dist_target = distillation_labels if distillation_labels is not None else labels
+                    main.append((distillation_logits, dist_target))
+                for head_output, target in main:
+                    term = self._main_loss(head_output, target)
+                    if term is not None:  # weight 1 / len(main) even when the other head's labels are all masked
+                        terms.append(term / len(main))
+            terms += self._extra_head_losses(head_logits or {}, head_labels or {}, head_loss_weights or {})
+            # Every label masked: a zero that keeps the graph, so `loss.backward()` still works.
+            loss = sum(terms) if terms else logits.sum() * 0.0
 
         output = MelanomaViTImageClassifierOutput(
             loss=loss,
@@ -404,11 +588,32 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             distillation_logits=distillation_logits,
+            head_logits=head_logits,
         )
         return output if return_dict else output.to_tuple()
 
-    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _main_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """The main head's loss by `config.problem_type`; None when every label is masked (-100)."""
         labels = labels.to(logits.device)
+        problem_type = self.config.problem_type
+        if problem_type is None:  # transformers' ViT rule, without writing it back into the config
+            if self.num_labels == 1:
+                problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem_type = "single_label_classification"
+            else:
+                problem_type = "multi_label_classification"
+        if problem_type == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.float().squeeze(), labels.float().squeeze())
+            return F.mse_loss(logits.float(), labels.float())
+        if problem_type == "multi_label_classification":
+            if labels.shape != logits.shape:
+                raise ValueError(
+                    f"Multi-label targets must have shape (batch, num_labels) = {tuple(logits.shape)}, "
+                    f"got {tuple(labels.shape)}."
+                )
+            return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         if labels.is_floating_point():
             if labels.shape != logits.shape:
                 raise ValueError(
@@ -416,11 +621,21 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
                     f"got {tuple(labels.shape)}."
                 )
             return F.cross_entropy(logits.float(), labels.float())
-        if labels.shape != logits.shape[:1]:
-            raise ValueError(f"labels must have shape (batch,) = ({logits.shape[0]},), got {tuple(labels.shape)}.")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_labels):
-            raise ValueError(f"labels must be class indices in [0, {self.num_labels - 1}], got {labels.tolist()}.")
-        return F.cross_entropy(logits.float(), labels)
+        return _masked_cross_entropy(logits, labels, "labels")
+
+    def _extra_head_losses(
+        self, head_logits: dict[str, torch.Tensor], head_labels: dict[str, torch.Tensor], weights: dict[str, float]
+    ) -> list[torch.Tensor]:
+        unknown = sorted((set(head_labels) | set(weights)) - set(head_logits))
+        if unknown:
+            raise ValueError(f"head_labels / head_loss_weights name {unknown}, not extra heads {list(head_logits)}.")
+        losses = []
+        for name, labels in head_labels.items():
+            logits = head_logits[name]
+            loss = _masked_cross_entropy(logits, labels.to(logits.device), f"head_labels[{name!r}]")
+            if loss is not None:
+                losses.append(loss * weights.get(name, 1.0))
+        return losses
 
     def calibrated_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, num_labels) raw logits -> (B, num_labels) `softmax(logits / config.temperature)` in float32."""
@@ -434,10 +649,46 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
         """
         return self.calibrated_probs(self(pixel_values, **kwargs).logits)
 
+    @torch.no_grad()
+    def predict_heads(self, pixel_values: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+        """(B, num_channels, H, W) -> calibrated float32 probabilities of every head.
+
+        Returns:
+            {"dx": (B, num_labels) `softmax(logits / config.temperature)`, then per extra head in config order
+            name: (B, n_labels) `softmax(head_logits / config.head_temperatures.get(name, 1.0))`}.
+            Runs the forward pass as is (call `model.eval()` first); extra kwargs go to `forward`.
+        """
+        output = self(pixel_values, **kwargs)
+        temperatures = self.config.head_temperatures or {}
+        probs = {"dx": self.calibrated_probs(output.logits)}
+        for name, logits in (output.head_logits or {}).items():
+            probs[name] = torch.softmax(logits.float() / float(temperatures.get(name, 1.0)), dim=-1)
+        return probs
+
+
+def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, name: str) -> torch.Tensor | None:
+    """Mean cross-entropy of (B, K) logits over the samples whose (B,) class index is not -100; None if none is."""
+    if labels.is_floating_point() or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"{name} must be (batch,) = ({logits.shape[0]},) integer class indices, got {labels.dtype} "
+            f"{tuple(labels.shape)}."
+        )
+    labelled = labels != IGNORE_INDEX
+    if not labelled.any():
+        return None
+    if labels[labelled].min() < 0 or labels[labelled].max() >= logits.shape[-1]:
+        raise ValueError(
+            f"{name} must be class indices in [0, {logits.shape[-1] - 1}] or {IGNORE_INDEX} (no label), "
+            f"got {labels.tolist()}."
+        )
+    return F.cross_entropy(logits[labelled].float(), labels[labelled].long())
+
 
 __all__ = [
     "MelanomaViTDropPath",
     "MelanomaViTPatchEmbeddings",
+    "MelanomaViTHybridStem",
+    "MelanomaViTHybridPatchEmbeddings",
     "MelanomaViTEmbeddings",
     "MelanomaViTAttention",
     "MelanomaViTMLP",
@@ -447,5 +698,6 @@ __all__ = [
     "MelanomaViTPreTrainedModel",
     "MelanomaViTModel",
     "MelanomaViTForImageClassification",
+    "eager_attention_forward",
     "resample_pos_embed",
 ]
