@@ -39,7 +39,8 @@ from PIL import Image, ImageOps
 
 from model.imageio import MAX_BYTES, InvalidImageError, load_image
 from model.labels import DX_NAMES
-from model.zoo import ModelZoo, UnknownModelError, ZooModel
+from model.sevenpoint import SEVEN_POINT
+from model.zoo import HeadResults, ModelZoo, UnknownModelError, ZooModel
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ API_DESCRIPTION = (
     "RESEARCH AND EDUCATION DEMO, NOT A MEDICAL DEVICE: results must not be used for diagnosis.\n\n"
     "Classifies dermoscopic skin-lesion images into the 7 HAM10000 classes (dx codes) and reports "
     "the melanoma probability P(mel) against the model's calibrated threshold. Submit images with "
-    "`POST /predict` or `POST /predict_bulk` (multipart), then poll `GET /from_task/{task_uuid}`."
+    "`POST /predict` or `POST /predict_bulk` (multipart), then poll `GET /from_task/{task_uuid}`. "
+    "Multi-source models also return `heads` (each extra head's calibrated probabilities) and "
+    "`seven_point` (the expected seven-point-checklist score estimated from the criterion heads)."
 )
 
 
@@ -163,6 +166,41 @@ def verdict_markdown(record: dict[str, Any]) -> str:
     )
 
 
+def _readable(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def criteria_markdown(heads: HeadResults) -> str:
+    """One image's extra heads: the seven-point criteria table (with every criterion head), then the
+    other heads' probabilities, framed as a model's estimates."""
+    seven = heads.seven_point
+    lines = []
+    if seven is not None:
+        side = "at or above" if seven.suggests_melanoma else "below"
+        lines += [
+            "#### Dermoscopic criteria (seven-point checklist)",
+            "| Criterion: melanoma-specific pattern | Probability | Points |",
+            "|---|---|---|",
+        ]
+        for criterion, (label, points) in SEVEN_POINT.items():
+            pattern = f"{_readable(criterion).capitalize()}: {_readable(label)}"
+            lines.append(f"| {pattern} | {seven.criteria[criterion]:.1%} | {points} |")
+        lines += [
+            "",
+            f"Expected checklist score **{seven.score:.2f}** of 10: {side} the checklist's melanoma cut-off "
+            f"of {seven.threshold}.",
+        ]
+    other = {name: p for name, p in heads.probabilities.items() if seven is None or name not in SEVEN_POINT}
+    if other:
+        shown = "; ".join(
+            f"`{name}`: " + ", ".join(f"{_readable(label)} {p:.1%}" for label, p in probs.items())
+            for name, probs in other.items()
+        )
+        lines += ["", f"Other heads: {shown}."]
+    lines += ["", "_A model's estimates, not a dermatologist's reading; research demo output, not a diagnosis._"]
+    return "\n".join(lines)
+
+
 def readable_probabilities(entry: ZooModel, probabilities: dict[str, float]) -> dict[str, float]:
     return {entry.labels.get(code, code): p for code, p in probabilities.items()}
 
@@ -185,6 +223,11 @@ def model_details_markdown(entry: ZooModel) -> str:
     ]
     if info["base_model"]:
         lines.append(f"Base model: {info['base_model']}.")
+    if info["extra_heads"]:
+        heads = [f"`{name}`" for name in info["extra_heads"] if not (entry.has_seven_point and name in SEVEN_POINT)]
+        if entry.has_seven_point:
+            heads.insert(0, "the seven-point checklist criteria")
+        lines.append(f"Extra heads (shown with each single-image result): {', '.join(heads)}.")
     headline = [m for m in info["metrics"] if any(k in m["name"].lower() for k in HEADLINE_METRICS)]
     if headline:
         lines.append(
@@ -213,6 +256,10 @@ def _csv_row(rank: int | None, record: dict[str, Any]) -> dict[str, Any]:
         top_class=pred["label"],
         top_class_name=pred["label_name"],
         top_probability=pred["probability"],
+    )
+    if "seven_point" in record:  # models with every seven-point criterion head
+        row["seven_point_score"] = record["seven_point"]["score"]
+    row.update(
         ood=ood.get("is_ood"),
         ood_score=ood.get("score"),
         model_id=record["metadata"]["model_id"],
@@ -280,9 +327,9 @@ def build_app(
         for start in range(0, len(named), BATCH_CHUNK):
             chunk = named[start : start + BATCH_CHUNK]
             images = [im for _, im in chunk]
-            probs = entry.predict(images)
+            predictions = entry.predict(images)
             oods = zoo.check_ood(images)
-            records.extend(entry.record(name, p, o) for (name, _), p, o in zip(chunk, probs, oods))
+            records.extend(entry.record(name, p, o) for (name, _), p, o in zip(chunk, predictions, oods))
             if on_chunk is not None:
                 on_chunk(len(records))
         return records
@@ -308,11 +355,14 @@ def build_app(
             analysis = entry.analyze(image, head_fusion, float(discard_ratio), start_layer)
         except ValueError as err:
             raise gr.Error(str(err)) from err
-        record = entry.record(_name_of(image_path), analysis.probabilities, zoo.check_ood([image])[0])
+        record = entry.record(_name_of(image_path), analysis, zoo.check_ood([image])[0])
         record["explanation"] = analysis.method
+        verdict = verdict_markdown(record)
+        if analysis.heads is not None and not record["warning"]:  # OOD: no score is meaningful
+            verdict += "\n\n" + criteria_markdown(analysis.heads)
         return (
             readable_probabilities(entry, analysis.probabilities),
-            verdict_markdown(record),
+            verdict,
             gr.Image(value=analysis.heatmap, label=f"Explanation: {analysis.method}"),
             image,
             record,
@@ -359,7 +409,10 @@ def build_app(
         csv_dir = Path(tempfile.mkdtemp(prefix="melanoma_batch_"))
         csv_path = csv_dir / f"melanoma_batch_{entry.id.replace('/', '_')}.csv"
         table.to_csv(csv_path, index=False)
-        columns = ("rank", "file", "melanoma_probability", "above_threshold", "top_class_name", "ood", "error")
+        columns = (
+            "rank", "file", "melanoma_probability", "above_threshold", "seven_point_score", "top_class_name", "ood",
+            "error",
+        )
         shown = table[[c for c in columns if c in table]].round(4)
         error_md = (
             "**Files that could not be used** (the rest of the batch was processed):\n"

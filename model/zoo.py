@@ -30,7 +30,8 @@ from PIL import Image
 
 # Importing this module imports the `model` package, which registers MelanomaViT with the Auto classes.
 from .calibration import config_temperature
-from .labels import DX_NAMES, MELANOMA
+from .labels import CRITERIA_LABELS, DX_NAMES, MELANOMA
+from .sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,38 @@ class CardInfo:
 
 
 @dataclass
-class Analysis:
+class SevenPointResult:
+    """The seven-point checklist as estimated by a model's criterion heads, for one image."""
+
+    score: float  # expected checklist score in [0, 10]: sum over criteria of points x P(pattern)
+    criteria: dict[str, float]  # criterion -> P(its melanoma-specific pattern), `SEVEN_POINT` order
+    threshold: int = MELANOMA_SCORE_THRESHOLD
+
+    @property
+    def suggests_melanoma(self) -> bool:
+        return self.score >= self.threshold
+
+
+@dataclass
+class HeadResults:
+    """A multi-source model's extra heads for one image (`config.extra_heads`)."""
+
+    probabilities: dict[str, dict[str, float]]  # head -> {label: softmax(head logits / head temperature)}
+    seven_point: SevenPointResult | None = None  # only when the model has every criterion head
+
+
+@dataclass
+class Prediction:
+    """One image's calibrated dx probabilities, plus its extra heads' when the model has them."""
+
+    probabilities: dict[str, float]  # dx code -> softmax(logits / T), sums to 1
+    heads: HeadResults | None = None
+
+
+@dataclass(kw_only=True)
+class Analysis(Prediction):
     """One image's prediction and explanation from a single forward pass where possible."""
 
-    probabilities: dict[str, float]
     heatmap: np.ndarray  # (H, W, 3) uint8 overlay
     method: str
 
@@ -143,6 +172,9 @@ class ZooModel:
         out_dim: number of classes; id2label: index -> dx code; labels: dx code -> readable name.
         temperature: calibration temperature T (probabilities = softmax(logits / T)).
         melanoma_threshold: decision threshold on P(mel) (0.5 when the model has none).
+        extra_heads: head name -> label names of a multi-source MelanomaViT's extra heads ({} for others);
+        head_temperatures: their calibration temperatures (missing: 1.0).
+        has_seven_point: whether every seven-point criterion head is there (the checklist score is computed).
         card: parsed model card, or None.
     """
 
@@ -174,6 +206,12 @@ class ZooModel:
         threshold = getattr(self.config, "melanoma_threshold", None)
         self.melanoma_threshold = float(threshold) if threshold is not None else 0.5
         self.has_melanoma_class = MELANOMA in self.id2label.values()
+        self.extra_heads: dict[str, list[str]] = dict(getattr(self.config, "extra_heads", None) or {})
+        self.head_temperatures: dict[str, float] = dict(getattr(self.config, "head_temperatures", None) or {})
+        # The checklist reads each criterion's scoring label by its `CRITERIA_LABELS` index.
+        self.has_seven_point = all(
+            list(CRITERIA_LABELS[name]) == list(self.extra_heads.get(name, ())) for name in SEVEN_POINT
+        )
         # Stock DeiT exports of distilled models have CLS + distillation tokens but no such config key.
         default_prefix = 2 if self.config.model_type == "deit" else 1
         self.num_prefix_tokens = int(getattr(self.config, "num_prefix_tokens", default_prefix))
@@ -201,6 +239,7 @@ class ZooModel:
             "temperature": self.temperature,
             "melanoma_threshold": self.melanoma_threshold,
             "explanation": "attention rollout" if self.uses_rollout else "Grad-CAM",
+            "extra_heads": self.extra_heads,
             "num_layers": self.num_layers,
             "num_parameters": self.num_parameters,
             "license": card.license if card else None,
@@ -209,18 +248,22 @@ class ZooModel:
             "metrics": [{"name": n, "value": v, "dataset": d} for n, v, d in (card.metrics if card else [])],
         }
 
-    def record(self, name: str, probabilities: dict[str, float], ood: Any | None = None) -> dict[str, Any]:
+    def record(self, name: str, prediction: Prediction, ood: Any | None = None) -> dict[str, Any]:
         """One image's JSON result (REST `from_task`, Gradio JSON output, batch CSV rows).
 
         `prediction.melanoma` is `P(mel) >= melanoma_threshold`. When the OOD detector flags the
-        image, `ood.is_ood` is true and `warning` says why the score is not meaningful.
+        image, `ood.is_ood` is true and `warning` says why the score is not meaningful. Models with
+        extra heads add `heads` ({head: {label: probability}}) and, with every criterion head,
+        `seven_point` (score, threshold, suggests_melanoma, criteria: {criterion: P(pattern)});
+        other models' records have neither key.
         """
+        probabilities = prediction.probabilities
         top = max(probabilities, key=probabilities.__getitem__)
         p_mel = probabilities.get(MELANOMA)
         ood_dict = ood.to_dict() if ood is not None and hasattr(ood, "to_dict") else None
         if ood is not None and ood_dict is None:
             ood_dict = {"is_ood": bool(ood.is_ood), "score": float(ood.score), "reason": str(ood.reason)}
-        return {
+        result: dict[str, Any] = {
             "name": name,
             "probabilities": probabilities,
             "metadata": self.metadata(),
@@ -232,9 +275,21 @@ class ZooModel:
                 "melanoma_probability": p_mel,
                 "melanoma_threshold": self.melanoma_threshold,
             },
-            "ood": ood_dict,
-            "warning": ood_dict["reason"] if ood_dict and ood_dict["is_ood"] else None,
         }
+        heads = prediction.heads
+        if heads is not None:
+            result["heads"] = heads.probabilities
+            if heads.seven_point is not None:
+                seven = heads.seven_point
+                result["seven_point"] = {
+                    "score": seven.score,
+                    "threshold": seven.threshold,
+                    "suggests_melanoma": seven.suggests_melanoma,
+                    "criteria": seven.criteria,
+                }
+        result["ood"] = ood_dict
+        result["warning"] = ood_dict["reason"] if ood_dict and ood_dict["is_ood"] else None
+        return result
 
     # ---------------------------------------------------------------------------- inference
     def _pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -247,13 +302,36 @@ class ZooModel:
         probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu().numpy()
         return [{self.id2label[i]: float(row[i]) for i in range(self.out_dim)} for row in probs]
 
-    def predict(self, images: Sequence[Image.Image], batch_size: int = 32) -> list[dict[str, float]]:
-        """Calibrated class probabilities per image (dict dx code -> probability, sums to 1)."""
-        results: list[dict[str, float]] = []
+    def _predictions(self, output: Any) -> list[Prediction]:
+        """One forward pass's output -> per image calibrated dx (and extra-head) probabilities."""
+        dx = self._probabilities(output.logits)
+        if not self.extra_heads:
+            return [Prediction(probabilities) for probabilities in dx]
+        # The rule of `MelanomaViTForImageClassification.predict_heads`, on logits we already have.
+        head_probs = {
+            name: torch.softmax(logits.float() / float(self.head_temperatures.get(name, 1.0)), dim=-1).cpu().numpy()
+            for name, logits in output.head_logits.items()
+        }  # name -> (B, n_labels)
+        if self.has_seven_point:
+            scores = seven_point_score(head_probs)  # (B,)
+            criteria = {name: criterion_probability(name, head_probs[name]) for name in SEVEN_POINT}  # name -> (B,)
+        results = []
+        for i, probabilities in enumerate(dx):
+            seven_point = None
+            if self.has_seven_point:
+                seven_point = SevenPointResult(float(scores[i]), {name: float(p[i]) for name, p in criteria.items()})
+            heads = {name: dict(zip(self.extra_heads[name], map(float, probs[i]))) for name, probs in head_probs.items()}
+            results.append(Prediction(probabilities, HeadResults(heads, seven_point)))
+        return results
+
+    def predict(self, images: Sequence[Image.Image], batch_size: int = 32) -> list[Prediction]:
+        """Per image the calibrated class probabilities (dx code -> probability, sums to 1) and, for
+        multi-source models, every extra head's from the same forward pass."""
+        results: list[Prediction] = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(images), batch_size):
-                logits = self.model(pixel_values=self._pixel_values(images[start : start + batch_size])).logits
-                results.extend(self._probabilities(logits))
+                output = self.model(pixel_values=self._pixel_values(images[start : start + batch_size]))
+                results.extend(self._predictions(output))
         return results
 
     def _model_view(self, pixel_values: torch.Tensor, image: Image.Image) -> np.ndarray:
@@ -281,11 +359,11 @@ class ZooModel:
         discard_ratio: float = 0.9,
         start_layer: int = 0,
     ) -> Analysis:
-        """Prediction + explanation for one RGB image.
+        """Prediction (extra heads included) + explanation for one RGB image.
 
-        ViT-like models: one forward with `output_attentions=True` gives both the logits and the
-        per-layer attentions (B, heads, N, N) for attention rollout. CNNs: a Grad-CAM pass for the
-        predicted class (which needs gradients) plus the probabilities from the same logits.
+        ViT-like models: one forward with `output_attentions=True` gives the logits, the extra heads'
+        logits and the per-layer attentions (B, heads, N, N) for attention rollout. CNNs: a Grad-CAM
+        pass for the predicted class (which needs gradients) plus the probabilities from the same logits.
         """
         from .rollout import attention_rollout, overlay_heatmap
 
@@ -309,7 +387,6 @@ class ZooModel:
                     num_prefix_tokens=self.num_prefix_tokens,
                     token_rows=token_rows,
                 )[0]
-                logits = out.logits
                 method = (
                     f"attention rollout (head fusion {head_fusion}, discard {discard_ratio:.2f}, "
                     f"from layer {int(start_layer)})"
@@ -318,12 +395,13 @@ class ZooModel:
                 from .gradcam import grad_cam
 
                 with torch.inference_mode():
-                    logits = self.model(pixel_values=pixel_values).logits
-                mask = grad_cam(self.model, pixel_values.clone(), target=int(logits.argmax(-1)[0]))[0]
+                    out = self.model(pixel_values=pixel_values)
+                mask = grad_cam(self.model, pixel_values.clone(), target=int(out.logits.argmax(-1)[0]))[0]
                 method = "Grad-CAM (predicted class, last convolutional stage)"
         view = self._model_view(pixel_values, image)
         heatmap = overlay_heatmap(view, mask.detach().float().cpu())
-        return Analysis(self._probabilities(logits)[0], heatmap, method)
+        (prediction,) = self._predictions(out)
+        return Analysis(prediction.probabilities, prediction.heads, heatmap=heatmap, method=method)
 
     def explain(
         self,

@@ -18,7 +18,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
 from model.imageio import load_image
-from test_zoo import _png_bytes, bad_image_files, shared_tiny_models
+from model.sevenpoint import SEVEN_POINT
+from test_zoo import MULTISOURCE, _png_bytes, bad_image_files, shared_tiny_models
 
 MAX_UPLOAD = 1_000_000  # small limit so the over-size test uploads little
 
@@ -44,7 +45,7 @@ def live(tmp_path_factory, fixtures_dir):
 
 def _expected(zoo, model_id: str, path) -> dict[str, float]:
     """Probabilities computed directly through the zoo, for comparison with the app's."""
-    return zoo.get(model_id).predict([load_image(path, max_side=1024)])[0]
+    return zoo.get(model_id).predict([load_image(path, max_side=1024)])[0].probabilities
 
 
 def _poll(url: str, task_uuid: str, timeout: float = 60.0) -> dict:
@@ -137,6 +138,7 @@ def test_gradio_batch_ranking_gallery_csv(live, tmp_path, fixtures_dir, ham_imag
     failed = csv[csv["error"].notna()].set_index("file")["error"]
     assert "truncated or corrupt" in failed["truncated.jpg"] and "Not a recognised image" in failed["notes.txt"]
     assert "truncated.jpg" in errors_md and "notes.txt" in errors_md
+    assert "seven_point_score" not in csv  # a model without criterion heads: the columns of before
 
     assert len(gallery) == len(images)
     for item, name in zip(gallery, ranked_names):
@@ -161,7 +163,7 @@ def test_rest_docs_models_and_predict(live, ham_image_paths):
     assert "NOT A MEDICAL DEVICE" in spec["info"]["description"]
 
     models = httpx.get(url + "public_models").json()
-    assert [m["model_id"] for m in models["models"]] == ["melanoma-vit-tiny", "resnet18-tiny", "vit-tiny"]
+    assert [m["model_id"] for m in models["models"]] == ["melanoma-vit-tiny", MULTISOURCE, "resnet18-tiny", "vit-tiny"]
     assert models["default"] == "melanoma-vit-tiny"
     assert "nobody/unreachable-model" in models["skipped"]
     assert models["models"][0]["license"] == "cc-by-nc-sa-4.0"
@@ -181,6 +183,54 @@ def test_rest_docs_models_and_predict(live, ham_image_paths):
     assert pred["melanoma_probability"] == result["probabilities"]["mel"]
     assert pred["melanoma"] == (pred["melanoma_probability"] >= 0.5)
     assert result["ood"] is None and result["warning"] is None  # detector disabled here
+    assert "heads" not in result and "seven_point" not in result  # no extra heads: the record of before
+
+
+def _assert_heads_match(result: dict, expected) -> None:
+    """A JSON result's `heads` / `seven_point` equal the zoo's own `Prediction` of the image."""
+    assert list(result["heads"]) == list(expected.heads.probabilities)
+    for name, probs in expected.heads.probabilities.items():
+        assert result["heads"][name] == pytest.approx(probs, abs=1e-5)
+    seven = expected.heads.seven_point
+    assert result["seven_point"]["score"] == pytest.approx(seven.score, abs=1e-5)
+    assert result["seven_point"]["criteria"] == pytest.approx(seven.criteria, abs=1e-5)
+    assert result["seven_point"]["threshold"] == 3
+    assert result["seven_point"]["suggests_melanoma"] == (result["seven_point"]["score"] >= 3)
+
+
+def test_multisource_model_criteria_in_ui_csv_and_rest(live, ham_image_paths):
+    url, client, zoo, _ = live
+    entry = zoo.get(MULTISOURCE)
+    path = ham_image_paths[0]
+    (expected,) = entry.predict([load_image(path, max_side=1024)])
+
+    _, verdict, _, _, record = client.predict(handle_file(str(path)), MULTISOURCE, "mean", 0.9, 0, api_name="/predict")
+    _assert_heads_match(record, expected)
+    seven = record["seven_point"]
+    assert "Melanoma probability:" in verdict and "#### Dermoscopic criteria (seven-point checklist)" in verdict
+    for criterion, (label, points) in SEVEN_POINT.items():
+        row = f"| {criterion.replace('_', ' ').capitalize()}: {label} | {seven['criteria'][criterion]:.1%} | {points} |"
+        assert row in verdict
+    side = "at or above" if seven["suggests_melanoma"] else "below"
+    assert f"score **{seven['score']:.2f}** of 10: {side} the checklist's melanoma cut-off of 3" in verdict
+    isic = ", ".join(f"{label.replace('_', ' ')} {p:.1%}" for label, p in record["heads"]["isic2017"].items())
+    assert f"`isic2017`: {isic}" in verdict and "`derm7pt`: bcc " in verdict
+    assert "`pigment_network`" not in verdict  # criteria are in the table, not among the other heads
+    assert "not a dermatologist's reading" in verdict and "not a diagnosis" in verdict
+
+    upload = {"file": (path.name, path.read_bytes(), "image/jpeg")}
+    response = httpx.post(url + "predict", params={"model_id": MULTISOURCE}, files=upload)
+    assert response.status_code == 200, response.text
+    (result,) = _poll(url, response.json()["task_uuid"])["results"]
+    _assert_heads_match(result, expected)
+    assert list(result) == ["name", "probabilities", "metadata", "prediction", "heads", "seven_point", "ood", "warning"]
+
+    paths = ham_image_paths[:3]
+    _, _, csv_path, _ = client.predict([handle_file(str(p)) for p in paths], MULTISOURCE, api_name="/predict_batch")
+    csv = pd.read_csv(csv_path).set_index("file")
+    for p in paths:
+        (prediction,) = entry.predict([load_image(p, max_side=1024)])
+        assert csv.loc[p.name, "seven_point_score"] == pytest.approx(prediction.heads.seven_point.score, abs=1e-5)
 
 
 def test_rest_bad_inputs_give_4xx_json(live, tmp_path, ham_image_paths):
@@ -373,5 +423,7 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     details, fusion, discard, start = _blocks_fn(demo, "on_model_change")("resnet18-tiny")
     assert "timm/resnet18" in details and "Grad-CAM" in details and fusion.visible is False
     details, fusion, discard, start = _blocks_fn(demo, "on_model_change")("melanoma-vit-tiny")
-    assert "cc-by-nc-sa-4.0" in details and "Melanoma AUC 0.500" in details
+    assert "cc-by-nc-sa-4.0" in details and "Melanoma AUC 0.500" in details and "Extra heads" not in details
+    details, *_ = _blocks_fn(demo, "on_model_change")(MULTISOURCE)
+    assert "Extra heads (shown with each single-image result): the seven-point checklist criteria, `derm7pt`, " in details
     assert fusion.visible is True and start.maximum == 1

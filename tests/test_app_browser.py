@@ -134,7 +134,7 @@ def test_single_image_shows_probabilities_and_heatmap(browser, live_app, page, h
     text = label.inner_text()
     for name in DX_NAMES.values():
         assert name in text, (name, text)
-    expected = zoo.get(None).predict([load_image(ham_image_paths[0], max_side=1024)])[0]["mel"]
+    expected = zoo.get(None).predict([load_image(ham_image_paths[0], max_side=1024)])[0].probabilities["mel"]
     shown = page.get_by_text(re.compile(r"Melanoma probability: [\d.]+%")).inner_text()
     assert float(re.search(r"([\d.]+)%", shown).group(1)) == pytest.approx(100 * expected, abs=0.051)
     _shot(page, "single_image")
@@ -164,7 +164,7 @@ def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_im
 
     # Same order as ranking the zoo's own P(mel) (the app ranks records by it, highest first).
     entry = zoo.get(None)
-    p_mel = {p.name: entry.predict([load_image(p, max_side=1024)])[0]["mel"] for p in files}
+    p_mel = {p.name: entry.predict([load_image(p, max_side=1024)])[0].probabilities["mel"] for p in files}
     assert names == sorted(p_mel, key=lambda n: -p_mel[n])
     for name, p in zip(names, probs):
         assert p == pytest.approx(100 * p_mel[name], abs=0.051)

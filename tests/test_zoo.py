@@ -2,7 +2,8 @@
 and safe decoding of every kind of bad or unusual image input.
 
 The models are real (tiny) MelanomaViT / transformers ViT / timm ResNet-18 folders built and
-briefly fine-tuned on the fixture images by `make_tiny_model_folders` (also used by test_app.py).
+briefly fine-tuned on the fixture images by `make_tiny_model_folders` (also used by test_app.py),
+plus a hybrid multi-source MelanomaViT with every extra head (dataset and seven-point criteria).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from model.imageio import InvalidImageError, load_image
-from model.labels import DX_CODES, dx_id2label, dx_label2id
+from model.labels import CRITERIA_LABELS, DERM7PT_LABELS, DX_CODES, ISIC2017_LABELS, dx_id2label, dx_label2id
 
 # --------------------------------------------------------------------------- tiny model folders
 
@@ -57,6 +58,33 @@ def _fine_tune(model: torch.nn.Module, processor, images, labels, steps: int = 1
     return losses
 
 
+MULTISOURCE = "multisource-hybrid-tiny"
+
+
+def save_multisource_model(folder: Path) -> None:
+    """A hybrid MelanomaViT (tf_efficientnet_lite0 stem, image 64, 4x4 tokens) with every extra head a
+    multi-source model ships: `isic2017`, `derm7pt` and the seven criteria; random init, with head weights
+    spread out (the init gives near-uniform probabilities) and a temperature per head but one (default 1)."""
+    from transformers import ViTImageProcessor
+
+    from model import MelanomaViTConfig, MelanomaViTForImageClassification
+
+    heads = {"isic2017": list(ISIC2017_LABELS), "derm7pt": list(DERM7PT_LABELS)}
+    heads |= {name: list(labels) for name, labels in CRITERIA_LABELS.items()}
+    config = MelanomaViTConfig(
+        image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, patch_embedding_type="hybrid", backbone="tf_efficientnet_lite0", backbone_stage=4,
+        backbone_channels=112, id2label=dx_id2label(), label2id=dx_label2id(), temperature=1.5, extra_heads=heads,
+        head_temperatures={name: 0.5 + 0.25 * i for i, name in enumerate(heads) if name != "vascular_structures"},
+    )
+    model = MelanomaViTForImageClassification(config).eval()
+    with torch.no_grad():
+        for head in model.extra_heads.values():
+            head.weight.normal_(std=0.5)
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+
+
 def make_tiny_model_folders(root: Path, fixtures_dir: Path, cnn: bool = True) -> dict[str, Path]:
     """Save tiny real model folders under `root` (a models/ directory); returns name -> folder.
 
@@ -64,6 +92,7 @@ def make_tiny_model_folders(root: Path, fixtures_dir: Path, cnn: bool = True) ->
       on the 16 fixture images, temperature 2.0 and the median fixture P(mel) as melanoma threshold,
       and a model card with a license and a model-index metric;
     - vit-tiny: transformers' ViTForImageClassification with the same sizes (random init);
+    - multisource-hybrid-tiny: `save_multisource_model` (extra heads, seven-point criteria);
     - resnet18-tiny (cnn=True): timm ResNet-18 through TimmWrapper at 32 px (random init).
     """
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
@@ -105,6 +134,9 @@ def make_tiny_model_folders(root: Path, fixtures_dir: Path, cnn: bool = True) ->
     folders["vit-tiny"] = root / "vit-tiny"
     hf_vit.save_pretrained(folders["vit-tiny"])
     processor.save_pretrained(folders["vit-tiny"])
+
+    folders[MULTISOURCE] = root / MULTISOURCE
+    save_multisource_model(folders[MULTISOURCE])
 
     if cnn:
         from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
@@ -155,7 +187,7 @@ def zoo(models_dir):
 def test_discovery_default_and_skipped_hub_ids(zoo, models_dir, monkeypatch):
     from model.zoo import ModelZoo, UnknownModelError
 
-    assert zoo.ids == ["melanoma-vit-tiny", "resnet18-tiny", "vit-tiny"]
+    assert zoo.ids == ["melanoma-vit-tiny", MULTISOURCE, "resnet18-tiny", "vit-tiny"]
     assert zoo.default_id == "melanoma-vit-tiny"  # preference "melanoma-vit" prefix
     assert "someone/not-reachable-model" in zoo.skipped  # offline: skipped with a reason
     assert zoo.skipped["someone/not-reachable-model"]
@@ -209,12 +241,12 @@ def test_predict_is_temperature_scaled_softmax(zoo, ham_image_paths):
     with torch.no_grad():
         logits = entry.model(pixel_values=pixel_values).logits
     expected = torch.softmax(logits / 2.0, dim=-1)
-    got = torch.tensor([[p[c] for c in DX_CODES] for p in probs])
+    got = torch.tensor([[p.probabilities[c] for c in DX_CODES] for p in probs])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, torch.softmax(logits, dim=-1))  # T=2 really applied
     # Batched equals one-by-one.
     single = entry.predict(images[:1])[0]
-    assert single == pytest.approx(probs[0], abs=1e-5)
+    assert single.probabilities == pytest.approx(probs[0].probabilities, abs=1e-5)
 
 
 def test_analyze_rollout_matches_predict(zoo, ham_image_paths):
@@ -222,7 +254,7 @@ def test_analyze_rollout_matches_predict(zoo, ham_image_paths):
     entry = zoo.get("melanoma-vit-tiny")
     image = Image.open(ham_image_paths[0]).convert("RGB")
     result = entry.analyze(image, head_fusion="max", discard_ratio=0.5, start_layer=1)
-    assert result.probabilities == pytest.approx(entry.predict([image])[0], abs=1e-5)
+    assert result.probabilities == pytest.approx(entry.predict([image])[0].probabilities, abs=1e-5)
     assert result.heatmap.dtype == np.uint8 and result.heatmap.ndim == 3 and result.heatmap.shape[2] == 3
     assert "rollout" in result.method and "max" in result.method
     heatmap_mean, _ = entry.explain(image, head_fusion="mean")
@@ -244,8 +276,92 @@ def test_analyze_gradcam_for_cnn(zoo, ham_image_paths):
     result = entry.analyze(image)
     assert "Grad-CAM" in result.method
     assert result.heatmap.dtype == np.uint8 and result.heatmap.shape[2] == 3
-    assert result.probabilities == pytest.approx(entry.predict([image])[0], abs=1e-5)
+    assert result.probabilities == pytest.approx(entry.predict([image])[0].probabilities, abs=1e-5)
     assert all(p.grad is None for p in entry.model.parameters())  # no gradient left behind
+
+
+def test_extra_heads_come_from_the_same_forward_pass(zoo, ham_image_paths):
+    """Multi-source model: every head calibrated as `predict_heads`, the seven-point score from them,
+    in `predict` (batched), `analyze` (the rollout forward) and the JSON record."""
+    from model.sevenpoint import SEVEN_POINT, criterion_probability, seven_point_score
+    from model.zoo import SevenPointResult
+
+    entry = zoo.get(MULTISOURCE)
+    assert entry.has_seven_point and entry.extra_heads == entry.config.extra_heads
+    images = [Image.open(p).convert("RGB") for p in ham_image_paths[:4]]
+    predictions = entry.predict(images, batch_size=3)  # two batches
+    pixel_values = entry.processor(images=images, return_tensors="pt")["pixel_values"]
+    expected = entry.model.predict_heads(pixel_values)
+    assert list(expected) == ["dx", *entry.extra_heads]
+    got_dx = torch.tensor([[p.probabilities[c] for c in DX_CODES] for p in predictions])
+    torch.testing.assert_close(got_dx, expected["dx"], atol=1e-5, rtol=1e-5)
+    for name, labels in entry.extra_heads.items():
+        got = torch.tensor([[p.heads.probabilities[name][label] for label in labels] for p in predictions])
+        torch.testing.assert_close(got, expected[name], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.sum(-1), torch.ones(len(images)), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        raw = entry.model(pixel_values=pixel_values).head_logits["isic2017"]
+    assert entry.head_temperatures["isic2017"] == 0.5
+    got = torch.tensor([list(p.heads.probabilities["isic2017"].values()) for p in predictions])
+    assert not torch.allclose(got, torch.softmax(raw, dim=-1), atol=1e-3)  # the head's T really applied
+
+    scores = seven_point_score({name: expected[name].numpy() for name in SEVEN_POINT})
+    for i, prediction in enumerate(predictions):
+        seven = prediction.heads.seven_point
+        assert seven.score == pytest.approx(float(scores[i]), abs=1e-5) and 0.0 < seven.score < 10.0
+        criteria = {name: float(criterion_probability(name, expected[name][i].numpy())) for name in SEVEN_POINT}
+        assert seven.criteria == pytest.approx(criteria, abs=1e-5)
+        assert seven.suggests_melanoma == (seven.score >= 3)
+    assert SevenPointResult(3.0, {}).suggests_melanoma and not SevenPointResult(2.99, {}).suggests_melanoma
+
+    analysis = entry.analyze(images[0], discard_ratio=0.5)  # one forward with attentions (4x4 hybrid grid)
+    assert "rollout" in analysis.method and analysis.heatmap.dtype == np.uint8
+    assert analysis.probabilities == pytest.approx(predictions[0].probabilities, abs=1e-5)
+    for name, probs in predictions[0].heads.probabilities.items():
+        assert analysis.heads.probabilities[name] == pytest.approx(probs, abs=1e-5)
+    seven = analysis.heads.seven_point
+    assert seven.score == pytest.approx(predictions[0].heads.seven_point.score, abs=1e-5)
+
+    record = entry.record("lesion.jpg", analysis)
+    assert list(record) == ["name", "probabilities", "metadata", "prediction", "heads", "seven_point", "ood", "warning"]
+    assert record["heads"] == analysis.heads.probabilities
+    assert record["seven_point"] == {
+        "score": seven.score, "threshold": 3, "suggests_melanoma": seven.score >= 3, "criteria": seven.criteria
+    }
+    assert json.loads(json.dumps(record)) == record  # plain JSON types
+    assert entry.describe()["extra_heads"] == entry.config.extra_heads
+
+
+def test_models_without_extra_heads_keep_their_record(zoo, ham_image_paths):
+    image = Image.open(ham_image_paths[2]).convert("RGB")
+    for model_id in ("melanoma-vit-tiny", "vit-tiny", "resnet18-tiny"):
+        entry = zoo.get(model_id)
+        (prediction,) = entry.predict([image])
+        assert entry.extra_heads == {} and not entry.has_seven_point
+        assert prediction.heads is None and entry.analyze(image).heads is None
+        record = entry.record("lesion.jpg", prediction)
+        assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning"], model_id
+        assert record["probabilities"] == prediction.probabilities
+
+
+def test_extra_heads_without_every_criterion_give_no_checklist(tmp_path, ham_image_paths):
+    from transformers import ViTImageProcessor
+
+    from model import MelanomaViTConfig, MelanomaViTForImageClassification
+    from model.zoo import ZooModel
+
+    torch.manual_seed(0)
+    heads = {"isic2017": list(ISIC2017_LABELS), "pigment_network": list(CRITERIA_LABELS["pigment_network"])}
+    config = MelanomaViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=37, id2label=dx_id2label(), extra_heads=heads)
+    MelanomaViTForImageClassification(config).save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    entry = ZooModel("two-heads", tmp_path)
+    (prediction,) = entry.predict([Image.open(ham_image_paths[0]).convert("RGB")])
+    assert not entry.has_seven_point and prediction.heads.seven_point is None
+    assert list(prediction.heads.probabilities) == list(heads)
+    record = entry.record("lesion.jpg", prediction)
+    assert record["heads"] == prediction.heads.probabilities and "seven_point" not in record
 
 
 def test_zoo_is_thread_safe(models_dir, ham_image_paths):
@@ -257,7 +373,7 @@ def test_zoo_is_thread_safe(models_dir, ham_image_paths):
     image = Image.open(ham_image_paths[2]).convert("RGB")
     with ThreadPoolExecutor(4) as pool:
         entries = list(pool.map(lambda _: zoo.get("vit-tiny"), range(4)))
-        results = list(pool.map(lambda e: e.predict([image])[0], entries))
+        results = list(pool.map(lambda e: e.predict([image])[0].probabilities, entries))
     assert all(e is entries[0] for e in entries)
     assert all(r == pytest.approx(results[0], abs=1e-6) for r in results)
 
