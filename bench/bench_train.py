@@ -6,9 +6,15 @@ Prints images/s for each, the ratio ours / plain (target >= 0.9) and the share o
 the loader alone would take (loader-bound when it nears 1). CPU numbers; on a shared machine run it
 when the machine is quiet and quote the load average printed with the result.
 
+Multi-source recipes (`sources:`, train/multisource.py) train on cached stem features instead; for
+them it prints (1) the plain timm full fine-tuning loop on images, (2) stem feature caching
+(build_cache's loop), (3) one training step on cached features (stem bypassed, every head
+labelled), the ratio (3)/(1) and what a full run costs once the cache is built.
+
     python bench/bench_train.py --config train/configs/melanoma_vit_scratch.yaml --steps 12
     python bench/bench_train.py --config train/configs/efficientnet_lite0.yaml --set model.image_size=128
     python bench/bench_train.py --config train/configs/melanoma_vit_scratch.yaml --ours_only  # throughput only
+    python bench/bench_train.py --config train/configs/multisource_lite0.yaml --steps 4
 """
 
 from __future__ import annotations
@@ -30,7 +36,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import TimmWrapperForImageClassification  # noqa: E402
 
+from model.labels import DX_CODES  # noqa: E402
 from train import data as data_lib  # noqa: E402
+from train.features import stem_bypassed  # noqa: E402
+from train.multisource import MultiHeadNet, masked_head_loss  # noqa: E402
+from train.sources import MAIN_HEAD, SourceSpec, head_labels, load_sources  # noqa: E402
 from train.train import collate, create_model, load_config, main  # noqa: E402
 
 WARMUP = 2
@@ -54,10 +64,14 @@ def plain_setup(config: str, overrides: list[str], data: str, num_workers: int):
     model, processor = create_model(cfg.model, dict(enumerate(names)))
     if isinstance(model, TimmWrapperForImageClassification):
         model = model.timm_model  # plain timm
+    return cfg, model, train_loader(cfg, train, processor, num_workers)
+
+
+def train_loader(cfg, train, processor, num_workers: int) -> DataLoader:
+    """Shuffled batches of the training split with the recipe's training transforms."""
     transform = data_lib.build_transforms(processor, True, data_lib.AugmentConfig.from_any(cfg.augmentation))
-    loader = DataLoader(data_lib.with_image_transform(train, transform), batch_size=cfg.batch_size, shuffle=True,
-                        drop_last=True, num_workers=num_workers, collate_fn=collate)
-    return cfg, model, loader
+    return DataLoader(data_lib.with_image_transform(train, transform), batch_size=cfg.batch_size, shuffle=True,
+                      drop_last=True, num_workers=num_workers, collate_fn=collate)
 
 
 def batches(loader: DataLoader):
@@ -95,17 +109,116 @@ def loader_only(loader: DataLoader, steps: int) -> float:
     return images / (time.perf_counter() - tick)
 
 
+def source_specs(cfg) -> list[SourceSpec]:
+    """The recipe's sources; relative data folders are read from the repository root, where recipes run."""
+    specs = [SourceSpec(**s) for s in cfg.sources]
+    for spec in specs:
+        if not Path(spec.data).is_absolute() and (ROOT / spec.data).exists():
+            spec.data = str(ROOT / spec.data)
+    return specs
+
+
+def multisource_setup(config: str, overrides: list[str], num_workers: int):
+    """The trainer's model (MultiHeadNet over create_model) and a loader of its sources' training split."""
+    cfg = load_config(config, overrides)
+    torch.manual_seed(cfg.seed)
+    specs = source_specs(cfg)
+    extra = head_labels(specs)
+    train = load_sources(specs)["train"]
+    model, processor = create_model(cfg.model, dict(enumerate(DX_CODES)), extra_heads=extra)
+    return cfg, MultiHeadNet(model, extra), extra, train_loader(cfg, train, processor, num_workers), len(train)
+
+
+@torch.inference_mode()
+def stem_caching(net: MultiHeadNet, loader: DataLoader, steps: int) -> tuple[float, torch.Tensor]:
+    """build_cache's loop: next batch (decode + augment), channels_last, frozen stem forward, fp16.
+
+    Returns (images/s, the last batch's features (B, C, H/16, W/16) fp16: real inputs for `cached_step`).
+    """
+    stem = torch.nn.Sequential(*(net.get_submodule(n) for n in net.stem_names()))
+    stem = stem.eval().to(memory_format=torch.channels_last)
+    images, seconds, it = 0, 0.0, batches(loader)
+    for step in range(steps + WARMUP):
+        tick = time.perf_counter()
+        x = next(it)["pixel_values"].to(memory_format=torch.channels_last)
+        features = stem(x).to(torch.float16).contiguous()
+        if step >= WARMUP:
+            images += len(x)
+            seconds += time.perf_counter() - tick
+    return images / seconds, features
+
+
+def cached_step(cfg, net: MultiHeadNet, extra: dict[str, list[str]], features: torch.Tensor, steps: int) -> float:
+    """train_multisource's step: fp16 cache -> float, stem bypassed, masked per-head loss with a label for
+    every head (the most a batch costs), backward, AdamW over the non-stem parameters. Images/s."""
+    stem_params = {id(p) for n in net.stem_names() for p in net.get_submodule(n).parameters()}
+    for p in net.parameters():
+        p.requires_grad_(id(p) not in stem_params)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sizes = {MAIN_HEAD: len(DX_CODES), **{h: len(labels) for h, labels in extra.items()}}
+    labels = {h: torch.randint(0, n, (len(features),)) for h, n in sizes.items()}
+    loss_weights = {MAIN_HEAD: 1.0, **dict(cfg.head_loss_weights)}
+    net.train()
+    images, seconds = 0, 0.0
+    with stem_bypassed(net, net.stem_names()):
+        for step in range(steps + WARMUP):
+            tick = time.perf_counter()
+            loss, _ = masked_head_loss(net(features.float()), labels, loss_weights, cfg.label_smoothing)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= WARMUP:
+                images += len(features)
+                seconds += time.perf_counter() - tick
+    return images / seconds
+
+
+def amortised(n: int, views: int, epochs: int, plain_ips: float, cache_ips: float, cached_ips: float) -> list[str]:
+    """What a full run of `n` training images costs: plain epochs vs caching `views` views once, then cached epochs."""
+    cache_s, plain_epoch, cached_epoch = n * views / cache_ips, n / plain_ips, n / cached_ips
+    break_even = cache_s / (plain_epoch - cached_epoch) if plain_epoch > cached_epoch else float("inf")
+    return [f"  speed-up per epoch once cached (3)/(1): {cached_ips / plain_ips:6.1f}x",
+            f"  N={n} train images, V={views} views: cache once N*V/(2) = {cache_s / 60:.1f} min, then "
+            f"N/(3) = {cached_epoch / 60:.1f} min/epoch (plain N/(1) = {plain_epoch / 60:.1f} min/epoch)",
+            f"  epochs per hour: plain {3600 / plain_epoch:.2f}, cached {3600 / cached_epoch:.1f} "
+            f"({max(0.0, 3600 - cache_s) / cached_epoch:.1f} in the first hour, which builds the cache)",
+            f"  the recipe's {epochs} epochs: plain {epochs * plain_epoch / 3600:.1f} h, cached "
+            f"{(cache_s + epochs * cached_epoch) / 3600:.1f} h (cache pays off after {break_even:.1f} epochs)"]
+
+
+def multisource(args) -> list[str]:
+    """Side by side for a `sources:` recipe: plain timm on images, stem caching, a step on cached features."""
+    cfg, net, extra, loader, n = multisource_setup(args.config, args.overrides, args.num_workers)
+    whole = net.model.timm_model if net.is_timm else net.model  # the hybrid MelanomaViT is its own plain model
+    plain_ips = plain(cfg, whole, loader, args.steps)  # first: the stem is still plain (not channels_last)
+    cache_ips, features = stem_caching(net, loader, args.steps)
+    cached_ips = cached_step(cfg, net, extra, features, args.steps)
+    views = int((cfg.feature_cache or {}).get("views", 4))
+    return [f"bench_train (multi-source, cached stem features): {cfg.model.name} image_size={cfg.model.image_size or cfg.model.kwargs.get('image_size')}, "
+            f"batch {cfg.batch_size}, {args.threads} threads, num_workers {args.num_workers}, {args.steps} steps, "
+            f"load average {os.getloadavg()[0]:.1f} (CPU shared with other jobs)",
+            f"  (1) plain timm full fine-tuning on images: {plain_ips:8.1f} images/s",
+            f"  (2) stem feature caching (load + stem)   : {cache_ips:8.1f} images/s",
+            f"  (3) step on cached features {tuple(features.shape[1:])}: {cached_ips:8.1f} images/s",
+            *amortised(n, views, cfg.epochs, plain_ips, cache_ips, cached_ips)]
+
+
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "train" / "configs" / "melanoma_vit_scratch.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000"))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000"),
+                        help="single-source recipes; a `sources:` recipe reads its sources' folders")
     parser.add_argument("--steps", type=int, default=12, help="measured steps (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--ours_only", action="store_true", help="only train/train.py's throughput")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if load_config(args.config, args.overrides).sources:
+        print("\n".join(multisource(args)))
+        return
     ours_ips = ours(args.config, args.overrides, args.data, args.steps, args.num_workers)
     cfg = load_config(args.config, args.overrides)
     what = f"{cfg.model.name} {json.dumps(cfg.model.kwargs) if cfg.model.kwargs else ''} image_size={cfg.model.image_size or cfg.model.kwargs.get('image_size')}"
