@@ -173,7 +173,6 @@ class ZooModel:
         temperature: calibration temperature T (probabilities = softmax(logits / T)).
         melanoma_threshold: decision threshold on P(mel) (0.5 when the model has none).
         extra_heads: head name -> label names of a multi-source MelanomaViT's extra heads ({} for others);
-        head_temperatures: their calibration temperatures (missing: 1.0).
         has_seven_point: whether every seven-point criterion head is there (the checklist score is computed).
         card: parsed model card, or None.
     """
@@ -207,7 +206,6 @@ class ZooModel:
         self.melanoma_threshold = float(threshold) if threshold is not None else 0.5
         self.has_melanoma_class = MELANOMA in self.id2label.values()
         self.extra_heads: dict[str, list[str]] = dict(getattr(self.config, "extra_heads", None) or {})
-        self.head_temperatures: dict[str, float] = dict(getattr(self.config, "head_temperatures", None) or {})
         # The checklist reads each criterion's scoring label by its `CRITERIA_LABELS` index.
         self.has_seven_point = all(
             list(CRITERIA_LABELS[name]) == list(self.extra_heads.get(name, ())) for name in SEVEN_POINT
@@ -307,10 +305,9 @@ class ZooModel:
         dx = self._probabilities(output.logits)
         if not self.extra_heads:
             return [Prediction(probabilities) for probabilities in dx]
-        # The rule of `MelanomaViTForImageClassification.predict_heads`, on logits we already have.
+        # The model's own calibration rule, on logits we already have.
         head_probs = {
-            name: torch.softmax(logits.float() / float(self.head_temperatures.get(name, 1.0)), dim=-1).cpu().numpy()
-            for name, logits in output.head_logits.items()
+            name: probs.cpu().numpy() for name, probs in self.model.calibrated_head_probs(output.head_logits).items()
         }  # name -> (B, n_labels)
         if self.has_seven_point:
             scores = seven_point_score(head_probs)  # (B,)

@@ -301,7 +301,7 @@ def test_extra_heads_come_from_the_same_forward_pass(zoo, ham_image_paths):
         torch.testing.assert_close(got.sum(-1), torch.ones(len(images)), atol=1e-5, rtol=0)
     with torch.no_grad():
         raw = entry.model(pixel_values=pixel_values).head_logits["isic2017"]
-    assert entry.head_temperatures["isic2017"] == 0.5
+    assert entry.config.head_temperatures["isic2017"] == 0.5
     got = torch.tensor([list(p.heads.probabilities["isic2017"].values()) for p in predictions])
     assert not torch.allclose(got, torch.softmax(raw, dim=-1), atol=1e-3)  # the head's T really applied
 

@@ -659,11 +659,16 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
             Runs the forward pass as is (call `model.eval()` first); extra kwargs go to `forward`.
         """
         output = self(pixel_values, **kwargs)
+        return {"dx": self.calibrated_probs(output.logits), **self.calibrated_head_probs(output.head_logits or {})}
+
+    def calibrated_head_probs(self, head_logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Extra heads' raw logits {name: (B, n_labels)} -> float32 `softmax(logits / head_temperatures[name])`
+        (temperature 1.0 for a head without one)."""
         temperatures = self.config.head_temperatures or {}
-        probs = {"dx": self.calibrated_probs(output.logits)}
-        for name, logits in (output.head_logits or {}).items():
-            probs[name] = torch.softmax(logits.float() / float(temperatures.get(name, 1.0)), dim=-1)
-        return probs
+        return {
+            name: torch.softmax(logits.float() / float(temperatures.get(name, 1.0)), dim=-1)
+            for name, logits in head_logits.items()
+        }
 
 
 def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, name: str) -> torch.Tensor | None:
