@@ -297,3 +297,57 @@ def test_multisource_hybrid_vit_ships_every_head(tmp_path: Path, specs: list[Sou
     assert set(seven["criteria"]) == set(CRITERIA)
     assert seven["criteria"]["pigment_network"]["n_positive"] == 3
     assert 0.0 <= seven["seven_point_score_melanoma_auc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_multisource_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path, specs: list[SourceSpec]) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = {
+        "model": {"name": "efficientnet_lite0", "image_size": 64, "pretrained": False},
+        "sources": [{k: v for k, v in vars(s).items() if k != "kind"} for s in specs],
+        "feature_cache": {"dir": str(tmp_path / "cache"), "views": 2},
+        "batch_size": 2, "eval_batch_size": 8, "epochs": 2, "learning_rate": 1e-3, "checkpointing_steps": 1,
+    }
+    config = tmp_path / "ms.yaml"
+    config.write_text(json.dumps(recipe))
+
+    def args(out: Path) -> list[str]:
+        return ["--config", str(config), "--output_dir", str(out), "--num_workers", "0", "--num_threads", "1"]
+
+    reference = tmp_path / "reference"
+    main(args(reference))
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(root / "train" / "train.py"), *args(out)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            state_file = out / "checkpoint" / "trainer_state.json"
+            if state_file.is_file():
+                state = json.loads(state_file.read_text())
+                if state["epoch"] == 0 and state["step_in_epoch"] >= 2:
+                    break
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no mid-epoch checkpoint"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "model.safetensors").exists()  # killed before the export
+    main([*args(out), "--resume_from_checkpoint", "latest"])
+    ref = json.loads((reference / "val_metrics.json").read_text())
+    got = json.loads((out / "val_metrics.json").read_text())
+    assert [h["step"] for h in got["history"]] == [h["step"] for h in ref["history"]]
+    for ref_epoch, got_epoch in zip(ref["history"], got["history"]):
+        assert got_epoch["melanoma_auc_mean"] == pytest.approx(ref_epoch["melanoma_auc_mean"], abs=1e-6)
+    ref_w, got_w = load_file(reference / "best.safetensors"), load_file(out / "best.safetensors")
+    assert ref_w.keys() == got_w.keys()
+    for name in ref_w:
+        torch.testing.assert_close(got_w[name], ref_w[name], atol=1e-5, rtol=1e-4, msg=name)

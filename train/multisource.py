@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -55,6 +56,7 @@ logger = logging.getLogger("train.multisource")
 
 BEST_WEIGHTS = "best.safetensors"
 TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_MINUTES = 10  # at most this long between checkpoints
 HYBRID_STEM = ("vit.embeddings.patch_embed.stem",)
 
 
@@ -235,16 +237,19 @@ def train_multisource(cfg: Any, args: Any, create_model: Any, weight_decay_group
     scheduler = create_scheduler(cfg, optimizer, max_steps, steps_per_epoch)
     loss_weights = {MAIN_HEAD: 1.0, **dict(cfg.head_loss_weights)}
 
-    state: dict[str, Any] = {"epoch": 0, "completed_steps": 0, "history": [], "best": None}
-    ckpt = output_dir / "checkpoint"
-    if args.resume_from_checkpoint and (ckpt / TRAINER_STATE).is_file():
+    state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "completed_steps": 0, "history": [], "best": None}
+    if args.resume_from_checkpoint:
+        ckpt = _latest_checkpoint(output_dir if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint).parent)
+        if args.resume_from_checkpoint != "latest" and ckpt != Path(args.resume_from_checkpoint):
+            ckpt = Path(args.resume_from_checkpoint) if (Path(args.resume_from_checkpoint) / TRAINER_STATE).is_file() else None
+        if ckpt is None:
+            raise ValueError(f"--resume_from_checkpoint: no complete checkpoint in {output_dir}")
         _load_weights(net, ckpt / "model.safetensors")
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
         state = json.loads((ckpt / TRAINER_STATE).read_text())
-        logger.info("resumed from %s at epoch %d", ckpt, state["epoch"])
-    elif args.resume_from_checkpoint:
-        raise ValueError(f"--resume_from_checkpoint: no complete checkpoint in {ckpt}")
+        logger.info("resumed from %s at epoch %d step %d", ckpt, state["epoch"], state["step_in_epoch"])
 
     logger.info("%s on %d sources: %d train images x %d views, %d epochs x %d steps, heads %s",
                 cfg.model.name, len(specs), train_x.shape[1], views, num_epochs, steps_per_epoch, [MAIN_HEAD, *extra])
@@ -265,26 +270,56 @@ def train_multisource(cfg: Any, args: Any, create_model: Any, weight_decay_group
     return state["best"]
 
 
+def _save_checkpoint(net: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any], output_dir: Path) -> None:
+    """Write checkpoint.tmp/ completely (trainer_state.json last), then swap it in for checkpoint/:
+    a run killed at any moment leaves a complete checkpoint/ or checkpoint.old/ behind."""
+    tmp, ckpt, old = (output_dir / name for name in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(torch.get_rng_state(), tmp / "rng.pt")  # dropout / drop path continue as if never stopped
+    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt.exists():
+        ckpt.rename(old)
+    tmp.rename(ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):
+        if (output_dir / name / TRAINER_STATE).is_file():
+            return output_dir / name
+    return None
+
+
 def _train_epochs(net, cfg, state, train_x, train_y, val_x, val_y, val_sources, weights, optimizer, scheduler,
                   groups, loss_weights, max_steps, num_epochs, steps_per_epoch, output_dir, show) -> dict[str, torch.Tensor]:
-    """The epoch loop on cached features (stem bypassed); checkpoints every epoch; returns the best
-    epoch's validation logits with the best weights loaded into `net`."""
+    """The epoch loop on cached features (stem bypassed); returns the best epoch's validation logits
+    with the best weights loaded into `net`.
+
+    Checkpoints at every epoch end, every `cfg.checkpointing_steps` steps and at least every
+    CHECKPOINT_MINUTES. An epoch's draw order depends only on (seed, epoch), so a run resumed
+    mid-epoch skips exactly the steps it had trained.
+    """
     views = train_x.shape[0]
-    ckpt = output_dir / "checkpoint"
     generator = torch.Generator()
-    start = time.perf_counter()
+    start = last_save = time.perf_counter()
     while state["epoch"] < num_epochs and state["completed_steps"] < max_steps:
         generator.manual_seed(cfg.seed + state["epoch"])
         order = torch.multinomial(weights, steps_per_epoch * cfg.batch_size, replacement=True, generator=generator)
         view = torch.randint(0, views, (len(order),), generator=generator)
         net.train()
         running = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {state['epoch']}", disable=not show)
+        bar = tqdm(range(state.get("step_in_epoch", 0), steps_per_epoch), desc=f"epoch {state['epoch']}", disable=not show)
         for step in bar:
             if state["completed_steps"] >= max_steps:
                 break
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = train_x[view[step * cfg.batch_size : (step + 1) * cfg.batch_size], idx].float()
+            rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+            idx = order[rows]
+            x = train_x[view[rows], idx].float()  # (B, C, h, w)
             loss, _ = masked_head_loss(net(x), {h: y[idx] for h, y in train_y.items()}, loss_weights, cfg.label_smoothing)
             loss.backward()
             if cfg.max_grad_norm:
@@ -293,24 +328,26 @@ def _train_epochs(net, cfg, state, train_x, train_y, val_x, val_y, val_sources, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["completed_steps"] += 1
+            state["step_in_epoch"] = step + 1
             running += loss.item()
             if step % 10 == 9:
                 bar.set_postfix(loss=f"{running / 10:.3f}")
                 running = 0.0
+            due = cfg.checkpointing_steps and state["completed_steps"] % cfg.checkpointing_steps == 0
+            if due or time.perf_counter() - last_save > CHECKPOINT_MINUTES * 60:
+                _save_checkpoint(net, optimizer, scheduler, state, output_dir)
+                last_save = time.perf_counter()
         metrics = head_metrics(_predict(net, val_x, cfg.eval_batch_size), val_y, val_sources)
         metrics.update(epoch=state["epoch"], step=state["completed_steps"], minutes=(time.perf_counter() - start) / 60)
         state["history"].append(metrics)
         logger.info("epoch %d: %s", state["epoch"], json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
         state["epoch"] += 1
-        weights_now = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+        state["step_in_epoch"] = 0
         if state["best"] is None or (metrics["melanoma_auc_mean"] or 0) > state["best"]["melanoma_auc_mean"]:
             state["best"] = {k: metrics[k] for k in ("epoch", "melanoma_auc_mean")}
-            save_file(weights_now, str(output_dir / BEST_WEIGHTS))
-        ckpt.mkdir(exist_ok=True)
-        save_file(weights_now, str(ckpt / "model.safetensors"))
-        torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
-        torch.save(scheduler.state_dict(), ckpt / "scheduler.pt")
-        _atomic_write(ckpt / TRAINER_STATE, json.dumps(state, indent=1))  # last: marks the checkpoint complete
+            save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(output_dir / BEST_WEIGHTS))
+        _save_checkpoint(net, optimizer, scheduler, state, output_dir)
+        last_save = time.perf_counter()
 
     _load_weights(net, output_dir / BEST_WEIGHTS)
     return _predict(net, val_x, cfg.eval_batch_size)
