@@ -239,11 +239,10 @@ def train_multisource(cfg: Any, args: Any, create_model: Any, weight_decay_group
 
     state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "completed_steps": 0, "history": [], "best": None}
     if args.resume_from_checkpoint:
-        ckpt = _latest_checkpoint(output_dir if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint).parent)
-        if args.resume_from_checkpoint != "latest" and ckpt != Path(args.resume_from_checkpoint):
-            ckpt = Path(args.resume_from_checkpoint) if (Path(args.resume_from_checkpoint) / TRAINER_STATE).is_file() else None
-        if ckpt is None:
-            raise ValueError(f"--resume_from_checkpoint: no complete checkpoint in {output_dir}")
+        resume = args.resume_from_checkpoint
+        ckpt = _latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
+        if ckpt is None or not (ckpt / TRAINER_STATE).is_file():
+            raise ValueError(f"--resume_from_checkpoint {resume}: no complete checkpoint ({output_dir}/checkpoint)")
         _load_weights(net, ckpt / "model.safetensors")
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
