@@ -30,6 +30,7 @@ from PIL import Image
 
 # Importing this module imports the `model` package, which registers MelanomaViT with the Auto classes.
 from .calibration import config_temperature
+from .geometry import processor_geometry
 from .labels import CRITERIA_LABELS, DX_NAMES, MELANOMA
 from .sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score
 
@@ -132,43 +133,13 @@ def _net_type(config: Any) -> str:
     return str(config.model_type)
 
 
-def _image_size(processor: Any, config: Any) -> int:
-    """Side length (pixels) of the square model input."""
-    for attr in ("crop_size", "size"):
-        size = getattr(processor, attr, None)
-        if isinstance(size, dict):
-            for key in ("height", "shortest_edge", "width"):
-                if size.get(key):
-                    return int(size[key])
-        elif isinstance(size, int):
-            return size
-    data_config = getattr(processor, "data_config", None)
-    if isinstance(data_config, dict) and data_config.get("input_size"):
-        return int(data_config["input_size"][-1])
-    image_size = getattr(config, "image_size", None)
-    if image_size:
-        return int(image_size if isinstance(image_size, int) else image_size[-1])
-    pretrained_cfg = getattr(config, "pretrained_cfg", None) or {}
-    return int(pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-
-
-def _mean_std(processor: Any) -> tuple[np.ndarray, np.ndarray] | None:
-    mean = getattr(processor, "image_mean", None)
-    std = getattr(processor, "image_std", None)
-    data_config = getattr(processor, "data_config", None)
-    if (mean is None or std is None) and isinstance(data_config, dict):
-        mean, std = data_config.get("mean"), data_config.get("std")
-    if mean is None or std is None:
-        return None
-    return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
-
-
 class ZooModel:
     """One loaded classifier with its image processor, calibration and card metadata.
 
     Attributes:
         id: zoo id (folder name or Hub id); path: local folder or Hub id it was loaded from.
-        net_type: "melanoma_vit", "vit", "timm/<architecture>", ... ; img_size: input side (px).
+        net_type: "melanoma_vit", "vit", "timm/<architecture>", ... ; geometry: the processor's
+            `ImageGeometry` (input size, mean, std); img_size: input height (px).
         out_dim: number of classes; id2label: index -> dx code; labels: dx code -> readable name.
         temperature: calibration temperature T (probabilities = softmax(logits / T)).
         melanoma_threshold: decision threshold on P(mel) (0.5 when the model has none).
@@ -197,7 +168,8 @@ class ZooModel:
             self.processor = AutoImageProcessor.from_pretrained(source)
         self.config = self.model.config
         self.net_type = _net_type(self.config)
-        self.img_size = _image_size(self.processor, self.config)
+        self.geometry = processor_geometry(self.processor)
+        self.img_size = self.geometry.size[0]
         self.id2label: dict[int, str] = {int(k): v for k, v in self.config.id2label.items()}
         self.out_dim = len(self.id2label)
         self.labels: dict[str, str] = {code: DX_NAMES.get(code, code) for code in self.id2label.values()}
@@ -217,7 +189,6 @@ class ZooModel:
         self.card = _parse_card(Path(source)) if Path(source).is_dir() else None
         self.uses_rollout = self.net_type in ("melanoma_vit", "vit", "deit")
         self._lock = threading.Lock()
-        self._mean_std = _mean_std(self.processor)
 
     # ----------------------------------------------------------------------------- metadata
     @property
@@ -338,11 +309,7 @@ class ZooModel:
         32-px test model still gives a viewable overlay.
         """
         x = pixel_values[0].detach().float().cpu().numpy().transpose(1, 2, 0)  # (h, w, 3)
-        if self._mean_std is not None:
-            mean, std = self._mean_std
-            x = x * std + mean
-        else:
-            x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6)
+        x = x * np.asarray(self.geometry.std, dtype=np.float32) + np.asarray(self.geometry.mean, dtype=np.float32)
         view = Image.fromarray(np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8))
         side = max(EXPLAIN_DISPLAY_SIDE, 1)
         if view.width < side:

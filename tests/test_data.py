@@ -14,6 +14,7 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from transformers import TimmWrapperImageProcessor, ViTImageProcessor
 
+from model.geometry import processor_geometry
 from model.labels import BINARY_LABELS, DX_CODES
 from train.data import (
     IGNORE_INDEX,
@@ -27,7 +28,6 @@ from train.data import (
     class_weights,
     load_image_dataset,
     load_rgb,
-    processor_geometry,
     read_manifest,
     split_by_lesion,
     train_pipeline,
@@ -461,7 +461,8 @@ def test_timm_processor_geometry_and_shapes(ham):
         }
     )
     geo = processor_geometry(processor)
-    assert geo["size"] == (48, 40) and geo["mean"] == (0.4, 0.5, 0.6) and geo["std"] == (0.2, 0.25, 0.3)
+    assert geo.size == (48, 40) and geo.mean == (0.4, 0.5, 0.6) and geo.std == (0.2, 0.25, 0.3)
+    assert geo.interpolation == "bicubic" and not geo.crops
     for train in (True, False):
         out = with_image_transform(ham, build_transforms(processor, train))[:2]
         assert out["pixel_values"].shape == (2, 3, 48, 40)

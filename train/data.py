@@ -47,6 +47,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from model.geometry import processor_geometry
 from model.labels import BINARY_LABELS, DX_CODES, DX_NAMES, ISIC2017_TO_DX, MELANOMA
 
 logger = logging.getLogger(__name__)
@@ -776,55 +777,11 @@ class RandomTranspose(torch.nn.Module):
         return tv_tensors.wrap(out, like=img) if isinstance(img, tv_tensors.Image) else out
 
 
-def _size_dict(size: Any) -> dict[str, int | None]:
-    """transformers' size (SizeDict, dict or int) -> {"height", "width", "shortest_edge"}."""
-    if isinstance(size, int):
-        return {"height": size, "width": size, "shortest_edge": None}
-    get = size.get if isinstance(size, Mapping) else lambda k: getattr(size, k, None)
-    return {k: get(k) for k in ("height", "width", "shortest_edge")}
-
-
-def processor_geometry(image_processor: Any) -> dict[str, Any]:
-    """Input size, mean, std and interpolation of a transformers image processor.
-
-    Works for ViTImageProcessor-like processors (`size`, `image_mean`, `image_std`,
-    `resample`) and TimmWrapperImageProcessor (`data_config`).
-
-    Returns:
-        {"size": (H, W) pixels, "mean": (3,), "std": (3,), "interpolation": v2.InterpolationMode}
-    """
-    config = getattr(image_processor, "data_config", None)
-    if config is not None:
-        _, h, w = config["input_size"]
-        interp = v2.InterpolationMode(config.get("interpolation", "bilinear"))
-        mean, std = tuple(config["mean"]), tuple(config["std"])
-        return {"size": (int(h), int(w)), "mean": mean, "std": std, "interpolation": interp}
-    size = _size_dict(image_processor.size)
-    if size.get("height") and size.get("width"):
-        hw = (int(size["height"]), int(size["width"]))
-    elif size.get("shortest_edge"):
-        hw = (int(size["shortest_edge"]),) * 2
-    else:
-        raise ValueError(f"cannot read an input size from the image processor's size {image_processor.size}")
-    crop = getattr(image_processor, "crop_size", None)
-    if getattr(image_processor, "do_center_crop", False) and crop:
-        crop = _size_dict(crop)
-        hw = (int(crop["height"]), int(crop["width"]))
-    normalize = getattr(image_processor, "do_normalize", True)
-    mean = tuple(image_processor.image_mean) if normalize else (0.0, 0.0, 0.0)
-    std = tuple(image_processor.image_std) if normalize else (1.0, 1.0, 1.0)
-    resample = getattr(image_processor, "resample", PIL.Image.Resampling.BILINEAR)
-    try:
-        interp = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(resample), "bilinear")
-    except (TypeError, ValueError):
-        interp = str(getattr(resample, "name", resample)).lower()
-    return {"size": hw, "mean": mean, "std": std, "interpolation": v2.InterpolationMode(interp)}
-
-
 def train_pipeline(image_processor: Any, cfg: AugmentConfig | Mapping[str, Any] | None = None) -> v2.Compose:
     """Per-image training augmentation: RGB PIL image -> normalised float tensor (3, H, W)."""
     cfg = AugmentConfig.from_any(cfg)
     geo = processor_geometry(image_processor)
+    interpolation = v2.InterpolationMode(geo.interpolation)
     steps: list[Callable] = [v2.ToImage()]
     if cfg.hflip:
         steps.append(v2.RandomHorizontalFlip(cfg.hflip))
@@ -837,22 +794,22 @@ def train_pipeline(image_processor: Any, cfg: AugmentConfig | Mapping[str, Any] 
     if cfg.crop_scale:
         steps.append(
             v2.RandomResizedCrop(
-                geo["size"], cfg.crop_scale, cfg.crop_ratio, interpolation=geo["interpolation"], antialias=True
+                geo.size, cfg.crop_scale, cfg.crop_ratio, interpolation=interpolation, antialias=True
             )
         )
     else:
-        steps.append(v2.Resize(geo["size"], interpolation=geo["interpolation"], antialias=True))
+        steps.append(v2.Resize(geo.size, interpolation=interpolation, antialias=True))
     if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
         steps.append(v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
     if cfg.blur:
-        kernel = max(3, int(0.05 * min(geo["size"])) // 2 * 2 + 1)  # odd, ~5% of the side
+        kernel = max(3, int(0.05 * min(geo.size)) // 2 * 2 + 1)  # odd, ~5% of the side
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=cfg.blur_sigma)], p=cfg.blur))
     steps.append(v2.ToDtype(torch.float32, scale=True))
     if cfg.color_cast:
         steps.append(RandomColorCast(cfg.color_cast))
     if cfg.vignette:
         steps.append(RandomVignette(cfg.vignette))
-    steps.append(v2.Normalize(geo["mean"], geo["std"]))
+    steps.append(v2.Normalize(geo.mean, geo.std))
     if cfg.erasing:
         steps.append(v2.RandomErasing(p=cfg.erasing, value=0))
     return v2.Compose(steps)
@@ -870,7 +827,7 @@ class ImageBatchTransform:
     def __init__(self, image_processor: Any, train: bool, cfg: AugmentConfig | Mapping[str, Any] | None = None):
         self.image_processor = image_processor
         self.train = train
-        self.size = processor_geometry(image_processor)["size"]
+        self.size = processor_geometry(image_processor).size
         self.pipeline = train_pipeline(image_processor, cfg) if train else None
         self.n_failed = 0
 

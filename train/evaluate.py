@@ -58,6 +58,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 
 import model as _melanoma_models  # noqa: E402,F401  registers MelanomaViT with the Auto classes
 from model.calibration import config_temperature  # noqa: E402
+from model.geometry import processor_geometry  # noqa: E402
 from model.labels import BINARY_LABELS, MELANOMA  # noqa: E402
 from model.labels import CRITERIA_LABELS  # noqa: E402
 from model.rollout import attention_rollout  # noqa: E402
@@ -262,14 +263,6 @@ def rows_all(ds: datasets.Dataset, column: str) -> list:
 def _patch(config: Any) -> tuple[int, int]:
     p = config.patch_size
     return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
-
-
-def _crops(processor: Any) -> bool:
-    """Whether the processor crops (then rollout maps do not cover the whole mask)."""
-    data_config = getattr(processor, "data_config", None)
-    if data_config is not None:
-        return float(data_config.get("crop_pct", 1.0)) < 1.0
-    return bool(getattr(processor, "do_center_crop", False))
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -524,7 +517,7 @@ def evaluate(args: argparse.Namespace, command: str) -> dict[str, Any]:
         raise ValueError(f"the data has classes {missing} the model cannot predict; use --label-scheme binary")
 
     mask_dir = find_mask_dir(args.data, args.masks)
-    if mask_dir is not None and net.config.model_type in ROLLOUT_MODEL_TYPES and _crops(processor):
+    if mask_dir is not None and net.config.model_type in ROLLOUT_MODEL_TYPES and processor_geometry(processor).crops:
         logger.warning("the image processor crops: rollout maps would not align with the masks; rollout_mask_share skipped")
         mask_dir = None
     pred = predict(net, processor, test, args.tta, args.batch_size, args.device, mask_dir, desc=f"evaluate {info['split'] or 'all'}")

@@ -34,8 +34,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from model.baselines import EFFICIENTNET_LITE_ARCHS, efficientnet_lite_stem_modules
+from model.geometry import processor_geometry
 
-from .data import AugmentConfig, build_transforms, processor_geometry, with_image_transform
+from .data import AugmentConfig, build_transforms, with_image_transform
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def build_cache(
     out.mkdir(parents=True, exist_ok=True)
     geometry = processor_geometry(image_processor)
     recipe = {
-        "rows": len(ds), "size": list(geometry["size"]), "mean": list(geometry["mean"]), "std": list(geometry["std"]),
+        "rows": len(ds), "size": list(geometry.size), "mean": list(geometry.mean), "std": list(geometry.std),
         "augment": json.loads(json.dumps(dataclasses.asdict(AugmentConfig.from_any(augment)))),
     }
     meta = out / "cache.json"

@@ -72,6 +72,7 @@ from model.baselines import (  # noqa: E402
     create_timm_efficientnet_lite_imagenet,
 )
 from model.convert import load_hybrid_stem_from_timm  # noqa: E402
+from model.geometry import processor_geometry  # noqa: E402
 from model.labels import MELANOMA  # noqa: E402
 from train import data as data_lib  # noqa: E402
 
@@ -745,10 +746,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ema = ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema else None
     if teacher is not None:
         teacher.to(accelerator.device)
-        student_geometry = data_lib.processor_geometry(processor)
-        teacher_geometry = data_lib.processor_geometry(teacher_processor)
-        s_mean, s_std = student_geometry["mean"], student_geometry["std"]
-        t_mean, t_std, t_size = teacher_geometry["mean"], teacher_geometry["std"], teacher_geometry["size"]
+        student_geometry = processor_geometry(processor)
+        teacher_geometry = processor_geometry(teacher_processor)
+        s_mean, s_std = student_geometry.mean, student_geometry.std
+        t_mean, t_std, t_size = teacher_geometry.mean, teacher_geometry.std, teacher_geometry.size
         # Student pixels -> teacher pixels: undo the student's normalisation, apply the teacher's.
         renorm_scale = (torch.tensor(s_std) / torch.tensor(t_std)).view(1, 3, 1, 1).to(accelerator.device)
         renorm_shift = ((torch.tensor(s_mean) - torch.tensor(t_mean)) / torch.tensor(t_std)).view(1, 3, 1, 1).to(accelerator.device)
