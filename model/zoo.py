@@ -32,6 +32,7 @@ from PIL import Image
 from .calibration import config_temperature
 from .geometry import processor_geometry
 from .labels import CRITERIA_LABELS, DX_NAMES, MELANOMA
+from .loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens
 from .sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score
 
 logger = logging.getLogger(__name__)
@@ -149,23 +150,10 @@ class ZooModel:
     """
 
     def __init__(self, model_id: str, source: str | Path, device: str | torch.device = "cpu") -> None:
-        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
-
         self.id = model_id
         self.path = str(source)
         self.device = torch.device(device)
-        config = AutoConfig.from_pretrained(source)
-        kwargs: dict[str, Any] = {}
-        if config.model_type in ("vit", "deit"):
-            # transformers' ViT / DeiT return attention weights only with the eager kernel.
-            kwargs["attn_implementation"] = "eager"
-        self.model = AutoModelForImageClassification.from_pretrained(source, **kwargs).to(self.device).eval()
-        try:
-            # The PIL backend: measured ~1.6 ms vs ~90 ms for the torchvision one on a 200x150
-            # image to 224 px (2 shared CPU cores); latency matters more than the tiny numeric gap.
-            self.processor = AutoImageProcessor.from_pretrained(source, backend="pil")
-        except (TypeError, ValueError):
-            self.processor = AutoImageProcessor.from_pretrained(source)
+        self.model, self.processor = load_classifier(source, self.device)
         self.config = self.model.config
         self.net_type = _net_type(self.config)
         self.geometry = processor_geometry(self.processor)
@@ -182,12 +170,10 @@ class ZooModel:
         self.has_seven_point = all(
             list(CRITERIA_LABELS[name]) == list(self.extra_heads.get(name, ())) for name in SEVEN_POINT
         )
-        # Stock DeiT exports of distilled models have CLS + distillation tokens but no such config key.
-        default_prefix = 2 if self.config.model_type == "deit" else 1
-        self.num_prefix_tokens = int(getattr(self.config, "num_prefix_tokens", default_prefix))
+        self.num_prefix_tokens = num_prefix_tokens(self.config)
         self.num_layers = int(getattr(self.config, "num_hidden_layers", 0) or 0)
         self.card = _parse_card(Path(source)) if Path(source).is_dir() else None
-        self.uses_rollout = self.net_type in ("melanoma_vit", "vit", "deit")
+        self.uses_rollout = self.config.model_type in ROLLOUT_MODEL_TYPES
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------------------- metadata

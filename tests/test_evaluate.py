@@ -295,11 +295,11 @@ def test_evaluate_script_on_ham_fixture(tiny_vit_dir, ham_dir, tmp_path):
 
 
 def _model_p_mel(folder: Path, image_paths: list[Path], temperature: float) -> np.ndarray:
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from model.imageio import load_image
+    from model.loading import load_classifier
 
-    net = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
-    processor = AutoImageProcessor.from_pretrained(folder)
-    images = [Image.open(p).convert("RGB") for p in image_paths]
+    net, processor = load_classifier(folder)
+    images = [load_image(p) for p in image_paths]
     with torch.no_grad():
         logits = net(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]).logits
     return torch.softmax(logits / temperature, dim=-1)[:, net.config.label2id["mel"]].numpy()
@@ -413,14 +413,15 @@ def test_calibration_temperature_is_read_from_either_key():
 
 
 def test_rollout_mask_share_equal_for_distilled_model_and_its_stock_deit_export(ham_dir, tmp_path):
-    """Stock exports carry no num_prefix_tokens: the prefix count comes from the attention shape."""
+    """Stock exports carry no num_prefix_tokens: DeiT's CLS + DIST tokens come from model.loading's rule."""
     from transformers import ViTImageProcessor
 
     from model import MelanomaViTConfig, MelanomaViTForImageClassification
     from model.convert import save_vit_export
     from model.labels import dx_id2label
     from train.data import load_image_dataset
-    from train.evaluate import load_model, predict
+    from model.loading import load_classifier
+    from train.evaluate import predict
 
     torch.manual_seed(0)
     config = MelanomaViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
@@ -430,11 +431,11 @@ def test_rollout_mask_share_equal_for_distilled_model_and_its_stock_deit_export(
     save_vit_export(ours, tmp_path / "export")
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
     processor.save_pretrained(tmp_path / "export")
-    export, export_processor = load_model(str(tmp_path / "export"), "cpu")
+    export, export_processor = load_classifier(str(tmp_path / "export"), "cpu")
     assert export.config.model_type == "deit"
 
     ds = load_image_dataset(str(ham_dir))
-    a = predict(ours, processor, ds, 1, 8, "cpu", ham_dir / "masks")
+    a = predict(ours, export_processor, ds, 1, 8, "cpu", ham_dir / "masks")  # the same pixels for both
     b = predict(export, export_processor, ds, 1, 8, "cpu", ham_dir / "masks")
     assert len(a["mask_shares"]) == 4
     np.testing.assert_allclose(a["mask_shares"], b["mask_shares"], atol=1e-5)

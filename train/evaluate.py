@@ -54,13 +54,13 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification  # noqa: E402
 
 import model as _melanoma_models  # noqa: E402,F401  registers MelanomaViT with the Auto classes
 from model.calibration import config_temperature  # noqa: E402
 from model.geometry import processor_geometry  # noqa: E402
 from model.labels import BINARY_LABELS, MELANOMA  # noqa: E402
 from model.labels import CRITERIA_LABELS  # noqa: E402
+from model.loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens  # noqa: E402
 from model.rollout import attention_rollout  # noqa: E402
 from model.sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score  # noqa: E402
 from train.data import (  # noqa: E402
@@ -91,22 +91,10 @@ logger = logging.getLogger("evaluate")
 DEFAULT_THRESHOLD = 0.5
 TARGET_SENSITIVITY = 0.95
 ECE_BINS = 15
-ROLLOUT_MODEL_TYPES = ("melanoma_vit", "vit", "deit")
 DISCLAIMER = "Research/education tool, not a medical device: these metrics do not support any diagnosis."
 
 
 # ------------------------------------------------------------------------------ model + labels
-
-
-def load_model(model_id: str, device: str) -> tuple[torch.nn.Module, Any]:
-    """AutoModelForImageClassification + AutoImageProcessor from a local folder or Hub id."""
-    config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
-    kwargs: dict[str, Any] = {"trust_remote_code": True}
-    if config.model_type in ("vit", "deit"):
-        kwargs["attn_implementation"] = "eager"  # transformers' ViT returns attentions only with eager
-    net = AutoModelForImageClassification.from_pretrained(model_id, **kwargs).to(device).eval()
-    processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=True)
-    return net, processor
 
 
 def model_labels(config: Any) -> list[str]:
@@ -228,9 +216,7 @@ def predict(
                     head_views.setdefault(name, []).append(z.float().cpu())
                 if want_attn:
                     grid = (pixel_values.shape[-2] // _patch(config)[0], pixel_values.shape[-1] // _patch(config)[1])
-                    # Prefix tokens (CLS, + DIST for distilled models) from the attention shape: stock
-                    # exports (ViT / DeiT-with-teacher) have no num_prefix_tokens in their config.
-                    num_prefix = out.attentions[0].shape[-1] - grid[0] * grid[1]
+                    num_prefix = num_prefix_tokens(config)
                     token_rows = ("cls", "dist") if num_prefix == 2 else ("cls",)
                     maps = attention_rollout(out.attentions, num_prefix_tokens=num_prefix, token_rows=token_rows, grid_size=grid)
                     for image_id, saliency in zip(rows["image_id"], maps.float().cpu()):
@@ -501,7 +487,7 @@ def evaluate(args: argparse.Namespace, command: str) -> dict[str, Any]:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    net, processor = load_model(args.model, args.device)
+    net, processor = load_classifier(args.model, args.device)
     names = model_labels(net.config)
     if MELANOMA not in names:
         raise ValueError(f"the model's classes {names} have no {MELANOMA!r}: melanoma metrics need P(mel)")
