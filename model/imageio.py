@@ -1,7 +1,10 @@
-"""Safe image decoding shared by the Gradio UI and the REST API.
+"""The one image decoder: training, evaluation, the Gradio UI, the REST API and batch prediction.
 
-`load_image` turns untrusted bytes (or a path) into an 8-bit RGB `PIL.Image`, or refuses them
-with an `InvalidImageError` whose message says what is wrong and what to send instead.
+`load_image` turns bytes, a path, a file object, a datasets `{"path", "bytes"}` value or an
+already opened `PIL.Image` into an 8-bit RGB `PIL.Image`, or refuses it with an
+`InvalidImageError` whose message says what is wrong and what to send instead. Training data
+goes through the same limits as uploads (they are far above any dermoscopy image), so a file
+the app refuses is also one training skips, and every pixel rule below holds everywhere.
 
 Behaviour per input kind:
 - empty, truncated or non-image files (text, HTML, SVG, PDF, ...): refused;
@@ -22,6 +25,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -37,6 +41,9 @@ MIN_SIDE = 8
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 
 _TEXT_MARKERS = (b"<svg", b"<html", b"<!doctype", b"<?xml", b"<head", b"<body", b"<script")
+
+
+ImageSource = bytes | bytearray | str | os.PathLike | BinaryIO | Mapping | Image.Image
 
 
 class InvalidImageError(ValueError):
@@ -77,7 +84,9 @@ def _looks_like_markup(data: bytes) -> bool:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any decoded single frame to 8-bit RGB (alpha composited on white)."""
+    """A decoded single frame -> 8-bit RGB: EXIF orientation applied, 16/32-bit and float greyscale
+    rescaled, alpha composited on white."""
+    im = ImageOps.exif_transpose(im)
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(im, dtype=np.float64)
@@ -109,8 +118,27 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
+def _check_size(width: int, height: int, max_pixels: int, min_side: int) -> None:
+    if width * height > max_pixels:
+        raise InvalidImageError(
+            f"Image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,} "
+            "(decompression-bomb protection). Send a downscaled image."
+        )
+    if min(width, height) < min_side:
+        raise InvalidImageError(
+            f"Image is {width}x{height} pixels; both sides must be at least {min_side} pixels."
+        )
+
+
+def _finish(im: Image.Image, max_side: int | None) -> Image.Image:
+    rgb = _to_rgb(im)
+    if max_side is not None and max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return rgb
+
+
 def load_image(
-    source: bytes | bytearray | str | os.PathLike | BinaryIO,
+    source: ImageSource,
     max_bytes: int = MAX_BYTES,
     max_pixels: int = MAX_PIXELS,
     min_side: int = MIN_SIDE,
@@ -119,7 +147,9 @@ def load_image(
     """Decode untrusted image data into an 8-bit RGB image.
 
     Args:
-        source: raw bytes, a path, or a binary file object.
+        source: raw bytes, a path, a binary file object, a datasets Image value
+            `{"bytes": ..., "path": ...}` (bytes first), or an opened `PIL.Image` (size limits and
+            the pixel rules apply; its bytes were read by whoever opened it).
         max_bytes: largest accepted file size in bytes (default 20 MB).
         max_pixels: largest accepted width * height, checked from the header before decoding
             (default 50 megapixels), so decompression bombs are refused cheaply.
@@ -135,6 +165,11 @@ def load_image(
         InvalidImageError: empty, truncated, non-image, markup (HTML/SVG), too large, or an
             unsupported format; the message says what to send instead.
     """
+    if isinstance(source, Image.Image):
+        _check_size(*source.size, max_pixels, min_side)
+        return _finish(source, max_side)
+    if isinstance(source, Mapping):
+        source = source.get("bytes") or source.get("path") or b""
     data = _read_bytes(source, max_bytes)
     if _looks_like_markup(data):
         raise InvalidImageError(
@@ -159,15 +194,7 @@ def load_image(
         raise InvalidImageError(f"Cannot read image header ({err}). The file may be corrupt.") from err
 
     width, height = im.size
-    if width * height > max_pixels:
-        raise InvalidImageError(
-            f"Image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,} "
-            "(decompression-bomb protection). Send a downscaled image."
-        )
-    if min(width, height) < min_side:
-        raise InvalidImageError(
-            f"Image is {width}x{height} pixels; both sides must be at least {min_side} pixels."
-        )
+    _check_size(width, height, max_pixels, min_side)
     if getattr(im, "n_frames", 1) > 1:
         logger.info("Multi-frame %s image: using the first of %d frames.", im.format, im.n_frames)
         im.seek(0)
@@ -178,10 +205,7 @@ def load_image(
         if max_side is not None and im.format == "JPEG" and max(width, height) > 2 * max_side:
             im.draft(None, (max_side, max_side))  # DCT-domain downscale by a power of two
         im.load()
-        im = ImageOps.exif_transpose(im)
-        rgb = _to_rgb(im)
-        if max_side is not None and max(rgb.size) > max_side:
-            rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        rgb = _finish(im, max_side)
     except InvalidImageError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:

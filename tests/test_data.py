@@ -15,6 +15,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from transformers import TimmWrapperImageProcessor, ViTImageProcessor
 
 from model.geometry import processor_geometry
+from model.imageio import load_image
 from model.labels import BINARY_LABELS, DX_CODES
 from train.data import (
     IGNORE_INDEX,
@@ -27,7 +28,6 @@ from train.data import (
     class_counts,
     class_weights,
     load_image_dataset,
-    load_rgb,
     read_manifest,
     split_by_lesion,
     train_pipeline,
@@ -276,24 +276,29 @@ def test_decode_failure_at_training_time_is_ignored_not_fatal(ham_image_paths, t
     assert torch.isfinite(loss)  # the ignored sample does not poison the loss
 
 
-def test_load_rgb_converts_modes_and_applies_exif(tmp_path):
-    rgb = PIL.Image.new("RGB", (6, 4), (200, 100, 50))
-    cases = {
-        "palette.png": rgb.convert("P"),
-        "grey.png": rgb.convert("L"),
-        "rgba.png": rgb.convert("RGBA"),
-        "cmyk.jpg": rgb.convert("CMYK"),
-        "sixteen.png": PIL.Image.fromarray(np.full((4, 6), 65535, dtype=np.uint16)),
-    }
-    for name, image in cases.items():
-        image.save(tmp_path / name)
-        out = load_rgb(str(tmp_path / name))
-        assert out.mode == "RGB" and out.size == (6, 4), name
-    assert load_rgb(str(tmp_path / "sixteen.png")).getpixel((0, 0)) == (255, 255, 255)  # scaled, not clipped
+def test_training_decodes_like_the_app(ham_image_paths, tmp_path, vit_processor):
+    """Training goes through model.imageio: transparency is composited on white (it used to be
+    dropped, showing whatever colour the transparent pixels held), 16-bit greyscale is rescaled and
+    EXIF orientation is applied, so the eval transform gives the processor's pixels of the app's image."""
+    rgb = np.asarray(PIL.Image.open(ham_image_paths[0]).convert("RGB"))  # (450, 600, 3)
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:, :300, 3] = 0  # left half fully transparent
     exif = PIL.Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    rgb.save(tmp_path / "rotated.jpg", exif=exif)
-    assert load_rgb(str(tmp_path / "rotated.jpg")).size == (4, 6)
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    grey16 = (np.asarray(PIL.Image.fromarray(rgb).convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    folder = tmp_path / "data" / "nv"
+    folder.mkdir(parents=True)
+    PIL.Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    PIL.Image.fromarray(grey16).save(folder / "grey16.png")
+    PIL.Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif.tobytes())
+    ds = load_image_dataset(str(tmp_path / "data"))
+    batch = with_image_transform(ds, build_transforms(vit_processor, train=False))[:3]
+    for name, pixels in zip(ds["image_id"], batch["pixel_values"]):
+        app_image = load_image(folder / f"{name}{'.jpg' if name == 'rotated' else '.png'}")
+        expected = vit_processor(images=app_image, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(pixels, expected, rtol=0, atol=0)
+    rgba_pixels = batch["pixel_values"][ds["image_id"].index("rgba")]
+    assert torch.all(rgba_pixels[:, :, :10] == 1.0)  # white, normalised with mean = std = 0.5
 
 
 # ---------------------------------------------------------------------------------- splits

@@ -305,6 +305,46 @@ def _model_p_mel(folder: Path, image_paths: list[Path], temperature: float) -> n
     return torch.softmax(logits / temperature, dim=-1)[:, net.config.label2id["mel"]].numpy()
 
 
+def test_evaluate_and_the_app_give_the_same_p_mel_for_unusual_files(tiny_vit_dir, ham_image_paths, tmp_path):
+    """One decoder (model.imageio) and one loading rule (model.loading): for an RGBA PNG with
+    transparent pixels, a 16-bit greyscale PNG and a JPEG with an EXIF rotation, evaluate.py's
+    prediction path and the app's (its decoder, then ZooModel.predict) give the same P(mel)."""
+    from app import WORKING_SIDE
+    from model.calibration import config_temperature
+    from model.imageio import MAX_BYTES, load_image
+    from model.loading import load_classifier
+    from model.zoo import ZooModel
+    from train.data import load_image_dataset
+    from train.evaluate import predict
+
+    rgb = np.asarray(Image.open(ham_image_paths[0]).convert("RGB"))  # (H, W, 3)
+    folder = tmp_path / "data" / "mel"
+    folder.mkdir(parents=True)
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:, : rgb.shape[1] // 2, 3] = 0  # left half transparent, its colours still stored
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    grey = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(grey.astype(np.uint16)).save(folder / "grey16.png")
+    assert Image.open(folder / "grey16.png").mode.startswith("I")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif.tobytes())
+    files = {p.stem: p for p in folder.iterdir()}
+
+    net, processor = load_classifier(tiny_vit_dir)
+    pred = predict(net, processor, load_image_dataset(str(tmp_path / "data")), 1, 8, "cpu")
+    mel = net.config.label2id["mel"]
+    p_eval = dict(zip(pred["image_ids"], tempered_probabilities(pred["logits"], config_temperature(net.config) or 1.0)[:, mel]))
+
+    entry = ZooModel("tiny", tiny_vit_dir)
+    p_app = {name: entry.predict([load_image(path, max_bytes=MAX_BYTES, max_side=WORKING_SIDE)])[0].probabilities["mel"]
+             for name, path in files.items()}
+    assert set(p_eval) == set(p_app) == {"rgba", "grey16", "rotated"}
+    for name in files:
+        assert abs(p_eval[name] - p_app[name]) <= 1e-6, name
+    assert len({round(p, 6) for p in p_app.values()}) == 3  # three different images, not one path
+
+
 def test_evaluate_isic2017_with_validation_and_write_config(tiny_vit_dir, ham_dir, isic2017_dir, tmp_path):
     import shutil
 

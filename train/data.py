@@ -23,7 +23,6 @@ into an ignored sample (label -100) instead of stopping a long run.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -40,7 +39,6 @@ import datasets
 import numpy as np
 import pandas as pd
 import PIL.Image
-import PIL.ImageOps
 import torch
 from sklearn.model_selection import train_test_split
 from torchvision import tv_tensors
@@ -48,6 +46,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from model.geometry import processor_geometry
+from model.imageio import load_image
 from model.labels import BINARY_LABELS, DX_CODES, DX_NAMES, ISIC2017_TO_DX, MELANOMA
 
 logger = logging.getLogger(__name__)
@@ -450,55 +449,15 @@ def _load_hub(spec: str, label_scheme: str, split: str | None) -> tuple[datasets
 # --------------------------------------------------------------------------------------------
 
 
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """EXIF orientation applied, then 8-bit RGB from any PIL mode (P, L, LA, RGBA, CMYK, I;16, F)."""
-    image = PIL.ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16/32-bit greyscale: PIL's convert clips to 0..255 instead of scaling.
-        arr = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if image.mode == "F" and arr.max() <= 1.0:
-            top = 1.0
-        image = PIL.Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def load_rgb(value: Any) -> PIL.Image.Image:
-    """Decode one image as RGB. `value`: PIL image, path, bytes or datasets' {"path", "bytes"} dict."""
-    if isinstance(value, PIL.Image.Image):
-        image = value
-    elif isinstance(value, dict):
-        image = datasets.Image().decode_example(value)
-    elif isinstance(value, (str, Path)):
-        image = PIL.Image.open(value)
-        image.load()
-    elif isinstance(value, (bytes, bytearray)):
-        image = PIL.Image.open(io.BytesIO(value))
-        image.load()
-    elif isinstance(value, np.ndarray):
-        image = PIL.Image.fromarray(value)
-    else:
-        raise TypeError(f"cannot read an image from {type(value).__name__}")
-    return to_rgb(image)
+# Verification decodes JPEGs at reduced size (DCT-domain draft): the whole stream is still read,
+# so truncated files still fail, at a fraction of the cost of full-resolution decoding.
+VERIFY_SIDE = 64
 
 
 def _check_image(value: Any) -> str | None:
-    """None if the image decodes to RGB, else the error message.
-
-    JPEGs are decoded at 1/8 scale (PIL draft mode): the whole stream is still read, so
-    truncated files still fail, at a fraction of the cost for full-resolution images.
-    """
+    """None if the image decodes (`model.imageio.load_image`, as at transform time), else the error."""
     try:
-        if isinstance(value, dict) and (value.get("bytes") or (value.get("path") and os.path.isfile(value["path"]))):
-            image = PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-            if image.format == "JPEG":
-                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-            to_rgb(image).close()
-        else:
-            load_rgb(value).close()
+        load_image(value, max_side=VERIFY_SIDE).close()
     except Exception as err:  # any decoder error means "unusable sample", never a crash
         return f"{type(err).__name__}: {err}"
     return None
@@ -841,7 +800,7 @@ class ImageBatchTransform:
         decoded: list[PIL.Image.Image | None] = []
         for value in images:
             try:
-                decoded.append(load_rgb(value))
+                decoded.append(load_image(value))
             except Exception as err:  # a corrupt sample must not end a training run
                 self.n_failed += 1
                 logger.warning(

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import model as _melanoma_models  # noqa: E402,F401  registers MelanomaViT with the Auto classes
 from model.calibration import config_temperature  # noqa: E402
 from model.geometry import processor_geometry  # noqa: E402
+from model.imageio import load_image  # noqa: E402
 from model.labels import BINARY_LABELS, MELANOMA  # noqa: E402
 from model.labels import CRITERIA_LABELS  # noqa: E402
 from model.loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens  # noqa: E402
@@ -68,7 +69,6 @@ from train.data import (  # noqa: E402
     check_no_leakage,
     label_names,
     load_image_dataset,
-    load_rgb,
     read_manifest,
 )
 from train.metrics import (  # noqa: E402
@@ -203,7 +203,7 @@ def predict(
     head_views: dict[str, list[torch.Tensor]] = {}
     for start in tqdm(range(0, len(raw), batch_size), desc=desc, unit="batch"):
         rows = raw[start : start + batch_size]
-        images = [load_rgb(v) for v in rows["image"]]
+        images = [load_image(v) for v in rows["image"]]
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
         views = []
         with torch.inference_mode():
