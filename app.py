@@ -428,11 +428,11 @@ def build_app(
         record = state["records"][evt.index]
         entry = get_entry(state["model_id"])
         image = read_image(record["path"])
-        heatmap, method = entry.explain(image)
+        analysis = entry.analyze(image)
         return (
             readable_probabilities(entry, record["probabilities"]),
             f"**{record['name']}**\n\n" + verdict_markdown(record),
-            gr.Image(value=heatmap, label=f"Explanation: {method}"),
+            gr.Image(value=analysis.heatmap, label=f"Explanation: {analysis.method}"),
             image,
         )
 

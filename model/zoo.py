@@ -353,17 +353,6 @@ class ZooModel:
         (prediction,) = self._predictions(out)
         return Analysis(prediction.probabilities, prediction.heads, heatmap=heatmap, method=method)
 
-    def explain(
-        self,
-        image: Image.Image,
-        head_fusion: str = "mean",
-        discard_ratio: float = 0.9,
-        start_layer: int = 0,
-    ) -> tuple[np.ndarray, str]:
-        """Explanation overlay (H, W, 3) uint8 and the method's name (rollout or Grad-CAM)."""
-        result = self.analyze(image, head_fusion, discard_ratio, start_layer)
-        return result.heatmap, result.method
-
 
 def _hub_ids_from_env_or_yaml(models_dir: Path) -> list[str]:
     env = os.environ.get("MELANOMA_HUB_MODELS", "")
@@ -523,9 +512,6 @@ class ModelZoo:
                 if model_id == preference or model_id.startswith(preference):
                     return model_id
         return self.ids[0] if self.ids else None
-
-    def __contains__(self, model_id: object) -> bool:
-        return model_id in self._sources
 
     def get(self, model_id: str | None = None) -> ZooModel:
         """The loaded model for `model_id` (default model when None); loads it on first use."""

@@ -257,7 +257,7 @@ def test_analyze_rollout_matches_predict(zoo, ham_image_paths):
     assert result.probabilities == pytest.approx(entry.predict([image])[0].probabilities, abs=1e-5)
     assert result.heatmap.dtype == np.uint8 and result.heatmap.ndim == 3 and result.heatmap.shape[2] == 3
     assert "rollout" in result.method and "max" in result.method
-    heatmap_mean, _ = entry.explain(image, head_fusion="mean")
+    heatmap_mean = entry.analyze(image, head_fusion="mean").heatmap
     assert heatmap_mean.shape == result.heatmap.shape
     assert not np.array_equal(heatmap_mean, result.heatmap)  # controls change the map
     with pytest.raises(ValueError, match="head_fusion"):
@@ -265,8 +265,8 @@ def test_analyze_rollout_matches_predict(zoo, ham_image_paths):
     with pytest.raises(ValueError, match="start_layer"):
         entry.analyze(image, start_layer=2)
     # transformers' ViT gives attentions too (loaded with the eager kernel).
-    heatmap, method = zoo.get("vit-tiny").explain(image)
-    assert "rollout" in method and heatmap.shape[2] == 3
+    vit = zoo.get("vit-tiny").analyze(image)
+    assert "rollout" in vit.method and vit.heatmap.shape[2] == 3
 
 
 def test_analyze_gradcam_for_cnn(zoo, ham_image_paths):

@@ -40,7 +40,6 @@ __all__ = [
     "multiclass_metrics",
     "reliability_bins",
     "sensitivity_specificity",
-    "tta_probabilities",
     "tempered_probabilities",
     "threshold_for_sensitivity",
 ]
@@ -311,24 +310,6 @@ def apply_view(pixel_values: torch.Tensor, index: int) -> torch.Tensor:
     if not 0 <= index < len(DIHEDRAL_VIEWS):
         raise ValueError(f"view index must be in 0..{len(DIHEDRAL_VIEWS) - 1}, got {index}.")
     return DIHEDRAL_VIEWS[index][1](pixel_values).contiguous()
-
-
-def tta_probabilities(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor], pixel_values: torch.Tensor, n_views: int = 1
-) -> torch.Tensor:
-    """Softmax probabilities averaged over the first `n_views` dihedral views.
-
-    Args:
-        logits_fn: maps (B, C, H, W) pixel values to (B, num_classes) logits.
-        pixel_values: (B, C, H, W).
-        n_views: 1..8 (1 = no TTA).
-    Returns:
-        (B, num_classes) probabilities.
-    """
-    if not 1 <= n_views <= len(DIHEDRAL_VIEWS):
-        raise ValueError(f"--tta must be between 1 and {len(DIHEDRAL_VIEWS)}, got {n_views}.")
-    probs = [F.softmax(logits_fn(apply_view(pixel_values, v)).float(), dim=-1) for v in range(n_views)]
-    return torch.stack(probs).mean(dim=0)
 
 
 # --------------------------------------------------------------------- explanation quality
