@@ -3,7 +3,7 @@
 The card is built from what the pipeline wrote into `models/<name>/`:
 
 - `config.json` (architecture, id2label, image size, `temperature`, `melanoma_threshold`),
-- `preprocessor_config.json` (input size when the config has none),
+- the image processor (`preprocessor_config.json`, or timm's `pretrained_cfg`): input size,
 - `*.safetensors` headers (parameter count, read without loading the weights),
 - training files when present: `train_config.yaml|yml|json` or `training_args.json`,
   `command.txt`, `val_metrics.json`, `split_manifest.json`,
@@ -34,6 +34,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from model.calibration import config_temperature
+from model.geometry import processor_geometry
 from model.labels import DX_NAMES, MELANOMA
 
 logger = logging.getLogger(__name__)
@@ -121,26 +122,17 @@ def _id2label(config: dict[str, Any]) -> dict[int, str]:
     return dict(enumerate(config.get("label_names") or []))
 
 
-def _image_size(config: dict[str, Any], model_dir: Path) -> str | None:
-    """Input resolution from the config, else the image processor, else timm's pretrained_cfg."""
-    size = config.get("image_size")
-    if _num(size):
-        return f"{size}x{size}"
-    if isinstance(size, (list, tuple)) and len(size) == 2:
-        return f"{size[0]}x{size[1]}"
-    proc = model_dir / "preprocessor_config.json"
-    if proc.is_file():
-        p_size = read_json(proc).get("size")
-        if isinstance(p_size, dict) and "height" in p_size and "width" in p_size:
-            return f"{p_size['height']}x{p_size['width']}"
-        if isinstance(p_size, dict) and "shortest_edge" in p_size:
-            return f"shortest edge {p_size['shortest_edge']}"
-        if _num(p_size):
-            return f"{p_size}x{p_size}"
-    input_size = (config.get("pretrained_cfg") or {}).get("input_size")
-    if isinstance(input_size, (list, tuple)) and len(input_size) == 3:
-        return f"{input_size[1]}x{input_size[2]}"
-    return None
+def _image_size(model_dir: Path) -> str | None:
+    """Input resolution "HxW" of the folder's image processor (`model.geometry`), None without one."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        logger.warning("no image processor in %s (%s): input size left out of the card", model_dir, err)
+        return None
+    height, width = processor_geometry(processor).size
+    return f"{height}x{width}"
 
 
 def count_parameters(model_dir: Path) -> int | None:
@@ -385,7 +377,7 @@ def _describe_model(config: dict[str, Any], model_dir: Path) -> list[tuple[str, 
         rows.append(("model_type", str(config["model_type"])))
     if config.get("architecture"):  # timm wrapper: the timm model name
         rows.append(("timm architecture", str(config["architecture"])))
-    size = _image_size(config, model_dir)
+    size = _image_size(model_dir)
     if size:
         rows.append(("Input size", size))
     for key, label in (("patch_size", "Patch size"), ("hidden_size", "Hidden size"),
