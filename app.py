@@ -39,6 +39,7 @@ from PIL import Image, ImageOps
 
 from model.imageio import MAX_BYTES, InvalidImageError, load_image
 from model.labels import DX_NAMES
+from model.metrics_schema import HEADLINE_TYPES
 from model.sevenpoint import SEVEN_POINT
 from model.zoo import HeadResults, ModelZoo, UnknownModelError, ZooModel
 
@@ -205,10 +206,6 @@ def readable_probabilities(entry: ZooModel, probabilities: dict[str, float]) -> 
     return {entry.labels.get(code, code): p for code, p in probabilities.items()}
 
 
-# Substrings of the model-index metric names shown in the model details (the card has the rest).
-HEADLINE_METRICS = ("auc", "balanced accuracy", "sensitivity")
-
-
 def model_details_markdown(entry: ZooModel) -> str:
     info = entry.describe()
     no_card_value = "see the model card" if info["license"] else "not stated (no model card)"
@@ -228,7 +225,8 @@ def model_details_markdown(entry: ZooModel) -> str:
         if entry.has_seven_point:
             heads.insert(0, "the seven-point checklist criteria")
         lines.append(f"Extra heads (shown with each single-image result): {', '.join(heads)}.")
-    headline = [m for m in info["metrics"] if any(k in m["name"].lower() for k in HEADLINE_METRICS)]
+    # The card has the rest; which ones headline is model/metrics_schema.py's table.
+    headline = [m for m in info["metrics"] if m["type"] in HEADLINE_TYPES]
     if headline:
         lines.append(
             "Headline metrics (from the model card): "

@@ -36,6 +36,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from model.calibration import config_temperature
 from model.geometry import processor_geometry
 from model.labels import DX_NAMES, MELANOMA
+from model.metrics_schema import METRICS, Metric
 
 logger = logging.getLogger(__name__)
 
@@ -230,54 +231,35 @@ def _dataset_of(key: str, metrics: dict[str, Any]) -> tuple[str, str, str]:
     return name, dtype, str(split)
 
 
+def _present(metric: Metric, m: dict[str, Any]) -> bool:
+    """Whether metrics.json holds the metric (and the threshold it is measured at)."""
+    return _num(m.get(metric.key)) and (metric.threshold is None or _num(m.get(metric.threshold)))
+
+
 def _eval_rows(m: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
-    """Table rows (metric, value) for every metric present in metrics.json, plus notes on gaps."""
+    """Table rows (metric, value) for every metric of `METRICS` present in metrics.json, plus notes on gaps."""
     rows: list[tuple[str, str]] = []
-    notes: list[str] = []
-    if _num(m.get("n")):
-        rows.append(("Images (n)", _fmt(m["n"])))
-    if _num(m.get("n_melanoma")):
-        rows.append(("Melanomas among them", _fmt(m["n_melanoma"])))
-    if _num(m.get("n_validation")):
-        rows.append(("Validation images (temperature / threshold fitting)", _fmt(m["n_validation"])))
-    if m.get("tta") is not None:
-        rows.append(("Test-time augmentation (views)", _cell(m["tta"])))
-    if _num(m.get("melanoma_auc")):
-        auc = _fmt(m["melanoma_auc"])
-        ci = m.get("melanoma_auc_ci95")
+    words = {
+        "source": _threshold_source(m),
+        "temperature": f" (T = {_fmt(m['temperature'])})" if _num(m.get("temperature")) else "",
+    }
+    for metric in METRICS:
+        if not _present(metric, m):
+            continue
+        text = _fmt(m[metric.key])
+        ci = m.get(metric.ci95) if metric.ci95 else None
         if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(v) for v in ci):
-            auc += f" (95% CI {_fmt(ci[0])} to {_fmt(ci[1])})"
-        rows.append(("Melanoma ROC AUC (mel vs rest)", auc))
-    for key, label in (("balanced_accuracy", "Balanced accuracy"), ("accuracy", "Accuracy"),
-                       ("macro_f1", "Macro F1")):
-        if _num(m.get(key)):
-            rows.append((label, _fmt(m[key])))
-    if _num(m.get("threshold_default")):
-        t = _fmt(m["threshold_default"])
-        for key, label in (("sensitivity_default", "sensitivity"), ("specificity_default", "specificity")):
-            if _num(m.get(key)):
-                rows.append((f"Melanoma {label} at P(mel) >= {t}", _fmt(m[key])))
-    if _num(m.get("threshold_val95")):
-        t = _fmt(m["threshold_val95"])
-        rows.append((f"Melanoma threshold ({_threshold_source(m)})", t))
-        for key, label in (("sensitivity_val95", "sensitivity"), ("specificity_val95", "specificity")):
-            if _num(m.get(key)):
-                rows.append((f"Melanoma {label} at P(mel) >= {t}", _fmt(m[key])))
-    else:
+            text += f" (95% CI {_fmt(ci[0])} to {_fmt(ci[1])})"
+        if metric.baseline and _num(m.get(metric.baseline)):
+            text += f" (a uniform map would score {_fmt(m[metric.baseline])})"
+        threshold = _fmt(m[metric.threshold]) if metric.threshold else None
+        rows.append((metric.label.format(threshold=threshold, **words), text))
+    notes: list[str] = []
+    if not _num(m.get("threshold_val95")):
         notes.append("Sensitivity/specificity at a validation-chosen threshold: not available "
                      "(no validation data was given to the evaluation).")
     if isinstance(m.get("leakage_check"), str):
         notes.append(f"Leakage check: {m['leakage_check']}.")
-    if _num(m.get("ece")):
-        rows.append(("Expected calibration error (ECE)", _fmt(m["ece"])))
-    if _num(m.get("ece_temperature_scaled")):
-        t = f" (T = {_fmt(m['temperature'])})" if _num(m.get("temperature")) else ""
-        rows.append((f"ECE after temperature scaling{t}", _fmt(m["ece_temperature_scaled"])))
-    if _num(m.get("rollout_mask_share")):
-        share = _fmt(m["rollout_mask_share"])
-        if _num(m.get("rollout_mask_share_uniform")):
-            share += f" (a uniform map would score {_fmt(m['rollout_mask_share_uniform'])})"
-        rows.append(("Attention-rollout mass inside the lesion mask", share))
     return rows, notes
 
 
@@ -305,26 +287,22 @@ def _calibration(m: dict[str, Any]) -> str:
 
 
 def _eval_results(es: EvalSet) -> list[EvalResult]:
-    """model-index entries for the metrics present in one evaluation set."""
+    """model-index entries for the metrics of `METRICS` with a model-index type present in one evaluation set."""
     m = es.metrics
     common = dict(task_type="image-classification", task_name="Image Classification",
                   dataset_type=es.dataset_type, dataset_name=es.dataset_name, dataset_split=es.split)
     results: list[EvalResult] = []
-
-    def add(key: str, metric_type: str, name: str, args: dict[str, Any] | None = None) -> None:
-        if _num(m.get(key)):
-            results.append(EvalResult(metric_type=metric_type, metric_value=m[key], metric_name=name,
-                                      metric_args=args, **common))
-
-    add("melanoma_auc", "roc_auc", "Melanoma ROC AUC (mel vs rest)")
-    add("balanced_accuracy", "balanced_accuracy", "Balanced accuracy")
-    add("accuracy", "accuracy", "Accuracy")
-    add("macro_f1", "f1", "Macro F1", {"average": "macro"})
-    if _num(m.get("threshold_val95")):
-        t = m["threshold_val95"]
-        add("sensitivity_val95", "recall", f"Melanoma sensitivity at threshold {_fmt(t)}", {"threshold": t})
-        add("specificity_val95", "specificity", f"Melanoma specificity at threshold {_fmt(t)}", {"threshold": t})
-    add("ece", "ece", "Expected calibration error")
+    for metric in METRICS:
+        if metric.index_type is None or not _present(metric, m):
+            continue
+        args = dict(metric.index_args)
+        threshold = None
+        if metric.threshold:
+            args["threshold"] = m[metric.threshold]
+            threshold = _fmt(m[metric.threshold])
+        name = (metric.index_name or metric.label).format(threshold=threshold)
+        results.append(EvalResult(metric_type=metric.index_type, metric_value=m[metric.key], metric_name=name,
+                                  metric_args=args or None, **common))
     return results
 
 

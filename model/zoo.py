@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +54,23 @@ class UnknownModelError(KeyError):
 
 
 @dataclass
+class CardMetric:
+    """One numeric result of a card's model-index."""
+
+    name: str  # metric_name, else metric_type
+    type: str  # metric_type (model/metrics_schema.py's index_type for this project's cards)
+    value: float
+    dataset: str  # dataset_name, else dataset_type
+
+
+@dataclass
 class CardInfo:
     """What the UI shows from a model card (`README.md` beside the weights)."""
 
     license: str | None = None
     datasets: list[str] = field(default_factory=list)
     base_model: str | None = None
-    # (metric name, value, dataset name) from the card's model-index.
-    metrics: list[tuple[str, float, str]] = field(default_factory=list)
+    metrics: list[CardMetric] = field(default_factory=list)
 
 
 @dataclass
@@ -114,11 +123,12 @@ def _parse_card(folder: Path) -> CardInfo | None:
         return None
     data = card.data
     datasets = data.datasets or []
-    metrics: list[tuple[str, float, str]] = []
+    metrics: list[CardMetric] = []
     for result in data.eval_results or []:
         if isinstance(result.metric_value, (int, float)):
             name = result.metric_name or result.metric_type
-            metrics.append((str(name), float(result.metric_value), str(result.dataset_name or result.dataset_type)))
+            dataset = result.dataset_name or result.dataset_type
+            metrics.append(CardMetric(str(name), str(result.metric_type), float(result.metric_value), str(dataset)))
     base = data.base_model
     return CardInfo(
         license=data.license,
@@ -200,7 +210,7 @@ class ZooModel:
             "license": card.license if card else None,
             "datasets": card.datasets if card else [],
             "base_model": card.base_model if card else None,
-            "metrics": [{"name": n, "value": v, "dataset": d} for n, v, d in (card.metrics if card else [])],
+            "metrics": [asdict(metric) for metric in (card.metrics if card else [])],
         }
 
     def record(self, name: str, prediction: Prediction, ood: Any | None = None) -> dict[str, Any]:

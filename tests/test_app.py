@@ -4,6 +4,7 @@ through gradio_client and HTTP, on tiny real models trained from the fixture ima
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import threading
 import time
@@ -427,3 +428,25 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     details, *_ = _blocks_fn(demo, "on_model_change")(MULTISOURCE)
     assert "Extra heads (shown with each single-image result): the seven-point checklist criteria, `derm7pt`, " in details
     assert fusion.visible is True and start.maximum == 1
+
+
+def test_model_details_headline_the_tables_metrics_of_a_rendered_card(tmp_path_factory, fixtures_dir, tmp_path):
+    """One table (model/metrics_schema.py) drives the card's model-index and the app's headline:
+    AUC, balanced accuracy and the sensitivity at the validation threshold; not the rest."""
+    from app import model_details_markdown
+    from hub_cards.render import render_model_card
+    from model.zoo import ZooModel
+    from test_hub_cards import SYNTHETIC_METRICS
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(shared_tiny_models(tmp_path_factory, fixtures_dir) / "melanoma-vit-tiny", folder)
+    (folder / "eval" / "ham10000_test").mkdir(parents=True)
+    (folder / "eval" / "ham10000_test" / "metrics.json").write_text(json.dumps(SYNTHETIC_METRICS))
+    render_model_card(folder, model_name="tiny").save(folder / "README.md")
+
+    details = model_details_markdown(ZooModel("tiny", folder))
+    headline = details.split("Headline metrics (from the model card): ")[1]
+    assert headline == (
+        "Melanoma ROC AUC (mel vs rest) 0.812 on HAM10000; Balanced accuracy 0.614 on HAM10000; "
+        "Melanoma sensitivity at threshold 0.213 0.941 on HAM10000."
+    )

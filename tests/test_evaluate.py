@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.metrics_schema import METRIC_KEYS
 from train.metrics import (
     DIHEDRAL_VIEWS,
     apply_view,
@@ -228,12 +229,8 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED_KEYS = {
-    "model", "data", "split", "n", "tta", "labels", "melanoma_auc", "melanoma_auc_ci95", "threshold_default",
-    "sensitivity_default", "specificity_default", "threshold_val95", "sensitivity_val95", "specificity_val95",
-    "balanced_accuracy", "accuracy", "macro_f1", "per_class_recall", "ece", "ece_temperature_scaled", "temperature",
-    "rollout_mask_share", "rollout_mask_share_uniform", "command",
-}
+# What the cards, the model-index and the app read (model/metrics_schema.py), plus the run's context.
+REQUIRED_KEYS = {"model", "data", "split", "labels", "per_class_recall", "temperature", "command", *METRIC_KEYS}
 PLOTS = ("roc.png", "confusion_matrix.png", "reliability.png", "confidence_hist.png")
 
 

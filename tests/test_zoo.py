@@ -224,7 +224,7 @@ def test_entry_metadata_and_card(zoo, models_dir):
     assert entry.labels["mel"] == "Melanoma" and list(entry.labels) == list(DX_CODES)
     info = entry.describe()
     assert info["license"] == "cc-by-nc-sa-4.0"
-    assert info["metrics"] == [{"name": "Melanoma AUC", "value": 0.5, "dataset": "ISIC 2017 fixtures"}]
+    assert info["metrics"] == [{"name": "Melanoma AUC", "type": "roc_auc", "value": 0.5, "dataset": "ISIC 2017 fixtures"}]
     assert info["explanation"] == "attention rollout"
     cnn = zoo.get("resnet18-tiny")
     assert cnn.net_type == "timm/resnet18" and cnn.img_size == 32

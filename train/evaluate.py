@@ -62,6 +62,7 @@ from model.imageio import load_image  # noqa: E402
 from model.labels import BINARY_LABELS, MELANOMA  # noqa: E402
 from model.labels import CRITERIA_LABELS  # noqa: E402
 from model.loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens  # noqa: E402
+from model.metrics_schema import METRIC_KEYS  # noqa: E402
 from model.rollout import attention_rollout  # noqa: E402
 from model.sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score  # noqa: E402
 from train.data import (  # noqa: E402
@@ -564,6 +565,11 @@ def evaluate(args: argparse.Namespace, command: str) -> dict[str, Any]:
     }
     if val is None:
         result["notes"]["validation"] = "no validation data: temperature and threshold_val95 not fitted (null unless stored in the model config)"
+
+    # The cards, their model-index and the app read these keys (null where undefined).
+    unwritten = [key for key in METRIC_KEYS if key not in result]
+    if unwritten:
+        raise KeyError(f"metrics.json lacks {unwritten}, which model/metrics_schema.py's METRICS table reads")
 
     chosen = threshold if threshold is not None else DEFAULT_THRESHOLD
     write_predictions(pred, arrays, names, data_names, chosen, out_dir / "predictions.csv")
