@@ -39,7 +39,8 @@ from transformers import TimmWrapperForImageClassification  # noqa: E402
 from model.labels import DX_CODES  # noqa: E402
 from train import data as data_lib  # noqa: E402
 from train.features import stem_bypassed  # noqa: E402
-from train.multisource import MultiHeadNet, masked_head_loss  # noqa: E402
+from train.losses import masked_head_loss  # noqa: E402
+from train.multisource import MultiHeadNet  # noqa: E402
 from train.sources import MAIN_HEAD, SourceSpec, head_labels, load_sources  # noqa: E402
 from train.train import collate, create_model, load_config, main  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Multi-source training: source loading and splits, masked per-head losses, the source-balanced
+"""Multi-source training: source loading and splits, the source-balanced
 sampler, the seven-point score, cached stem features, and a real run (train, resume, export) of an
 EfficientNet-Lite0 with auxiliary heads on the fixture images."""
 
@@ -20,7 +20,7 @@ from model.labels import CRITERIA_LABELS, DERM7PT_LABELS, DX_CODES
 from model.sevenpoint import SEVEN_POINT, seven_point_score, seven_point_score_from_labels
 from train.data import IGNORE_INDEX, load_image_dataset
 from train.features import build_cache, efficientnet_stem, load_cache, stem_bypassed
-from train.multisource import MultiHeadNet, masked_head_loss, sampler_weights
+from train.multisource import MultiHeadNet, sampler_weights
 from train.sources import SourceSpec, derm7pt_diagnosis, head_labels, load_sources
 from train.train import main
 
@@ -122,28 +122,6 @@ def test_source_heads_subset_and_errors(ham_dir: Path, derm7pt_dir: Path) -> Non
         SourceSpec(name="mystery", data=str(ham_dir))
     with pytest.raises(ValueError, match="unique names"):
         load_sources([specs[0], specs[0]])
-
-
-def test_masked_loss_matches_hand_computed_and_masks_gradients() -> None:
-    torch.manual_seed(0)
-    features = torch.randn(4, 8, requires_grad=True)
-    heads = torch.nn.ModuleDict({"dx": torch.nn.Linear(8, 7), "a": torch.nn.Linear(8, 3), "b": torch.nn.Linear(8, 2)})
-    logits = {n: h(features) for n, h in heads.items()}
-    labels = {"dx": torch.tensor([4, IGNORE_INDEX, 5, 0]), "a": torch.tensor([IGNORE_INDEX, 2, IGNORE_INDEX, IGNORE_INDEX]),
-              "b": torch.full((4,), IGNORE_INDEX)}
-    loss, counts = masked_head_loss(logits, labels, {"a": 0.5})
-    expected = (
-        torch.nn.functional.cross_entropy(logits["dx"][[0, 2, 3]], torch.tensor([4, 5, 0]))
-        + 0.5 * torch.nn.functional.cross_entropy(logits["a"][[1]], torch.tensor([2]))
-    )
-    torch.testing.assert_close(loss, expected)
-    assert counts == {"dx": 3, "a": 1, "b": 0}
-    loss.backward()
-    assert heads["dx"].weight.grad.abs().sum() > 0 and heads["a"].weight.grad.abs().sum() > 0
-    assert heads["b"].weight.grad is None or heads["b"].weight.grad.abs().sum() == 0
-    # only label-free samples: zero loss that still backpropagates
-    empty, _ = masked_head_loss(logits, {"b": labels["b"]}, {})
-    assert empty.item() == 0.0 and empty.requires_grad
 
 
 def test_sampler_weights_give_each_source_its_share() -> None:

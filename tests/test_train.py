@@ -1,4 +1,4 @@
-"""train/train.py: losses, parameter groups, freezing, schedules, imbalance, real runs (accelerate,
+"""train/train.py: parameter groups, freezing, schedules, imbalance, real runs (accelerate,
 SIGKILL + resume, distillation) on the fixture images with tiny MelanomaViTs."""
 
 from __future__ import annotations
@@ -25,21 +25,19 @@ from model import MelanomaViTConfig, MelanomaViTForImageClassification
 from model.baselines import create_resnet
 from model.labels import DX_CODES
 from train import data as data_lib
+from train.losses import make_criterion
 from train.train import (
     TRAINER_STATE,
     EpochSeededSampler,
-    FocalLoss,
     ModelArgs,
     TrainConfig,
     apply_freezing,
     complete_checkpoints,
     create_model,
     create_scheduler,
-    distillation_loss,
     imbalance_weights,
     load_config,
     main,
-    make_criterion,
     parameter_blocks,
     trainable_block_count,
     weight_decay_groups,
@@ -110,34 +108,6 @@ def test_create_model_dispatches_efficientnet_lite_names(variant: str) -> None:
     assert model.config.architecture == f"tf_efficientnet_{variant}"
     assert processor.data_config["input_size"] == (3, 64, 64) and processor.data_config["mean"] == (0.5, 0.5, 0.5)
     assert model(torch.zeros(2, 3, 64, 64)).logits.shape == (2, len(DX_CODES))
-
-
-# ------------------------------------------------------------------------------------ losses
-def test_focal_loss_hand_computed() -> None:
-    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    target = torch.tensor([0, 2])
-    # p_y by hand: e^2 / (e^2 + 2) and 1 / (2 + e)
-    p = torch.tensor([math.exp(2) / (math.exp(2) + 2), 1 / (2 + math.e)])
-    expected = ((1 - p) ** 2 * -torch.log(p)).mean()
-    torch.testing.assert_close(FocalLoss(gamma=2.0)(logits, target), expected)
-    weight = torch.tensor([1.0, 1.0, 3.0])
-    expected_w = ((1 - p) ** 2 * -torch.log(p) * torch.tensor([1.0, 3.0])).sum() / 4.0
-    torch.testing.assert_close(FocalLoss(gamma=2.0, weight=weight)(logits, target), expected_w)
-    # gamma = 0 is (weighted) cross-entropy; IGNORE_INDEX rows are skipped as F.cross_entropy does.
-    target_ignore = torch.tensor([0, data_lib.IGNORE_INDEX])
-    torch.testing.assert_close(FocalLoss(0.0, weight)(logits, target_ignore), F.cross_entropy(logits, target_ignore, weight=weight))
-    torch.testing.assert_close(FocalLoss(0.0, weight)(logits, target), F.cross_entropy(logits, target, weight=weight))
-
-
-def test_distillation_losses() -> None:
-    student = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]])
-    teacher = torch.tensor([[0.0, 0.0, 5.0], [3.0, 0.0, 0.0]])
-    torch.testing.assert_close(distillation_loss(student, teacher, "hard", 1.0), F.cross_entropy(student, torch.tensor([2, 0])))
-    t = 2.0
-    p_t = torch.softmax(teacher / t, -1)
-    kl = (p_t * (p_t.log() - torch.log_softmax(student / t, -1))).sum(-1).mean() * t * t
-    torch.testing.assert_close(distillation_loss(student, teacher, "soft", t), kl)
-    assert distillation_loss(teacher, teacher, "soft", t).abs() < 1e-6
 
 
 # ------------------------------------------------------------------------------------ optimizer
@@ -239,9 +209,8 @@ def test_imbalance_selection(ham_dir: Path) -> None:
     class_w, sample_w = imbalance_weights("class_weights", ds)
     assert sample_w is None
     torch.testing.assert_close(class_w.double(), counts.sum() / (len(counts) * counts))  # sklearn "balanced"
-    criterion = make_criterion(TrainConfig(imbalance="class_weights"), class_w)
+    criterion = make_criterion(0.0, 0.0, class_w)
     assert isinstance(criterion, torch.nn.CrossEntropyLoss) and torch.equal(criterion.weight, class_w)
-    assert isinstance(make_criterion(TrainConfig(focal_gamma=2.0), class_w), FocalLoss)
 
     class_w, sample_w = imbalance_weights("sampler", ds)
     assert class_w is None and sample_w.shape == (len(ds),)

@@ -48,14 +48,12 @@ from tqdm.auto import tqdm
 from model.geometry import processor_geometry
 from model.imageio import load_image
 from model.labels import BINARY_LABELS, DX_CODES, DX_NAMES, ISIC2017_TO_DX, MELANOMA
+from model.modeling_melanoma_vit import IGNORE_INDEX  # the label every loss skips (e.g. a failed decode)
 
 logger = logging.getLogger(__name__)
 
 LABEL_SCHEMES = ("dx", "binary")
 SPLIT_NAMES = ("train", "validation", "test")
-# Index that torch.nn.CrossEntropyLoss (and transformers' classification loss) ignores: a
-# sample that fails to decode at training time gets it, so it adds nothing to the loss.
-IGNORE_INDEX = -100
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 HAM_METADATA = "HAM10000_metadata.csv"
 HAM_IMAGE_DIRS = ("images", "HAM10000_images", "HAM10000_images_part_1", "HAM10000_images_part_2")

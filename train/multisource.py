@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -49,6 +48,7 @@ from model.labels import DX_CODES, MELANOMA
 
 from .data import IGNORE_INDEX
 from .features import build_cache, efficientnet_stem_names, load_cache, stem_bypassed
+from .losses import masked_head_loss
 from .metrics import fit_temperature, melanoma_auc, threshold_for_sensitivity
 from .sources import MAIN_HEAD, SourceSpec, head_labels, load_sources, source_manifest
 
@@ -89,28 +89,6 @@ class MultiHeadNet(nn.Module):
         if self.is_timm:
             return tuple(f"model.timm_model.{n}" for n in efficientnet_stem_names(self.model))
         return tuple(f"model.{n}" for n in HYBRID_STEM)
-
-
-def masked_head_loss(
-    logits: Mapping[str, torch.Tensor],
-    labels: Mapping[str, torch.Tensor],
-    weights: Mapping[str, float],
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, int]]:
-    """Sum over heads of weight * mean cross-entropy over the samples labelled for that head.
-
-    Samples with IGNORE_INDEX add nothing; a head with no labelled sample adds an exact zero (and
-    no gradient to its parameters). Returns (loss, {head: labelled samples}).
-    """
-    total = next(iter(logits.values())).sum() * 0.0  # keeps the graph when nothing is labelled
-    counts = {}
-    for name, y in labels.items():
-        keep = y != IGNORE_INDEX
-        counts[name] = int(keep.sum())
-        if counts[name]:
-            ce = F.cross_entropy(logits[name][keep].float(), y[keep], label_smoothing=label_smoothing)
-            total = total + weights.get(name, 1.0) * ce
-    return total, counts
 
 
 def sampler_weights(sources: Sequence[str], dx: Sequence[int], specs: Sequence[SourceSpec], power: float = 0.5) -> torch.Tensor:

@@ -75,6 +75,7 @@ from model.convert import load_hybrid_stem_from_timm  # noqa: E402
 from model.geometry import processor_geometry  # noqa: E402
 from model.labels import MELANOMA  # noqa: E402
 from train import data as data_lib  # noqa: E402
+from train.losses import DISTILLATION_KINDS, classification_loss, make_criterion  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -235,7 +236,7 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.imbalance in IMBALANCE, f"imbalance must be one of {IMBALANCE}, got {cfg.imbalance!r}"),
         (cfg.label_scheme in ("dx", "binary"), f"label_scheme must be 'dx' or 'binary', got {cfg.label_scheme!r}"),
         (cfg.freeze_unit in ("epochs", "steps"), f"freeze_unit must be 'epochs' or 'steps', got {cfg.freeze_unit!r}"),
-        (cfg.distillation.kind in ("hard", "soft"), f"distillation.kind must be 'hard' or 'soft', got {cfg.distillation.kind!r}"),
+        (cfg.distillation.kind in DISTILLATION_KINDS, f"distillation.kind must be 'hard' or 'soft', got {cfg.distillation.kind!r}"),
         (0.0 <= cfg.distillation.alpha <= 1.0, f"distillation.alpha must be in [0, 1], got {cfg.distillation.alpha}"),
         (cfg.distillation.temperature > 0, "distillation.temperature must be > 0"),
         (cfg.batch_size >= 1 and cfg.eval_batch_size >= 1, "batch_size and eval_batch_size must be >= 1"),
@@ -420,33 +421,8 @@ def create_scheduler(
 
 
 # --------------------------------------------------------------------------------------------
-# Losses
+# Class imbalance
 # --------------------------------------------------------------------------------------------
-class FocalLoss(nn.Module):
-    """Multiclass focal loss (Lin et al. 2017): mean of (1 - p_y)^gamma * CE(logits, y), CE optionally class-weighted.
-
-    With `weight`, the mean is normalised by the sum of the targets' weights (as `F.cross_entropy`),
-    so gamma = 0 gives exactly `F.cross_entropy(logits, y, weight=weight)`.
-    """
-
-    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        self.gamma = gamma
-        self.label_smoothing = label_smoothing
-        self.register_buffer("weight", weight, persistent=False)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """logits (B, C), target (B,) class indices (IGNORE_INDEX rows are skipped) -> scalar loss."""
-        keep = target != data_lib.IGNORE_INDEX
-        logits, target = logits[keep].float(), target[keep]
-        log_p = F.log_softmax(logits, dim=-1)
-        p_y = log_p.gather(1, target[:, None]).squeeze(1).exp()  # (B,)
-        ce = F.cross_entropy(logits, target, weight=self.weight, reduction="none", label_smoothing=self.label_smoothing)
-        loss = (1.0 - p_y).pow(self.gamma) * ce
-        norm = self.weight[target].sum() if self.weight is not None else torch.tensor(float(len(target)))
-        return loss.sum() / norm.clamp_min(1e-12)
-
-
 def imbalance_weights(imbalance: str, train_split: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(class weights (C,) for the loss, per-image weights (N,) for the sampler); at most one is set.
 
@@ -460,29 +436,6 @@ def imbalance_weights(imbalance: str, train_split: Any) -> tuple[torch.Tensor | 
     if imbalance == "none":
         return None, None
     raise ValueError(f"imbalance must be one of {IMBALANCE}, got {imbalance!r}")
-
-
-def make_criterion(cfg: TrainConfig, class_weights: torch.Tensor | None) -> nn.Module:
-    if cfg.focal_gamma > 0:
-        return FocalLoss(cfg.focal_gamma, class_weights, cfg.label_smoothing)
-    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-    """DeiT distillation term: CE to the teacher's argmax (hard) or T^2-scaled KL at temperature T (soft)."""
-    if kind == "hard":
-        return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=-1))
-    t = temperature
-    return (
-        F.kl_div(
-            F.log_softmax(student_logits.float() / t, dim=-1),
-            F.log_softmax(teacher_logits.float() / t, dim=-1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        * t
-        * t
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -741,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
     unwrapped = accelerator.unwrap_model(model)
-    criterion = make_criterion(cfg, class_weights).to(accelerator.device)
+    criterion = make_criterion(cfg.focal_gamma, cfg.label_smoothing, class_weights).to(accelerator.device)
     blocks = parameter_blocks(unwrapped)
     ema = ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema else None
     if teacher is not None:
@@ -816,20 +769,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 batch = mixer(batch)  # labels become (B, num_labels) soft targets
             with accelerator.accumulate(model):
                 outputs = model(pixel_values=batch["pixel_values"])
-                loss = criterion(outputs.logits.float(), batch["labels"])
+                teacher_logits = None
                 if teacher is not None:
                     with torch.no_grad(), accelerator.autocast():
                         teacher_pixels = batch["pixel_values"] * renorm_scale + renorm_shift
                         if tuple(t_size) != tuple(teacher_pixels.shape[-2:]):
                             teacher_pixels = F.interpolate(teacher_pixels, size=t_size, mode="bicubic", align_corners=False)
                         teacher_logits = teacher(pixel_values=teacher_pixels).logits
-                    student = getattr(outputs, "distillation_logits", None)
-                    student = outputs.logits if student is None else student
-                    d_loss = distillation_loss(student, teacher_logits, cfg.distillation.kind, cfg.distillation.temperature)
-                    loss = (1 - cfg.distillation.alpha) * loss + cfg.distillation.alpha * d_loss
-                elif getattr(outputs, "distillation_logits", None) is not None:
-                    # Distillation token without a teacher: both heads learn the labels (model's own rule).
-                    loss = (loss + criterion(outputs.distillation_logits.float(), batch["labels"])) / 2
+                loss = classification_loss(
+                    criterion, outputs.logits, batch["labels"], getattr(outputs, "distillation_logits", None),
+                    teacher_logits, kind=cfg.distillation.kind, alpha=cfg.distillation.alpha,
+                    temperature=cfg.distillation.temperature,
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)

@@ -492,6 +492,10 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
     the Auto classes and exports see a plain classifier. Calibrated probabilities are
     `softmax(logits / config.temperature)`: use `calibrated_probs` / `predict_proba`, or `predict_heads`
     for every head (transformers' `pipeline` applies a plain softmax, i.e. T = 1).
+
+    `labels` give transformers' standard `loss` on `logits` (for `Trainer` and quick checks). The project's
+    training losses (focal loss, class weights, label smoothing, DeiT distillation and the distillation
+    head, the extra heads' masked losses) are defined once, in train/losses.py, on the logits returned here.
     """
 
     def __init__(self, config: MelanomaViTConfig) -> None:
@@ -510,9 +514,6 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
-        distillation_labels: torch.Tensor | None = None,
-        head_labels: dict[str, torch.Tensor] | None = None,
-        head_loss_weights: dict[str, float] | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool | None = None,
@@ -529,18 +530,11 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
                 out of the loss), or (B, num_labels) soft targets (mixup/cutmix); cross-entropy.
                 "multi_label_classification": (B, num_labels) 0/1 floats; BCE with logits.
                 "regression": (B,) or (B, num_labels) floats; mean squared error.
-            distillation_labels: (B,) teacher predictions for DeiT hard distillation (distilled models in
-                training only). The main loss is then `(loss(cls, labels) + loss(dist, distillation_labels)) / 2`;
-                without them the distillation head is trained on `labels`.
-            head_labels: {extra head name: (B,) class indices, -100 = no label}. Each head adds the mean
-                cross-entropy over its labelled samples; a head without any labelled sample in the batch adds
-                nothing (and gets no gradient).
-            head_loss_weights: {extra head name: weight} for those terms; default 1 each.
             output_attentions / output_hidden_states / interpolate_pos_encoding: see `MelanomaViTModel`.
 
         Returns:
-            `MelanomaViTImageClassifierOutput`: loss (main loss + weighted extra-head losses; when every
-            given label is masked, a zero that still backpropagates), logits (B, num_labels) (raw, not
+            `MelanomaViTImageClassifierOutput`: loss (of `logits` against `labels`, transformers' standard
+            contract; when every label is masked, a zero that still backpropagates), logits (B, num_labels) (raw, not
             temperature scaled), distillation_logits (B, num_labels) or None, head_logits
             {name: (B, n_labels)} or None, hidden_states, attentions.
         """
@@ -559,28 +553,13 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
             distillation_logits = self.head_dist(tokens[:, 1])  # (B, num_labels)
             if not self.training:
                 logits = (logits + distillation_logits) / 2
-        if distillation_labels is not None and not (self.training and self.head_dist is not None):
-            raise ValueError(
-                "distillation_labels are only used by a distilled model (use_distillation_token=True) in training "
-                "mode; drop them or call model.train()."
-            )
         head_logits = {name: head(tokens[:, 0]) for name, head in self.extra_heads.items()} or None
 
         loss = None
-        if labels is not None or head_labels is not None:
-            terms = []
-            if labels is not None:
-                main = [(logits, labels)]
-                if self.training and distillation_logits is not None:
-                    dist_target = distillation_labels if distillation_labels is not None else labels
-                    main.append((distillation_logits, dist_target))
-                for head_output, target in main:
-                    term = self._main_loss(head_output, target)
-                    if term is not None:  # weight 1 / len(main) even when the other head's labels are all masked
-                        terms.append(term / len(main))
-            terms += self._extra_head_losses(head_logits or {}, head_labels or {}, head_loss_weights or {})
-            # Every label masked: a zero that keeps the graph, so `loss.backward()` still works.
-            loss = sum(terms) if terms else logits.sum() * 0.0
+        if labels is not None:
+            loss = self._main_loss(logits, labels)
+            if loss is None:  # every label masked: a zero that keeps the graph, so `loss.backward()` still works
+                loss = logits.sum() * 0.0
 
         output = MelanomaViTImageClassifierOutput(
             loss=loss,
@@ -622,20 +601,6 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
                 )
             return F.cross_entropy(logits.float(), labels.float())
         return _masked_cross_entropy(logits, labels, "labels")
-
-    def _extra_head_losses(
-        self, head_logits: dict[str, torch.Tensor], head_labels: dict[str, torch.Tensor], weights: dict[str, float]
-    ) -> list[torch.Tensor]:
-        unknown = sorted((set(head_labels) | set(weights)) - set(head_logits))
-        if unknown:
-            raise ValueError(f"head_labels / head_loss_weights name {unknown}, not extra heads {list(head_logits)}.")
-        losses = []
-        for name, labels in head_labels.items():
-            logits = head_logits[name]
-            loss = _masked_cross_entropy(logits, labels.to(logits.device), f"head_labels[{name!r}]")
-            if loss is not None:
-                losses.append(loss * weights.get(name, 1.0))
-        return losses
 
     def calibrated_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, num_labels) raw logits -> (B, num_labels) `softmax(logits / config.temperature)` in float32."""

@@ -1,0 +1,130 @@
+"""The training losses, defined once: train.py (single-head runs, DeiT distillation) and
+multisource.py (several heads, each sample labelled for some) use these on the logits a model returns.
+
+The model's own `forward(labels=...)` only keeps transformers' standard loss contract (cross-entropy
+of `logits` by `problem_type`), for `Trainer` and quick checks; nothing here calls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.modeling_melanoma_vit import IGNORE_INDEX
+
+DISTILLATION_KINDS = ("hard", "soft")
+
+
+class FocalLoss(nn.Module):
+    """Multiclass focal loss (Lin et al. 2017): mean of (1 - p_y)^gamma * CE(logits, y), CE optionally class-weighted.
+
+    With `weight`, the mean is normalised by the sum of the targets' weights (as `F.cross_entropy`),
+    so gamma = 0 gives exactly `F.cross_entropy(logits, y, weight=weight)`.
+    """
+
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """logits (B, C), target (B,) class indices (IGNORE_INDEX rows are skipped) -> scalar loss."""
+        keep = target != IGNORE_INDEX
+        logits, target = logits[keep].float(), target[keep]
+        log_p = F.log_softmax(logits, dim=-1)
+        p_y = log_p.gather(1, target[:, None]).squeeze(1).exp()  # (B,)
+        ce = F.cross_entropy(logits, target, weight=self.weight, reduction="none", label_smoothing=self.label_smoothing)
+        loss = (1.0 - p_y).pow(self.gamma) * ce
+        norm = self.weight[target].sum() if self.weight is not None else torch.tensor(float(len(target)))
+        return loss.sum() / norm.clamp_min(1e-12)
+
+
+def make_criterion(focal_gamma: float, label_smoothing: float, class_weights: torch.Tensor | None) -> nn.Module:
+    """Focal loss when `focal_gamma` > 0, else cross-entropy; both class-weighted and label-smoothed as given."""
+    if focal_gamma > 0:
+        return FocalLoss(focal_gamma, class_weights, label_smoothing)
+    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """DeiT distillation term: CE to the teacher's argmax (hard) or T^2-scaled KL at temperature T (soft)."""
+    if kind == "hard":
+        return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=-1))
+    t = temperature
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits.float() / t, dim=-1),
+            F.log_softmax(teacher_logits.float() / t, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * t
+        * t
+    )
+
+
+def classification_loss(
+    criterion: nn.Module,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    distillation_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    kind: str = "hard",
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The training loss of a classifier's dx head(s).
+
+    Args:
+        criterion: `make_criterion`'s loss, applied to float32 logits.
+        logits: (B, C) the CLS head's logits (what a model returns in training mode).
+        labels: (B,) class indices (IGNORE_INDEX = no label) or (B, C) soft targets (mixup/cutmix).
+        distillation_logits: (B, C) a DeiT-style model's distillation head, or None.
+        teacher_logits: (B, C) a teacher's logits for DeiT distillation, or None.
+        kind, alpha, temperature: distillation "hard" (teacher's argmax) or "soft" (KL at temperature T);
+            alpha weighs the distillation term.
+
+    Returns:
+        Without a teacher: criterion(logits, labels), averaged with criterion(distillation_logits, labels)
+        when there is a distillation head (both heads learn the labels). With a teacher:
+        (1 - alpha) * criterion(logits, labels) + alpha * distillation term of the distillation head
+        (the CLS head for models without one).
+    """
+    loss = criterion(logits.float(), labels)
+    if teacher_logits is not None:
+        student = distillation_logits if distillation_logits is not None else logits
+        return (1 - alpha) * loss + alpha * distillation_loss(student, teacher_logits, kind, temperature)
+    if distillation_logits is not None:
+        return (loss + criterion(distillation_logits.float(), labels)) / 2
+    return loss
+
+
+def masked_head_loss(
+    logits: Mapping[str, torch.Tensor],
+    labels: Mapping[str, torch.Tensor],
+    weights: Mapping[str, float],
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Sum over heads of weight * mean cross-entropy over the samples labelled for that head.
+
+    Args:
+        logits: {head: (B, C_head)}; labels: {head: (B,) class indices, IGNORE_INDEX = no label};
+        weights: {head: weight} (default 1).
+
+    Samples with IGNORE_INDEX add nothing; a head with no labelled sample adds an exact zero (and
+    no gradient to its parameters). Returns (loss, {head: labelled samples}).
+    """
+    total = next(iter(logits.values())).sum() * 0.0  # keeps the graph when nothing is labelled
+    counts = {}
+    for name, y in labels.items():
+        keep = y != IGNORE_INDEX
+        counts[name] = int(keep.sum())
+        if counts[name]:
+            ce = F.cross_entropy(logits[name][keep].float(), y[keep], label_smoothing=label_smoothing)
+            total = total + weights.get(name, 1.0) * ce
+    return total, counts
