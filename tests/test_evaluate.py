@@ -271,11 +271,11 @@ def _assert_outputs(out: Path, n: int) -> tuple[dict, pd.DataFrame]:
 
 
 @pytest.mark.slow
-def test_evaluate_script_on_ham_fixture(tiny_vit_dir, ham_dir, tmp_path):
+def test_evaluate_script_on_ham_fixture(tiny_vit_dir, ham_dir, tmp_path, script_env):
     out = tmp_path / "eval"
     cmd = [sys.executable, "train/evaluate.py", "--model", str(tiny_vit_dir), "--data", str(ham_dir),
            "--output-dir", str(out), "--tta", "2", "--bootstrap", "100"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     n_images = len(list((ham_dir / "images").glob("*.jpg")))
     metrics, preds = _assert_outputs(out, n_images)

@@ -300,7 +300,8 @@ def test_multisource_hybrid_vit_ships_every_head(tmp_path: Path, specs: list[Sou
 
 
 @pytest.mark.slow
-def test_multisource_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path, specs: list[SourceSpec]) -> None:
+def test_multisource_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path, specs: list[SourceSpec],
+                                                                           script_env: dict[str, str]) -> None:
     import os
     import signal
     import subprocess
@@ -323,8 +324,7 @@ def test_multisource_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp
     reference = tmp_path / "reference"
     main(args(reference))
     out = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(root / "train" / "train.py"), *args(out)], cwd=root, env=env,
+    proc = subprocess.Popen([sys.executable, str(root / "train" / "train.py"), *args(out)], cwd=root, env=script_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     try:

@@ -274,8 +274,8 @@ def _accelerate_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", str(TRAIN_PY), *args]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def _env(script_env: dict[str, str]) -> dict[str, str]:
+    return {**script_env, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture()
@@ -289,11 +289,12 @@ def one_thread():
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_steps_then_load_and_predict(tiny_config: Path, tmp_path: Path, ham_image_paths) -> None:
+def test_accelerate_launch_two_steps_then_load_and_predict(tiny_config: Path, tmp_path: Path, ham_image_paths,
+                                                          script_env) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
         _accelerate_cmd(*_train_args(tiny_config, out, "--max_steps", "2")),
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=_env(script_env), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "split_manifest.json",
@@ -323,7 +324,7 @@ def test_accelerate_launch_two_steps_then_load_and_predict(tiny_config: Path, tm
         [sys.executable, str(ROOT / "train" / "evaluate.py"), "--model", str(out), "--data", data,
          "--output-dir", str(eval_dir), "--manifest", str(out / "split_manifest.json"), "--split", "validation",
          "--bootstrap", "20"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=_env(script_env), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((eval_dir / "metrics.json").read_text())
@@ -335,7 +336,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_config: Path, tmp_path: Path, one_thread) -> None:
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_config: Path, tmp_path: Path, one_thread,
+                                                                 script_env) -> None:
     # 4 epochs x 2 updates (5 train images, batch 2, last partial batch dropped), a checkpoint after every
     # update; class-balanced sampler, augmentation, drop path and EMA all draw on RNG state that must resume.
     extra = ["--set", "epochs=4", "--set", "ema=true", "--set", "ema_decay=0.5"]
@@ -344,7 +346,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_config: Pa
 
     out = tmp_path / "killed"
     # Own session: SIGKILL goes to every process of the run, as when a job is killed.
-    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *_train_args(tiny_config, out, *extra)], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *_train_args(tiny_config, out, *extra)], cwd=ROOT, env=_env(script_env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
     try:

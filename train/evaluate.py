@@ -37,11 +37,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Run as a script (`python train/evaluate.py`), the repository root is not on sys.path: add it
-# so that `model` (MelanomaViT registration, rollout) and `train` import.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # Run as a script, Python puts train/ first on sys.path, where train/train.py shadows the `train`
+    # package: drop that entry (what `python -P` does); `model` and `train` come from the installed
+    # project (`pip install -e .`).
+    del sys.path[0]
 
 import datasets  # noqa: E402
 import matplotlib  # noqa: E402

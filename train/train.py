@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# train/ runs as a script (`python train/train.py`), which puts train/ itself first on sys.path;
-# the repo root must come first so `import model` and `import train.data` find the packages.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # Run as a script, Python puts train/ first on sys.path, where this file shadows the `train`
+    # package: drop that entry (what `python -P` does); `model` and `train` come from the installed
+    # project (`pip install -e .`).
+    del sys.path[0]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
