@@ -41,8 +41,10 @@ from train.train import (
     main,
     make_criterion,
     parameter_blocks,
+    resolve_checkpoint,
     trainable_block_count,
     weight_decay_groups,
+    write_trainer_state,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,6 +265,56 @@ def test_epoch_seeded_sampler_is_replayable() -> None:
     assert list(sampler) != first
     sampler.set_epoch(1)
     assert list(sampler) == first  # a resumed epoch sees the same order
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+class _Killed(BaseException):
+    """The process dying mid-write (SIGKILL runs no handler; nothing after it executes)."""
+
+
+def _checkpoint(out: Path, index: int) -> Path:
+    folder = out / "checkpoints" / f"checkpoint_{index}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")  # accelerator.save_state's files come first
+    return folder
+
+
+def test_trainer_state_killed_mid_write_leaves_latest_on_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    first = _checkpoint(tmp_path, 0)
+    write_trainer_state(first, {"completed_steps": 2})
+    assert json.loads((first / TRAINER_STATE).read_text()) == {"completed_steps": 2}
+    assert sorted(p.name for p in first.iterdir()) == ["model.safetensors", TRAINER_STATE]  # no temp file left
+
+    second = _checkpoint(tmp_path, 1)
+    real_write_text = Path.write_text
+
+    def killed_after_open(self: Path, data: str, *args, **kwargs) -> int:
+        real_write_text(self, "", *args, **kwargs)  # the file exists, truncated, when the kill lands
+        raise _Killed
+
+    monkeypatch.setattr(Path, "write_text", killed_after_open)
+    with pytest.raises(_Killed):
+        write_trainer_state(second, {"completed_steps": 4})
+    monkeypatch.undo()
+    assert not (second / TRAINER_STATE).exists()  # never an empty trainer_state.json
+    assert complete_checkpoints(tmp_path) == [first]
+    assert resolve_checkpoint("latest", tmp_path) == first
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_checkpoint(str(second), tmp_path)
+
+    write_trainer_state(second, {"completed_steps": 4})  # the next save over the leftover temp file
+    assert resolve_checkpoint("latest", tmp_path) == second
+    assert not (second / f"{TRAINER_STATE}.tmp").exists()
+
+
+def test_latest_skips_an_empty_trainer_state_of_an_older_run(tmp_path: Path) -> None:
+    first = _checkpoint(tmp_path, 0)
+    write_trainer_state(first, {"completed_steps": 2})
+    second = _checkpoint(tmp_path, 1)
+    (second / TRAINER_STATE).write_text("")  # what a kill during a plain write_text left before
+    assert resolve_checkpoint("latest", tmp_path) == first
+    with pytest.raises(ValueError, match="no readable trainer_state.json"):
+        resolve_checkpoint(str(second), tmp_path)
 
 
 # ------------------------------------------------------------------------------------ real runs

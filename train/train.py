@@ -597,12 +597,34 @@ def _checkpoint_index(path: Path) -> int:
     return int(path.name.rsplit("_", 1)[-1])
 
 
+def write_trainer_state(checkpoint: Path, state: dict[str, Any]) -> None:
+    """Write `checkpoint/trainer_state.json` through a temp file and `os.replace`.
+
+    The file marks the checkpoint complete, so a run killed mid-write must leave no file (the
+    previous checkpoint stays `latest`), never an empty or truncated one.
+    """
+    tmp = checkpoint / f"{TRAINER_STATE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, checkpoint / TRAINER_STATE)
+
+
+def _readable_state(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text())
+    except FileNotFoundError:
+        return False
+    except ValueError:  # written before trainer_state.json was replaced atomically
+        logger.warning("skipping %s: unreadable %s", checkpoint, TRAINER_STATE)
+        return False
+    return True
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """`checkpoints/checkpoint_N` folders whose save finished (trainer_state.json is written last), oldest first."""
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if re.fullmatch(r"checkpoint_\d+", p.name) and (p / TRAINER_STATE).is_file()]
+    found = [p for p in root.iterdir() if re.fullmatch(r"checkpoint_\d+", p.name) and _readable_state(p)]
     return sorted(found, key=_checkpoint_index)
 
 
@@ -613,8 +635,8 @@ def resolve_checkpoint(resume: str, output_dir: Path) -> Path:
             raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint under {output_dir / 'checkpoints'}")
         return found[-1]
     path = Path(resume)
-    if not (path / TRAINER_STATE).is_file():
-        raise ValueError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no {TRAINER_STATE})")
+    if not _readable_state(path):
+        raise ValueError(f"--resume_from_checkpoint {resume}: not a complete checkpoint folder (no readable {TRAINER_STATE})")
     return path
 
 
@@ -773,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if ema is not None:
                 save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, location / EMA_WEIGHTS)
             # Written last: marks the checkpoint complete for --resume_from_checkpoint latest.
-            (location / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+            write_trainer_state(location, state)
 
     def progress_index() -> int:
         return state["epoch"] if cfg.freeze_unit == "epochs" else state["completed_steps"]
