@@ -384,6 +384,15 @@ def test_label_groups_and_bad_arguments(tmp_path):
         main(["--model", "x", "--data", "y", "--output-dir", str(tmp_path), "--write-config"])
 
 
+@pytest.mark.parametrize("flag", ["--output-dir", "--output_dir"])
+def test_output_dir_flag_in_both_spellings(flag):
+    from train.evaluate import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--model", "m", "--data", "d", flag, "out"]).output_dir == "out"
+    assert "--output-dir OUTPUT_DIR" in parser.format_usage()  # usage shows the documented spelling
+
+
 def test_write_calibration_round_trips_for_timm_wrapper(tmp_path):
     from transformers import AutoConfig, TimmWrapperConfig
 

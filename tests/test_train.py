@@ -41,6 +41,7 @@ from train.train import (
     main,
     make_criterion,
     parameter_blocks,
+    parse_args,
     resolve_checkpoint,
     trainable_block_count,
     weight_decay_groups,
@@ -93,6 +94,14 @@ def test_config_overrides_and_errors(tiny_config: Path) -> None:
         load_config(tiny_config, ["imbalance=oversample"])
     with pytest.raises(ValueError, match="key=value"):
         load_config(tiny_config, ["learning_rate"])
+
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--output-dir"])
+def test_output_dir_flag_in_both_spellings(flag: str, capsys) -> None:
+    assert parse_args([flag, "runs/x"]).output_dir == "runs/x"
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "c.yaml"])
+    assert "required: --output_dir" in capsys.readouterr().err  # the documented spelling
 
 
 def test_recipe_configs_load() -> None:

@@ -475,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder (save_pretrained) or Hub id")
     parser.add_argument("--data", required=True, help="anything train.data.load_image_dataset accepts (folder, CSV with path,dx, Hub id)")
-    parser.add_argument("--output-dir", required=True, help="where metrics.json, predictions.csv and the plots go")
+    # --output_dir as an alias: train.py spells its flags with underscores.
+    parser.add_argument("--output-dir", "--output_dir", required=True, help="where metrics.json, predictions.csv and the plots go")
     parser.add_argument("--split", default=None,
                         help="split of --data to evaluate (default: 'test' with --manifest, else every row; 'all': every row)")
     parser.add_argument("--manifest", default=None,

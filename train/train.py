@@ -646,7 +646,9 @@ def resolve_checkpoint(resume: str, output_dir: Path) -> Path:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=str, default=None, help="YAML file of TrainConfig fields (train/configs/*.yaml)")
-    parser.add_argument("--output_dir", type=str, required=True, help="run folder: exported model, checkpoints/, runs/")
+    # --output-dir as an alias: evaluate.py spells its flags with hyphens.
+    parser.add_argument("--output_dir", "--output-dir", type=str, required=True,
+                        help="run folder: exported model, checkpoints/, runs/")
     parser.add_argument("--data", type=str, default=None, help="dataset spec (overrides the config's `data`)")
     parser.add_argument("--max_steps", type=int, default=None, help="stop after N optimizer steps (overrides epochs)")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder")
