@@ -354,7 +354,7 @@ def test_accelerate_launch_two_steps_then_load_and_predict(tiny_config: Path, tm
                                                           script_env) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
-        _accelerate_cmd(*_train_args(tiny_config, out, "--max_steps", "2")),
+        _accelerate_cmd(*_train_args(tiny_config, out, "--max_steps", "2", "--set", "report_to=tensorboard")),
         cwd=ROOT, env=_env(script_env), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -365,6 +365,9 @@ def test_accelerate_launch_two_steps_then_load_and_predict(tiny_config: Path, tm
     assert metrics["steps"] == 2 and metrics["labels"] == list(DX_CODES)
     assert set(metrics["final"]) >= {"loss", "accuracy", "balanced_accuracy", "melanoma_auc"}
     assert "accelerate launch" in (out / "command.txt").read_text()
+    # TensorBoard logs where the README says: runs/X/runs/events.out.tfevents.* (not runs/X/runs/runs/).
+    assert list((out / "runs").glob("events.out.tfevents.*")), sorted((out / "runs").rglob("*"))
+    assert not (out / "runs" / "runs").exists()
     manifest = data_lib.read_manifest(out / "split_manifest.json")
     assert len(manifest["train"]) == 5 and set(manifest["train"]).isdisjoint(manifest["validation"])
 

@@ -687,8 +687,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mixed_precision=args.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(
-            project_dir=str(output_dir),
-            logging_dir=str(output_dir / "runs"),
+            project_dir=str(output_dir),  # also the logging dir: init_trackers("runs") logs to output_dir/runs
             automatic_checkpoint_naming=True,
             total_limit=cfg.checkpoints_total_limit,
         ),
