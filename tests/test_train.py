@@ -104,6 +104,15 @@ def test_output_dir_flag_in_both_spellings(flag: str, capsys) -> None:
     assert "required: --output_dir" in capsys.readouterr().err  # the documented spelling
 
 
+def test_help_answers_before_torch_is_imported(script_env: dict[str, str]) -> None:
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(TRAIN_PY), "--help"], env=script_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--output_dir" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "argparse" in imported  # -X importtime did report
+    assert imported.isdisjoint({"torch", "transformers", "timm", "accelerate", "sklearn", "model"})
+
+
 def test_recipe_configs_load() -> None:
     recipes = {p.stem: load_config(p) for p in sorted((ROOT / "train" / "configs").glob("*.yaml"))}
     names = {"melanoma_vit_scratch", "melanoma_vit_distill", "resnet18", "resnet50", "efficientnet_lite0", "efficientnet_lite2"}

@@ -34,11 +34,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # Run as a script, Python puts train/ first on sys.path, where this file shadows the `train`
-    # package: drop that entry (what `python -P` does); `model` and `train` come from the installed
-    # project (`pip install -e .`).
-    del sys.path[0]
+
+# --------------------------------------------------------------------------------------------
+# Command line (infrastructure only), parsed before the heavy imports below
+# --------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=str, default=None, help="YAML file of TrainConfig fields (train/configs/*.yaml)")
+    # --output-dir as an alias: evaluate.py spells its flags with hyphens.
+    parser.add_argument("--output_dir", "--output-dir", type=str, required=True,
+                        help="run folder: exported model, checkpoints/, runs/")
+    parser.add_argument("--data", type=str, default=None, help="dataset spec (overrides the config's `data`)")
+    parser.add_argument("--max_steps", type=int, default=None, help="stop after N optimizer steps (overrides epochs)")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder")
+    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
+    parser.add_argument("--seed", type=int, default=None, help="training seed (overrides the config)")
+    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (0 = main process)")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch intra-op threads per process (default: torch's); 1 on a CPU shared with other jobs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set learning_rate=3e-4 --set model.kwargs.hidden_size=128")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    # --help and flag errors answer at once instead of after ~20 s of torch/transformers/timm imports.
+    parse_args()
+    if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        # Python puts train/ first on sys.path, where this file shadows the `train` package: drop
+        # that entry (what `python -P` does); `model` and `train` come from the installed project.
+        del sys.path[0]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -643,25 +668,6 @@ def resolve_checkpoint(resume: str, output_dir: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=str, default=None, help="YAML file of TrainConfig fields (train/configs/*.yaml)")
-    # --output-dir as an alias: evaluate.py spells its flags with hyphens.
-    parser.add_argument("--output_dir", "--output-dir", type=str, required=True,
-                        help="run folder: exported model, checkpoints/, runs/")
-    parser.add_argument("--data", type=str, default=None, help="dataset spec (overrides the config's `data`)")
-    parser.add_argument("--max_steps", type=int, default=None, help="stop after N optimizer steps (overrides epochs)")
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder")
-    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
-    parser.add_argument("--seed", type=int, default=None, help="training seed (overrides the config)")
-    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (0 = main process)")
-    parser.add_argument("--num_threads", type=int, default=None,
-                        help="torch intra-op threads per process (default: torch's); 1 on a CPU shared with other jobs")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set learning_rate=3e-4 --set model.kwargs.hidden_size=128")
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run training; returns the final validation metrics (also written to val_metrics.json)."""
     args = parse_args(argv)
