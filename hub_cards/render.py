@@ -44,8 +44,12 @@ MODEL_CARD_TEMPLATE = TEMPLATE_DIR / "model_card.md.j2"
 #: HAM10000 is CC BY-NC-SA 4.0; models trained on it inherit the non-commercial terms.
 LICENSE = "cc-by-nc-sa-4.0"
 
+#: The project's Hub owner (user or organisation) until one is chosen: a placeholder that model
+#: cards (code snippets) and the Space card (`models:` ids) use unless --repo-id / --owner say otherwise.
+DEFAULT_OWNER = "OWNER"
+
 #: Placeholder used in the card's code snippets when no repo id is given.
-PLACEHOLDER_REPO_ID = "OWNER/{name}"
+PLACEHOLDER_REPO_ID = DEFAULT_OWNER + "/{name}"
 
 #: Known evaluation datasets: folder prefix -> (readable name, model-index dataset type).
 KNOWN_DATASETS: dict[str, tuple[str, str]] = {

@@ -442,7 +442,8 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
     return True
 
 
-def _is_classifier_folder(folder: Path) -> bool:
+def is_classifier_folder(folder: Path) -> bool:
+    """A model folder the zoo serves: config.json whose `architectures` is an image classifier."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         return False
@@ -484,7 +485,7 @@ class ModelZoo:
         self._sources: dict[str, str] = {}
         if self.models_dir.is_dir():
             for folder in sorted(p for p in self.models_dir.iterdir() if p.is_dir()):
-                if _is_classifier_folder(folder):
+                if is_classifier_folder(folder):
                     self._sources[folder.name] = str(folder)
         for hub_id in hub_ids if hub_ids is not None else _hub_ids_from_env_or_yaml(self.models_dir):
             if hub_id not in self._sources:

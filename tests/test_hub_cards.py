@@ -329,12 +329,19 @@ def test_dataset_card_cli_writes_readme(tmp_path):
 # Space card
 
 
-def test_space_card_front_matter(tmp_path):
+def _space_models_dir(tmp_path: Path) -> Path:
     models_dir = tmp_path / "models"
     for name in ("vit-small", "resnet18"):
         (models_dir / name).mkdir(parents=True)
-        (models_dir / name / "config.json").write_text("{}")
+        (models_dir / name / "config.json").write_text(json.dumps({"architectures": ["ViTForImageClassification"]}))
+    (models_dir / "ood-detector").mkdir()  # an artifact with a config but no classifier: not a Hub model
+    (models_dir / "ood-detector" / "config.json").write_text("{}")
     (models_dir / "not-a-model").mkdir()
+    return models_dir
+
+
+def test_space_card_front_matter(tmp_path):
+    models_dir = _space_models_dir(tmp_path)
     out = tmp_path / "space" / "README.md"
     assert space_card.main(["--output", str(out), "--models-dir", str(models_dir), "--owner", "me"]) == 0
     card = SpaceCard.load(out)
@@ -344,6 +351,38 @@ def test_space_card_front_matter(tmp_path):
     assert data["models"] == ["me/resnet18", "me/vit-small"]
     assert data["title"] and data["emoji"] and len(data["short_description"]) <= 60
     assert "NOT a medical device" in card.text and "`me/vit-small`" in card.text
+
+
+def test_space_card_models_are_hub_ids(tmp_path):
+    models_dir = _space_models_dir(tmp_path)
+    out = tmp_path / "README.md"
+    assert space_card.main(["--output", str(out), "--models-dir", str(models_dir)]) == 0
+    owner = render.DEFAULT_OWNER
+    assert SpaceCard.load(out).data.models == [f"{owner}/resnet18", f"{owner}/vit-small"]
+    assert space_card.hub_model_ids(["resnet18", "someone/vit"], "me") == ["me/resnet18", "someone/vit"]
+    with pytest.raises(ValueError, match="not a Hub model id"):
+        space_card.hub_model_ids(["a/b/c"])
+    with pytest.raises(ValueError, match="not a Hub model id"):
+        space_card.render_space_card(["bad name"], sdk_version="5.0.0")
+
+
+def test_space_card_front_matter_only_keeps_the_body(tmp_path):
+    out = tmp_path / "README.md"
+    out.write_text("---\ntitle: old\nmodels:\n- resnet18\n---\n\n# The project README\n\nBody text.\n")
+    assert space_card.main(["--output", str(out), "--models", "resnet18", "--front-matter-only"]) == 0
+    card = SpaceCard.load(out)
+    assert card.data.models == [f"{render.DEFAULT_OWNER}/resnet18"] and card.data.sdk == "gradio"
+    assert card.text == "\n# The project README\n\nBody text.\n"
+
+
+def test_repository_readme_front_matter_lists_the_shipped_classifiers_as_hub_ids():
+    """README.md is also the Space's README: its `models:` are the app's classifiers, as Hub ids."""
+    root = Path(__file__).resolve().parents[1]
+    models = SpaceCard.load(root / "README.md").data.models
+    assert models == space_card.hub_model_ids(space_card.discover_models(root / "models")), (
+        "re-render: python -m hub_cards.space_card --output README.md --front-matter-only"
+    )
+    assert all(m.count("/") == 1 for m in models)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from hub_cards.render import render_model_card
+from hub_cards.render import PLACEHOLDER_REPO_ID, render_model_card
 from model.labels import DX_CODES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def _repo_id_in(content: str, name: str) -> str | None:
     import re
 
     match = re.search(r'model_id = "([^"]+)"', content)
-    return match.group(1) if match and match.group(1) != f"OWNER/{name}" else None
+    return match.group(1) if match and match.group(1) != PLACEHOLDER_REPO_ID.format(name=name) else None
 
 
 @pytest.mark.parametrize("folder", [f for f in CLASSIFIERS if (f / "modeling_melanoma_vit.py").is_file()],
