@@ -2,7 +2,8 @@
 
 The card is built from what the pipeline wrote into `models/<name>/`:
 
-- `config.json` (architecture, id2label, image size, `temperature`, `melanoma_threshold`),
+- `config.json` (architecture, id2label, image size, `folded_temperature` or a temperature still to
+  apply, `melanoma_threshold`),
 - `preprocessor_config.json` (input size when the config has none),
 - `*.safetensors` headers (parameter count, read without loading the weights),
 - training files when present: `train_config.yaml|yml|json` or `training_args.json`,
@@ -33,7 +34,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from model.calibration import config_temperature
+from model.calibration import config_temperature, config_temperature_key, folded_temperature
 from model.labels import DX_NAMES, MELANOMA
 
 logger = logging.getLogger(__name__)
@@ -447,6 +448,7 @@ def render_model_card(
         base_model=base_model if isinstance(base_model, str) and "/" in base_model else None,
     )
     temperature = config_temperature(config)
+    folded = folded_temperature(config)
     threshold = config.get("melanoma_threshold")
     card = ModelCard.from_template(
         card_data,
@@ -460,8 +462,10 @@ def render_model_card(
         trust_remote_code=trust_remote_code,
         eval_sets=eval_sets,
         training=training,
-        # 1.0 is MelanomaViTConfig's default, i.e. no temperature scaling stored.
-        config_temperature=_fmt(temperature) if _num(temperature) and temperature != 1.0 else None,
+        # A temperature still to apply (older, unfolded folders), and the key the snippet divides by.
+        config_temperature=_fmt(temperature) if temperature is not None else None,
+        temperature_key=config_temperature_key(config),
+        folded_temperature=_fmt(folded) if folded is not None else None,
         config_threshold=_fmt(threshold) if _num(threshold) else None,
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))

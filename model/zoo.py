@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 # Importing this module imports the `model` package, which registers MelanomaViT with the Auto classes.
-from .calibration import config_temperature
+from .calibration import config_temperature, folded_temperature
 from .labels import CRITERIA_LABELS, DX_NAMES, MELANOMA
 from .sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score
 
@@ -170,7 +170,8 @@ class ZooModel:
         id: zoo id (folder name or Hub id); path: local folder or Hub id it was loaded from.
         net_type: "melanoma_vit", "vit", "timm/<architecture>", ... ; img_size: input side (px).
         out_dim: number of classes; id2label: index -> dx code; labels: dx code -> readable name.
-        temperature: calibration temperature T (probabilities = softmax(logits / T)).
+        temperature: calibration temperature T still to apply (probabilities = softmax(logits / T)); 1.0
+            for folded models, whose logits are already divided by theirs (`folded_temperature`, or None).
         melanoma_threshold: decision threshold on P(mel) (0.5 when the model has none).
         extra_heads: head name -> label names of a multi-source MelanomaViT's extra heads ({} for others);
         has_seven_point: whether every seven-point criterion head is there (the checklist score is computed).
@@ -202,6 +203,7 @@ class ZooModel:
         self.out_dim = len(self.id2label)
         self.labels: dict[str, str] = {code: DX_NAMES.get(code, code) for code in self.id2label.values()}
         self.temperature = config_temperature(self.config) or 1.0
+        self.folded_temperature = folded_temperature(self.config)
         threshold = getattr(self.config, "melanoma_threshold", None)
         self.melanoma_threshold = float(threshold) if threshold is not None else 0.5
         self.has_melanoma_class = MELANOMA in self.id2label.values()
@@ -235,6 +237,7 @@ class ZooModel:
             **self.metadata(),
             "labels": self.labels,
             "temperature": self.temperature,
+            "folded_temperature": self.folded_temperature,
             "melanoma_threshold": self.melanoma_threshold,
             "explanation": "attention rollout" if self.uses_rollout else "Grad-CAM",
             "extra_heads": self.extra_heads,
