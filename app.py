@@ -206,6 +206,12 @@ def readable_probabilities(entry: ZooModel, probabilities: dict[str, float]) -> 
     return {entry.labels.get(code, code): p for code, p in probabilities.items()}
 
 
+def _temperature_text(info: dict) -> str:
+    if info["folded_temperature"] is not None:
+        return f"temperature {info['folded_temperature']:.3g} (folded into the classifier head)"
+    return f"temperature {info['temperature']:.3g}"
+
+
 def model_details_markdown(entry: ZooModel) -> str:
     info = entry.describe()
     no_card_value = "see the model card" if info["license"] else "not stated (no model card)"
@@ -213,8 +219,7 @@ def model_details_markdown(entry: ZooModel) -> str:
         f"**{info['model_id']}**: `{info['net_type']}`, {info['num_parameters'] / 1e6:.2f} M parameters, "
         f"input {info['img_size']}x{info['img_size']} px, {info['out_dim']} classes; "
         f"explanation: {info['explanation']}.",
-        f"Calibration: temperature {info['temperature']:.3g}; "
-        f"melanoma threshold {info['melanoma_threshold']:.3g} on P(mel).",
+        f"Calibration: {_temperature_text(info)}; melanoma threshold {info['melanoma_threshold']:.3g} on P(mel).",
         f"Training data: {', '.join(info['datasets']) or no_card_value}.",
         f"License: {info['license'] or no_card_value}.",
     ]

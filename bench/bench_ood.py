@@ -39,10 +39,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from model.ood import (  # noqa: E402
+from model.ood import (
     DEFAULT_OOD_PATH,
     FEATURE_EXTRACTOR,
     create_feature_extractor,
@@ -52,6 +49,7 @@ from model.ood import (  # noqa: E402
 )
 
 logger = logging.getLogger("bench_ood")
+ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 CACHE = ROOT / "artifacts" / "ood_cache"
 SITE = Path(np.__file__).resolve().parents[1]  # site-packages

@@ -22,28 +22,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from transformers import TimmWrapperForImageClassification
+
+from model.labels import DX_CODES
+from train import data as data_lib
+from train.features import stem_bypassed
+from train.losses import masked_head_loss
+from train.multisource import MultiHeadNet
+from train.sources import MAIN_HEAD, SourceSpec, head_labels, load_sources
+from train.train import collate, create_model, load_config, main
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from transformers import TimmWrapperForImageClassification  # noqa: E402
-
-from model.labels import DX_CODES  # noqa: E402
-from train import data as data_lib  # noqa: E402
-from train.features import stem_bypassed  # noqa: E402
-from train.losses import masked_head_loss  # noqa: E402
-from train.multisource import MultiHeadNet  # noqa: E402
-from train.sources import MAIN_HEAD, SourceSpec, head_labels, load_sources  # noqa: E402
-from train.train import collate, create_model, load_config, main  # noqa: E402
-
 WARMUP = 2
 
 

@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODELS = ("timm", "ours", "hf", "ours+attn")
 

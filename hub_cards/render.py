@@ -2,7 +2,8 @@
 
 The card is built from what the pipeline wrote into `models/<name>/`:
 
-- `config.json` (architecture, id2label, image size, `temperature`, `melanoma_threshold`),
+- `config.json` (architecture, id2label, image size, `folded_temperature` or a temperature still to
+  apply, `melanoma_threshold`),
 - the image processor (`preprocessor_config.json`, or timm's `pretrained_cfg`): input size,
 - `*.safetensors` headers (parameter count, read without loading the weights),
 - training files when present: `train_config.yaml|yml|json` or `training_args.json`,
@@ -33,7 +34,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from model.calibration import config_temperature
+from model.calibration import config_temperature, config_temperature_key, folded_temperature
 from model.geometry import processor_geometry
 from model.labels import DX_NAMES, MELANOMA
 from model.metrics_schema import METRICS, Metric
@@ -46,8 +47,12 @@ MODEL_CARD_TEMPLATE = TEMPLATE_DIR / "model_card.md.j2"
 #: HAM10000 is CC BY-NC-SA 4.0; models trained on it inherit the non-commercial terms.
 LICENSE = "cc-by-nc-sa-4.0"
 
+#: The project's Hub owner (user or organisation) until one is chosen: a placeholder that model
+#: cards (code snippets) and the Space card (`models:` ids) use unless --repo-id / --owner say otherwise.
+DEFAULT_OWNER = "OWNER"
+
 #: Placeholder used in the card's code snippets when no repo id is given.
-PLACEHOLDER_REPO_ID = "OWNER/{name}"
+PLACEHOLDER_REPO_ID = DEFAULT_OWNER + "/{name}"
 
 #: Known evaluation datasets: folder prefix -> (readable name, model-index dataset type).
 KNOWN_DATASETS: dict[str, tuple[str, str]] = {
@@ -413,6 +418,7 @@ def render_model_card(
         base_model=base_model if isinstance(base_model, str) and "/" in base_model else None,
     )
     temperature = config_temperature(config)
+    folded = folded_temperature(config)
     threshold = config.get("melanoma_threshold")
     card = ModelCard.from_template(
         card_data,
@@ -426,8 +432,10 @@ def render_model_card(
         trust_remote_code=trust_remote_code,
         eval_sets=eval_sets,
         training=training,
-        # 1.0 is MelanomaViTConfig's default, i.e. no temperature scaling stored.
-        config_temperature=_fmt(temperature) if _num(temperature) and temperature != 1.0 else None,
+        # A temperature still to apply (older, unfolded folders), and the key the snippet divides by.
+        config_temperature=_fmt(temperature) if temperature is not None else None,
+        temperature_key=config_temperature_key(config),
+        folded_temperature=_fmt(folded) if folded is not None else None,
         config_threshold=_fmt(threshold) if _num(threshold) else None,
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))

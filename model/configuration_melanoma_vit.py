@@ -59,16 +59,20 @@ class MelanomaViTConfig(PretrainedConfig):
         use_distillation_token: Add a DeiT distillation token (token order `[CLS, DIST, patches]`) and
             a second head.
         initializer_range: Std of the truncated normal used to initialise weights.
-        temperature: Calibration temperature T > 0 (set by evaluation). The forward pass returns raw
-            logits; calibrated probabilities are `softmax(logits / T)`, see
-            `MelanomaViTForImageClassification.predict_proba`.
+        temperature: Calibration temperature T > 0 still to apply: calibrated probabilities are
+            `softmax(logits / T)`, see `MelanomaViTForImageClassification.predict_proba`. 1.0 once a fitted
+            temperature is folded into the heads (`folded_temperature`), which is how evaluation and export
+            store it, so that a plain softmax (`pipeline`) is calibrated too.
         melanoma_threshold: Decision threshold on P(mel) chosen on validation data, or None.
         extra_heads: Optional ordered mapping head name -> label names (at least 2) of further linear
             classification heads on the CLS token, e.g. one per extra dataset or per seven-point-checklist
             criterion: `{"pigment_network": ["absent", "typical", "atypical"]}`. Names are identifiers,
             not "dx" or "logits". The main head (`logits`, `id2label`) is unaffected.
-        head_temperatures: Calibration temperature T > 0 per extra head (missing heads: 1.0), see
-            `MelanomaViTForImageClassification.predict_heads`.
+        head_temperatures: Calibration temperature T > 0 still to apply per extra head (missing heads: 1.0),
+            see `MelanomaViTForImageClassification.predict_heads`; None once folded.
+        folded_temperature: The fitted temperature already folded into the main head(s) (weights and bias
+            divided by it), kept for the record; None when none is folded.
+        folded_head_temperatures: The same per extra head, or None.
         patch_embedding_type: "linear" (ViT patches: one strided convolution) or "hybrid" (the ViT paper's
             hybrid: a CNN stem's stride-16 feature map, projected by a 1x1 convolution, gives the tokens;
             `patch_size` must then be 16).
@@ -105,6 +109,8 @@ class MelanomaViTConfig(PretrainedConfig):
     melanoma_threshold: float | None = None
     extra_heads: dict[str, list[str]] | None = None
     head_temperatures: dict[str, float] | None = None
+    folded_temperature: float | None = None
+    folded_head_temperatures: dict[str, float] | None = None
     patch_embedding_type: str = "linear"
     backbone: str | None = None
     backbone_stage: int | None = None
@@ -131,6 +137,8 @@ class MelanomaViTConfig(PretrainedConfig):
         melanoma_threshold: float | None = None,
         extra_heads: dict[str, list[str]] | None = None,
         head_temperatures: dict[str, float] | None = None,
+        folded_temperature: float | None = None,
+        folded_head_temperatures: dict[str, float] | None = None,
         patch_embedding_type: str = "linear",
         backbone: str | None = None,
         backbone_stage: int | None = None,
@@ -160,6 +168,8 @@ class MelanomaViTConfig(PretrainedConfig):
             extra_heads = {name: list(v) if isinstance(v, tuple) else v for name, v in extra_heads.items()}
         self.extra_heads = extra_heads or None
         self.head_temperatures = head_temperatures or None
+        self.folded_temperature = folded_temperature
+        self.folded_head_temperatures = folded_head_temperatures or None
         self.patch_embedding_type = patch_embedding_type
         self.backbone = backbone
         self.backbone_stage = backbone_stage
@@ -215,6 +225,9 @@ class MelanomaViTConfig(PretrainedConfig):
         temperature = self.temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"temperature must be a float > 0 (1.0 = uncalibrated), got {self.temperature!r}.")
+        folded = self.folded_temperature
+        if folded is not None and (isinstance(folded, bool) or not isinstance(folded, (int, float)) or folded <= 0):
+            raise ValueError(f"folded_temperature must be None or a float > 0, got {folded!r}.")
         threshold = self.melanoma_threshold
         if threshold is not None and (not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0):
             raise ValueError(f"melanoma_threshold must be None or a probability in [0, 1], got {threshold!r}.")
@@ -246,16 +259,15 @@ class MelanomaViTConfig(PretrainedConfig):
                 raise ValueError(
                     f"extra_heads[{name!r}] must list at least 2 distinct label names (strings), got {labels!r}."
                 )
-        temperatures = self.head_temperatures or {}
-        if not isinstance(temperatures, dict):
-            raise ValueError(f"head_temperatures must be None or a dict head name -> T, got {temperatures!r}.")
-        for name, value in temperatures.items():
-            if name not in heads:
-                raise ValueError(f"head_temperatures names {name!r}, which is not in extra_heads {list(heads)}.")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(
-                    f"head_temperatures[{name!r}] must be a float > 0 (1.0 = uncalibrated), got {value!r}."
-                )
+        for field in ("head_temperatures", "folded_head_temperatures"):
+            temperatures = getattr(self, field) or {}
+            if not isinstance(temperatures, dict):
+                raise ValueError(f"{field} must be None or a dict head name -> T, got {temperatures!r}.")
+            for name, value in temperatures.items():
+                if name not in heads:
+                    raise ValueError(f"{field} names {name!r}, which is not in extra_heads {list(heads)}.")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ValueError(f"{field}[{name!r}] must be a float > 0, got {value!r}.")
 
     def _validate_patch_embedding(self) -> None:
         if self.patch_embedding_type not in PATCH_EMBEDDING_TYPES:

@@ -17,6 +17,7 @@ The state-dict functions are pure `dict -> dict` renamings (plus the qkv split f
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from pathlib import Path
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification
 
+from . import calibration
 from .configuration_melanoma_vit import DEFAULT_DX_CODES, MelanomaViTConfig
 from .modeling_melanoma_vit import MelanomaViTForImageClassification
 
@@ -190,9 +192,10 @@ def _vit_config_kwargs(config: MelanomaViTConfig) -> dict:
 def vit_config_from_melanoma_vit(config: MelanomaViTConfig) -> ViTConfig | DeiTConfig:
     """The stock transformers config of an export: `DeiTConfig` for distilled models, else `ViTConfig`.
 
-    `melanoma_threshold` is kept as an extra attribute; `temperature` is not (`export_to_vit` folds it
-    into the head weights by default, and transformers 5 refuses a `temperature` key in model configs).
-    Extra heads are not part of the export.
+    `melanoma_threshold` and `folded_temperature` are kept as extra attributes; a temperature still to
+    apply becomes `calibration_temperature` (transformers 5 refuses a `temperature` key in model configs;
+    `export_to_vit` folds it into the head by default, so there is none). Extra heads are not part of
+    the export.
 
     Raises:
         ValueError: for hybrid models (no stock transformers equivalent) and non-square patches.
@@ -209,6 +212,10 @@ def vit_config_from_melanoma_vit(config: MelanomaViTConfig) -> ViTConfig | DeiTC
     config_class = DeiTConfig if config.use_distillation_token else ViTConfig
     vit_config = config_class(**kwargs)
     vit_config.melanoma_threshold = config.melanoma_threshold
+    if calibration.folded_temperature(config) is not None:
+        vit_config.folded_temperature = calibration.folded_temperature(config)
+    if calibration.config_temperature(config) is not None:
+        vit_config.calibration_temperature = calibration.config_temperature(config)
     return vit_config
 
 
@@ -324,28 +331,30 @@ def _installed_layout(hf_model: nn.Module, base: str) -> str:
     raise RuntimeError(f"Unrecognised parameter names in the installed transformers {type(hf_model).__name__}.")
 
 
-def _export_state_dict(model: MelanomaViTForImageClassification, layout: str, fold_temperature: bool) -> dict:
+def _to_export(model: MelanomaViTForImageClassification, fold_temperature: bool) -> MelanomaViTForImageClassification:
+    """`model`, or a copy with its temperature folded into the heads (`calibration.fold_temperature`)."""
     if model.config.extra_heads:
         logger.warning(
             "The stock transformers export keeps only the main (dx) head; the extra heads %s are dropped.",
             list(model.config.extra_heads),
         )
-    state_dict = dict(model.state_dict())
-    temperature = float(model.config.temperature)
-    if fold_temperature and temperature != 1.0:
-        # softmax((W x + b) / T) == softmax((W / T) x + b / T): calibration moves into the head.
-        for name in ("head", "head_dist"):
-            for kind in ("weight", "bias"):
-                if f"{name}.{kind}" in state_dict:
-                    state_dict[f"{name}.{kind}"] = state_dict[f"{name}.{kind}"] / temperature
-    elif temperature != 1.0:
-        logger.warning(
-            "Exporting without folding temperature %.3f: softmax over the export's logits is uncalibrated, "
-            "and melanoma_threshold refers to calibrated P(mel).",
-            temperature,
-        )
+    temperature = calibration.config_temperature(model.config)
+    if temperature is None:
+        return model
+    if fold_temperature:
+        return calibration.fold_temperature(copy.deepcopy(model))
+    logger.warning(
+        "Exporting without folding temperature %.3f: softmax over the export's logits (pipeline, Hub widget) is "
+        "uncalibrated, and melanoma_threshold refers to calibrated P(mel).",
+        temperature,
+    )
+    return model
+
+
+def _export_state_dict(model: MelanomaViTForImageClassification, layout: str) -> dict:
     return melanoma_vit_state_dict_to_vit(
-        state_dict, model.config.num_hidden_layers, distilled=model.config.use_distillation_token, layout=layout
+        dict(model.state_dict()), model.config.num_hidden_layers, distilled=model.config.use_distillation_token,
+        layout=layout,
     )
 
 
@@ -356,19 +365,21 @@ def export_to_vit(
 
     Plain models become `ViTForImageClassification`; distilled models (`use_distillation_token`) become
     `DeiTForImageClassificationWithTeacher`, which like MelanomaViT averages its CLS and distillation
-    heads at inference. With `fold_temperature` (default) the head weights are divided by
-    `config.temperature`, so the stock model's logits are `ours / T` and every softmax over them
-    (pipeline, Hub widget) gives the calibrated probabilities; the predicted class is unchanged.
+    heads at inference. With `fold_temperature` (default) a temperature still to apply
+    (`config.temperature`) is folded into the heads (`calibration.fold_temperature`), so the stock model's
+    logits are `ours / T` and every softmax over them (pipeline, Hub widget) gives the calibrated
+    probabilities; the predicted class is unchanged. A model folded already exports as it is.
 
     Logits match MelanomaViT at the configured image size; other sizes interpolate position embeddings
     differently in transformers' ViT.
     """
+    model = _to_export(model, fold_temperature)
     vit_config = vit_config_from_melanoma_vit(model.config)
     distilled = model.config.use_distillation_token
     hf_class = DeiTForImageClassificationWithTeacher if distilled else ViTForImageClassification
     hf_model = hf_class(vit_config)
     layout = _installed_layout(hf_model, "deit" if distilled else "vit")
-    hf_model.load_state_dict(_export_state_dict(model, layout, fold_temperature), strict=True)
+    hf_model.load_state_dict(_export_state_dict(model, layout), strict=True)
     return hf_model.to(model.dtype).eval()
 
 
@@ -384,12 +395,13 @@ def save_vit_export(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    model = _to_export(model, fold_temperature)
     vit_config = vit_config_from_melanoma_vit(model.config)
     vit_config.architectures = [
         "DeiTForImageClassificationWithTeacher" if model.config.use_distillation_token else "ViTForImageClassification"
     ]
     vit_config.save_pretrained(folder)
-    state_dict = _export_state_dict(model, "v4", fold_temperature)
+    state_dict = _export_state_dict(model, "v4")
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     logger.info("Saved a stock transformers %s export to %s", vit_config.architectures[0], folder)

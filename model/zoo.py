@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 # Importing this module imports the `model` package, which registers MelanomaViT with the Auto classes.
-from .calibration import config_temperature
+from .calibration import config_temperature, folded_temperature
 from .geometry import processor_geometry
 from .labels import CRITERIA_LABELS, DX_NAMES, MELANOMA
 from .loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens
@@ -152,7 +152,8 @@ class ZooModel:
         net_type: "melanoma_vit", "vit", "timm/<architecture>", ... ; geometry: the processor's
             `ImageGeometry` (input size, mean, std); img_size: input height (px).
         out_dim: number of classes; id2label: index -> dx code; labels: dx code -> readable name.
-        temperature: calibration temperature T (probabilities = softmax(logits / T)).
+        temperature: calibration temperature T still to apply (probabilities = softmax(logits / T)); 1.0
+            for folded models, whose logits are already divided by theirs (`folded_temperature`, or None).
         melanoma_threshold: decision threshold on P(mel) (0.5 when the model has none).
         extra_heads: head name -> label names of a multi-source MelanomaViT's extra heads ({} for others);
         has_seven_point: whether every seven-point criterion head is there (the checklist score is computed).
@@ -172,6 +173,7 @@ class ZooModel:
         self.out_dim = len(self.id2label)
         self.labels: dict[str, str] = {code: DX_NAMES.get(code, code) for code in self.id2label.values()}
         self.temperature = config_temperature(self.config) or 1.0
+        self.folded_temperature = folded_temperature(self.config)
         threshold = getattr(self.config, "melanoma_threshold", None)
         self.melanoma_threshold = float(threshold) if threshold is not None else 0.5
         self.has_melanoma_class = MELANOMA in self.id2label.values()
@@ -202,6 +204,7 @@ class ZooModel:
             **self.metadata(),
             "labels": self.labels,
             "temperature": self.temperature,
+            "folded_temperature": self.folded_temperature,
             "melanoma_threshold": self.melanoma_threshold,
             "explanation": "attention rollout" if self.uses_rollout else "Grad-CAM",
             "extra_heads": self.extra_heads,
@@ -394,7 +397,8 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
     return True
 
 
-def _is_classifier_folder(folder: Path) -> bool:
+def is_classifier_folder(folder: Path) -> bool:
+    """A model folder the zoo serves: config.json whose `architectures` is an image classifier."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         return False
@@ -436,7 +440,7 @@ class ModelZoo:
         self._sources: dict[str, str] = {}
         if self.models_dir.is_dir():
             for folder in sorted(p for p in self.models_dir.iterdir() if p.is_dir()):
-                if _is_classifier_folder(folder):
+                if is_classifier_folder(folder):
                     self._sources[folder.name] = str(folder)
         for hub_id in hub_ids if hub_ids is not None else _hub_ids_from_env_or_yaml(self.models_dir):
             if hub_id not in self._sources:

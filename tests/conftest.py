@@ -1,7 +1,6 @@
-"""Shared pytest set-up: offline Hub, project root on sys.path, fixture paths."""
+"""Shared pytest set-up: offline Hub, fixture paths (pyproject's `pythonpath` puts the checkout first)."""
 
 import os
-import sys
 from pathlib import Path
 
 # Tests never touch the network: every Hub code path must work on local paths.
@@ -14,10 +13,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def script_env() -> dict[str, str]:
+    """Environment for running this checkout's scripts (`python train/train.py`) in a subprocess.
+
+    PYTHONPATH is the checkout, as pyproject's `pythonpath` is for pytest itself: the child imports
+    the code under test whether the environment has no `pip install -e .` or one of another checkout.
+    """
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="session")

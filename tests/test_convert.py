@@ -17,6 +17,7 @@ from transformers import (
 
 import model  # noqa: F401  (registers the Auto classes)
 from model import MelanomaViTConfig, MelanomaViTForImageClassification
+from model.calibration import fold_temperature
 from model.convert import (
     convert_timm_checkpoint,
     export_to_vit,
@@ -153,8 +154,15 @@ def test_export_folds_temperature_into_head():
     folded = export_to_vit(ours)
     torch.testing.assert_close(folded(x).logits, logits / 2.0, **TOL)
     torch.testing.assert_close(folded(x).logits.softmax(-1), ours.predict_proba(x), **TOL)
-    assert folded.config.melanoma_threshold == 0.3
-    torch.testing.assert_close(export_to_vit(ours, fold_temperature=False)(x).logits, logits, **TOL)
+    assert folded.config.melanoma_threshold == 0.3 and folded.config.folded_temperature == 2.0
+    assert ours.config.temperature == 2.0 and ours(x).logits.equal(logits)  # the source model is left as it was
+    unfolded = export_to_vit(ours, fold_temperature=False)
+    torch.testing.assert_close(unfolded(x).logits, logits, **TOL)
+    assert unfolded.config.calibration_temperature == 2.0  # still applied by readers of the config
+    # a model folded already (as stored calibrations are) exports as it is, without folding again
+    fold_temperature(ours)
+    torch.testing.assert_close(export_to_vit(ours)(x).logits, logits / 2.0, **TOL)
+    assert export_to_vit(ours).config.folded_temperature == 2.0
 
 
 def test_state_dict_to_vit_layouts_and_errors():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.calibration import config_temperature
 from model.metrics_schema import METRIC_KEYS
 from train.metrics import (
     DIHEDRAL_VIEWS,
@@ -272,11 +273,11 @@ def _assert_outputs(out: Path, n: int) -> tuple[dict, pd.DataFrame]:
 
 
 @pytest.mark.slow
-def test_evaluate_script_on_ham_fixture(tiny_vit_dir, ham_dir, tmp_path):
+def test_evaluate_script_on_ham_fixture(tiny_vit_dir, ham_dir, tmp_path, script_env):
     out = tmp_path / "eval"
     cmd = [sys.executable, "train/evaluate.py", "--model", str(tiny_vit_dir), "--data", str(ham_dir),
            "--output-dir", str(out), "--tta", "2", "--bootstrap", "100"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     n_images = len(list((ham_dir / "images").glob("*.jpg")))
     metrics, preds = _assert_outputs(out, n_images)
@@ -367,25 +368,36 @@ def test_evaluate_isic2017_with_validation_and_write_config(tiny_vit_dir, ham_di
     assert metrics["temperature_source"] == "validation" and metrics["temperature"] > 0
     assert "passed" in metrics["leakage_check"]
 
-    # served probabilities: softmax(logits / T)[mel] of the model itself
+    # T is folded into the written head: a plain softmax of the saved model gives the evaluated P(mel)
     t = metrics["temperature"]
+    assert abs(t - 1.0) > 0.01  # a real temperature, so folding it changes the head
     paths = [isic2017_dir / "test" / f"{i}.jpg" for i in preds["image_id"]]
-    np.testing.assert_allclose(preds["p_mel"], _model_p_mel(model_dir, paths, t), atol=1e-5)
+    np.testing.assert_allclose(preds["p_mel"], _model_p_mel(model_dir, paths, 1.0), atol=1e-5)
     # the threshold catches every validation melanoma (3 of 3 >= 95%) and is the lowest melanoma P(mel)
     meta = pd.read_csv(ham_dir / "HAM10000_metadata.csv")
-    val_p = _model_p_mel(model_dir, [ham_dir / "images" / f"{i}.jpg" for i in meta["image_id"]], t)
+    val_p = _model_p_mel(model_dir, [ham_dir / "images" / f"{i}.jpg" for i in meta["image_id"]], 1.0)
     assert metrics["threshold_val95"] == pytest.approx(val_p[(meta["dx"] == "mel").to_numpy()].min(), abs=1e-5)
-    # stored in the config, where serving code reads it
+    # recorded in the config: folded, nothing left to divide by
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
-    assert config.temperature == pytest.approx(t)
+    assert config.folded_temperature == pytest.approx(t) and config_temperature(config) is None
     assert config.melanoma_threshold == pytest.approx(metrics["threshold_val95"])
 
-    # evaluating again without validation data reuses the stored calibration
+    # evaluating the folded folder again without validation data: the same metrics (raw logits recovered)
     again = main(["--model", str(model_dir), "--data", str(isic2017_dir), "--split", "test",
                   "--output-dir", str(tmp_path / "again"), "--bootstrap", "50"])
     assert again["temperature_source"] == "model_config" and again["temperature"] == pytest.approx(t)
     assert again["threshold_val95_source"] == "model_config"
-    assert again["melanoma_auc"] == pytest.approx(metrics["melanoma_auc"])
+    for key in ("melanoma_auc", "ece", "ece_temperature_scaled", "sensitivity_val95"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "again" / "predictions.csv")["p_mel"], preds["p_mel"], atol=1e-6)
+
+    # calibrating the folded folder again refits on raw logits and replaces the fold, never stacks it
+    refit = main(["--model", str(model_dir), "--data", str(isic2017_dir), "--split", "test",
+                  "--val-data", str(ham_dir), "--val-split", "all", "--output-dir", str(tmp_path / "refit"),
+                  "--bootstrap", "20", "--write-config"])
+    assert refit["temperature"] == pytest.approx(t, rel=1e-4)
+    assert AutoConfig.from_pretrained(model_dir, trust_remote_code=True).folded_temperature == pytest.approx(t, rel=1e-4)
+    np.testing.assert_allclose(_model_p_mel(model_dir, paths, 1.0), preds["p_mel"], atol=1e-5)
 
 
 def test_evaluate_with_manifest_uses_its_test_split_and_refuses_leaks(tiny_vit_dir, ham_dir, tmp_path):
@@ -425,17 +437,33 @@ def test_label_groups_and_bad_arguments(tmp_path):
         main(["--model", "x", "--data", "y", "--output-dir", str(tmp_path), "--write-config"])
 
 
-def test_write_calibration_round_trips_for_timm_wrapper(tmp_path):
-    from transformers import AutoConfig, TimmWrapperConfig
+@pytest.mark.parametrize("flag", ["--output-dir", "--output_dir"])
+def test_output_dir_flag_in_both_spellings(flag):
+    from train.evaluate import build_parser
 
-    from train.evaluate import config_temperature, write_calibration
+    parser = build_parser()
+    assert parser.parse_args(["--model", "m", "--data", "d", flag, "out"]).output_dir == "out"
+    assert "--output-dir OUTPUT_DIR" in parser.format_usage()  # usage shows the documented spelling
 
-    TimmWrapperConfig(architecture="resnet18", num_labels=7).save_pretrained(tmp_path)
-    config = AutoConfig.from_pretrained(tmp_path)
-    write_calibration(tmp_path, config, temperature=1.7, threshold=0.12)
-    loaded = AutoConfig.from_pretrained(tmp_path)
-    assert config_temperature(loaded) == pytest.approx(1.7)
-    assert loaded.melanoma_threshold == pytest.approx(0.12)
+
+def test_write_calibration_folds_into_a_timm_wrapper_head(tmp_path):
+    from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
+
+    from model.calibration import folded_temperature
+    from train.evaluate import write_calibration
+
+    torch.manual_seed(0)
+    net = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_resnet", num_labels=7)).eval()
+    net.save_pretrained(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        raw = net(pixel_values=x).logits
+    write_calibration(tmp_path, net, temperature=1.7, threshold=0.12)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert config_temperature(loaded.config) is None and folded_temperature(loaded.config) == pytest.approx(1.7)
+    assert loaded.config.melanoma_threshold == pytest.approx(0.12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).logits, raw / 1.7)
 
 
 def test_calibration_temperature_is_read_from_either_key():

@@ -15,6 +15,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import DatasetCard, ModelCard, SpaceCard
 from PIL import Image
 
@@ -329,12 +330,19 @@ def test_dataset_card_cli_writes_readme(tmp_path):
 # Space card
 
 
-def test_space_card_front_matter(tmp_path):
+def _space_models_dir(tmp_path: Path) -> Path:
     models_dir = tmp_path / "models"
     for name in ("vit-small", "resnet18"):
         (models_dir / name).mkdir(parents=True)
-        (models_dir / name / "config.json").write_text("{}")
+        (models_dir / name / "config.json").write_text(json.dumps({"architectures": ["ViTForImageClassification"]}))
+    (models_dir / "ood-detector").mkdir()  # an artifact with a config but no classifier: not a Hub model
+    (models_dir / "ood-detector" / "config.json").write_text("{}")
     (models_dir / "not-a-model").mkdir()
+    return models_dir
+
+
+def test_space_card_front_matter(tmp_path):
+    models_dir = _space_models_dir(tmp_path)
     out = tmp_path / "space" / "README.md"
     assert space_card.main(["--output", str(out), "--models-dir", str(models_dir), "--owner", "me"]) == 0
     card = SpaceCard.load(out)
@@ -344,6 +352,38 @@ def test_space_card_front_matter(tmp_path):
     assert data["models"] == ["me/resnet18", "me/vit-small"]
     assert data["title"] and data["emoji"] and len(data["short_description"]) <= 60
     assert "NOT a medical device" in card.text and "`me/vit-small`" in card.text
+
+
+def test_space_card_models_are_hub_ids(tmp_path):
+    models_dir = _space_models_dir(tmp_path)
+    out = tmp_path / "README.md"
+    assert space_card.main(["--output", str(out), "--models-dir", str(models_dir)]) == 0
+    owner = render.DEFAULT_OWNER
+    assert SpaceCard.load(out).data.models == [f"{owner}/resnet18", f"{owner}/vit-small"]
+    assert space_card.hub_model_ids(["resnet18", "someone/vit"], "me") == ["me/resnet18", "someone/vit"]
+    with pytest.raises(ValueError, match="not a Hub model id"):
+        space_card.hub_model_ids(["a/b/c"])
+    with pytest.raises(ValueError, match="not a Hub model id"):
+        space_card.render_space_card(["bad name"], sdk_version="5.0.0")
+
+
+def test_space_card_front_matter_only_keeps_the_body(tmp_path):
+    out = tmp_path / "README.md"
+    out.write_text("---\ntitle: old\nmodels:\n- resnet18\n---\n\n# The project README\n\nBody text.\n")
+    assert space_card.main(["--output", str(out), "--models", "resnet18", "--front-matter-only"]) == 0
+    card = SpaceCard.load(out)
+    assert card.data.models == [f"{render.DEFAULT_OWNER}/resnet18"] and card.data.sdk == "gradio"
+    assert card.text == "\n# The project README\n\nBody text.\n"
+
+
+def test_repository_readme_front_matter_lists_the_shipped_classifiers_as_hub_ids():
+    """README.md is also the Space's README: its `models:` are the app's classifiers, as Hub ids."""
+    root = Path(__file__).resolve().parents[1]
+    models = SpaceCard.load(root / "README.md").data.models
+    assert models == space_card.hub_model_ids(space_card.discover_models(root / "models")), (
+        "re-render: python -m hub_cards.space_card --output README.md --front-matter-only"
+    )
+    assert all(m.count("/") == 1 for m in models)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,3 +414,75 @@ def test_card_from_a_real_evaluation_reports_its_metrics_json(tiny_melanoma_vit_
     assert m["notes"]["ece"] in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(links) == 4 and all((d / link).is_file() for link in links)
+
+
+def _card_p_mel(model_dir: Path, image: Path, temperature: float) -> str:
+    """P(mel) as the card snippet prints it, computed here: softmax(logits / temperature), 3 decimals."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(model_dir, trust_remote_code=True).eval()
+    inputs = AutoImageProcessor.from_pretrained(model_dir)(images=Image.open(image).convert("RGB"), return_tensors="pt")
+    with torch.no_grad():
+        probs = (model(**inputs).logits / temperature).softmax(-1)[0]
+    return f"{probs[model.config.label2id['mel']].item():.3f}"
+
+
+def test_folded_temperature_card_uses_plain_softmax_everywhere(tmp_path, ham_image_paths):
+    """Stored calibrations are folded into the head: snippet and pipeline are calibrated without dividing."""
+    from transformers import ViTImageProcessor
+
+    from model import MelanomaViTConfig, MelanomaViTForImageClassification
+    from model.calibration import fold_temperature
+
+    torch.manual_seed(0)
+    model = MelanomaViTForImageClassification(MelanomaViTConfig(**TINY, id2label=dx_id2label(), label2id=dx_label2id(),
+                                                                temperature=0.25, melanoma_threshold=0.3))
+    with torch.no_grad():
+        model.head.weight.mul_(10)  # spread the probabilities so that T shows in 3 decimals
+    raw_dir, folded_dir = tmp_path / "raw", tmp_path / "folded"
+    model.save_pretrained(raw_dir)
+    fold_temperature(model).save_pretrained(folded_dir)
+    for folder in (raw_dir, folded_dir):
+        ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    image = ham_image_paths[2]
+    calibrated = _card_p_mel(raw_dir, image, 0.25)
+    assert calibrated != _card_p_mel(raw_dir, image, 1.0)
+
+    text = render_model_card(folded_dir, model_name="folded").text
+    assert "`folded_temperature` = 0.250" in text and "do not divide by it again" in text
+    assert "probs = logits.softmax(dim=-1)[0]  # calibrated" in text and "logits / " not in text
+    assert "With a pipeline (the same calibrated probabilities)" in text
+    outputs = _run_snippets(text, folded_dir, image)
+    _check_snippet_output(outputs)
+    assert f"P(mel) = {calibrated};" in outputs[0]
+    printed = dict(re.findall(r"^(\w+): (\d\.\d{3})$", outputs[0], flags=re.M))
+    for prediction in eval(outputs[1]):  # the pipeline's top 3: the snippet's calibrated numbers
+        assert f"{prediction['score']:.3f}" == printed[prediction["label"]]
+
+    # an older, unfolded folder: the snippet divides by the temperature under its own key
+    text = render_model_card(raw_dir, model_name="raw").text
+    assert "probs = (logits / model.config.temperature).softmax(dim=-1)[0]" in text
+    assert "With a pipeline (uncalibrated softmax scores)" in text
+    assert f"P(mel) = {calibrated};" in _run_snippets(text, raw_dir, image)[0]
+
+
+def test_unfolded_timm_card_snippet_divides_by_calibration_temperature(tmp_path, ham_image_paths):
+    """TimmWrapper configs keep an unfolded temperature as `calibration_temperature`, not `temperature`."""
+    import timm
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    pretrained_cfg = timm.get_pretrained_cfg("test_resnet").to_dict()
+    pretrained_cfg.pop("num_classes", None)
+    pretrained_cfg["input_size"] = (3, 64, 64)
+    torch.manual_seed(0)
+    config = TimmWrapperConfig(architecture="test_resnet", id2label=dx_id2label(), label2id=dx_label2id(),
+                               pretrained_cfg=pretrained_cfg, calibration_temperature=0.05)
+    net = TimmWrapperForImageClassification(config)
+    torch.nn.init.normal_(net.timm_model.get_classifier().bias)  # random timm features are ~0: spread the logits
+    net.save_pretrained(tmp_path / "cnn")
+    text = render_model_card(tmp_path / "cnn", model_name="cnn").text
+    assert "- `calibration_temperature` = 0.050: divide the logits by it" in text
+    assert "probs = (logits / model.config.calibration_temperature).softmax(dim=-1)[0]" in text
+    calibrated = _card_p_mel(tmp_path / "cnn", ham_image_paths[5], 0.05)
+    assert calibrated != _card_p_mel(tmp_path / "cnn", ham_image_paths[5], 1.0)
+    assert f"P(mel) = {calibrated};" in _run_snippets(text, tmp_path / "cnn", ham_image_paths[5])[0]

@@ -66,6 +66,7 @@ def test_config_roundtrip_keeps_calibration_fields(tmp_path):
         (dict(drop_path_rate=-0.1), "drop_path_rate must be a probability"),
         (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob must be a probability"),
         (dict(temperature=0.0), "temperature must be a float > 0"),
+        (dict(folded_temperature=-1.0), "folded_temperature must be None or a float > 0"),
         (dict(melanoma_threshold=1.5), "melanoma_threshold must be None or a probability"),
         (dict(hidden_act="gelu_typo"), "hidden_act must be one of"),
         (dict(layer_norm_eps=0), "layer_norm_eps must be > 0"),
@@ -461,6 +462,8 @@ def test_extra_heads_config_roundtrip_and_output(tmp_path, pixels):
         (dict(extra_heads={"streaks": ["a", "a"]}), "at least 2 distinct label names"),
         (dict(extra_heads={"streaks": ["a", "b"]}, head_temperatures={"other": 1.0}), "not in extra_heads"),
         (dict(extra_heads={"streaks": ["a", "b"]}, head_temperatures={"streaks": 0.0}), "must be a float > 0"),
+        (dict(extra_heads={"streaks": ["a", "b"]}, folded_head_temperatures={"other": 1.0}), "folded_head_temperatures names"),
+        (dict(extra_heads={"streaks": ["a", "b"]}, folded_head_temperatures={"streaks": 0}), "must be a float > 0"),
     ],
 )
 def test_invalid_extra_heads_raise(overrides, message):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification
 
 from model.baselines import create_efficientnet_lite, create_image_processor
+from model.calibration import config_temperature
 from model.labels import CRITERIA_LABELS, DERM7PT_LABELS, DX_CODES
 from model.sevenpoint import SEVEN_POINT, seven_point_score, seven_point_score_from_labels
 from train.data import IGNORE_INDEX, load_image_dataset
@@ -204,11 +205,12 @@ def test_multisource_run_resume_and_export(tmp_path: Path, specs: list[SourceSpe
     assert result["history"][-1]["step"] == 2 + steps_per_epoch  # resumed at epoch 1, not from scratch
     assert {s["name"] for s in manifest["sources"]} == {"ham10000", "isic2017", "derm7pt"}
     assert not set(manifest["train"]) & set(manifest["test"])
-    # the shipped folder is a stock TimmWrapper with the dx head only, calibrated
+    # the shipped folder is a stock TimmWrapper with the dx head only, its temperature folded into the head
     net = AutoModelForImageClassification.from_pretrained(out)
     assert isinstance(net, TimmWrapperForImageClassification)
     assert [net.config.id2label[i] for i in range(7)] == list(DX_CODES)
-    assert net.config.calibration_temperature > 0 and net.config.melanoma_threshold is not None
+    assert net.config.folded_temperature == pytest.approx(result["calibration"]["temperatures"]["dx"])
+    assert config_temperature(net.config) is None and net.config.melanoma_threshold is not None
     assert not any("aux_heads" in k for k in load_file(out / "model.safetensors"))
     # frozen stem: the exported stem equals the initial (random, seeded) one, the top was trained
     best = load_file(out / "best.safetensors")
@@ -250,7 +252,8 @@ def test_multisource_hybrid_vit_ships_every_head(tmp_path: Path, specs: list[Sou
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "melanoma_vit" and cfg["patch_embedding_type"] == "hybrid"
     assert set(cfg["extra_heads"]) == {"isic2017", "derm7pt", *CRITERIA}
-    assert set(cfg["head_temperatures"]) == set(cfg["extra_heads"]) and cfg["melanoma_threshold"] is not None
+    assert set(cfg["folded_head_temperatures"]) == set(cfg["extra_heads"]) and cfg["melanoma_threshold"] is not None
+    assert cfg["folded_temperature"] > 0 and config_temperature(cfg) is None and cfg.get("head_temperatures") is None
     # the stem kept its ImageNet weights (frozen, never trained) and ships in the safetensors
     stem_keys = [k for k in load_file(out / "model.safetensors") if k.startswith("vit.embeddings.patch_embed.stem.")]
     assert stem_keys
@@ -278,7 +281,8 @@ def test_multisource_hybrid_vit_ships_every_head(tmp_path: Path, specs: list[Sou
 
 
 @pytest.mark.slow
-def test_multisource_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path, specs: list[SourceSpec]) -> None:
+def test_multisource_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path, specs: list[SourceSpec],
+                                                                           script_env: dict[str, str]) -> None:
     import os
     import signal
     import subprocess
@@ -301,8 +305,7 @@ def test_multisource_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp
     reference = tmp_path / "reference"
     main(args(reference))
     out = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(root / "train" / "train.py"), *args(out)], cwd=root, env=env,
+    proc = subprocess.Popen([sys.executable, str(root / "train" / "train.py"), *args(out)], cwd=root, env=script_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     try:

@@ -1,21 +1,26 @@
 """The Hub-ready folders under models/: what a user downloads must load, predict and match its card.
 
 Each classifier folder is loaded in a fresh Python process that never imports this project
-(cwd = a temp dir, no repo on sys.path), exactly as `from_pretrained` of a Hub id would.
+(cwd = a temp dir, no repo on sys.path), exactly as `from_pretrained` of a Hub id would, and must
+give the app's calibrated probabilities through `pipeline` and the card's snippet.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
+from PIL import Image
 
-from hub_cards.render import render_model_card
+from hub_cards.render import PLACEHOLDER_REPO_ID, render_model_card
+from model.calibration import config_temperature, folded_temperature
 from model.labels import DX_CODES
+from model.zoo import ZooModel
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -40,35 +45,68 @@ def test_models_dir_ships_classifiers_within_size_limits():
     assert _folder_size(MODELS) <= 150 * MB, "models/ is over 150 MB"
 
 
+def test_calibrated_folders_have_their_temperature_folded_into_the_head():
+    """Plain softmax (pipeline, Hub widget, card snippet) is the calibrated path: nothing left to divide by."""
+    for folder in CLASSIFIERS:
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("melanoma_threshold") is not None:  # calibrated on validation data
+            assert folded_temperature(config) is not None, f"{folder.name}: temperature not folded"
+            assert config_temperature(config) is None, f"{folder.name}: a temperature is still to apply"
+
+
+# The card's first snippet as a user runs it, then `pipeline` with the default image processor and
+# with the PIL-backend one the app uses (transformers defaults to torchvision, whose bicubic resize
+# differs slightly from PIL's).
 LOAD_AND_PREDICT = r"""
-import json, sys
-import torch
-from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification
-folder, image = sys.argv[1], sys.argv[2]
-net = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
-processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-with torch.inference_mode():
-    logits = net(**processor(Image.open(image).convert("RGB"), return_tensors="pt")).logits
+import contextlib, io, json, sys
+from transformers import AutoImageProcessor, pipeline
+folder, image, snippet = sys.argv[1:4]
+namespace = {}
+with contextlib.redirect_stdout(io.StringIO()):
+    exec(snippet, namespace)
+labels = [namespace["model"].config.id2label[i] for i in range(namespace["probs"].shape[-1])]
+card = dict(zip(labels, namespace["probs"].tolist()))
+classify = pipeline("image-classification", model=folder, trust_remote_code=True)
+pil = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, backend="pil")
+classify_pil = pipeline("image-classification", model=folder, trust_remote_code=True, image_processor=pil)
 leaked = sorted(m for m in sys.modules if m == "model" or m.startswith(("model.", "train", "hub_cards")))
-print(json.dumps({"labels": [net.config.id2label[i] for i in range(logits.shape[-1])],
-                  "probs": logits.softmax(-1)[0].tolist(), "leaked": leaked}))
+# top_k=None means the default top 5 in transformers 5: ask for every label
+print(json.dumps({"labels": labels, "card": card, "leaked": leaked,
+                  "pipeline": {p["label"]: p["score"] for p in classify(image, top_k=len(labels))},
+                  "pipeline_pil": {p["label"]: p["score"] for p in classify_pil(image, top_k=len(labels))}}))
 """
+
+
+def _card_snippet(folder: Path, image: Path) -> str:
+    """The card's first Python snippet with the folder and image filled in."""
+    code = re.findall(r"```python\n(.*?)```", (folder / "README.md").read_text(), flags=re.S)[0]
+    code, n_id = re.subn(r'^model_id = ".*"$', f"model_id = {str(folder)!r}", code, flags=re.M)
+    code, n_image = re.subn(r'^image_path = ".*?"', f"image_path = {str(image)!r}", code, flags=re.M)
+    assert n_id == 1 and n_image == 1
+    return code
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("folder", CLASSIFIERS, ids=IDS)
-def test_folder_loads_with_auto_classes_in_a_fresh_process(folder, tmp_path, ham_image_paths):
+def test_pipeline_card_snippet_and_app_give_the_same_calibrated_probabilities(folder, tmp_path, ham_image_paths):
+    image = ham_image_paths[0]
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     out = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_PREDICT, str(folder), str(ham_image_paths[0])],
+        [sys.executable, "-c", LOAD_AND_PREDICT, str(folder), str(image), _card_snippet(folder, image)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["labels"] == list(DX_CODES)
-    assert abs(sum(result["probs"]) - 1.0) < 1e-4
     assert result["leaked"] == [], "the folder must not need this project's code"
+    app = ZooModel(folder.name, folder).predict([Image.open(image).convert("RGB")])[0].probabilities
+    assert abs(sum(app.values()) - 1.0) < 1e-5
+    for code in DX_CODES:
+        # same preprocessing: pipeline == the app (calibrated, temperature folded) and pipeline == the card
+        assert result["pipeline_pil"][code] == pytest.approx(app[code], abs=1e-5), code
+        assert result["card"][code] == pytest.approx(result["pipeline"][code], abs=1e-5), code
+        # transformers' default (torchvision) resize vs the app's PIL one: not calibration, and small
+        assert result["pipeline"][code] == pytest.approx(app[code], abs=1e-3), code
 
 
 @pytest.mark.parametrize("folder", CLASSIFIERS, ids=IDS)
@@ -93,7 +131,7 @@ def _repo_id_in(content: str, name: str) -> str | None:
     import re
 
     match = re.search(r'model_id = "([^"]+)"', content)
-    return match.group(1) if match and match.group(1) != f"OWNER/{name}" else None
+    return match.group(1) if match and match.group(1) != PLACEHOLDER_REPO_ID.format(name=name) else None
 
 
 @pytest.mark.parametrize("folder", [f for f in CLASSIFIERS if (f / "modeling_melanoma_vit.py").is_file()],

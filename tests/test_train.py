@@ -39,8 +39,11 @@ from train.train import (
     load_config,
     main,
     parameter_blocks,
+    parse_args,
+    resolve_checkpoint,
     trainable_block_count,
     weight_decay_groups,
+    write_trainer_state,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +92,23 @@ def test_config_overrides_and_errors(tiny_config: Path) -> None:
         load_config(tiny_config, ["imbalance=oversample"])
     with pytest.raises(ValueError, match="key=value"):
         load_config(tiny_config, ["learning_rate"])
+
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--output-dir"])
+def test_output_dir_flag_in_both_spellings(flag: str, capsys) -> None:
+    assert parse_args([flag, "runs/x"]).output_dir == "runs/x"
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "c.yaml"])
+    assert "required: --output_dir" in capsys.readouterr().err  # the documented spelling
+
+
+def test_help_answers_before_torch_is_imported(script_env: dict[str, str]) -> None:
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(TRAIN_PY), "--help"], env=script_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--output_dir" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "argparse" in imported  # -X importtime did report
+    assert imported.isdisjoint({"torch", "transformers", "timm", "accelerate", "sklearn", "model"})
 
 
 def test_recipe_configs_load() -> None:
@@ -234,6 +254,56 @@ def test_epoch_seeded_sampler_is_replayable() -> None:
     assert list(sampler) == first  # a resumed epoch sees the same order
 
 
+# ------------------------------------------------------------------------------------ checkpoints
+class _Killed(BaseException):
+    """The process dying mid-write (SIGKILL runs no handler; nothing after it executes)."""
+
+
+def _checkpoint(out: Path, index: int) -> Path:
+    folder = out / "checkpoints" / f"checkpoint_{index}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")  # accelerator.save_state's files come first
+    return folder
+
+
+def test_trainer_state_killed_mid_write_leaves_latest_on_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    first = _checkpoint(tmp_path, 0)
+    write_trainer_state(first, {"completed_steps": 2})
+    assert json.loads((first / TRAINER_STATE).read_text()) == {"completed_steps": 2}
+    assert sorted(p.name for p in first.iterdir()) == ["model.safetensors", TRAINER_STATE]  # no temp file left
+
+    second = _checkpoint(tmp_path, 1)
+    real_write_text = Path.write_text
+
+    def killed_after_open(self: Path, data: str, *args, **kwargs) -> int:
+        real_write_text(self, "", *args, **kwargs)  # the file exists, truncated, when the kill lands
+        raise _Killed
+
+    monkeypatch.setattr(Path, "write_text", killed_after_open)
+    with pytest.raises(_Killed):
+        write_trainer_state(second, {"completed_steps": 4})
+    monkeypatch.undo()
+    assert not (second / TRAINER_STATE).exists()  # never an empty trainer_state.json
+    assert complete_checkpoints(tmp_path) == [first]
+    assert resolve_checkpoint("latest", tmp_path) == first
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_checkpoint(str(second), tmp_path)
+
+    write_trainer_state(second, {"completed_steps": 4})  # the next save over the leftover temp file
+    assert resolve_checkpoint("latest", tmp_path) == second
+    assert not (second / f"{TRAINER_STATE}.tmp").exists()
+
+
+def test_latest_skips_an_empty_trainer_state_of_an_older_run(tmp_path: Path) -> None:
+    first = _checkpoint(tmp_path, 0)
+    write_trainer_state(first, {"completed_steps": 2})
+    second = _checkpoint(tmp_path, 1)
+    (second / TRAINER_STATE).write_text("")  # what a kill during a plain write_text left before
+    assert resolve_checkpoint("latest", tmp_path) == first
+    with pytest.raises(ValueError, match="no readable trainer_state.json"):
+        resolve_checkpoint(str(second), tmp_path)
+
+
 # ------------------------------------------------------------------------------------ real runs
 def _train_args(config: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", str(config), "--output_dir", str(out), "--num_workers", "0", *extra]
@@ -243,8 +313,8 @@ def _accelerate_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", str(TRAIN_PY), *args]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def _env(script_env: dict[str, str]) -> dict[str, str]:
+    return {**script_env, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture()
@@ -258,11 +328,12 @@ def one_thread():
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_steps_then_load_and_predict(tiny_config: Path, tmp_path: Path, ham_image_paths) -> None:
+def test_accelerate_launch_two_steps_then_load_and_predict(tiny_config: Path, tmp_path: Path, ham_image_paths,
+                                                          script_env) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
-        _accelerate_cmd(*_train_args(tiny_config, out, "--max_steps", "2")),
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        _accelerate_cmd(*_train_args(tiny_config, out, "--max_steps", "2", "--set", "report_to=tensorboard")),
+        cwd=ROOT, env=_env(script_env), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "split_manifest.json",
@@ -272,6 +343,9 @@ def test_accelerate_launch_two_steps_then_load_and_predict(tiny_config: Path, tm
     assert metrics["steps"] == 2 and metrics["labels"] == list(DX_CODES)
     assert set(metrics["final"]) >= {"loss", "accuracy", "balanced_accuracy", "melanoma_auc"}
     assert "accelerate launch" in (out / "command.txt").read_text()
+    # TensorBoard logs where the README says: runs/X/runs/events.out.tfevents.* (not runs/X/runs/runs/).
+    assert list((out / "runs").glob("events.out.tfevents.*")), sorted((out / "runs").rglob("*"))
+    assert not (out / "runs" / "runs").exists()
     manifest = data_lib.read_manifest(out / "split_manifest.json")
     assert len(manifest["train"]) == 5 and set(manifest["train"]).isdisjoint(manifest["validation"])
 
@@ -292,7 +366,7 @@ def test_accelerate_launch_two_steps_then_load_and_predict(tiny_config: Path, tm
         [sys.executable, str(ROOT / "train" / "evaluate.py"), "--model", str(out), "--data", data,
          "--output-dir", str(eval_dir), "--manifest", str(out / "split_manifest.json"), "--split", "validation",
          "--bootstrap", "20"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=_env(script_env), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((eval_dir / "metrics.json").read_text())
@@ -304,7 +378,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_config: Path, tmp_path: Path, one_thread) -> None:
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_config: Path, tmp_path: Path, one_thread,
+                                                                 script_env) -> None:
     # 4 epochs x 2 updates (5 train images, batch 2, last partial batch dropped), a checkpoint after every
     # update; class-balanced sampler, augmentation, drop path and EMA all draw on RNG state that must resume.
     extra = ["--set", "epochs=4", "--set", "ema=true", "--set", "ema_decay=0.5"]
@@ -313,7 +388,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_config: Pa
 
     out = tmp_path / "killed"
     # Own session: SIGKILL goes to every process of the run, as when a job is killed.
-    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *_train_args(tiny_config, out, *extra)], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *_train_args(tiny_config, out, *extra)], cwd=ROOT, env=_env(script_env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
     try:

@@ -533,3 +533,30 @@ def test_rollout_on_stock_deit_export_of_a_distilled_model(tmp_path, ham_image_p
     assert ModelZoo(models_dir=tmp_path, hub_ids=[]).ids == ["export", "ours"]  # both discovered
     assert b.probabilities == pytest.approx(a.probabilities, abs=1e-4)
     np.testing.assert_allclose(b.heatmap.astype(int), a.heatmap.astype(int), atol=2)
+
+
+def test_folded_temperatures_give_the_same_predictions_not_divided_twice(zoo, tmp_path, ham_image_paths):
+    """Folders store calibrations folded into the heads (evaluate.py, multi-source export): the zoo then
+    applies T = 1 and reports the folded value, for the dx head and every extra head."""
+    import shutil
+
+    import app
+    from model.calibration import fold_temperature
+    from model.zoo import ZooModel
+
+    images = [Image.open(p).convert("RGB") for p in ham_image_paths[:3]]
+    for name in ("melanoma-vit-tiny", MULTISOURCE):
+        entry = zoo.get(name)
+        folder = shutil.copytree(entry.path, tmp_path / name)
+        fold_temperature(entry.model.__class__.from_pretrained(entry.path)).save_pretrained(folder)
+        folded = ZooModel(name, folder)
+        assert entry.temperature != 1.0 and entry.folded_temperature is None
+        assert folded.temperature == 1.0 and folded.folded_temperature == entry.temperature
+        assert "folded into the classifier head" in app.model_details_markdown(folded)
+        for before, after in zip(entry.predict(images), folded.predict(images)):
+            assert after.probabilities == pytest.approx(before.probabilities, abs=1e-5)
+            if before.heads is not None:
+                for head, probs in before.heads.probabilities.items():
+                    assert after.heads.probabilities[head] == pytest.approx(probs, abs=1e-5), head
+                assert after.heads.seven_point.score == pytest.approx(before.heads.seven_point.score, abs=1e-4)
+    assert zoo.get(MULTISOURCE).config.head_temperatures  # the extra heads were calibrated, so folding mattered

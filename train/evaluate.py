@@ -7,7 +7,8 @@
 Research/education tool: the numbers describe a model on a data set, not a diagnosis.
 
 What is computed (probabilities are softmax(logits / T) averaged over the TTA views, with T the
-temperature fitted on validation data, or the model config's `temperature`, or 1):
+temperature fitted on validation data, or the one stored in the model config, or 1; logits are the
+raw ones: a temperature folded into the model's head is multiplied back first):
 - melanoma-vs-rest on P(mel): ROC AUC with a 95% stratified percentile bootstrap CI (melanomas
   and others resampled separately, `--bootstrap` resamples, seed 0); sensitivity/specificity at
   0.5 and at the threshold giving 95% sensitivity on validation data (or the model config's
@@ -29,7 +30,6 @@ scripts from the Hugging Face Hub, which fails offline.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shlex
@@ -37,11 +37,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Run as a script (`python train/evaluate.py`), the repository root is not on sys.path: add it
-# so that `model` (MelanomaViT registration, rollout) and `train` import.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # Run as a script, Python puts train/ first on sys.path, where train/train.py shadows the `train`
+    # package: drop that entry (what `python -P` does); `model` and `train` come from the installed
+    # project (`pip install -e .`).
+    del sys.path[0]
 
 import datasets  # noqa: E402
 import matplotlib  # noqa: E402
@@ -56,7 +56,13 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E40
 from tqdm.auto import tqdm  # noqa: E402
 
 import model as _melanoma_models  # noqa: E402,F401  registers MelanomaViT with the Auto classes
-from model.calibration import config_temperature  # noqa: E402
+from model.calibration import (  # noqa: E402
+    config_temperature,
+    fold_temperature,
+    folded_temperature,
+    store_temperature,
+    unfold_temperature,
+)
 from model.geometry import processor_geometry  # noqa: E402
 from model.imageio import load_image  # noqa: E402
 from model.labels import BINARY_LABELS, MELANOMA  # noqa: E402
@@ -192,9 +198,11 @@ def predict(
     """Logits of every TTA view, plus rollout mask shares where masks exist.
 
     Returns:
-        {"logits": (N, tta, C) float32, "head_logits": {head: (N, tta, C_head)} (models with extra
-         heads), "labels": (N,) int, "image_ids": [N], "lesion_ids": [N], "mask_shares": [float],
-         "mask_areas": [float]} (mask lists over images with masks).
+        {"logits": (N, tta, C) float32 raw logits (times the config's `folded_temperature`, so that
+         temperatures are fitted and applied as for an unfolded model), "head_logits": {head:
+         (N, tta, C_head)} as the model gives them (models with extra heads), "labels": (N,) int,
+         "image_ids": [N], "lesion_ids": [N], "mask_shares": [float], "mask_areas": [float]}
+         (mask lists over images with masks).
     """
     config = net.config
     do_rollout = mask_dir is not None and config.model_type in ROLLOUT_MODEL_TYPES
@@ -233,7 +241,7 @@ def predict(
             head_logits.setdefault(name, []).append(torch.stack(zs, dim=1))  # (B, V, C_head)
         head_views = {}
     return {
-        "logits": torch.cat(logits).numpy(),
+        "logits": torch.cat(logits).numpy() * (folded_temperature(config) or 1.0),
         "head_logits": {name: torch.cat(z).numpy() for name, z in head_logits.items()},
         "labels": np.asarray(rows_all(raw, "label"), dtype=int),
         "image_ids": rows_all(raw, "image_id"),
@@ -415,23 +423,26 @@ def plot_confidence_hist(y_mel: np.ndarray, p_mel: np.ndarray, threshold: float,
 # ------------------------------------------------------------------------------------ writing
 
 
-def write_calibration(folder: str | Path, config: Any, temperature: float | None, threshold: float | None) -> None:
-    """Store `temperature` and `melanoma_threshold` in a model folder's config.json.
+def write_calibration(folder: str | Path, net: Any, temperature: float | None, threshold: float | None) -> None:
+    """Store a temperature fitted on raw logits and `melanoma_threshold` in a model folder.
 
-    MelanomaViTConfig declares both fields. transformers drops a config key named `temperature`
-    from configs that do not declare it (it is taken for a generation parameter), so other models
-    (TimmWrapper baselines) get `calibration_temperature` instead; `melanoma_threshold` round-trips.
+    The temperature is folded into the classifier head (`model.calibration.fold_temperature`, replacing
+    one folded before), so the folder's weights change in the head only and its config records
+    `folded_temperature`; then every plain softmax over its logits (`pipeline`, the Hub widget, the
+    card snippet, the app) is calibrated. Without a temperature only config.json is rewritten.
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"--write-config needs a local model folder with config.json, got {folder}")
-    declared = {f.name for f in dataclasses.fields(config)}
-    if temperature is not None:
-        setattr(config, "temperature" if "temperature" in declared else "calibration_temperature", float(temperature))
     if threshold is not None:
-        config.melanoma_threshold = float(threshold)
-    config.save_pretrained(folder)
-    logger.info("wrote temperature=%s melanoma_threshold=%s to %s", temperature, threshold, folder / "config.json")
+        net.config.melanoma_threshold = float(threshold)
+    if temperature is None:
+        net.config.save_pretrained(folder)
+    else:
+        unfold_temperature(net)
+        store_temperature(net.config, temperature)
+        fold_temperature(net).save_pretrained(folder)
+    logger.info("wrote temperature=%s (folded) melanoma_threshold=%s to %s", temperature, threshold, folder)
 
 
 def write_predictions(pred: dict[str, Any], arrays: dict[str, np.ndarray], names: list[str], data_names: list[str],
@@ -455,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder (save_pretrained) or Hub id")
     parser.add_argument("--data", required=True, help="anything train.data.load_image_dataset accepts (folder, CSV with path,dx, Hub id)")
-    parser.add_argument("--output-dir", required=True, help="where metrics.json, predictions.csv and the plots go")
+    # --output_dir as an alias: train.py spells its flags with underscores.
+    parser.add_argument("--output-dir", "--output_dir", required=True, help="where metrics.json, predictions.csv and the plots go")
     parser.add_argument("--split", default=None,
                         help="split of --data to evaluate (default: 'test' with --manifest, else every row; 'all': every row)")
     parser.add_argument("--manifest", default=None,
@@ -471,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                         help="fit a temperature on the validation data (default: on)")
     parser.add_argument("--write-config", action="store_true",
-                        help="store the fitted temperature and the validation threshold in the model folder's config.json")
+                        help="store the fitted temperature (folded into the classifier head) and the validation "
+                             "threshold in the model folder")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
@@ -517,8 +530,9 @@ def evaluate(args: argparse.Namespace, command: str) -> dict[str, Any]:
         if args.calibrate:
             temperature_fitted = fit_temperature(val_pred["logits"], val_pred["labels"], groups)
             temperature_source = "validation"
-    if temperature_fitted is None and config_temperature(net.config) is not None:
-        temperature_fitted, temperature_source = config_temperature(net.config), "model_config"
+    stored = config_temperature(net.config) or folded_temperature(net.config)
+    if temperature_fitted is None and stored is not None:
+        temperature_fitted, temperature_source = stored, "model_config"
     temperature = temperature_fitted or 1.0
     if val is not None:
         val_p_mel = tempered_probabilities(val_pred["logits"], temperature)[:, mel_index]
@@ -591,7 +605,7 @@ def evaluate(args: argparse.Namespace, command: str) -> dict[str, Any]:
         if args.tta > 1:
             logger.warning("the stored threshold was chosen with --tta %d; single-view serving may differ slightly", args.tta)
         write_calibration(
-            args.model, net.config,
+            args.model, net,
             temperature_fitted if temperature_source == "validation" else None,
             threshold if threshold_source == "validation" else None,
         )

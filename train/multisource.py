@@ -15,8 +15,8 @@ HAM10000 does not drown the smaller archives. The frozen stride-16 stem of the n
 - hybrid MelanomaViT: projection + transformer + every head (`config.extra_heads`, shipped).
 
 Export: the weights of the epoch with the best mean validation melanoma AUC over the sources,
-with the temperature of every head and the 95%-sensitivity melanoma threshold fitted on the
-multi-source validation split.
+with the temperature of every head (folded into the heads, `model.calibration.fold_temperature`) and
+the 95%-sensitivity melanoma threshold fitted on the multi-source validation split.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import TimmWrapperForImageClassification
 
+from model.calibration import fold_temperature, store_temperature
 from model.labels import DX_CODES, MELANOMA
 
 from .data import IGNORE_INDEX
@@ -332,7 +333,8 @@ def _train_epochs(net, cfg, state, train_x, train_y, val_x, val_y, val_sources, 
 
 def export(net: MultiHeadNet, processor: Any, val_logits: Mapping[str, torch.Tensor],
            val_y: Mapping[str, torch.Tensor], output_dir: Path) -> dict[str, Any]:
-    """save_pretrained the model with fitted temperatures and the validation melanoma threshold."""
+    """save_pretrained the model with its fitted temperatures folded into the heads and the validation
+    melanoma threshold."""
     temps = {}
     for name, z in val_logits.items():
         keep = val_y[name] != IGNORE_INDEX
@@ -342,12 +344,10 @@ def export(net: MultiHeadNet, processor: Any, val_logits: Mapping[str, torch.Ten
     threshold = threshold_for_sensitivity((val_y[MAIN_HEAD][keep] == DX_CODES.index(MELANOMA)).int().numpy(), p_mel.numpy(), 0.95)
     model = net.model
     model.config.melanoma_threshold = threshold
-    if net.is_timm:
-        model.config.calibration_temperature = temps[MAIN_HEAD]
-    else:
-        model.config.temperature = temps[MAIN_HEAD]
+    store_temperature(model.config, temps[MAIN_HEAD])
+    if not net.is_timm:
         model.config.head_temperatures = {k: v for k, v in temps.items() if k != MAIN_HEAD}
-    model.eval().save_pretrained(output_dir, safe_serialization=True)
+    fold_temperature(model).eval().save_pretrained(output_dir, safe_serialization=True)
     if not net.is_timm:
         processor.save_pretrained(output_dir)
     return {"temperatures": temps, "melanoma_threshold": threshold, "threshold_rule": "95% melanoma sensitivity on the multi-source validation split"}

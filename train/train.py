@@ -34,11 +34,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# train/ runs as a script (`python train/train.py`), which puts train/ itself first on sys.path;
-# the repo root must come first so `import model` and `import train.data` find the packages.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+
+# --------------------------------------------------------------------------------------------
+# Command line (infrastructure only), parsed before the heavy imports below
+# --------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=str, default=None, help="YAML file of TrainConfig fields (train/configs/*.yaml)")
+    # --output-dir as an alias: evaluate.py spells its flags with hyphens.
+    parser.add_argument("--output_dir", "--output-dir", type=str, required=True,
+                        help="run folder: exported model, checkpoints/, runs/")
+    parser.add_argument("--data", type=str, default=None, help="dataset spec (overrides the config's `data`)")
+    parser.add_argument("--max_steps", type=int, default=None, help="stop after N optimizer steps (overrides epochs)")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder")
+    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
+    parser.add_argument("--seed", type=int, default=None, help="training seed (overrides the config)")
+    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (0 = main process)")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch intra-op threads per process (default: torch's); 1 on a CPU shared with other jobs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set learning_rate=3e-4 --set model.kwargs.hidden_size=128")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    # --help and flag errors answer at once instead of after ~20 s of torch/transformers/timm imports.
+    parse_args()
+    if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        # Python puts train/ first on sys.path, where this file shadows the `train` package: drop
+        # that entry (what `python -P` does); `model` and `train` come from the installed project.
+        del sys.path[0]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -551,12 +576,34 @@ def _checkpoint_index(path: Path) -> int:
     return int(path.name.rsplit("_", 1)[-1])
 
 
+def write_trainer_state(checkpoint: Path, state: dict[str, Any]) -> None:
+    """Write `checkpoint/trainer_state.json` through a temp file and `os.replace`.
+
+    The file marks the checkpoint complete, so a run killed mid-write must leave no file (the
+    previous checkpoint stays `latest`), never an empty or truncated one.
+    """
+    tmp = checkpoint / f"{TRAINER_STATE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, checkpoint / TRAINER_STATE)
+
+
+def _readable_state(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text())
+    except FileNotFoundError:
+        return False
+    except ValueError:  # written before trainer_state.json was replaced atomically
+        logger.warning("skipping %s: unreadable %s", checkpoint, TRAINER_STATE)
+        return False
+    return True
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """`checkpoints/checkpoint_N` folders whose save finished (trainer_state.json is written last), oldest first."""
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if re.fullmatch(r"checkpoint_\d+", p.name) and (p / TRAINER_STATE).is_file()]
+    found = [p for p in root.iterdir() if re.fullmatch(r"checkpoint_\d+", p.name) and _readable_state(p)]
     return sorted(found, key=_checkpoint_index)
 
 
@@ -567,31 +614,14 @@ def resolve_checkpoint(resume: str, output_dir: Path) -> Path:
             raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint under {output_dir / 'checkpoints'}")
         return found[-1]
     path = Path(resume)
-    if not (path / TRAINER_STATE).is_file():
-        raise ValueError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no {TRAINER_STATE})")
+    if not _readable_state(path):
+        raise ValueError(f"--resume_from_checkpoint {resume}: not a complete checkpoint folder (no readable {TRAINER_STATE})")
     return path
 
 
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=str, default=None, help="YAML file of TrainConfig fields (train/configs/*.yaml)")
-    parser.add_argument("--output_dir", type=str, required=True, help="run folder: exported model, checkpoints/, runs/")
-    parser.add_argument("--data", type=str, default=None, help="dataset spec (overrides the config's `data`)")
-    parser.add_argument("--max_steps", type=int, default=None, help="stop after N optimizer steps (overrides epochs)")
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder")
-    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
-    parser.add_argument("--seed", type=int, default=None, help="training seed (overrides the config)")
-    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (0 = main process)")
-    parser.add_argument("--num_threads", type=int, default=None,
-                        help="torch intra-op threads per process (default: torch's); 1 on a CPU shared with other jobs")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set learning_rate=3e-4 --set model.kwargs.hidden_size=128")
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run training; returns the final validation metrics (also written to val_metrics.json)."""
     args = parse_args(argv)
@@ -617,8 +647,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mixed_precision=args.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(
-            project_dir=str(output_dir),
-            logging_dir=str(output_dir / "runs"),
+            project_dir=str(output_dir),  # also the logging dir: init_trackers("runs") logs to output_dir/runs
             automatic_checkpoint_naming=True,
             total_limit=cfg.checkpoints_total_limit,
         ),
@@ -727,7 +756,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if ema is not None:
                 save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, location / EMA_WEIGHTS)
             # Written last: marks the checkpoint complete for --resume_from_checkpoint latest.
-            (location / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+            write_trainer_state(location, state)
 
     def progress_index() -> int:
         return state["epoch"] if cfg.freeze_unit == "epochs" else state["completed_steps"]

@@ -488,10 +488,11 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
     optional extra linear heads on the same CLS token (`config.extra_heads`, e.g. one per training dataset
     or per seven-point-checklist criterion).
 
-    The forward pass returns raw logits; `logits` is always the main (dx, `id2label`) head, so `pipeline`,
-    the Auto classes and exports see a plain classifier. Calibrated probabilities are
-    `softmax(logits / config.temperature)`: use `calibrated_probs` / `predict_proba`, or `predict_heads`
-    for every head (transformers' `pipeline` applies a plain softmax, i.e. T = 1).
+    `logits` is always the main (dx, `id2label`) head, so `pipeline`, the Auto classes and exports see a
+    plain classifier. Calibrated probabilities are `softmax(logits / config.temperature)`: use
+    `calibrated_probs` / `predict_proba`, or `predict_heads` for every head. Stored calibrations are
+    folded into the heads (`config.folded_temperature`, `temperature` 1.0), so the logits are already
+    temperature-scaled and transformers' `pipeline` (a plain softmax) gives the same calibrated numbers.
 
     `labels` give transformers' standard `loss` on `logits` (for `Trainer` and quick checks). The project's
     training losses (focal loss, class weights, label smoothing, DeiT distillation and the distillation
@@ -534,8 +535,9 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
 
         Returns:
             `MelanomaViTImageClassifierOutput`: loss (of `logits` against `labels`, transformers' standard
-            contract; when every label is masked, a zero that still backpropagates), logits (B, num_labels) (raw, not
-            temperature scaled), distillation_logits (B, num_labels) or None, head_logits
+            contract; when every label is masked, a zero that still backpropagates), logits (B, num_labels) (not
+            divided by `config.temperature`; a folded temperature is in the head weights), distillation_logits
+            (B, num_labels) or None, head_logits
             {name: (B, n_labels)} or None, hidden_states, attentions.
         """
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
