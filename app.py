@@ -27,6 +27,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from model.imageio import MAX_BYTES, InvalidImageError, load_image
 from model.labels import DX_NAMES
 from model.metrics_schema import HEADLINE_TYPES
 from model.sevenpoint import SEVEN_POINT
-from model.zoo import HeadResults, ModelZoo, UnknownModelError, ZooModel
+from model.zoo import HeadResults, ImageResult, ModelZoo, UnknownModelError, ZooModel
 
 logger = logging.getLogger(__name__)
 
@@ -139,30 +140,46 @@ class TaskStore:
 
 
 # -------------------------------------------------------------------------------- helpers
-def _ood_markdown(record: dict[str, Any]) -> str:
+@dataclass(frozen=True)
+class FileError:
+    """A file that could not be used; the rest of the batch goes on."""
+
+    name: str
+    error: str
+
+
+@dataclass
+class BatchState:
+    """The batch tab's state: ranked results and the path each was read from (names may repeat)."""
+
+    model_id: str
+    results: list[ImageResult]
+    paths: list[str]
+
+
+def _ood_markdown(result: ImageResult) -> str:
     return (
         "## ⚠️ This may not be a dermoscopic skin-lesion image\n"
-        f"{record['warning']}\n\n"
+        f"{result.warning}\n\n"
         "The classifier was only trained on dermoscopy; its scores are **not meaningful** for "
         "this image, so no melanoma flag is shown."
     )
 
 
-def verdict_markdown(record: dict[str, Any]) -> str:
+def verdict_markdown(result: ImageResult) -> str:
     """The risk statement for one result: the OOD warning replaces the flag when raised."""
-    if record.get("warning"):
-        return _ood_markdown(record)
-    pred = record["prediction"]
-    p_mel, threshold = pred["melanoma_probability"], pred["melanoma_threshold"]
+    if result.warning:
+        return _ood_markdown(result)
+    p_mel, threshold = result.melanoma_probability, result.melanoma_threshold
     if p_mel is None:
-        return f"Top class: **{pred['label_name']}** ({pred['probability']:.1%}). This model has no melanoma class."
-    if pred["melanoma"]:
+        return f"Top class: **{result.label_name}** ({result.probability:.1%}). This model has no melanoma class."
+    if result.melanoma:
         flag = f"🔴 **Above** the model's threshold ({threshold:.2f}): this demo would flag it for a closer look."
     else:
         flag = f"🔵 Below the model's threshold ({threshold:.2f})."
     return (
         f"### Melanoma probability: {p_mel:.1%}\n{flag}\n\n"
-        f"Top class: {pred['label_name']} ({pred['probability']:.1%}). "
+        f"Top class: {result.label_name} ({result.probability:.1%}). "
         "_Research demo output, not a diagnosis._"
     )
 
@@ -247,29 +264,34 @@ def _marked_thumbnail(image: Image.Image, colour: tuple[int, int, int]) -> Image
     return ImageOps.expand(thumb, border=8, fill=colour)
 
 
-def _csv_row(rank: int | None, record: dict[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {"rank": rank, "file": record["name"]}
-    if "error" in record:
-        return {**row, "error": record["error"]}
-    pred, ood = record["prediction"], record.get("ood") or {}
+def _csv_row(rank: int, result: ImageResult) -> dict[str, Any]:
+    """One batch CSV row (the CSV boundary: the typed result becomes plain values here)."""
+    row: dict[str, Any] = {
+        "rank": rank,
+        "file": result.name,
+        "melanoma_probability": result.melanoma_probability,
+        "above_threshold": result.melanoma,
+        "threshold": result.melanoma_threshold,
+        "top_class": result.label,
+        "top_class_name": result.label_name,
+        "top_probability": result.probability,
+    }
+    seven = result.heads.seven_point if result.heads is not None else None
+    if seven is not None:  # models with every seven-point criterion head
+        row["seven_point_score"] = seven.score
+    ood = result.ood
     row.update(
-        melanoma_probability=pred["melanoma_probability"],
-        above_threshold=pred["melanoma"],
-        threshold=pred["melanoma_threshold"],
-        top_class=pred["label"],
-        top_class_name=pred["label_name"],
-        top_probability=pred["probability"],
+        ood=ood.is_ood if ood is not None else None,
+        ood_score=ood.score if ood is not None else None,
+        model_id=result.model.model_id,
     )
-    if "seven_point" in record:  # models with every seven-point criterion head
-        row["seven_point_score"] = record["seven_point"]["score"]
-    row.update(
-        ood=ood.get("is_ood"),
-        ood_score=ood.get("score"),
-        model_id=record["metadata"]["model_id"],
-    )
-    row.update({f"p_{code}": p for code, p in record["probabilities"].items()})
+    row.update({f"p_{code}": p for code, p in result.probabilities.items()})
     row["error"] = ""
     return row
+
+
+def _error_row(error: FileError) -> dict[str, Any]:
+    return {"rank": None, "file": error.name, "error": error.error}
 
 
 def _load_examples() -> tuple[list[str], list[str], str]:
@@ -324,18 +346,18 @@ def build_app(
         except UnknownModelError as err:
             raise gr.Error(str(err)) from err
 
-    def score_images(entry: ZooModel, named: Sequence[tuple[str, Image.Image]], on_chunk=None) -> list[dict[str, Any]]:
-        """Records for (name, image) pairs: probabilities + OOD verdicts, in chunks."""
-        records: list[dict[str, Any]] = []
+    def score_images(entry: ZooModel, named: Sequence[tuple[str, Image.Image]], on_chunk=None) -> list[ImageResult]:
+        """Results for (name, image) pairs: probabilities + OOD verdicts, in chunks."""
+        results: list[ImageResult] = []
         for start in range(0, len(named), BATCH_CHUNK):
             chunk = named[start : start + BATCH_CHUNK]
             images = [im for _, im in chunk]
             predictions = entry.predict(images)
             oods = zoo.check_ood(images)
-            records.extend(entry.record(name, p, o) for (name, _), p, o in zip(chunk, predictions, oods))
+            results.extend(entry.result(name, p, o) for (name, _), p, o in zip(chunk, predictions, oods))
             if on_chunk is not None:
-                on_chunk(len(records))
-        return records
+                on_chunk(len(results))
+        return results
 
     # --------------------------------------------------------------- Gradio functions
     def predict(
@@ -358,17 +380,16 @@ def build_app(
             analysis = entry.analyze(image, head_fusion, float(discard_ratio), start_layer)
         except ValueError as err:
             raise gr.Error(str(err)) from err
-        record = entry.record(_name_of(image_path), analysis, zoo.check_ood([image])[0])
-        record["explanation"] = analysis.method
-        verdict = verdict_markdown(record)
-        if analysis.heads is not None and not record["warning"]:  # OOD: no score is meaningful
+        result = entry.result(_name_of(image_path), analysis, zoo.check_ood([image])[0], explanation=analysis.method)
+        verdict = verdict_markdown(result)
+        if analysis.heads is not None and not result.warning:  # OOD: no score is meaningful
             verdict += "\n\n" + criteria_markdown(analysis.heads)
         return (
             readable_probabilities(entry, analysis.probabilities),
             verdict,
             gr.Image(value=analysis.heatmap, label=f"Explanation: {analysis.method}"),
             image,
-            record,
+            result.to_json(),
         )
 
     def predict_batch(files: list[str] | None, model_id: str | None, progress=gr.Progress()):
@@ -378,35 +399,32 @@ def build_app(
         entry = get_entry(model_id)
         named: list[tuple[str, Image.Image]] = []
         paths: list[str] = []  # parallel to `named` (file names may repeat across folders)
-        errors: list[dict[str, Any]] = []
+        errors: list[FileError] = []
         for path in progress.tqdm(files, desc="Reading images"):
             name = _name_of(path)
             try:
                 named.append((name, read_image(path)))
                 paths.append(path)
             except InvalidImageError as err:
-                errors.append({"name": name, "error": str(err)})
+                errors.append(FileError(name, str(err)))
         total = len(named)
         progress((0, total), desc="Classifying", unit="images")
-        records = score_images(
+        results = score_images(
             entry, named, on_chunk=lambda done: progress((done, total), desc="Classifying", unit="images")
         )
-        order = sorted(range(len(records)), key=lambda i: -(records[i]["prediction"]["melanoma_probability"] or 0.0))
-        ranked = [records[i] for i in order]
+        order = sorted(range(len(results)), key=lambda i: -(results[i].melanoma_probability or 0.0))
+        ranked = [results[i] for i in order]
         gallery = []
-        for rank, (index, record) in enumerate(zip(order, ranked), start=1):
-            pred = record["prediction"]
-            if record["warning"]:
+        for rank, (index, result) in enumerate(zip(order, ranked), start=1):
+            if result.warning:
                 colour, tag = OOD_COLOUR, "⚠ not dermoscopy?"
-            elif pred["melanoma"]:
+            elif result.melanoma:
                 colour, tag = ABOVE_COLOUR, "ABOVE threshold"
             else:
                 colour, tag = BELOW_COLOUR, "below threshold"
-            p_mel = pred["melanoma_probability"] or 0.0
-            caption = f"#{rank} {record['name']}: P(mel) {p_mel:.1%}, {tag}"
+            caption = f"#{rank} {result.name}: P(mel) {result.melanoma_probability or 0.0:.1%}, {tag}"
             gallery.append((_marked_thumbnail(named[index][1], colour), caption))
-            record["path"] = paths[index]
-        rows = [_csv_row(rank, r) for rank, r in enumerate(ranked, start=1)] + [_csv_row(None, e) for e in errors]
+        rows = [_csv_row(rank, r) for rank, r in enumerate(ranked, start=1)] + [_error_row(e) for e in errors]
         table = pd.DataFrame(rows)
         table["rank"] = table["rank"].astype("Int64")
         csv_dir = Path(tempfile.mkdtemp(prefix="melanoma_batch_"))
@@ -419,22 +437,23 @@ def build_app(
         shown = table[[c for c in columns if c in table]].round(4)
         error_md = (
             "**Files that could not be used** (the rest of the batch was processed):\n"
-            + "\n".join(f"- `{e['name']}`: {e['error']}" for e in errors)
+            + "\n".join(f"- `{e.name}`: {e.error}" for e in errors)
             if errors
-            else f"All {len(records)} images processed."
+            else f"All {len(results)} images processed."
         )
-        return gallery, shown, str(csv_path), error_md, {"model_id": entry.id, "records": ranked}
+        state = BatchState(entry.id, ranked, [paths[i] for i in order])
+        return gallery, shown, str(csv_path), error_md, state
 
-    def show_selected(state: dict[str, Any] | None, evt: gr.SelectData):
-        if not state or evt.index is None or evt.index >= len(state["records"]):
+    def show_selected(state: BatchState | None, evt: gr.SelectData):
+        if not state or evt.index is None or evt.index >= len(state.results):
             raise gr.Error("Run a batch first.")
-        record = state["records"][evt.index]
-        entry = get_entry(state["model_id"])
-        image = read_image(record["path"])
+        result = state.results[evt.index]
+        entry = get_entry(state.model_id)
+        image = read_image(state.paths[evt.index])
         analysis = entry.analyze(image)
         return (
-            readable_probabilities(entry, record["probabilities"]),
-            f"**{record['name']}**\n\n" + verdict_markdown(record),
+            readable_probabilities(entry, result.probabilities),
+            f"**{result.name}**\n\n" + verdict_markdown(result),
             gr.Image(value=analysis.heatmap, label=f"Explanation: {analysis.method}"),
             image,
         )
@@ -584,13 +603,13 @@ def build_app(
             )
         return data
 
-    def run_records(entry: ZooModel, named: list[tuple[str, Image.Image]], errors: list[dict[str, str]]) -> Callable:
+    def run_results(entry: ZooModel, named: list[tuple[str, Image.Image]], errors: list[FileError]) -> Callable:
         def work() -> dict[str, Any]:
             return {
                 "model_id": entry.id,
                 "disclaimer": API_DESCRIPTION.split("\n")[0],
-                "results": score_images(entry, named),
-                "errors": errors,
+                "results": [result.to_json() for result in score_images(entry, named)],
+                "errors": [asdict(e) for e in errors],
             }
 
         return work
@@ -614,7 +633,7 @@ def build_app(
         """Queue one image; poll `GET /from_task/{task_uuid}`. Research demo, not a medical device."""
         entry = rest_entry(model_id)
         image = read_image(read_upload(file))
-        return {"task_uuid": tasks.submit(run_records(entry, [(file.filename or "image", image)], []))}
+        return {"task_uuid": tasks.submit(run_results(entry, [(file.filename or "image", image)], []))}
 
     @api.post("/predict_bulk", summary="Classify many images (async task)", tags=["predict"])
     def rest_predict_bulk(
@@ -626,19 +645,21 @@ def build_app(
         if len(files) > MAX_BULK_FILES:
             detail = f"At most {MAX_BULK_FILES} files per request, got {len(files)}."
             raise HTTPException(status_code=413, detail=detail)
-        named, errors = [], []
+        named: list[tuple[str, Image.Image]] = []
+        errors: list[FileError] = []
         for upload in files:
             name = upload.filename or f"image_{len(named) + len(errors)}"
             try:
                 named.append((name, read_image(read_upload(upload))))
             except (InvalidImageError, HTTPException) as err:
-                errors.append({"name": name, "error": getattr(err, "detail", None) or str(err)})
+                errors.append(FileError(name, getattr(err, "detail", None) or str(err)))
+        error_json = [asdict(e) for e in errors]
         if not named:
-            summary = "; ".join(f"{e['name']}: {e['error']}" for e in errors)
-            content = {"detail": f"No usable image in the request. {summary}", "errors": errors}
+            summary = "; ".join(f"{e.name}: {e.error}" for e in errors)
+            content = {"detail": f"No usable image in the request. {summary}", "errors": error_json}
             return JSONResponse(status_code=400, content=content)
-        task_uuid = tasks.submit(run_records(entry, named, errors))
-        return {"task_uuid": task_uuid, "num_images": len(named), "errors": errors}
+        task_uuid = tasks.submit(run_results(entry, named, errors))
+        return {"task_uuid": task_uuid, "num_images": len(named), "errors": error_json}
 
     @api.get("/from_task/{task_uuid}", summary="Result of a task", tags=["predict"])
     def from_task(task_uuid: str) -> dict[str, Any]:

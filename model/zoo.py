@@ -22,7 +22,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from .geometry import processor_geometry
 from .labels import CRITERIA_LABELS, DX_NAMES, MELANOMA
 from .loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens
 from .sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score
+
+if TYPE_CHECKING:  # the detector is optional at run time (its module pulls in timm)
+    from .ood import OODResult
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,11 @@ class Prediction:
     probabilities: dict[str, float]  # dx code -> softmax(logits / T), sums to 1
     heads: HeadResults | None = None
 
+    @property
+    def label(self) -> str:
+        """The top dx code."""
+        return max(self.probabilities, key=self.probabilities.__getitem__)
+
 
 @dataclass(kw_only=True)
 class Analysis(Prediction):
@@ -108,6 +116,101 @@ class Analysis(Prediction):
 
     heatmap: np.ndarray  # (H, W, 3) uint8 overlay
     method: str
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """The fields every REST result carries about the model that produced it."""
+
+    model_id: str
+    net_type: str
+    img_size: int  # input height (px)
+    out_dim: int  # number of classes
+
+
+@dataclass
+class ImageResult:
+    """One image's result as it travels from the zoo through the app; JSON only via `to_json`
+    (REST responses, the Gradio JSON output); batch CSV rows read the attributes."""
+
+    name: str
+    prediction: Prediction
+    model: ModelMetadata
+    label_name: str  # readable name of `label`
+    melanoma_threshold: float  # decision threshold on P(mel)
+    ood: OODResult | None = None  # None without an OOD detector
+    explanation: str | None = None  # the explanation method, when one was computed
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        return self.prediction.probabilities
+
+    @property
+    def heads(self) -> HeadResults | None:
+        return self.prediction.heads
+
+    @property
+    def label(self) -> str:
+        """The top dx code."""
+        return self.prediction.label
+
+    @property
+    def probability(self) -> float:
+        """P(top class)."""
+        return self.probabilities[self.label]
+
+    @property
+    def melanoma_probability(self) -> float | None:
+        """P(mel), or None for a model without a melanoma class."""
+        return self.probabilities.get(MELANOMA)
+
+    @property
+    def melanoma(self) -> bool:
+        """`P(mel) >= melanoma_threshold` (False without a melanoma class)."""
+        p_mel = self.melanoma_probability
+        return bool(p_mel is not None and p_mel >= self.melanoma_threshold)
+
+    @property
+    def warning(self) -> str | None:
+        """Why the scores are not meaningful when the OOD detector flags the image, else None."""
+        return self.ood.reason if self.ood is not None and self.ood.is_ood else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON record (REST `from_task`, Gradio JSON output).
+
+        Models with extra heads add `heads` ({head: {label: probability}}) and, with every criterion
+        head, `seven_point` (score, threshold, suggests_melanoma, criteria: {criterion: P(pattern)});
+        other models' records have neither key. `explanation` only when one was computed.
+        """
+        result: dict[str, Any] = {
+            "name": self.name,
+            "probabilities": self.probabilities,
+            "metadata": asdict(self.model),
+            "prediction": {
+                "label": self.label,
+                "label_name": self.label_name,
+                "probability": self.probability,
+                "melanoma": self.melanoma,
+                "melanoma_probability": self.melanoma_probability,
+                "melanoma_threshold": self.melanoma_threshold,
+            },
+        }
+        heads = self.heads
+        if heads is not None:
+            result["heads"] = heads.probabilities
+            if heads.seven_point is not None:
+                seven = heads.seven_point
+                result["seven_point"] = {
+                    "score": seven.score,
+                    "threshold": seven.threshold,
+                    "suggests_melanoma": seven.suggests_melanoma,
+                    "criteria": seven.criteria,
+                }
+        result["ood"] = self.ood.to_dict() if self.ood is not None else None
+        result["warning"] = self.warning
+        if self.explanation is not None:
+            result["explanation"] = self.explanation
+        return result
 
 
 def _parse_card(folder: Path) -> CardInfo | None:
@@ -193,15 +296,16 @@ class ZooModel:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def metadata(self) -> dict[str, Any]:
-        """The fields every REST result carries: model_id, net_type, img_size, out_dim."""
-        return {"model_id": self.id, "net_type": self.net_type, "img_size": self.img_size, "out_dim": self.out_dim}
+    @property
+    def metadata(self) -> ModelMetadata:
+        """What every result carries about the model: model_id, net_type, img_size, out_dim."""
+        return ModelMetadata(self.id, self.net_type, self.img_size, self.out_dim)
 
     def describe(self) -> dict[str, Any]:
         """Everything the UI and `GET /public_models` show about the model."""
         card = self.card
         return {
-            **self.metadata(),
+            **asdict(self.metadata),
             "labels": self.labels,
             "temperature": self.temperature,
             "folded_temperature": self.folded_temperature,
@@ -216,48 +320,20 @@ class ZooModel:
             "metrics": [asdict(metric) for metric in (card.metrics if card else [])],
         }
 
-    def record(self, name: str, prediction: Prediction, ood: Any | None = None) -> dict[str, Any]:
-        """One image's JSON result (REST `from_task`, Gradio JSON output, batch CSV rows).
-
-        `prediction.melanoma` is `P(mel) >= melanoma_threshold`. When the OOD detector flags the
-        image, `ood.is_ood` is true and `warning` says why the score is not meaningful. Models with
-        extra heads add `heads` ({head: {label: probability}}) and, with every criterion head,
-        `seven_point` (score, threshold, suggests_melanoma, criteria: {criterion: P(pattern)});
-        other models' records have neither key.
-        """
-        probabilities = prediction.probabilities
-        top = max(probabilities, key=probabilities.__getitem__)
-        p_mel = probabilities.get(MELANOMA)
-        ood_dict = ood.to_dict() if ood is not None and hasattr(ood, "to_dict") else None
-        if ood is not None and ood_dict is None:
-            ood_dict = {"is_ood": bool(ood.is_ood), "score": float(ood.score), "reason": str(ood.reason)}
-        result: dict[str, Any] = {
-            "name": name,
-            "probabilities": probabilities,
-            "metadata": self.metadata(),
-            "prediction": {
-                "label": top,
-                "label_name": self.labels.get(top, top),
-                "probability": probabilities[top],
-                "melanoma": bool(p_mel is not None and p_mel >= self.melanoma_threshold),
-                "melanoma_probability": p_mel,
-                "melanoma_threshold": self.melanoma_threshold,
-            },
-        }
-        heads = prediction.heads
-        if heads is not None:
-            result["heads"] = heads.probabilities
-            if heads.seven_point is not None:
-                seven = heads.seven_point
-                result["seven_point"] = {
-                    "score": seven.score,
-                    "threshold": seven.threshold,
-                    "suggests_melanoma": seven.suggests_melanoma,
-                    "criteria": seven.criteria,
-                }
-        result["ood"] = ood_dict
-        result["warning"] = ood_dict["reason"] if ood_dict and ood_dict["is_ood"] else None
-        return result
+    def result(
+        self, name: str, prediction: Prediction, ood: OODResult | None = None, explanation: str | None = None
+    ) -> ImageResult:
+        """One image's typed result: `prediction` with this model's labels, threshold and metadata."""
+        top = prediction.label
+        return ImageResult(
+            name=name,
+            prediction=prediction,
+            model=self.metadata,
+            label_name=self.labels.get(top, top),
+            melanoma_threshold=self.melanoma_threshold,
+            ood=ood,
+            explanation=explanation,
+        )
 
     # ---------------------------------------------------------------------------- inference
     def _pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -482,7 +558,7 @@ class ModelZoo:
             self._ood_loaded, self._ood = True, detector
             self.ood_note = None if detector is not None else "Out-of-distribution check disabled."
 
-    def check_ood(self, images: Sequence[Image.Image]) -> list[Any | None]:
+    def check_ood(self, images: Sequence[Image.Image]) -> list[OODResult | None]:
         """Per image the detector's OODResult(is_ood, score, reason), or None without a detector."""
         detector = self.ood_detector
         if detector is None:

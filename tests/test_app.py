@@ -409,16 +409,16 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     gallery, _, _, _, state = _blocks_fn(demo, "predict_batch")(
         paths + [str(twin)], "resnet18-tiny", progress=gr.Progress()
     )
-    assert [r["name"] for r in state["records"]] == [c.split(" ")[1].rstrip(":") for _, c in gallery]
-    twins = [r for r in state["records"] if r["name"] == twin.name]
-    assert len(twins) == 2 and {r["path"] for r in twins} == {paths[0], str(twin)}
-    assert twins[0]["probabilities"] != twins[1]["probabilities"]
+    assert [r.name for r in state.results] == [c.split(" ")[1].rstrip(":") for _, c in gallery]
+    twins = [i for i, r in enumerate(state.results) if r.name == twin.name]
+    assert len(twins) == 2 and {state.paths[i] for i in twins} == {paths[0], str(twin)}
+    assert state.results[twins[0]].probabilities != state.results[twins[1]].probabilities
     selected = gr.SelectData(None, {"index": 1, "value": None})
     probs, verdict, heatmap, plain = _blocks_fn(demo, "show_selected")(state, selected)
-    second = state["records"][1]
-    assert second["name"] in verdict
-    assert probs["Melanoma"] == pytest.approx(second["probabilities"]["mel"])
-    assert plain.size == Image.open(ham_image_paths[[Path(p).name for p in paths].index(second["name"])]).size
+    second = state.results[1]
+    assert second.name in verdict
+    assert probs["Melanoma"] == pytest.approx(second.probabilities["mel"])
+    assert plain.size == Image.open(ham_image_paths[[Path(p).name for p in paths].index(second.name)]).size
     assert "Grad-CAM" in heatmap.label
 
     details, fusion, discard, start = _blocks_fn(demo, "on_model_change")("resnet18-tiny")

@@ -322,7 +322,7 @@ def test_extra_heads_come_from_the_same_forward_pass(zoo, ham_image_paths):
     seven = analysis.heads.seven_point
     assert seven.score == pytest.approx(predictions[0].heads.seven_point.score, abs=1e-5)
 
-    record = entry.record("lesion.jpg", analysis)
+    record = entry.result("lesion.jpg", analysis).to_json()
     assert list(record) == ["name", "probabilities", "metadata", "prediction", "heads", "seven_point", "ood", "warning"]
     assert record["heads"] == analysis.heads.probabilities
     assert record["seven_point"] == {
@@ -339,9 +339,35 @@ def test_models_without_extra_heads_keep_their_record(zoo, ham_image_paths):
         (prediction,) = entry.predict([image])
         assert entry.extra_heads == {} and not entry.has_seven_point
         assert prediction.heads is None and entry.analyze(image).heads is None
-        record = entry.record("lesion.jpg", prediction)
+        record = entry.result("lesion.jpg", prediction).to_json()
         assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning"], model_id
         assert record["probabilities"] == prediction.probabilities
+
+
+def test_image_result_is_typed_and_becomes_json_only_in_to_json():
+    """The melanoma flag at the threshold, the OOD warning and the JSON record from one typed result."""
+    from model.ood import OODResult
+    from model.zoo import ImageResult, ModelMetadata, Prediction
+
+    meta = ModelMetadata("m", "vit", 32, 3)
+    probs = {"nv": 0.35, "mel": 0.4, "bkl": 0.25}
+    at = ImageResult("a.jpg", Prediction(probs), meta, "Melanocytic nevi", melanoma_threshold=0.4)
+    above = ImageResult("a.jpg", Prediction(probs), meta, "Melanoma", melanoma_threshold=0.41)
+    assert at.label == "mel" and at.probability == 0.4 and at.melanoma and not above.melanoma
+    assert at.warning is None and at.to_json()["ood"] is None and "explanation" not in at.to_json()
+    flagged = OODResult(True, 9.5, 3.0, "Does not look like dermoscopy.")
+    result = ImageResult("b.png", Prediction({"nv": 1.0}), meta, "Melanocytic nevi", 0.5, flagged, "Grad-CAM")
+    assert result.melanoma_probability is None and not result.melanoma
+    assert result.warning == "Does not look like dermoscopy."
+    record = result.to_json()
+    assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning", "explanation"]
+    assert record["ood"] == {"is_ood": True, "score": 9.5, "threshold": 3.0, "reason": "Does not look like dermoscopy."}
+    assert record["metadata"] == {"model_id": "m", "net_type": "vit", "img_size": 32, "out_dim": 3}
+    assert record["prediction"] == {
+        "label": "nv", "label_name": "Melanocytic nevi", "probability": 1.0, "melanoma": False,
+        "melanoma_probability": None, "melanoma_threshold": 0.5,
+    }
+    assert json.loads(json.dumps(record)) == record
 
 
 def test_extra_heads_without_every_criterion_give_no_checklist(tmp_path, ham_image_paths):
@@ -360,7 +386,7 @@ def test_extra_heads_without_every_criterion_give_no_checklist(tmp_path, ham_ima
     (prediction,) = entry.predict([Image.open(ham_image_paths[0]).convert("RGB")])
     assert not entry.has_seven_point and prediction.heads.seven_point is None
     assert list(prediction.heads.probabilities) == list(heads)
-    record = entry.record("lesion.jpg", prediction)
+    record = entry.result("lesion.jpg", prediction).to_json()
     assert record["heads"] == prediction.heads.probabilities and "seven_point" not in record
 
 
