@@ -1,5 +1,5 @@
-"""train/data.py on the real fixture images: every layout, label schemes, lesion-grouped
-splits and manifests, corrupt files, transforms and class weights."""
+"""train/data.py, splits.py, transforms.py and balance.py on the real fixture images: every layout,
+label schemes, lesion-grouped splits and manifests, corrupt files, transforms and class weights."""
 
 import logging
 import os

@@ -279,7 +279,7 @@ def test_eval_folder_without_metrics_is_an_error(tiny_vit_dir, tmp_path):
 
 
 def _fixture_manifest(ham_dir: Path, path: Path) -> dict:
-    """A real manifest: the 12 fixture images split by lesion with train/data.py."""
+    """A real manifest: the 12 fixture images split by lesion with train/splits.py."""
     data = pytest.importorskip("train.data")
     splits = pytest.importorskip("train.splits")
     ds = data.load_image_dataset(str(ham_dir))
