@@ -1,7 +1,7 @@
 """Training throughput: train/train.py's loop vs a plain timm/torch loop vs the data loader alone.
 
 Same model (built by train.train.create_model; the raw timm model for CNN baselines), same training
-split and transforms (train.data.build_transforms), same batch size, optimiser and thread count.
+split and transforms (train.transforms.build_transforms), same batch size, optimiser and thread count.
 Prints images/s for each, the ratio ours / plain (target >= 0.9) and the share of a plain step that
 the loader alone would take (loader-bound when it nears 1). CPU numbers; on a shared machine run it
 when the machine is quiet and quote the load average printed with the result.
@@ -32,12 +32,14 @@ from torch.utils.data import DataLoader
 from transformers import TimmWrapperForImageClassification
 
 from model.labels import DX_CODES
-from train import data as data_lib
+from train.data import load_image_dataset
 from train.features import stem_bypassed
 from train.losses import masked_head_loss
 from train.multisource import MultiHeadNet
 from train.sources import MAIN_HEAD, SourceSpec, head_labels, load_sources
+from train.splits import split_by_lesion
 from train.train import collate, create_model, load_config, main
+from train.transforms import AugmentConfig, build_transforms, with_image_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 2
@@ -55,8 +57,8 @@ def ours(config: str, overrides: list[str], data: str, steps: int, num_workers: 
 def plain_setup(config: str, overrides: list[str], data: str, num_workers: int):
     cfg = load_config(config, overrides + [f"data={json.dumps(data)}"])
     torch.manual_seed(cfg.seed)
-    ds = data_lib.load_image_dataset(cfg.data, label_scheme=cfg.label_scheme)
-    train = data_lib.split_by_lesion(ds, cfg.val_size, cfg.test_size, seed=cfg.split_seed)["train"]
+    ds = load_image_dataset(cfg.data, label_scheme=cfg.label_scheme)
+    train = split_by_lesion(ds, cfg.val_size, cfg.test_size, seed=cfg.split_seed)["train"]
     names = train.features["label"].names
     model, processor = create_model(cfg.model, dict(enumerate(names)))
     if isinstance(model, TimmWrapperForImageClassification):
@@ -66,8 +68,8 @@ def plain_setup(config: str, overrides: list[str], data: str, num_workers: int):
 
 def train_loader(cfg, train, processor, num_workers: int) -> DataLoader:
     """Shuffled batches of the training split with the recipe's training transforms."""
-    transform = data_lib.build_transforms(processor, True, data_lib.AugmentConfig.from_any(cfg.augmentation))
-    return DataLoader(data_lib.with_image_transform(train, transform), batch_size=cfg.batch_size, shuffle=True,
+    transform = build_transforms(processor, True, AugmentConfig.from_any(cfg.augmentation))
+    return DataLoader(with_image_transform(train, transform), batch_size=cfg.batch_size, shuffle=True,
                       drop_last=True, num_workers=num_workers, collate_fn=collate)
 
 

@@ -1,6 +1,6 @@
 """Render the dataset card (README.md) of the prepared, lesion-grouped HAM10000 split.
 
-Split sizes come from the split manifest written by train/data.py (`write_manifest`): JSON
+Split sizes come from the split manifest written by train/splits.py (`write_manifest`): JSON
 ``{split: [image_ids...], "splits": [...], "seed": ..., ...}``. With the HAM10000 metadata CSV,
 per-split class counts, distinct lesions and lesions shared between splits are counted too.
 

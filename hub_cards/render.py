@@ -208,7 +208,7 @@ def _fmt_param(value: Any) -> str:
 
 
 def manifest_split_sizes(manifest: dict[str, Any]) -> tuple[dict[str, int], dict[str, Any]]:
-    """Split sizes and scalar parameters of a split manifest (train/data.py `write_manifest`).
+    """Split sizes and scalar parameters of a split manifest (train/splits.py `write_manifest`).
 
     The manifest is JSON ``{split: [image_ids...], "splits": [split names], "seed": ..., ...}``;
     without a ``"splits"`` list every list-valued key is a split. Sizes are counted from the

@@ -1,5 +1,5 @@
-"""train/data.py on the real fixture images: every layout, label schemes, lesion-grouped
-splits and manifests, corrupt files, transforms and class weights."""
+"""train/data.py, splits.py, transforms.py and balance.py on the real fixture images: every layout,
+label schemes, lesion-grouped splits and manifests, corrupt files, transforms and class weights."""
 
 import logging
 import os
@@ -17,24 +17,11 @@ from transformers import TimmWrapperImageProcessor, ViTImageProcessor
 from model.geometry import processor_geometry
 from model.imageio import load_image
 from model.labels import BINARY_LABELS, DX_CODES
-from train.data import (
-    IGNORE_INDEX,
-    AugmentConfig,
-    apply_manifest,
-    balanced_sampler_weights,
-    build_batch_mixer,
-    build_transforms,
-    check_no_leakage,
-    class_counts,
-    class_weights,
-    load_image_dataset,
-    read_manifest,
-    split_by_lesion,
-    train_pipeline,
-    verify_images,
-    with_image_transform,
-    write_manifest,
-)
+from model.modeling_melanoma_vit import IGNORE_INDEX
+from train.balance import balanced_sampler_weights, class_counts, class_weights
+from train.data import load_image_dataset, verify_images
+from train.splits import apply_manifest, check_no_leakage, read_manifest, split_by_lesion, write_manifest
+from train.transforms import AugmentConfig, build_batch_mixer, build_transforms, train_pipeline, with_image_transform
 
 MEL, NV, BKL = DX_CODES.index("mel"), DX_CODES.index("nv"), DX_CODES.index("bkl")
 # Fixture rows (tests/fixtures/ham10000/HAM10000_metadata.csv).
@@ -267,7 +254,7 @@ def test_decode_failure_at_training_time_is_ignored_not_fatal(ham_image_paths, t
     (folder / ham_image_paths[1].name).write_bytes(b"broken after loading")  # file goes bad mid-run
     for train in (True, False):
         transform = build_transforms(vit_processor, train=train)
-        with caplog.at_level(logging.WARNING, logger="train.data"):
+        with caplog.at_level(logging.WARNING, logger="train.transforms"):
             batch = with_image_transform(ds, transform)[:3]
         assert batch["labels"].tolist() == [NV, IGNORE_INDEX, NV]
         assert batch["pixel_values"].shape == (3, 3, 32, 32)

@@ -279,11 +279,12 @@ def test_eval_folder_without_metrics_is_an_error(tiny_vit_dir, tmp_path):
 
 
 def _fixture_manifest(ham_dir: Path, path: Path) -> dict:
-    """A real manifest: the 12 fixture images split by lesion with train/data.py."""
+    """A real manifest: the 12 fixture images split by lesion with train/splits.py."""
     data = pytest.importorskip("train.data")
+    splits = pytest.importorskip("train.splits")
     ds = data.load_image_dataset(str(ham_dir))
-    dd = data.split_by_lesion(ds, val_size=0.25, test_size=0.25, seed=0)
-    return data.write_manifest(dd, path)
+    dd = splits.split_by_lesion(ds, val_size=0.25, test_size=0.25, seed=0)
+    return splits.write_manifest(dd, path)
 
 
 def test_dataset_card_counts_splits_classes_and_lesions(ham_dir, tmp_path):

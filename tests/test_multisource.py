@@ -19,7 +19,8 @@ from model.baselines import create_efficientnet_lite, create_image_processor
 from model.calibration import config_temperature
 from model.labels import CRITERIA_LABELS, DERM7PT_LABELS, DX_CODES
 from model.sevenpoint import SEVEN_POINT, seven_point_score, seven_point_score_from_labels
-from train.data import IGNORE_INDEX, load_image_dataset
+from model.modeling_melanoma_vit import IGNORE_INDEX
+from train.data import load_image_dataset
 from train.features import build_cache, efficientnet_stem, load_cache, stem_bypassed
 from train.multisource import MultiHeadNet, sampler_weights
 from train.sources import SourceSpec, derm7pt_diagnosis, head_labels, load_sources

@@ -24,8 +24,10 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Vi
 from model import MelanomaViTConfig, MelanomaViTForImageClassification
 from model.baselines import create_resnet
 from model.labels import DX_CODES
-from train import data as data_lib
+from train.balance import class_counts
+from train.data import load_image_dataset
 from train.losses import make_criterion
+from train.splits import read_manifest
 from train.train import (
     TRAINER_STATE,
     EpochSeededSampler,
@@ -224,8 +226,8 @@ def test_frozen_batchnorm_stats_stay() -> None:
 
 # ------------------------------------------------------------------------------------ imbalance
 def test_imbalance_selection(ham_dir: Path) -> None:
-    ds = data_lib.load_image_dataset(ham_dir)
-    counts = torch.tensor(data_lib.class_counts(ds), dtype=torch.float64)  # nv 4, mel 3, others 1
+    ds = load_image_dataset(ham_dir)
+    counts = torch.tensor(class_counts(ds), dtype=torch.float64)  # nv 4, mel 3, others 1
     class_w, sample_w = imbalance_weights("class_weights", ds)
     assert sample_w is None
     torch.testing.assert_close(class_w.double(), counts.sum() / (len(counts) * counts))  # sklearn "balanced"
@@ -346,7 +348,7 @@ def test_accelerate_launch_two_steps_then_load_and_predict(tiny_config: Path, tm
     # TensorBoard logs where the README says: runs/X/runs/events.out.tfevents.* (not runs/X/runs/runs/).
     assert list((out / "runs").glob("events.out.tfevents.*")), sorted((out / "runs").rglob("*"))
     assert not (out / "runs" / "runs").exists()
-    manifest = data_lib.read_manifest(out / "split_manifest.json")
+    manifest = read_manifest(out / "split_manifest.json")
     assert len(manifest["train"]) == 5 and set(manifest["train"]).isdisjoint(manifest["validation"])
 
     model = AutoModelForImageClassification.from_pretrained(out).eval()

@@ -1,4 +1,4 @@
-"""Datasets in, tensors out: loading, lesion-grouped splits, transforms, class balance.
+"""Datasets in: every data source loaded as one `datasets.Dataset`, unreadable images dropped.
 
 Every data source becomes one `datasets.Dataset` with the columns
 
@@ -11,49 +11,39 @@ Every data source becomes one `datasets.Dataset` with the columns
 `load_image_dataset(spec)` accepts a Hub dataset id (or its local copy / a `save_to_disk`
 folder), an image folder with class subfolders, the HAM10000 layout, the ISIC 2017 layout or a
 CSV file with `path` and `dx` columns. Unreadable images are dropped at load time (with a
-warning and a count), and the batch transform turns a sample that still fails to decode
-into an ignored sample (label -100) instead of stopping a long run.
+warning and a count). Splits live in train/splits.py, transforms in train/transforms.py,
+class balance in train/balance.py:
 
     ds = load_image_dataset("../shared/data/ham10000")            # or a Hub id, folder, CSV
-    dd = split_by_lesion(ds, val_size=0.15, test_size=0.15, seed=42)
+    dd = split_by_lesion(ds, val_size=0.15, test_size=0.15, seed=42)          # train.splits
     write_manifest(dd, "runs/x/split_manifest.json")             # apply_manifest() rebuilds it
-    train_ds = with_image_transform(dd["train"], build_transforms(processor, train=True))
+    train_ds = with_image_transform(dd["train"], build_transforms(processor, train=True))  # train.transforms
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import pandas as pd
-import PIL.Image
-import torch
-from sklearn.model_selection import train_test_split
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from model.geometry import processor_geometry
 from model.imageio import load_image
 from model.labels import BINARY_LABELS, DX_CODES, DX_NAMES, ISIC2017_TO_DX, MELANOMA
-from model.modeling_melanoma_vit import IGNORE_INDEX  # the label every loss skips (e.g. a failed decode)
+
+from .splits import SPLIT_NAMES, split_by_lesion
 
 logger = logging.getLogger(__name__)
 
 LABEL_SCHEMES = ("dx", "binary")
-SPLIT_NAMES = ("train", "validation", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 HAM_METADATA = "HAM10000_metadata.csv"
 HAM_IMAGE_DIRS = ("images", "HAM10000_images", "HAM10000_images_part_1", "HAM10000_images_part_2")
@@ -65,6 +55,7 @@ ACCEPTED_SPECS = (
     "ISIC names, optionally under train/validation/test folders), or a CSV file with 'path' "
     "and 'dx' (or 'label') columns, paths relative to the CSV"
 )
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,448 +480,3 @@ def verify_images(ds: datasets.Dataset, num_workers: int | None = None) -> tuple
         return ds, 0
     drop = set(bad)
     return ds.select([i for i in range(len(ds)) if i not in drop]), len(bad)
-
-
-# --------------------------------------------------------------------------------------------
-# Lesion-grouped splits and manifests
-# --------------------------------------------------------------------------------------------
-
-
-def _column(ds: datasets.Dataset, name: str) -> list:
-    return list(ds.select_columns([name]).with_format(None)[name])
-
-
-def _groups(ds: datasets.Dataset) -> list[str]:
-    # An image without a lesion_id is its own lesion; prefixes keep the two id spaces apart.
-    return [
-        f"lesion:{les}" if les is not None else f"image:{img}"
-        for les, img in zip(_column(ds, "lesion_id"), _column(ds, "image_id"))
-    ]
-
-
-def _split_groups(keys: list[str], strata: list[int], size: float | int, seed: int) -> tuple[list[str], list[str]]:
-    """train_test_split of group keys, stratified when every stratum allows it."""
-    if size == 0:
-        return keys, []
-    counts = Counter(strata)
-    # Classes with too few lesions to be spread over both parts share one "rare" stratum.
-    pooled = [s if counts[s] >= 2 else -1 for s in strata]
-    if Counter(pooled)[-1] == 1:
-        pooled = [s if s != -1 else max(counts, key=counts.get) for s in pooled]
-    try:
-        rest, held = train_test_split(keys, test_size=size, random_state=seed, stratify=pooled)
-    except ValueError:
-        logger.info("too few lesions per class to stratify %d groups; splitting them unstratified", len(keys))
-        rest, held = train_test_split(keys, test_size=size, random_state=seed)
-    return rest, held
-
-
-def split_by_lesion(
-    ds: datasets.Dataset, val_size: float = 0.15, test_size: float = 0.15, seed: int = 42
-) -> datasets.DatasetDict:
-    """Split into train/validation/test with no lesion in two splits, stratified by class.
-
-    Lesions (images sharing a lesion_id; an image without one is its own lesion) are the
-    units: `val_size` and `test_size` are fractions of lesions, so image fractions are close
-    but not exact. Each lesion's stratum is its most common label. Deterministic for a seed.
-    Tiny data: a split gets at least one lesion when its size is > 0 (sklearn rounds the
-    held-out count up); classes with fewer than two lesions are pooled into one stratum and,
-    when even that cannot be stratified, the lesions are shuffled unstratified.
-
-    Returns:
-        DatasetDict(train, validation, test); rows keep their order in `ds`. `dd.split_info`
-        holds the parameters (used by `write_manifest`).
-    """
-    if not (0 <= val_size < 1 and 0 <= test_size < 1 and val_size + test_size < 1):
-        raise ValueError(f"val_size and test_size must be in [0, 1) with sum < 1, got {val_size}, {test_size}")
-    groups = _groups(ds)
-    labels = _column(ds, "label")
-    by_group: dict[str, Counter] = {}
-    for g, y in zip(groups, labels):
-        by_group.setdefault(g, Counter())[y] += 1
-    keys = sorted(by_group)
-    needed = 1 + (val_size > 0) + (test_size > 0)
-    if len(keys) < needed:
-        raise ValueError(
-            f"{len(keys)} lesion group(s) cannot fill {needed} non-empty splits; lower val_size/test_size to 0"
-        )
-    strata = {k: by_group[k].most_common(1)[0][0] for k in keys}
-    rest, test_keys = _split_groups(keys, [strata[k] for k in keys], test_size, seed)
-    val_frac = val_size / (1 - test_size) if val_size else 0
-    if val_size and len(rest) < 2:
-        raise ValueError(f"only {len(rest)} lesion group(s) left after the test split; lower test_size or val_size")
-    train_keys, val_keys = _split_groups(sorted(rest), [strata[k] for k in sorted(rest)], val_frac, seed)
-    part = {**{k: "train" for k in train_keys}, **{k: "validation" for k in val_keys}, **{k: "test" for k in test_keys}}
-    index: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
-    for i, g in enumerate(groups):
-        index[part[g]].append(i)
-    dd = datasets.DatasetDict({name: ds.select(idx) for name, idx in index.items()})
-    dd.split_info = {"seed": seed, "val_size": val_size, "test_size": test_size, "method": "split_by_lesion"}
-    return dd
-
-
-def check_no_leakage(dd: Mapping[str, datasets.Dataset]) -> None:
-    """Raise ValueError if an image_id or a lesion_id appears in more than one split."""
-    seen: dict[str, dict[str, str]] = {"image_id": {}, "lesion_id": {}}
-    for name, ds in dd.items():
-        for col in ("image_id", "lesion_id"):
-            for value in set(_column(ds, col)) - {None}:
-                other = seen[col].setdefault(value, name)
-                if other != name:
-                    raise ValueError(f"leakage: {col} {value!r} is in both {other!r} and {name!r}")
-
-
-def write_manifest(dd: Mapping[str, datasets.Dataset], path: str | Path, seed: int | None = None, **extra: Any) -> dict:
-    """Write {split: [image_ids], "splits", "seed", "sizes", "class_counts", ...} as JSON.
-
-    `seed` (and val_size/test_size) default to `dd.split_info` from `split_by_lesion`.
-    Returns the manifest written.
-    """
-    info = dict(getattr(dd, "split_info", {}))
-    if seed is not None:
-        info["seed"] = seed
-    manifest: dict[str, Any] = {**info, **extra, "splits": list(dd)}
-    manifest["sizes"] = {name: len(ds) for name, ds in dd.items()}
-    manifest["class_counts"] = {
-        name: dict(zip(ds.features["label"].names, class_counts(ds))) for name, ds in dd.items()
-    }
-    for name, ds in dd.items():
-        manifest[name] = _column(ds, "image_id")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(manifest, indent=1))
-    return manifest
-
-
-def read_manifest(path: str | Path) -> dict:
-    """Read a manifest written by `write_manifest`."""
-    manifest = json.loads(Path(path).read_text())
-    splits = manifest.get("splits", SPLIT_NAMES) if isinstance(manifest, dict) else []
-    if not any(isinstance(manifest.get(s), list) for s in splits):
-        raise ValueError(f"{path} is not a split manifest (no lists of image_ids under {SPLIT_NAMES})")
-    return manifest
-
-
-def apply_manifest(ds: datasets.Dataset, manifest: Mapping[str, Any] | str | Path) -> datasets.DatasetDict:
-    """Rebuild the splits of a manifest from `ds` (rows in manifest order).
-
-    Image ids of the manifest that `ds` lacks (e.g. images dropped as unreadable) are logged
-    and skipped; rows of `ds` in no split are left out.
-    """
-    if not isinstance(manifest, Mapping):
-        manifest = read_manifest(manifest)
-    where: dict[str, list[int]] = {}
-    for i, image_id in enumerate(_column(ds, "image_id")):
-        where.setdefault(image_id, []).append(i)
-    out = {}
-    for name in manifest.get("splits", [s for s in SPLIT_NAMES if s in manifest]):
-        ids = manifest[name]
-        missing = [i for i in ids if i not in where]
-        if missing:
-            logger.warning(
-                "manifest split %r: %d image_id(s) not in the dataset, e.g. %s", name, len(missing), missing[:3]
-            )
-        out[name] = ds.select([row for i in ids for row in where.get(i, [])])
-    return datasets.DatasetDict(out)
-
-
-# --------------------------------------------------------------------------------------------
-# Transforms
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation knobs (0 / None disables one). Dermoscopy has no "up", so the
-    flips, 90-degree rotations and transposes together cover all 8 orientations."""
-
-    hflip: float = 0.5
-    vflip: float = 0.5
-    rot90: bool = True
-    transpose: float = 0.5
-    crop_scale: tuple[float, float] | None = (0.5, 1.0)  # RandomResizedCrop area; None: plain resize
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.02
-    blur: float = 0.1  # probability of a GaussianBlur
-    blur_sigma: tuple[float, float] = (0.1, 1.5)
-    erasing: float = 0.25  # RandomErasing probability (on the normalised tensor)
-    # Acquisition shift between dermoscopes: a per-channel gain up to exp(+-color_cast) (warm or
-    # blue casts) and a dark circular vignette (probability `vignette`), as other archives show.
-    color_cast: float = 0.0
-    vignette: float = 0.0
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0  # probability that a batch is mixed at all
-
-    @classmethod
-    def from_any(cls, cfg: AugmentConfig | Mapping[str, Any] | None) -> AugmentConfig:
-        if cfg is None:
-            return cls()
-        if isinstance(cfg, cls):
-            return cfg
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(cfg) - known
-        if unknown:
-            raise ValueError(f"unknown augmentation option(s) {sorted(unknown)}; known: {sorted(known)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-        return cls(**values)
-
-
-class RandomColorCast(torch.nn.Module):
-    """Multiply each channel of a float image in [0, 1] by exp(U(-strength, strength)) (a colour cast)."""
-
-    def __init__(self, strength: float) -> None:
-        super().__init__()
-        self.strength = strength
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        gain = torch.empty(img.shape[-3], 1, 1).uniform_(-self.strength, self.strength).exp()
-        return (img * gain).clamp(0, 1)
-
-
-class RandomVignette(torch.nn.Module):
-    """With probability p, darken a float image outside a random circle (the dermoscope's field stop)."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        if torch.rand(()) >= self.p:
-            return img
-        h, w = img.shape[-2:]
-        y = torch.linspace(-1, 1, h).view(h, 1)
-        x = torch.linspace(-1, 1, w).view(1, w)
-        r = (x**2 + y**2).sqrt()  # 1 at the edge midpoints, sqrt(2) in the corners
-        radius = float(torch.empty(()).uniform_(0.8, 1.3))
-        width = float(torch.empty(()).uniform_(0.02, 0.2))
-        floor = float(torch.empty(()).uniform_(0.0, 0.15))
-        mask = floor + (1 - floor) * torch.sigmoid((radius - r) / width)  # (H, W)
-        return img * mask
-
-
-class RandomRot90(torch.nn.Module):
-    """Rotate an image tensor (..., H, W) by k * 90 degrees, k uniform in {0, 1, 2, 3}."""
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        k = int(torch.randint(4, ()))
-        out = torch.rot90(img, k, dims=(-2, -1))
-        return tv_tensors.wrap(out, like=img) if isinstance(img, tv_tensors.Image) else out
-
-
-class RandomTranspose(torch.nn.Module):
-    """Swap H and W of an image tensor (..., H, W) with probability p."""
-
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        self.p = p
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        if torch.rand(()) >= self.p:
-            return img
-        out = img.transpose(-2, -1)
-        return tv_tensors.wrap(out, like=img) if isinstance(img, tv_tensors.Image) else out
-
-
-def train_pipeline(image_processor: Any, cfg: AugmentConfig | Mapping[str, Any] | None = None) -> v2.Compose:
-    """Per-image training augmentation: RGB PIL image -> normalised float tensor (3, H, W)."""
-    cfg = AugmentConfig.from_any(cfg)
-    geo = processor_geometry(image_processor)
-    interpolation = v2.InterpolationMode(geo.interpolation)
-    steps: list[Callable] = [v2.ToImage()]
-    if cfg.hflip:
-        steps.append(v2.RandomHorizontalFlip(cfg.hflip))
-    if cfg.vflip:
-        steps.append(v2.RandomVerticalFlip(cfg.vflip))
-    if cfg.rot90:
-        steps.append(RandomRot90())
-    if cfg.transpose:
-        steps.append(RandomTranspose(cfg.transpose))
-    if cfg.crop_scale:
-        steps.append(
-            v2.RandomResizedCrop(
-                geo.size, cfg.crop_scale, cfg.crop_ratio, interpolation=interpolation, antialias=True
-            )
-        )
-    else:
-        steps.append(v2.Resize(geo.size, interpolation=interpolation, antialias=True))
-    if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
-        steps.append(v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
-    if cfg.blur:
-        kernel = max(3, int(0.05 * min(geo.size)) // 2 * 2 + 1)  # odd, ~5% of the side
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=cfg.blur_sigma)], p=cfg.blur))
-    steps.append(v2.ToDtype(torch.float32, scale=True))
-    if cfg.color_cast:
-        steps.append(RandomColorCast(cfg.color_cast))
-    if cfg.vignette:
-        steps.append(RandomVignette(cfg.vignette))
-    steps.append(v2.Normalize(geo.mean, geo.std))
-    if cfg.erasing:
-        steps.append(v2.RandomErasing(p=cfg.erasing, value=0))
-    return v2.Compose(steps)
-
-
-class ImageBatchTransform:
-    """Batch transform for `Dataset.with_transform`: {"image": [...], "label": [...]} ->
-    {"pixel_values": float32 (B, 3, H, W), "labels": int64 (B,)}.
-
-    Images may be PIL images or undecoded {"path", "bytes"} dicts (see `with_image_transform`).
-    An image that fails to decode becomes a zero tensor with label IGNORE_INDEX (-100), which
-    cross-entropy ignores, and is counted in `n_failed`: one bad file never stops a long run.
-    """
-
-    def __init__(self, image_processor: Any, train: bool, cfg: AugmentConfig | Mapping[str, Any] | None = None):
-        self.image_processor = image_processor
-        self.train = train
-        self.size = processor_geometry(image_processor).size
-        self.pipeline = train_pipeline(image_processor, cfg) if train else None
-        self.n_failed = 0
-
-    def _eval_batch(self, images: list[PIL.Image.Image]) -> torch.Tensor:
-        # The model's own processor: exactly what inference (app, evaluate) does.
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
-
-    def __call__(self, batch: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
-        images = batch["image"]
-        labels = list(batch["label"]) if "label" in batch else [IGNORE_INDEX] * len(images)
-        decoded: list[PIL.Image.Image | None] = []
-        for value in images:
-            try:
-                decoded.append(load_image(value))
-            except Exception as err:  # a corrupt sample must not end a training run
-                self.n_failed += 1
-                logger.warning(
-                    "image failed to decode at transform time (%s); sample ignored (label %d)", err, IGNORE_INDEX
-                )
-                decoded.append(None)
-        good = [img for img in decoded if img is not None]
-        if self.train:
-            outs = [self.pipeline(img) for img in good]
-        else:
-            outs = list(self._eval_batch(good)) if good else []
-        h, w = outs[0].shape[-2:] if outs else self.size
-        it = iter(outs)
-        pixel_values = torch.stack([next(it) if img is not None else torch.zeros(3, h, w) for img in decoded])
-        labels = [lab if img is not None else IGNORE_INDEX for lab, img in zip(labels, decoded)]
-        return {"pixel_values": pixel_values.float(), "labels": torch.as_tensor(labels, dtype=torch.long)}
-
-
-def build_transforms(
-    image_processor: Any, train: bool, cfg: AugmentConfig | Mapping[str, Any] | None = None
-) -> ImageBatchTransform:
-    """Batch transform for `Dataset.with_transform` from the model's saved image processor.
-
-    Args:
-        image_processor: a transformers image processor (ViTImageProcessor,
-            TimmWrapperImageProcessor, ...) or a path / Hub id for AutoImageProcessor.
-        train: True: augmentation (flips, 90-degree rotations, transposes, RandomResizedCrop,
-            ColorJitter, GaussianBlur, RandomErasing; knobs in `AugmentConfig`) at the
-            processor's size, normalised with its mean/std. False: the processor itself
-            (resize + normalise, deterministic), as used at inference.
-        cfg: AugmentConfig or a dict of its fields (training only).
-
-    Returns:
-        callable batch -> {"pixel_values": float32 (B, 3, H, W), "labels": int64 (B,)}.
-    """
-    if isinstance(image_processor, (str, Path)):
-        from transformers import AutoImageProcessor
-
-        image_processor = AutoImageProcessor.from_pretrained(str(image_processor))
-    return ImageBatchTransform(image_processor, train, cfg)
-
-
-def with_image_transform(ds: datasets.Dataset, transform: Callable) -> datasets.Dataset:
-    """`ds.with_transform(transform)` with images left undecoded until the transform, so that a
-    file that fails to decode reaches the transform's error handling instead of raising inside
-    datasets' formatter. Only the image and label columns are passed to the transform."""
-    ds = ds.cast_column("image", datasets.Image(decode=False))
-    columns = [c for c in ("image", "label") if c in ds.column_names]
-    return ds.with_transform(transform, columns=columns, output_all_columns=False)
-
-
-class BatchMixer:
-    """MixUp / CutMix (torchvision v2) on a collated batch; see `build_batch_mixer`."""
-
-    def __init__(self, mix: Callable, num_classes: int, prob: float = 1.0):
-        self.mix = mix
-        self.num_classes = num_classes
-        self.prob = prob
-
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        keep = batch["labels"] != IGNORE_INDEX
-        x, y = batch["pixel_values"][keep], batch["labels"][keep]
-        if len(y) > 1 and torch.rand(()) < self.prob:
-            x, y = self.mix(x, y)
-        else:
-            y = torch.nn.functional.one_hot(y, self.num_classes).float()
-        return {"pixel_values": x, "labels": y}
-
-
-def build_batch_mixer(cfg: AugmentConfig | Mapping[str, Any] | None, num_classes: int) -> BatchMixer | None:
-    """MixUp / CutMix (torchvision v2) applied to a collated batch, or None when both are off.
-
-    The mixer maps {"pixel_values": (B, 3, H, W), "labels": (B,) int64} to
-    {"pixel_values": (B', 3, H, W), "labels": (B', num_classes) float32 soft targets}, where
-    rows with label IGNORE_INDEX are dropped first (B' <= B). With both alphas > 0 each batch
-    gets one of the two at random; unmixed batches (mix_prob < 1) get one-hot targets, so the
-    loss is always soft-target cross-entropy: `(-labels * logits.log_softmax(-1)).sum(-1).mean()`.
-    """
-    cfg = AugmentConfig.from_any(cfg)
-    mixers = []
-    if cfg.mixup_alpha > 0:
-        mixers.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
-    if cfg.cutmix_alpha > 0:
-        mixers.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
-    if not mixers:
-        return None
-    return BatchMixer(mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers), num_classes, cfg.mix_prob)
-
-
-# --------------------------------------------------------------------------------------------
-# Class balance
-# --------------------------------------------------------------------------------------------
-
-
-def class_counts(ds: datasets.Dataset) -> list[int]:
-    """Images per class, in ClassLabel index order (length = number of classes)."""
-    n = ds.features["label"].num_classes
-    labels = np.asarray(_column(ds, "label"), dtype=np.int64)
-    return np.bincount(labels, minlength=n).tolist()
-
-
-def class_weights(
-    ds_or_counts: datasets.Dataset | Sequence[int], scheme: str = "inverse", beta: float = 0.999
-) -> torch.Tensor:
-    """Per-class loss weights (num_classes,) float32, scaled so that sum_c n_c * w_c = N
-    (the mean weight per training image is 1, so the loss scale is unchanged).
-
-    schemes: "inverse" w_c ~ 1/n_c (= sklearn's "balanced"), "sqrt_inverse" w_c ~ 1/sqrt(n_c),
-    "effective_number" w_c ~ (1 - beta) / (1 - beta^n_c) (Cui et al., CVPR 2019).
-    A class with no images gets weight 0.
-    """
-    counts = class_counts(ds_or_counts) if isinstance(ds_or_counts, datasets.Dataset) else list(ds_or_counts)
-    n = torch.as_tensor(counts, dtype=torch.float64)
-    present = n > 0
-    if not present.any():
-        raise ValueError("class_weights needs at least one labelled image")
-    raw = torch.zeros_like(n)
-    if scheme == "inverse":
-        raw[present] = 1.0 / n[present]
-    elif scheme == "sqrt_inverse":
-        raw[present] = 1.0 / n[present].sqrt()
-    elif scheme == "effective_number":
-        if not 0 < beta < 1:
-            raise ValueError(f"beta must be in (0, 1), got {beta}")
-        raw[present] = (1 - beta) / (1 - beta ** n[present])
-    else:
-        raise ValueError(f"scheme must be 'inverse', 'sqrt_inverse' or 'effective_number', got {scheme!r}")
-    return (raw * n.sum() / (raw * n).sum()).float()
-
-
-def balanced_sampler_weights(ds: datasets.Dataset, scheme: str = "inverse") -> torch.Tensor:
-    """Per-image weights (N,) float64 for torch.utils.data.WeightedRandomSampler: the class
-    weight of each image's label, so that with "inverse" every class is drawn equally often."""
-    weights = class_weights(ds, scheme).double()
-    return weights[torch.as_tensor(_column(ds, "label"), dtype=torch.long)]

@@ -30,10 +30,12 @@ scripts from the Hugging Face Hub, which fails offline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +73,7 @@ from model.loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_token
 from model.metrics_schema import METRIC_KEYS  # noqa: E402
 from model.rollout import attention_rollout  # noqa: E402
 from model.sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score  # noqa: E402
-from train.data import (  # noqa: E402
-    apply_manifest,
-    check_no_leakage,
-    label_names,
-    load_image_dataset,
-    read_manifest,
-)
+from train.data import label_names, load_image_dataset  # noqa: E402
 from train.metrics import (  # noqa: E402
     apply_view,
     bootstrap_auc_ci,
@@ -92,6 +88,7 @@ from train.metrics import (  # noqa: E402
     threshold_for_sensitivity,
 )
 from train.sources import derm7pt_criteria  # noqa: E402
+from train.splits import apply_manifest, check_no_leakage, read_manifest  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
@@ -131,7 +128,7 @@ def label_groups(model_names: list[str], data_names: list[str]) -> np.ndarray:
 # --------------------------------------------------------------------------------------- data
 
 
-def _select_data(args: argparse.Namespace) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
+def _select_data(args: EvalArgs) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
     """Test (and validation) datasets per the CLI, with leakage checks. Returns (test, val, info)."""
     info: dict[str, Any] = {}
     split = args.split
@@ -490,14 +487,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """Run the evaluation described by the CLI arguments; returns the metrics written."""
-    if not 1 <= args.tta <= 8:
-        raise ValueError(f"--tta must be between 1 and 8 (dihedral views), got {args.tta}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.write_config and args.val_data is None and args.manifest is None:
-        raise ValueError("--write-config needs validation data: pass --val-data (or --manifest with a validation split)")
+def _all_rows(split: str | None) -> str | None:
+    # "all" (or "") selects every row of a source that has splits of its own.
+    return None if (split or "").lower() in ("", "all") else split
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    """One evaluation run, as `evaluate` reads it; `from_cli` builds it from `build_parser`'s namespace."""
+
+    model: str  # model folder (save_pretrained) or Hub id
+    data: str  # anything train.data.load_image_dataset accepts
+    output_dir: str
+    split: str | None = None  # None: the manifest's test split with a manifest, else every row
+    manifest: str | None = None  # split_manifest.json of the training run
+    val_data: str | None = None
+    val_split: str | None = "validation"  # None: every row of val_data
+    masks: str | None = None
+    tta: int = 1  # dihedral views, 1 (none) to 8
+    batch_size: int = 32
+    label_scheme: str = "auto"  # auto | dx | binary; `evaluate` resolves auto from the model's labels
+    calibrate: bool = True
+    write_config: bool = False
+    bootstrap: int = 1000  # AUC CI resamples
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.tta <= 8:
+            raise ValueError(f"--tta must be between 1 and 8 (dihedral views), got {self.tta}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.write_config and self.val_data is None and self.manifest is None:
+            raise ValueError("--write-config needs validation data: pass --val-data (or --manifest with a validation split)")
+
+    @classmethod
+    def from_cli(cls, namespace: argparse.Namespace) -> EvalArgs:
+        values = vars(namespace)
+        return cls(**{**values, "split": _all_rows(values["split"]), "val_split": _all_rows(values["val_split"])})
+
+
+def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
+    """Run the evaluation `args` describes; returns the metrics written (metrics.json)."""
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -506,7 +536,7 @@ def evaluate(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if MELANOMA not in names:
         raise ValueError(f"the model's classes {names} have no {MELANOMA!r}: melanoma metrics need P(mel)")
     if args.label_scheme == "auto":
-        args.label_scheme = "binary" if tuple(names) == BINARY_LABELS else "dx"
+        args = dataclasses.replace(args, label_scheme="binary" if tuple(names) == BINARY_LABELS else "dx")
     data_names = list(label_names(args.label_scheme))
     groups = label_groups(names, data_names)
     mel_index = names.index(MELANOMA)
@@ -615,10 +645,7 @@ def evaluate(args: argparse.Namespace, command: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    # "all" (or "") selects every row of a source that has splits of its own.
-    args.split = None if (args.split or "").lower() in ("", "all") else args.split
-    args.val_split = None if (args.val_split or "").lower() in ("", "all") else args.val_split
+    args = EvalArgs.from_cli(build_parser().parse_args(argv))
     command = shlex.join(["python", "train/evaluate.py", *argv])
     result = evaluate(args, command)
     logger.info(

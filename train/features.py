@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from model.baselines import EFFICIENTNET_LITE_ARCHS, efficientnet_lite_stem_modules
 from model.geometry import processor_geometry
 
-from .data import AugmentConfig, build_transforms, with_image_transform
+from .transforms import AugmentConfig, build_transforms, with_image_transform
 
 logger = logging.getLogger(__name__)
 

@@ -46,8 +46,8 @@ from transformers import TimmWrapperForImageClassification
 
 from model.calibration import fold_temperature, store_temperature
 from model.labels import DX_CODES, MELANOMA
+from model.modeling_melanoma_vit import IGNORE_INDEX
 
-from .data import IGNORE_INDEX
 from .features import build_cache, efficientnet_stem_names, load_cache, stem_bypassed
 from .losses import masked_head_loss
 from .metrics import fit_temperature, melanoma_auc, threshold_for_sensitivity

@@ -28,8 +28,10 @@ import datasets
 import pandas as pd
 
 from model.labels import CRITERIA_LABELS, DERM7PT_LABELS, DX_CODES, ISIC2017_LABELS, ISIC2017_TO_DX
+from model.modeling_melanoma_vit import IGNORE_INDEX
 
-from .data import IGNORE_INDEX, SPLIT_NAMES, check_no_leakage, load_image_dataset, split_by_lesion
+from .data import load_image_dataset
+from .splits import SPLIT_NAMES, check_no_leakage, split_by_lesion
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import shlex
 import sys
 import time
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ if __name__ == "__main__":
         # that entry (what `python -P` does); `model` and `train` come from the installed project.
         del sys.path[0]
 
+import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -99,8 +100,12 @@ from model.baselines import (  # noqa: E402
 from model.convert import load_hybrid_stem_from_timm  # noqa: E402
 from model.geometry import processor_geometry  # noqa: E402
 from model.labels import MELANOMA  # noqa: E402
-from train import data as data_lib  # noqa: E402
+from model.modeling_melanoma_vit import IGNORE_INDEX  # noqa: E402
+from train.balance import balanced_sampler_weights, class_counts, class_weights  # noqa: E402
+from train.data import load_image_dataset  # noqa: E402
 from train.losses import DISTILLATION_KINDS, classification_loss, make_criterion  # noqa: E402
+from train.splits import split_by_lesion, write_manifest  # noqa: E402
+from train.transforms import AugmentConfig, build_batch_mixer, build_transforms, with_image_transform  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -149,7 +154,7 @@ class TrainConfig:
     val_size: float = 0.15
     test_size: float = 0.15
     split_seed: int = 42  # lesion-grouped split; keep fixed across recipes so they share one split
-    augmentation: dict[str, Any] = field(default_factory=dict)  # passed to train.data.build_transforms
+    augmentation: dict[str, Any] = field(default_factory=dict)  # passed to train.transforms.build_transforms
     # multi-source recipes (train/multisource.py): list of train.sources.SourceSpec fields; when set,
     # `data`/`val_size`/`test_size` are per source and training runs on cached stem features
     sources: list[dict[str, Any]] | None = None
@@ -455,9 +460,9 @@ def imbalance_weights(imbalance: str, train_split: Any) -> tuple[torch.Tensor | 
     weights (every class drawn equally often); "none": neither.
     """
     if imbalance == "class_weights":
-        return data_lib.class_weights(train_split), None
+        return class_weights(train_split), None
     if imbalance == "sampler":
-        return None, data_lib.balanced_sampler_weights(train_split)
+        return None, balanced_sampler_weights(train_split)
     if imbalance == "none":
         return None, None
     raise ValueError(f"imbalance must be one of {IMBALANCE}, got {imbalance!r}")
@@ -549,7 +554,7 @@ def evaluate_model(
     model.train(was_training)
     logits = torch.cat(all_logits)
     labels = torch.cat(all_labels)
-    keep = labels != data_lib.IGNORE_INDEX  # images that failed to decode
+    keep = labels != IGNORE_INDEX  # images that failed to decode
     logits, labels = logits[keep], labels[keep]
     preds = logits.argmax(-1).numpy()
     y = labels.numpy()
@@ -622,9 +627,73 @@ def resolve_checkpoint(resume: str, output_dir: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run training; returns the final validation metrics (also written to val_metrics.json)."""
-    args = parse_args(argv)
+class TeacherAdapter:
+    """A DeiT distillation teacher (frozen, eval mode) that reads the student's batches.
+
+    The student's pixels become the teacher's: undo the student processor's normalisation, apply
+    the teacher's, and resize (bicubic) when the teacher expects another size.
+    """
+
+    def __init__(self, name: str, label_names: Sequence[str], student_processor: Any, device: torch.device) -> None:
+        self.model = AutoModelForImageClassification.from_pretrained(name).eval().requires_grad_(False)
+        teacher_labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        if teacher_labels != list(label_names):
+            raise ValueError(f"teacher {name} predicts {teacher_labels}, the student {list(label_names)}")
+        student = processor_geometry(student_processor)
+        teacher = processor_geometry(AutoImageProcessor.from_pretrained(name))
+        s_mean, s_std, t_mean, t_std = (torch.tensor(v) for v in (student.mean, student.std, teacher.mean, teacher.std))
+        self.scale = (s_std / t_std).view(1, 3, 1, 1).to(device)
+        self.shift = ((s_mean - t_mean) / t_std).view(1, 3, 1, 1).to(device)
+        self.size = tuple(teacher.size)
+        self.model.to(device)
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Student-normalised (B, 3, H, W) -> teacher logits (B, num_labels)."""
+        pixels = pixel_values * self.scale + self.shift
+        if self.size != tuple(pixels.shape[-2:]):
+            pixels = F.interpolate(pixels, size=self.size, mode="bicubic", align_corners=False)
+        return self.model(pixel_values=pixels).logits
+
+
+@dataclass
+class TrainingRun:
+    """Everything one training run holds once `accelerator.prepare` is done."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    model: nn.Module  # prepared (possibly DDP-wrapped)
+    processor: Any
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    train_dataloader: DataLoader
+    eval_dataloader: DataLoader
+    loader_generator: torch.Generator
+    criterion: nn.Module
+    label_names: list[str]
+    max_steps: int
+    mixer: Callable | None = None
+    teacher: TeacherAdapter | None = None
+    ema: ModelEmaV3 | None = None
+    blocks: list[list[str]] = field(default_factory=list)
+    # Progress, saved in every checkpoint's trainer_state.json.
+    state: dict[str, Any] = field(default_factory=lambda: {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "history": []})
+    # Training throughput (data loading + step, evaluation and checkpointing excluded), after 2 warm-up steps.
+    speed: dict[str, Any] = field(default_factory=lambda: {"images": 0, "seconds": 0.0, "warmup": 2})
+    running_loss: torch.Tensor | None = None
+    running_count: int = 0
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.speed["images"] / self.speed["seconds"] if self.speed["seconds"] else None
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The YAML config plus `--set` overrides, with --data / --max_steps / --seed applied last."""
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data={json.dumps(args.data)}")
@@ -632,71 +701,53 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides.append(f"max_steps={args.max_steps}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    cfg = load_config(args.config, overrides)
-    output_dir = Path(args.output_dir)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    if cfg.sources:
-        from train.multisource import train_multisource
+    return load_config(args.config, overrides)
 
-        return train_multisource(cfg, args, create_model, weight_decay_groups, create_scheduler)
-    freezing = cfg.freeze_backbone > 0
 
+def create_accelerator(cfg: TrainConfig, args: argparse.Namespace) -> Accelerator:
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(
-            project_dir=str(output_dir),  # also the logging dir: init_trackers("runs") logs to output_dir/runs
+            project_dir=str(Path(args.output_dir)),  # also the logging dir: init_trackers("runs") logs to output_dir/runs
             automatic_checkpoint_naming=True,
             total_limit=cfg.checkpoints_total_limit,
         ),
         # Frozen blocks get no gradient; DDP must be told they are unused.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if freezing else None,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.freeze_backbone > 0 else None,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         logger.setLevel(logging.WARNING)
-    set_seed(cfg.seed)
+    return accelerator
 
-    # ---- data
-    dataset = data_lib.load_image_dataset(cfg.data, label_scheme=cfg.label_scheme)
-    splits = data_lib.split_by_lesion(dataset, val_size=cfg.val_size, test_size=cfg.test_size, seed=cfg.split_seed)
-    label_names = list(splits["train"].features["label"].names)
-    id2label = dict(enumerate(label_names))
+
+def load_splits(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) -> datasets.DatasetDict:
+    """The lesion-grouped train/validation/test split of `cfg.data`, its manifest written to `output_dir`."""
+    dataset = load_image_dataset(cfg.data, label_scheme=cfg.label_scheme)
+    splits = split_by_lesion(dataset, val_size=cfg.val_size, test_size=cfg.test_size, seed=cfg.split_seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        data_lib.write_manifest(splits, output_dir / "split_manifest.json")
+        write_manifest(splits, output_dir / "split_manifest.json")
+    return splits
 
-    # ---- model
-    model, processor = create_model(cfg.model, id2label)
-    teacher = None
-    if cfg.distillation.teacher:
-        teacher = AutoModelForImageClassification.from_pretrained(cfg.distillation.teacher).eval().requires_grad_(False)
-        teacher_labels = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
-        if teacher_labels != label_names:
-            raise ValueError(f"teacher {cfg.distillation.teacher} predicts {teacher_labels}, the student {label_names}")
-        teacher_processor = AutoImageProcessor.from_pretrained(cfg.distillation.teacher)
 
-    counts = data_lib.class_counts(splits["train"])
-    class_weights, sample_weights = imbalance_weights(cfg.imbalance, splits["train"])
-    logger.info("train %d images, class counts %s", len(splits["train"]), dict(zip(label_names, counts)))
-
-    augmentation = data_lib.AugmentConfig.from_any(cfg.augmentation)
-    mixer = data_lib.build_batch_mixer(augmentation, len(label_names))
-    if mixer is not None and cfg.focal_gamma > 0:
-        raise ValueError("focal loss needs hard labels: set focal_gamma: 0 or turn off mixup/cutmix")
-    train_ds = data_lib.with_image_transform(splits["train"], data_lib.build_transforms(processor, True, augmentation))
-    val_ds = data_lib.with_image_transform(splits["validation"], data_lib.build_transforms(processor, False))
-    sampler = EpochSeededSampler(len(train_ds), cfg.seed, sample_weights)
+def create_dataloaders(
+    cfg: TrainConfig, splits: datasets.DatasetDict, processor: Any, sample_weights: torch.Tensor | None, num_workers: int
+) -> tuple[DataLoader, DataLoader, torch.Generator]:
+    """(train loader, validation loader, the train loader's generator, re-seeded every epoch)."""
+    augmentation = AugmentConfig.from_any(cfg.augmentation)
+    train_ds = with_image_transform(splits["train"], build_transforms(processor, True, augmentation))
+    val_ds = with_image_transform(splits["validation"], build_transforms(processor, False))
     # Own generator: DataLoader workers' base seed must not consume the global RNG (exact resume).
     loader_generator = torch.Generator()
     train_dataloader = DataLoader(
         SeededAugmentation(train_ds, cfg.seed),
         batch_size=cfg.batch_size,
-        sampler=sampler,
+        sampler=EpochSeededSampler(len(train_ds), cfg.seed, sample_weights),
         collate_fn=collate,
-        num_workers=args.num_workers,
+        num_workers=num_workers,
         drop_last=len(train_ds) > cfg.batch_size,  # a size-1 last batch breaks BatchNorm
         generator=loader_generator,
     )
@@ -705,182 +756,246 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch_size=cfg.eval_batch_size,
         shuffle=False,
         collate_fn=collate,
-        num_workers=args.num_workers,
+        num_workers=num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
+    return train_dataloader, eval_dataloader, loader_generator
 
-    # ---- optimizer / scheduler
+
+def create_optimizer(
+    cfg: TrainConfig, model: nn.Module, train_dataloader: DataLoader, num_processes: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, int]:
+    """(AdamW, learning-rate schedule, max_steps in optimizer updates)."""
     optimizer = torch.optim.AdamW(
         weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas)
     )
     # Per-process optimizer updates per epoch, as after prepare() shards the batches over processes.
-    updates_per_epoch = math.ceil(math.ceil(len(train_dataloader) / accelerator.num_processes) / cfg.gradient_accumulation_steps)
+    updates_per_epoch = math.ceil(math.ceil(len(train_dataloader) / num_processes) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * updates_per_epoch
-    lr_scheduler = create_scheduler(cfg, optimizer, max_steps, updates_per_epoch, accelerator.num_processes)
+    return optimizer, create_scheduler(cfg, optimizer, max_steps, updates_per_epoch, num_processes), max_steps
 
-    # ---- the one prepare()
+
+def setup(cfg: TrainConfig, args: argparse.Namespace, accelerator: Accelerator) -> TrainingRun:
+    """set_seed -> data -> model (+ teacher) -> optimizer/scheduler -> the one `accelerator.prepare`."""
+    set_seed(cfg.seed)
+    splits = load_splits(cfg, accelerator, Path(args.output_dir))
+    label_names = list(splits["train"].features["label"].names)
+    model, processor = create_model(cfg.model, dict(enumerate(label_names)))
+    teacher = None
+    if cfg.distillation.teacher:
+        teacher = TeacherAdapter(cfg.distillation.teacher, label_names, processor, accelerator.device)
+    counts = class_counts(splits["train"])
+    loss_weights, sample_weights = imbalance_weights(cfg.imbalance, splits["train"])
+    logger.info("train %d images, class counts %s", len(splits["train"]), dict(zip(label_names, counts)))
+    mixer = build_batch_mixer(AugmentConfig.from_any(cfg.augmentation), len(label_names))
+    if mixer is not None and cfg.focal_gamma > 0:
+        raise ValueError("focal loss needs hard labels: set focal_gamma: 0 or turn off mixup/cutmix")
+    train_dataloader, eval_dataloader, loader_generator = create_dataloaders(
+        cfg, splits, processor, sample_weights, args.num_workers
+    )
+    optimizer, lr_scheduler, max_steps = create_optimizer(cfg, model, train_dataloader, accelerator.num_processes)
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
     unwrapped = accelerator.unwrap_model(model)
-    criterion = make_criterion(cfg.focal_gamma, cfg.label_smoothing, class_weights).to(accelerator.device)
-    blocks = parameter_blocks(unwrapped)
-    ema = ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema else None
-    if teacher is not None:
-        teacher.to(accelerator.device)
-        student_geometry = processor_geometry(processor)
-        teacher_geometry = processor_geometry(teacher_processor)
-        s_mean, s_std = student_geometry.mean, student_geometry.std
-        t_mean, t_std, t_size = teacher_geometry.mean, teacher_geometry.std, teacher_geometry.size
-        # Student pixels -> teacher pixels: undo the student's normalisation, apply the teacher's.
-        renorm_scale = (torch.tensor(s_std) / torch.tensor(t_std)).view(1, 3, 1, 1).to(accelerator.device)
-        renorm_shift = ((torch.tensor(s_mean) - torch.tensor(t_mean)) / torch.tensor(t_std)).view(1, 3, 1, 1).to(accelerator.device)
+    return TrainingRun(
+        cfg=cfg, accelerator=accelerator, model=model, processor=processor, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, train_dataloader=train_dataloader, eval_dataloader=eval_dataloader,
+        loader_generator=loader_generator,
+        criterion=make_criterion(cfg.focal_gamma, cfg.label_smoothing, loss_weights).to(accelerator.device),
+        label_names=label_names, max_steps=max_steps, mixer=mixer, teacher=teacher,
+        blocks=parameter_blocks(unwrapped), ema=ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema else None,
+        running_loss=torch.zeros((), device=accelerator.device),
+    )
 
-    updates_per_epoch = math.ceil(len(train_dataloader) / cfg.gradient_accumulation_steps)
-    num_epochs = math.ceil(max_steps / updates_per_epoch)
-    state: dict[str, Any] = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "history": []}
 
+def resume(run: TrainingRun, resume_from: str, output_dir: Path) -> None:
+    """Load model/optimizer/scheduler/RNG/EMA state and progress from a checkpoint."""
+    checkpoint = resolve_checkpoint(resume_from, output_dir)
+    logger.info("resuming from %s", checkpoint)
+    run.accelerator.load_state(str(checkpoint))
+    run.state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    if run.ema is not None:
+        run.ema.load_state_dict(load_file(checkpoint / EMA_WEIGHTS))
+    existing = [_checkpoint_index(p) for p in (output_dir / "checkpoints").glob("checkpoint_*")]
+    run.accelerator.project_configuration.iteration = max(existing) + 1
+
+
+def save_checkpoint(run: TrainingRun) -> None:
+    location = Path(run.accelerator.save_state())
+    if run.accelerator.is_main_process:
+        if run.ema is not None:
+            save_file({k: v.contiguous() for k, v in run.ema.state_dict().items()}, location / EMA_WEIGHTS)
+        # Written last: marks the checkpoint complete for --resume_from_checkpoint latest.
+        write_trainer_state(location, run.state)
+
+
+def refresh_freezing(run: TrainingRun) -> None:
+    """Freeze all but the blocks the warm-up schedule trains at the current epoch / step."""
+    cfg = run.cfg
+    if cfg.freeze_backbone > 0:
+        progress = run.state["epoch"] if cfg.freeze_unit == "epochs" else run.state["completed_steps"]
+        n = trainable_block_count(progress, len(run.blocks), cfg.freeze_backbone, cfg.unfreeze_every)
+        apply_freezing(run.unwrapped, run.blocks, n)
+
+
+def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward, loss, backward and (at the end of an accumulation window) the optimizer update."""
+    cfg, accelerator = run.cfg, run.accelerator
+    with accelerator.accumulate(run.model):
+        outputs = run.model(pixel_values=batch["pixel_values"])
+        teacher_logits = None
+        if run.teacher is not None:
+            with accelerator.autocast():
+                teacher_logits = run.teacher(batch["pixel_values"])
+        loss = classification_loss(
+            run.criterion, outputs.logits, batch["labels"], getattr(outputs, "distillation_logits", None),
+            teacher_logits, kind=cfg.distillation.kind, alpha=cfg.distillation.alpha,
+            temperature=cfg.distillation.temperature,
+        )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.max_grad_norm:
+            accelerator.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def after_update(run: TrainingRun, batch: dict[str, torch.Tensor], seconds: float, progress: tqdm) -> None:
+    """Bookkeeping after one optimizer update: throughput, EMA, unfreezing, logging, checkpoints."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    state["completed_steps"] += 1
+    if run.speed["warmup"] > 0:
+        run.speed["warmup"] -= 1
+    else:
+        run.speed["images"] += len(batch["pixel_values"]) * cfg.gradient_accumulation_steps * accelerator.num_processes
+        run.speed["seconds"] += seconds
+    progress.update(1)
+    if run.ema is not None:
+        run.ema.update(run.unwrapped, step=state["completed_steps"])
+    if cfg.freeze_unit == "steps":
+        refresh_freezing(run)
+    if state["completed_steps"] % cfg.logging_steps == 0 or state["completed_steps"] == run.max_steps:
+        mean_loss = accelerator.reduce(run.running_loss, reduction="mean").item() / max(run.running_count, 1)
+        accelerator.log({"train/loss": mean_loss, "train/lr": run.lr_scheduler.get_last_lr()[0], "epoch": state["epoch"],
+                         "train/images_per_s": run.images_per_s or 0.0},
+                        step=state["completed_steps"])
+        progress.set_postfix(loss=f"{mean_loss:.4f}")
+        run.running_loss.zero_()
+        run.running_count = 0
+    if cfg.checkpointing_steps and state["completed_steps"] % cfg.checkpointing_steps == 0:
+        save_checkpoint(run)
+
+
+def train_epoch(run: TrainingRun, progress: tqdm) -> None:
+    """One pass over the training data (the rest of it when resumed mid-epoch), up to max_steps."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    epoch = state["epoch"]
+    run.model.train()
+    refresh_freezing(run)
+    # accelerate's loader calls sampler.set_epoch(its own counter) when iterated: set that counter.
+    run.train_dataloader.set_epoch(epoch)
+    run.loader_generator.manual_seed(cfg.seed + epoch)
+    skip = state["batches_in_epoch"]
+    batches = accelerator.skip_first_batches(run.train_dataloader, skip) if skip else run.train_dataloader
+    tick = time.perf_counter()
+    for batch in batches:
+        if state["completed_steps"] >= run.max_steps:
+            break
+        if run.mixer is not None:
+            batch = run.mixer(batch)  # labels become (B, num_labels) soft targets
+        loss = train_step(run, batch)
+        state["batches_in_epoch"] += 1
+        run.running_loss += loss.detach()
+        run.running_count += 1
+        if not accelerator.sync_gradients:
+            continue
+        after_update(run, batch, time.perf_counter() - tick, progress)
+        tick = time.perf_counter()
+
+
+def validate(run: TrainingRun) -> dict[str, Any]:
+    """Evaluate (the EMA weights when kept), record in the history, log, then checkpoint."""
+    state = run.state
+    model = run.ema.module if run.ema is not None else run.model
+    metrics = evaluate_model(model, run.eval_dataloader, run.accelerator, run.label_names)
+    metrics.update(epoch=state["epoch"], step=state["completed_steps"])
+    state["history"].append(metrics)
+    run.accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state["completed_steps"])
+    logger.info("epoch %d step %d: %s", state["epoch"], state["completed_steps"], _fmt(metrics))
+    state["epoch"] += 1
+    state["batches_in_epoch"] = 0
+    save_checkpoint(run)
+    return metrics
+
+
+def export(run: TrainingRun, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
+    """save_pretrained model + processor, train_config.yaml, training_args.json, command.txt, val_metrics.json."""
+    cfg, accelerator, unwrapped = run.cfg, run.accelerator, run.unwrapped
+    accelerator.wait_for_everyone()
+    if run.ema is not None:
+        unwrapped.load_state_dict(run.ema.module.state_dict())
+    unwrapped.eval()
+    history = run.state["history"]
+    final = history[-1] if history else evaluate_model(run.model, run.eval_dataloader, accelerator, run.label_names)
+    if not accelerator.is_main_process:
+        return final
+    unwrapped.save_pretrained(output_dir, safe_serialization=True)
+    if not isinstance(unwrapped, TimmWrapperForImageClassification):  # timm keeps it in config.json
+        run.processor.save_pretrained(output_dir)
+    cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict["adam_betas"] = list(cfg.adam_betas)
+    (output_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    infra = {k: v for k, v in vars(args).items() if k != "overrides"}
+    (output_dir / "training_args.json").write_text(
+        json.dumps({"config": cfg_dict, "infrastructure": infra, "num_processes": accelerator.num_processes,
+                    "mixed_precision": accelerator.mixed_precision}, indent=2)
+    )
+    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
+    (output_dir / "command.txt").write_text(f"{launcher} {shlex.join(sys.argv)}\n")
+    result = {"final": final, "history": history, "labels": run.label_names, "ema": cfg.ema,
+              "steps": run.state["completed_steps"], "train_images_per_s": run.images_per_s}
+    (output_dir / "val_metrics.json").write_text(json.dumps(result, indent=2))
+    logger.info("saved %s to %s (validation: %s)", cfg.model.name, output_dir, _fmt(final))
+    return final
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run training; returns the final validation metrics (also written to val_metrics.json)."""
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    output_dir = Path(args.output_dir)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    if cfg.sources:
+        from train.multisource import train_multisource
+
+        return train_multisource(cfg, args, create_model, weight_decay_groups, create_scheduler)
+    accelerator = create_accelerator(cfg, args)
+    run = setup(cfg, args, accelerator)
+    updates_per_epoch = math.ceil(len(run.train_dataloader) / cfg.gradient_accumulation_steps)
+    num_epochs = math.ceil(run.max_steps / updates_per_epoch)
     if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-        logger.info("resuming from %s", checkpoint)
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
-        if ema is not None:
-            ema.load_state_dict(load_file(checkpoint / EMA_WEIGHTS))
-        existing = [_checkpoint_index(p) for p in (output_dir / "checkpoints").glob("checkpoint_*")]
-        accelerator.project_configuration.iteration = max(existing) + 1
-
-    def save_checkpoint() -> None:
-        location = Path(accelerator.save_state())
-        if accelerator.is_main_process:
-            if ema is not None:
-                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, location / EMA_WEIGHTS)
-            # Written last: marks the checkpoint complete for --resume_from_checkpoint latest.
-            write_trainer_state(location, state)
-
-    def progress_index() -> int:
-        return state["epoch"] if cfg.freeze_unit == "epochs" else state["completed_steps"]
-
-    def refresh_freezing() -> None:
-        if freezing:
-            n = trainable_block_count(progress_index(), len(blocks), cfg.freeze_backbone, cfg.unfreeze_every)
-            apply_freezing(unwrapped, blocks, n)
-
+        resume(run, args.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("runs", config=_flat_hparams(cfg))
-
     logger.info(
         "%s: %d epochs x %d updates (max_steps %d), batch %d x accumulation %d x %d processes",
-        cfg.model.name, num_epochs, updates_per_epoch, max_steps, cfg.batch_size,
+        cfg.model.name, num_epochs, updates_per_epoch, run.max_steps, cfg.batch_size,
         cfg.gradient_accumulation_steps, accelerator.num_processes,
     )
-    progress = tqdm(total=max_steps, initial=state["completed_steps"], desc="train", disable=not accelerator.is_local_main_process)
-    running_loss = torch.zeros((), device=accelerator.device)
-    # Training throughput (data loading + step, evaluation and checkpointing excluded), after 2 warm-up steps.
-    speed = {"images": 0, "seconds": 0.0, "warmup": 2}
-    running_count = 0
-    while state["epoch"] < num_epochs:
-        if state["completed_steps"] >= max_steps and state["batches_in_epoch"] == 0:
+    progress = tqdm(total=run.max_steps, initial=run.state["completed_steps"], desc="train",
+                    disable=not accelerator.is_local_main_process)
+    while run.state["epoch"] < num_epochs:
+        if run.state["completed_steps"] >= run.max_steps and run.state["batches_in_epoch"] == 0:
             break  # resumed from the checkpoint written after the last evaluation
-        epoch = state["epoch"]
-        model.train()
-        refresh_freezing()
-        # accelerate's loader calls sampler.set_epoch(its own counter) when iterated: set that counter.
-        train_dataloader.set_epoch(epoch)
-        loader_generator.manual_seed(cfg.seed + epoch)
-        skip = state["batches_in_epoch"]
-        active_dataloader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        tick = time.perf_counter()
-        for batch in active_dataloader:
-            if state["completed_steps"] >= max_steps:
-                break
-            if mixer is not None:
-                batch = mixer(batch)  # labels become (B, num_labels) soft targets
-            with accelerator.accumulate(model):
-                outputs = model(pixel_values=batch["pixel_values"])
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.no_grad(), accelerator.autocast():
-                        teacher_pixels = batch["pixel_values"] * renorm_scale + renorm_shift
-                        if tuple(t_size) != tuple(teacher_pixels.shape[-2:]):
-                            teacher_pixels = F.interpolate(teacher_pixels, size=t_size, mode="bicubic", align_corners=False)
-                        teacher_logits = teacher(pixel_values=teacher_pixels).logits
-                loss = classification_loss(
-                    criterion, outputs.logits, batch["labels"], getattr(outputs, "distillation_logits", None),
-                    teacher_logits, kind=cfg.distillation.kind, alpha=cfg.distillation.alpha,
-                    temperature=cfg.distillation.temperature,
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["batches_in_epoch"] += 1
-            running_loss += loss.detach()
-            running_count += 1
-            if not accelerator.sync_gradients:
-                continue
-            state["completed_steps"] += 1
-            tock = time.perf_counter()
-            if speed["warmup"] > 0:
-                speed["warmup"] -= 1
-            else:
-                speed["images"] += len(batch["pixel_values"]) * cfg.gradient_accumulation_steps * accelerator.num_processes
-                speed["seconds"] += tock - tick
-            progress.update(1)
-            if ema is not None:
-                ema.update(unwrapped, step=state["completed_steps"])
-            if cfg.freeze_unit == "steps":
-                refresh_freezing()
-            if state["completed_steps"] % cfg.logging_steps == 0 or state["completed_steps"] == max_steps:
-                mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / max(running_count, 1)
-                accelerator.log({"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0], "epoch": epoch,
-                                 "train/images_per_s": speed["images"] / speed["seconds"] if speed["seconds"] else 0.0},
-                                step=state["completed_steps"])
-                progress.set_postfix(loss=f"{mean_loss:.4f}")
-                running_loss.zero_()
-                running_count = 0
-            if cfg.checkpointing_steps and state["completed_steps"] % cfg.checkpointing_steps == 0:
-                save_checkpoint()
-            tick = time.perf_counter()
-        metrics = evaluate_model(ema.module if ema is not None else model, eval_dataloader, accelerator, label_names)
-        metrics.update(epoch=epoch, step=state["completed_steps"])
-        state["history"].append(metrics)
-        accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state["completed_steps"])
-        logger.info("epoch %d step %d: %s", epoch, state["completed_steps"], _fmt(metrics))
-        state["epoch"] += 1
-        state["batches_in_epoch"] = 0
-        save_checkpoint()
-        if state["completed_steps"] >= max_steps:
+        train_epoch(run, progress)
+        validate(run)
+        if run.state["completed_steps"] >= run.max_steps:
             break
     progress.close()
-
-    # ---- export
-    accelerator.wait_for_everyone()
-    if ema is not None:
-        unwrapped.load_state_dict(ema.module.state_dict())
-    unwrapped.eval()
-    final = state["history"][-1] if state["history"] else evaluate_model(model, eval_dataloader, accelerator, label_names)
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir, safe_serialization=True)
-        if not isinstance(unwrapped, TimmWrapperForImageClassification):  # timm keeps it in config.json
-            processor.save_pretrained(output_dir)
-        cfg_dict = dataclasses.asdict(cfg)
-        cfg_dict["adam_betas"] = list(cfg.adam_betas)
-        (output_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-        infra = {k: v for k, v in vars(args).items() if k != "overrides"}
-        (output_dir / "training_args.json").write_text(
-            json.dumps({"config": cfg_dict, "infrastructure": infra, "num_processes": accelerator.num_processes,
-                        "mixed_precision": accelerator.mixed_precision}, indent=2)
-        )
-        launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
-        (output_dir / "command.txt").write_text(f"{launcher} {shlex.join(sys.argv)}\n")
-        result = {"final": final, "history": state["history"], "labels": label_names,
-                  "ema": cfg.ema, "steps": state["completed_steps"],
-                  "train_images_per_s": speed["images"] / speed["seconds"] if speed["seconds"] else None}
-        (output_dir / "val_metrics.json").write_text(json.dumps(result, indent=2))
-        logger.info("saved %s to %s (validation: %s)", cfg.model.name, output_dir, _fmt(final))
+    final = export(run, args, output_dir)
     accelerator.end_training()
     return final
 
