@@ -231,7 +231,6 @@ def train_multisource(cfg: Any, args: Any, create_model: Any, weight_decay_group
 
     logger.info("%s on %d sources: %d train images x %d views, %d epochs x %d steps, heads %s",
                 cfg.model.name, len(specs), train_x.shape[1], views, num_epochs, steps_per_epoch, [MAIN_HEAD, *extra])
-    generator = torch.Generator()
     start = time.perf_counter()
     with stem_bypassed(net, net.stem_names()):  # the cached features replace the stem's output
         val_logits = _train_epochs(net, cfg, state, train_x, train_y, val_x, val_y, val_sources, weights,
