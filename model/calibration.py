@@ -107,19 +107,12 @@ def classifier_heads(model: PreTrainedModel) -> tuple[list[nn.Linear], dict[str,
 
 
 @torch.no_grad()
-def _divide(layers: list[nn.Linear], temperature: float) -> None:
+def _scale(layers: list[nn.Linear], temperature: float, fold: bool) -> None:
+    """Divide (fold) or multiply (unfold) each linear layer's weight and bias by `temperature`."""
     for layer in layers:
-        layer.weight.div_(temperature)
-        if layer.bias is not None:
-            layer.bias.div_(temperature)
-
-
-@torch.no_grad()
-def _multiply(layers: list[nn.Linear], temperature: float) -> None:
-    for layer in layers:
-        layer.weight.mul_(temperature)
-        if layer.bias is not None:
-            layer.bias.mul_(temperature)
+        for tensor in (layer.weight, layer.bias):
+            if tensor is not None:
+                tensor.div_(temperature) if fold else tensor.mul_(temperature)
 
 
 def fold_temperature(model: PreTrainedModel) -> PreTrainedModel:
@@ -150,10 +143,10 @@ def fold_temperature(model: PreTrainedModel) -> PreTrainedModel:
         )
     main, extra = classifier_heads(model)
     if t is not None:
-        _divide(main, t)
+        _scale(main, t, fold=True)
         setattr(config, FOLDED_KEY, t)
     for name, head_t in head_ts.items():
-        _divide([extra[name]], float(head_t))
+        _scale([extra[name]], float(head_t), fold=True)
     if head_ts:
         setattr(config, FOLDED_HEADS_KEY, {name: float(v) for name, v in head_ts.items()})
     _clear_temperatures(config)
@@ -170,10 +163,10 @@ def unfold_temperature(model: PreTrainedModel) -> PreTrainedModel:
         return model
     main, extra = classifier_heads(model)
     if t is not None:
-        _multiply(main, t)
+        _scale(main, t, fold=False)
         store_temperature(config, t)
     for name, head_t in head_ts.items():
-        _multiply([extra[name]], float(head_t))
+        _scale([extra[name]], float(head_t), fold=False)
     if head_ts:
         config.head_temperatures = head_ts
     for key in (FOLDED_KEY, FOLDED_HEADS_KEY):

@@ -103,18 +103,23 @@ class MelanomaViTPatchEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, num_channels, H, W) -> (B, C, h, w) with (h, w) = (H / patch, W / patch)."""
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
-            raise ValueError(
-                f"pixel_values must have shape (batch, {self.num_channels}, height, width), got "
-                f"{tuple(pixel_values.shape)}; preprocess images with the model's image processor."
-            )
-        height, width = pixel_values.shape[-2:]
-        if height % self.patch_size[0] or width % self.patch_size[1]:
-            raise ValueError(
-                f"Image size ({height}x{width}) must be divisible by the patch size {self.patch_size}; "
-                "resize or crop the images to a multiple of it."
-            )
+        _check_pixel_values(pixel_values, self.num_channels, self.patch_size, "the patch size")
         return self.proj(pixel_values)  # (B, C, h, w)
+
+
+def _check_pixel_values(pixel_values: torch.Tensor, num_channels: int, stride: tuple[int, int], what: str) -> None:
+    """Clear errors for input that is not (B, num_channels, H, W) with H, W multiples of `stride`."""
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"pixel_values must have shape (batch, {num_channels}, height, width), got "
+            f"{tuple(pixel_values.shape)}; preprocess images with the model's image processor."
+        )
+    height, width = pixel_values.shape[-2:]
+    if height % stride[0] or width % stride[1]:
+        raise ValueError(
+            f"Image size ({height}x{width}) must be divisible by {what} {stride if stride[0] != stride[1] else stride[0]}; "
+            "resize or crop the images to a multiple of it."
+        )
 
 
 def _create_timm_efficientnet(config: MelanomaViTConfig) -> nn.Module:
@@ -166,17 +171,7 @@ class MelanomaViTHybridStem(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, num_channels, H, W), H and W multiples of 16 -> (B, backbone_channels, H / 16, W / 16)."""
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
-            raise ValueError(
-                f"pixel_values must have shape (batch, {self.num_channels}, height, width), got "
-                f"{tuple(pixel_values.shape)}; preprocess images with the model's image processor."
-            )
-        height, width = pixel_values.shape[-2:]
-        if height % HYBRID_PATCH_SIZE or width % HYBRID_PATCH_SIZE:
-            raise ValueError(
-                f"Image size ({height}x{width}) must be divisible by the hybrid stem's stride {HYBRID_PATCH_SIZE}; "
-                "resize or crop the images to a multiple of it."
-            )
+        _check_pixel_values(pixel_values, self.num_channels, (HYBRID_PATCH_SIZE,) * 2, "the hybrid stem's stride")
         return self.blocks(self.bn1(self.conv_stem(pixel_values)))
 
 
