@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from model.calibration import config_temperature
 from model.metrics_schema import METRIC_KEYS
@@ -294,6 +295,20 @@ def test_evaluate_script_on_ham_fixture(tiny_vit_dir, ham_dir, tmp_path, script_
     assert metrics["rollout_mask_share_uniform"] == pytest.approx(np.mean(areas))
     assert metrics["command"].startswith("python train/evaluate.py --model")
     assert set(preds["image_id"]) == {p.stem for p in ham_dir.glob("images/*.jpg")}
+    # Subgroups from HAM10000_metadata.csv, recomputed from predictions.csv by hand.
+    meta = pd.read_csv(ham_dir / "HAM10000_metadata.csv").set_index("image_id").loc[preds["image_id"]]
+    p_mel = preds["p_mel"].to_numpy()
+    y_mel = (meta["dx"] == "mel").to_numpy().astype(int)
+    sex = metrics["subgroups"]["sex"]
+    assert {k: v["n"] for k, v in sex.items()} == meta["sex"].value_counts().to_dict() == {"male": 9, "female": 3}
+    male = (meta["sex"] == "male").to_numpy()
+    assert sex["male"]["n_melanoma"] == 3 and sex["female"]["n_melanoma"] == 0
+    assert sex["male"]["melanoma_auc"] == pytest.approx(roc_auc_score(y_mel[male], p_mel[male]), abs=1e-5)
+    assert sex["female"]["melanoma_auc"] is None  # no melanoma among the women: AUC undefined, not 0.5
+    bands = metrics["subgroups"]["age_band"]
+    assert {k: v["n"] for k, v in bands.items()} == {"50-69": 4, "30-49": 4, ">=70": 4}
+    site = metrics["subgroups"]["site"]
+    assert site["unknown"]["n"] == 2 and site["face"]["n"] == 2 and sum(v["n"] for v in site.values()) == 12
 
 
 def _model_p_mel(folder: Path, image_paths: list[Path], temperature: float) -> np.ndarray:

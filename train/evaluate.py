@@ -22,6 +22,8 @@ raw ones: a temperature folded into the model's head is multiplied back first):
 - ViT models and data with lesion masks (HAM10000's masks/<image_id>_segmentation.png): the
   share of attention-rollout mass inside the lesion (`rollout_mask_share`) and what a uniform
   map would score (the mean mask area, `rollout_mask_share_uniform`).
+- data with subject metadata (HAM10000's sex/age/localization, ISIC 2017's sex/age): melanoma AUC
+  with CI and sensitivity/specificity per sex, age band and anatomical site (`subgroups`).
 
 Metrics use scikit-learn: `evaluate.load("roc_auc")` etc. wrap the same functions but fetch their
 scripts from the Hugging Face Hub, which fails offline.
@@ -87,7 +89,7 @@ from train.metrics import (  # noqa: E402
     tempered_probabilities,
     threshold_for_sensitivity,
 )
-from train.sources import derm7pt_criteria  # noqa: E402
+from train.sources import derm7pt_criteria, subject_metadata  # noqa: E402
 from train.splits import apply_manifest, check_no_leakage, read_manifest  # noqa: E402
 
 logger = logging.getLogger("evaluate")
@@ -344,6 +346,36 @@ def criteria_metrics(pred: dict[str, Any], y_mel: np.ndarray, config: Any, data:
     return result
 
 
+def subgroup_metrics(
+    image_ids: list[str], y_mel: np.ndarray, p_mel: np.ndarray, threshold: float | None, data: str, n_bootstrap: int
+) -> dict[str, Any] | None:
+    """Melanoma metrics per sex, age band and anatomical site (the columns the data's metadata has).
+
+    {column: {value: {n, n_melanoma, melanoma_auc, melanoma_auc_ci95, sensitivity_val95,
+    specificity_val95}}}, groups by decreasing n; AUC null where a group lacks either class.
+    None when the data has no subject metadata (train.sources.subject_metadata).
+    """
+    meta = subject_metadata(data)
+    if meta is None or not set(image_ids) <= set(meta.index):
+        return None
+    rows = meta.loc[list(image_ids)]
+    result: dict[str, Any] = {}
+    for column in rows.columns:
+        groups: dict[str, Any] = {}
+        for value, count in rows[column].value_counts().items():
+            keep = (rows[column] == value).to_numpy()
+            y, p = y_mel[keep], p_mel[keep]
+            ci = bootstrap_auc_ci(y, p, n_resamples=n_bootstrap, seed=0)
+            sens, spec = (None, None) if threshold is None else sensitivity_specificity(y, p, threshold)
+            groups[str(value)] = {
+                "n": int(count), "n_melanoma": int(y.sum()), "melanoma_auc": melanoma_auc(y, p),
+                "melanoma_auc_ci95": None if ci is None else list(ci),
+                "sensitivity_val95": sens, "specificity_val95": spec,
+            }
+        result[column] = groups
+    return result
+
+
 # -------------------------------------------------------------------------------------- plots
 
 
@@ -575,6 +607,7 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
     metrics, arrays = compute_metrics(pred, groups, data_names, mel_index, temperature, temperature_fitted, threshold, args.bootstrap)
     shares = pred["mask_shares"]
     seven_point = criteria_metrics(pred, arrays["y_mel"], net.config, args.data, args.bootstrap)
+    subgroups = subgroup_metrics(pred["image_ids"], arrays["y_mel"], arrays["p_mel"], threshold, args.data, args.bootstrap)
     result: dict[str, Any] = {
         "model": args.model,
         "data": args.data,
@@ -591,6 +624,7 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
         "rollout_mask_share_uniform": float(np.mean(pred["mask_areas"])) if shares else None,
         "rollout_mask_n": len(shares),
         **({"seven_point": seven_point} if seven_point is not None else {}),
+        **({"subgroups": subgroups} if subgroups is not None else {}),
         **{k: v for k, v in info.items() if k != "split"},
         "notes": {
             "probabilities": "softmax(logits / temperature) averaged over the TTA views (temperature 1 when null)",
@@ -602,6 +636,8 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
             "ece": f"top-label, {ECE_BINS} equal-width bins; ece at temperature 1, ece_temperature_scaled at 'temperature'",
             "rollout_mask_share": "mean share of attention-rollout mass inside the lesion mask (ViT + masks only); "
                                   "rollout_mask_share_uniform = mean mask area (what a uniform map scores)",
+            "subgroups": "melanoma AUC (same bootstrap) and sensitivity/specificity at threshold_val95 per sex, "
+                         "age band and anatomical site from the data's metadata; small groups have wide CIs",
             "metrics_library": "scikit-learn (evaluate.load needs the Hub)",
             "disclaimer": DISCLAIMER,
         },

@@ -196,6 +196,41 @@ def derm7pt_criteria(data: str | Path) -> dict[str, dict[str, int]] | None:
     return {row["image_id"]: {c: int(row[c]) for c in CRITERIA_LABELS} for _, row in frame.iterrows()}
 
 
+#: Subject metadata columns of the layouts that have them -> the project's names.
+_METADATA_COLUMNS = {"sex": "sex", "age": "age", "age_approximate": "age", "localization": "site",
+                     "anatom_site_general": "site"}
+#: Age bands for subgroup metrics: (label, lowest age, highest age exclusive).
+AGE_BANDS: tuple[tuple[str, float, float], ...] = (
+    ("<30", 0, 30), ("30-49", 30, 50), ("50-69", 50, 70), (">=70", 70, float("inf")),
+)
+
+
+def subject_metadata(data: str | Path) -> pd.DataFrame | None:
+    """image_id -> sex, age_band, site of a HAM10000 or ISIC 2017 folder (columns it has); None
+    when `data` has no such metadata. Missing or "unknown" values become "unknown"."""
+    path = Path(data)
+    candidates = [path] if path.suffix == ".csv" else [path / "HAM10000_metadata.csv", path / "labels.csv"]
+    for csv in candidates:
+        if not csv.is_file():
+            continue
+        frame = pd.read_csv(csv)
+        present = {c: n for c, n in _METADATA_COLUMNS.items() if c in frame.columns}
+        if "image_id" not in frame.columns or not present:
+            continue
+        out = frame[["image_id", *present]].rename(columns=present).set_index("image_id")
+        if "age" in out.columns:
+            age = pd.to_numeric(out.pop("age"), errors="coerce")
+            band = pd.Series("unknown", index=out.index)
+            for label, low, high in AGE_BANDS:
+                band[(age >= low) & (age < high)] = label
+            out["age_band"] = band
+        for column in out.columns:
+            values = out[column].fillna("unknown").astype(str).str.strip()
+            out[column] = values.where(values != "", "unknown")
+        return out
+    return None
+
+
 def _load_source(spec: SourceSpec) -> dict[str, pd.DataFrame]:
     if spec.kind == "derm7pt":
         return _load_derm7pt(spec)
