@@ -58,6 +58,17 @@ PLACEHOLDER_REPO_ID = DEFAULT_OWNER + "/{name}"
 KNOWN_DATASETS: dict[str, tuple[str, str]] = {
     "ham10000": ("HAM10000", "ham10000"),
     "isic2017": ("ISIC 2017 Part 3", "isic2017"),
+    "derm7pt": ("Derm7pt", "derm7pt"),
+}
+
+#: Training sources a multi-source manifest can name: kind -> (readable name, licence, origin).
+SOURCE_INFO: dict[str, tuple[str, str, str]] = {
+    "ham10000": ("HAM10000", "CC BY-NC-SA 4.0",
+                 "Tschandl et al. 2018; Medical University of Vienna (Austria) and a practice in Queensland (Australia)"),
+    "isic2017": ("ISIC 2017 Part 3", "ISIC Archive terms (CC-0 / CC BY-NC)",
+                 "Codella et al. 2017; the ISIC Archive's contributing clinics"),
+    "derm7pt": ("Derm7pt", "CC BY-NC-ND 4.0",
+                "Kawahara et al. 2019; the Interactive Atlas of Dermoscopy, with seven-point checklist labels"),
 }
 
 #: Plots written by train/evaluate.py, in the order the card shows them.
@@ -86,6 +97,9 @@ class EvalSet:
     notes: list[str] = field(default_factory=list)
     calibration: str = ""
     method_notes: list[tuple[str, str]] = field(default_factory=list)
+    criteria: list[tuple[str, ...]] = field(default_factory=list)
+    seven_point: list[tuple[str, str]] = field(default_factory=list)
+    subgroups: list[tuple[str, list[tuple[str, ...]]]] = field(default_factory=list)
 
 
 def _num(value: Any) -> bool:
@@ -197,10 +211,31 @@ def _read_training(model_dir: Path) -> dict[str, Any]:
         ]
     manifest = model_dir / "split_manifest.json"
     if manifest.is_file():
-        splits, params = manifest_split_sizes(read_json(manifest))
+        data = read_json(manifest)
+        splits, params = manifest_split_sizes(data)
         info["splits"] = [(name, str(n)) for name, n in splits.items()]
         info["split_params"] = [(_cell(k), _cell(v)) for k, v in params.items()]
+        info["sources"] = manifest_sources(data)
     return info
+
+
+def manifest_sources(manifest: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per training source of a multi-source manifest (train/sources.py); [] otherwise."""
+    rows = []
+    for source in manifest.get("sources") or []:
+        if not isinstance(source, dict):
+            continue
+        kind = str(source.get("kind", source.get("name", "")))
+        name, licence, origin = SOURCE_INFO.get(kind, (str(source.get("name", kind)), "see the data's terms", ""))
+        sizes = source.get("sizes") or {}
+        rows.append({
+            "name": name, "licence": licence, "origin": origin,
+            "sizes": " / ".join(str(sizes.get(split, "-")) for split in ("train", "validation", "test")),
+            "split": _cell(source.get("split", "")),
+            "weight": _fmt(source.get("weight")) if _num(source.get("weight")) else "-",
+            "heads": ", ".join(f"`{h}`" for h in source.get("heads") or []),
+        })
+    return rows
 
 
 def _fmt_param(value: Any) -> str:
@@ -268,6 +303,78 @@ def _eval_rows(m: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
     return rows, notes
 
 
+def _auc_text(auc: Any, ci: Any) -> str:
+    """"0.873 (0.84 to 0.90)", with "at chance" when the 95% CI includes 0.5; "undefined" without an AUC."""
+    if not _num(auc):
+        return "undefined (one class only)"
+    text = _fmt(auc)
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(v) for v in ci):
+        text += f" ({_fmt(ci[0])} to {_fmt(ci[1])})"
+        if ci[0] <= 0.5 <= ci[1]:
+            text += ", at chance"
+    return text
+
+
+def _criteria_rows(m: dict[str, Any]) -> tuple[list[tuple[str, ...]], list[tuple[str, str]]]:
+    """Seven-point checklist tables from metrics.json's `seven_point` (Derm7pt-layout data)."""
+    sp = m.get("seven_point")
+    if not isinstance(sp, dict):
+        return [], []
+    criteria = [
+        (_cell(name.replace("_", " ")), _cell(c.get("label", "")), str(c.get("points", "")),
+         f"{c.get('n_positive', '')} / {c.get('n', '')}", _auc_text(c.get("auc"), c.get("auc_ci95")))
+        for name, c in (sp.get("criteria") or {}).items()
+    ]
+    score = []
+    if "seven_point_score_melanoma_auc" in sp:
+        score.append(("Melanoma AUC of the expected checklist score (95% CI)",
+                      _auc_text(sp["seven_point_score_melanoma_auc"], sp.get("seven_point_score_melanoma_auc_ci95"))))
+    for key, label in (("seven_point_score_sensitivity", "Sensitivity of score >= {t}"),
+                       ("seven_point_score_specificity", "Specificity of score >= {t}")):
+        if _num(sp.get(key)):
+            score.append((label.format(t=_fmt(sp.get("seven_point_score_threshold"))), _fmt(sp[key])))
+    return criteria, score
+
+
+def _subgroup_rows(m: dict[str, Any]) -> list[tuple[str, list[tuple[str, ...]]]]:
+    """(column title, rows) per subgroup column of metrics.json's `subgroups`."""
+    titles = {"sex": "Sex", "age_band": "Age band (years)", "site": "Anatomical site"}
+    out = []
+    for column, groups in (m.get("subgroups") or {}).items():
+        rows = [
+            (_cell(value), str(g.get("n")), str(g.get("n_melanoma")),
+             _auc_text(g.get("melanoma_auc"), g.get("melanoma_auc_ci95")),
+             _fmt(g["sensitivity_val95"]) if _num(g.get("sensitivity_val95")) else "-",
+             _fmt(g["specificity_val95"]) if _num(g.get("specificity_val95")) else "-")
+            for value, g in groups.items()
+        ]
+        out.append((titles.get(column, column), rows))
+    return out
+
+
+def overview_table(eval_sets: list[EvalSet]) -> tuple[list[str], list[list[str]]]:
+    """The card's one-table overview: (header, rows), with only the columns some set has."""
+    def sens_spec(m: dict[str, Any]) -> str | None:
+        if _num(m.get("sensitivity_val95")) and _num(m.get("specificity_val95")):
+            return f"{_fmt(m['sensitivity_val95'])} / {_fmt(m['specificity_val95'])}"
+        return None
+
+    columns: list[tuple[str, Any]] = [
+        ("Images (melanomas)", lambda m: f"{m.get('n')} ({m['n_melanoma']})" if _num(m.get("n_melanoma")) else None),
+        ("Melanoma AUC (95% CI)", lambda m: _auc_text(m["melanoma_auc"], m.get("melanoma_auc_ci95"))
+         if _num(m.get("melanoma_auc")) else None),
+        ("Balanced accuracy", lambda m: _fmt(m["balanced_accuracy"]) if _num(m.get("balanced_accuracy")) else None),
+        ("Sensitivity / specificity at the validation threshold", sens_spec),
+        ("ECE after temperature scaling",
+         lambda m: _fmt(m["ece_temperature_scaled"]) if _num(m.get("ece_temperature_scaled")) else None),
+    ]
+    cells = [[get(es.metrics) for _, get in columns] for es in eval_sets]
+    keep = [i for i in range(len(columns)) if any(row[i] is not None for row in cells)]
+    header = ["Set", *(columns[i][0] for i in keep)]
+    rows = [[f"{es.dataset_name} {es.split}", *(row[i] or "-" for i in keep)] for es, row in zip(eval_sets, cells)]
+    return header, rows
+
+
 def _threshold_source(m: dict[str, Any]) -> str:
     """Where threshold_val95 came from, in words (evaluate.py's `threshold_val95_source`)."""
     source = m.get("threshold_val95_source", "validation")
@@ -320,7 +427,11 @@ def load_eval_sets(model_dir: Path, eval_dirs: dict[str, Path] | None = None) ->
     model_dir = Path(model_dir)
     if eval_dirs is None:
         eval_root = model_dir / "eval"
-        eval_dirs = {p.parent.name: p.parent for p in sorted(eval_root.glob("*/metrics.json"))}
+        order = list(KNOWN_DATASETS)
+        found = sorted(eval_root.glob("*/metrics.json"),
+                       key=lambda p: (next((i for i, k in enumerate(order) if p.parent.name.startswith(k)), len(order)),
+                                      p.parent.name))
+        eval_dirs = {p.parent.name: p.parent for p in found}
     sets: list[EvalSet] = []
     for key, folder in eval_dirs.items():
         folder = Path(folder)
@@ -332,6 +443,11 @@ def load_eval_sets(model_dir: Path, eval_dirs: dict[str, Path] | None = None) ->
         name, dtype, split = _dataset_of(key, metrics)
         es = EvalSet(key=key, dataset_name=name, dataset_type=dtype, split=split, metrics=metrics)
         es.rows, es.notes = _eval_rows(metrics)
+        ci = metrics.get("melanoma_auc_ci95")
+        if isinstance(ci, list) and len(ci) == 2 and all(_num(v) for v in ci) and ci[0] <= 0.5 <= ci[1]:
+            es.notes.insert(0, "The melanoma AUC is at chance on this set: its 95% CI includes 0.5.")
+        es.criteria, es.seven_point = _criteria_rows(metrics)
+        es.subgroups = _subgroup_rows(metrics)
         es.calibration = _calibration(metrics)
         notes = metrics.get("notes") if isinstance(metrics.get("notes"), dict) else {}
         es.method_notes = [(_cell(k), _cell(v)) for k, v in notes.items() if k != "disclaimer" and isinstance(v, str)]
@@ -368,6 +484,9 @@ def _describe_model(config: dict[str, Any], model_dir: Path) -> list[tuple[str, 
                        ("intermediate_size", "MLP size"), ("use_distillation_token", "Distillation token")):
         if config.get(key) is not None:
             rows.append((label, str(config[key])))
+    heads = config.get("extra_heads")
+    if isinstance(heads, dict) and heads:
+        rows.append(("Extra heads", ", ".join(f"`{h}` ({len(v)})" for h, v in heads.items())))
     n_params = count_parameters(model_dir)
     if n_params is not None:
         rows.append(("Parameters (from the safetensors files)", f"{n_params:,}"))
@@ -431,7 +550,9 @@ def render_model_card(
         has_melanoma=MELANOMA in id2label.values(),
         trust_remote_code=trust_remote_code,
         eval_sets=eval_sets,
+        overview=overview_table(eval_sets),
         training=training,
+        extra_heads=[(h, ", ".join(f"`{v}`" for v in labels)) for h, labels in (config.get("extra_heads") or {}).items()],
         # A temperature still to apply (older, unfolded folders), and the key the snippet divides by.
         config_temperature=_fmt(temperature) if temperature is not None else None,
         temperature_key=config_temperature_key(config),

@@ -189,7 +189,8 @@ def test_template_holds_no_hard_coded_numbers():
     template = MODEL_CARD_TEMPLATE.read_text()
     body = re.sub(r"\{% raw %\}.*?\{% endraw %\}", "", template, flags=re.S)  # citations
     body = re.sub(r"```python.*?```", "", body, flags=re.S)  # code (identity temperature 1.0)
-    body = re.sub(r"CC BY-NC-SA 4\.0|by-nc-sa/4\.0", "", body)  # the license's version
+    body = re.sub(r"CC BY-NC-(SA|ND) 4\.0|by-nc-(sa|nd)/4\.0", "", body)  # the licences' versions
+    body = body.replace("CI includes 0.5", "")  # chance level: a definition, not a result
     assert re.findall(r"\d+\.\d+", body) == []
     assert re.findall(r"\d+\.\d+", template) != []  # the pattern does catch numbers
 
@@ -487,3 +488,44 @@ def test_unfolded_timm_card_snippet_divides_by_calibration_temperature(tmp_path,
     calibrated = _card_p_mel(tmp_path / "cnn", ham_image_paths[5], 0.05)
     assert calibrated != _card_p_mel(tmp_path / "cnn", ham_image_paths[5], 1.0)
     assert f"P(mel) = {calibrated};" in _run_snippets(text, tmp_path / "cnn", ham_image_paths[5])[0]
+
+
+def test_multi_source_card_lists_sources_licences_criteria_subgroups_and_chance(tiny_vit_dir, tmp_path):
+    d = shutil.copytree(tiny_vit_dir, tmp_path / "multi")
+    # SYNTHETIC TEST INPUT: a multi-source manifest as train/sources.py writes it.
+    sources = [
+        {"name": "ham10000", "kind": "ham10000", "heads": ["dx"], "weight": 0.45, "split": "split_by_lesion",
+         "sizes": {"train": 70, "validation": 15, "test": 15}},
+        {"name": "derm7pt", "kind": "derm7pt", "heads": ["dx", "derm7pt", "streaks"], "weight": 0.2,
+         "split": "official split column", "sizes": {"train": 6, "validation": 2, "test": 3}},
+    ]
+    (d / "split_manifest.json").write_text(json.dumps({"method": "multi_source", "splits": ["train"],
+                                                       "sources": sources, "train": ["a", "b"]}))
+    _add_eval(d, "ham10000_test", {**SYNTHETIC_METRICS, "n_melanoma": 3, "subgroups": {"sex": {
+        "male": {"n": 9, "n_melanoma": 3, "melanoma_auc": 0.7321, "melanoma_auc_ci95": [0.4012, 0.9501],
+                 "sensitivity_val95": 1.0, "specificity_val95": 0.5},
+        "female": {"n": 3, "n_melanoma": 0, "melanoma_auc": None, "melanoma_auc_ci95": None,
+                   "sensitivity_val95": None, "specificity_val95": 0.6667}}}})
+    _add_eval(d, "derm7pt_test", {**SYNTHETIC_METRICS, "split": "test", "n_melanoma": 4,
+                                  "melanoma_auc_ci95": [0.4711, 0.9377], "seven_point": {
+        "criteria": {"streaks": {"label": "irregular", "points": 1, "n_positive": 5, "n": 12, "auc": 0.6543,
+                                 "auc_ci95": [0.5512, 0.7834]}},
+        "seven_point_score_melanoma_auc": 0.7777, "seven_point_score_melanoma_auc_ci95": [0.6001, 0.9002],
+        "seven_point_score_threshold": 3.0, "seven_point_score_sensitivity": 0.75,
+        "seven_point_score_specificity": 0.625}})
+    text = render_model_card(d, model_name="multi").text
+    training = text.split("## Training data")[1].split("## Training procedure")[0]
+    assert "| HAM10000 | 70 / 15 / 15 | split_by_lesion | 0.450 | `dx` | CC BY-NC-SA 4.0 |" in training
+    assert "| Derm7pt | 6 / 2 / 3 | official split column | 0.200 | `dx`, `derm7pt`, `streaks` | CC BY-NC-ND 4.0 |" in training
+    evaluation = text.split("## Evaluation")[1].split("## Calibration")[0]
+    # overview: HAM first, the Derm7pt AUC's CI includes 0.5 -> at chance (once in the table, once as a note)
+    assert evaluation.index("| HAM10000 test | 12 (3) | 0.812 (0.651 to 0.938) |") < evaluation.index("| Derm7pt test |")
+    assert "| Derm7pt test | 12 (4) | 0.812 (0.471 to 0.938), at chance |" in evaluation
+    assert evaluation.count("The melanoma AUC is at chance on this set") == 1
+    assert "| streaks | irregular | 1 | 5 / 12 | 0.654 (0.551 to 0.783) |" in evaluation
+    assert "| Melanoma AUC of the expected checklist score (95% CI) | 0.778 (0.600 to 0.900) |" in evaluation
+    assert "| Sensitivity of score >= 3.000 | 0.750 |" in evaluation
+    assert "| male | 9 | 3 | 0.732 (0.401 to 0.950), at chance | 1.000 | 0.500 |" in evaluation
+    assert "| female | 3 | 0 | undefined (one class only) | - | 0.667 |" in evaluation
+    limits = text.split("## Limitations and bias")[1]
+    assert "HAM10000, Derm7pt come from a" in limits.replace("\n  ", " ") and "Fitzpatrick" in limits
