@@ -142,3 +142,16 @@ def test_shipped_remote_code_is_the_current_model_code(folder):
         assert (folder / name).read_text() == (ROOT / "model" / name).read_text(), (
             f"{folder.name}/{name} differs from model/{name}: re-save the folder with save_pretrained"
         )
+
+
+def test_readme_results_table_is_rendered_from_the_kept_metrics():
+    """The README's table is what hub_cards.results_table makes from models/*/eval today."""
+    from hub_cards.results_table import END, START, replace_block, results_table
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme.count(START) == 1 and readme.count(END) == 1
+    assert replace_block(readme, results_table(MODELS)) == readme, (
+        "README results table is stale: python -m hub_cards.results_table models --write README.md"
+    )
+    with pytest.raises(ValueError, match="no results-table markers"):
+        replace_block("# a README without the table\n", "| x |")
