@@ -100,6 +100,7 @@ class EvalSet:
     criteria: list[tuple[str, ...]] = field(default_factory=list)
     seven_point: list[tuple[str, str]] = field(default_factory=list)
     subgroups: list[tuple[str, list[tuple[str, ...]]]] = field(default_factory=list)
+    heads: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _num(value: Any) -> bool:
@@ -448,6 +449,8 @@ def load_eval_sets(model_dir: Path, eval_dirs: dict[str, Path] | None = None) ->
             es.notes.insert(0, "The melanoma AUC is at chance on this set: its 95% CI includes 0.5.")
         es.criteria, es.seven_point = _criteria_rows(metrics)
         es.subgroups = _subgroup_rows(metrics)
+        es.heads = [(_cell(h), _auc_text(r.get("melanoma_auc"), r.get("melanoma_auc_ci95")))
+                    for h, r in (metrics.get("heads") or {}).items() if isinstance(r, dict)]
         es.calibration = _calibration(metrics)
         notes = metrics.get("notes") if isinstance(metrics.get("notes"), dict) else {}
         es.method_notes = [(_cell(k), _cell(v)) for k, v in notes.items() if k != "disclaimer" and isinstance(v, str)]

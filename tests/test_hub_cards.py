@@ -512,7 +512,8 @@ def test_multi_source_card_lists_sources_licences_criteria_subgroups_and_chance(
                                  "auc_ci95": [0.5512, 0.7834]}},
         "seven_point_score_melanoma_auc": 0.7777, "seven_point_score_melanoma_auc_ci95": [0.6001, 0.9002],
         "seven_point_score_threshold": 3.0, "seven_point_score_sensitivity": 0.75,
-        "seven_point_score_specificity": 0.625}})
+        "seven_point_score_specificity": 0.625},
+                                  "heads": {"derm7pt": {"melanoma_auc": 0.8011, "melanoma_auc_ci95": [0.7012, 0.8893]}}})
     text = render_model_card(d, model_name="multi").text
     training = text.split("## Training data")[1].split("## Training procedure")[0]
     assert "| HAM10000 | 70 / 15 / 15 | split_by_lesion | 0.450 | `dx` | CC BY-NC-SA 4.0 |" in training
@@ -522,6 +523,7 @@ def test_multi_source_card_lists_sources_licences_criteria_subgroups_and_chance(
     assert evaluation.index("| HAM10000 test | 12 (3) | 0.812 (0.651 to 0.938) |") < evaluation.index("| Derm7pt test |")
     assert "| Derm7pt test | 12 (4) | 0.812 (0.471 to 0.938), at chance |" in evaluation
     assert evaluation.count("The melanoma AUC is at chance on this set") == 1
+    assert "| `derm7pt` | 0.801 (0.701 to 0.889) |" in evaluation
     assert "| streaks | irregular | 1 | 5 / 12 | 0.654 (0.551 to 0.783) |" in evaluation
     assert "| Melanoma AUC of the expected checklist score (95% CI) | 0.778 (0.600 to 0.900) |" in evaluation
     assert "| Sensitivity of score >= 3.000 | 0.750 |" in evaluation

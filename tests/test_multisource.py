@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -279,6 +280,28 @@ def test_multisource_hybrid_vit_ships_every_head(tmp_path: Path, specs: list[Sou
     assert set(seven["criteria"]) == set(CRITERIA)
     assert seven["criteria"]["pigment_network"]["n_positive"] == 3
     assert 0.0 <= seven["seven_point_score_melanoma_auc"] <= 1.0
+    # per-dataset heads: each head's own "melanoma" class scored against the same labels, by hand
+    from sklearn.metrics import roc_auc_score
+
+    from model.imageio import load_image
+    from model.loading import load_classifier
+
+    assert set(metrics["heads"]) == {"isic2017", "derm7pt"}
+    # one epoch leaves the derm7pt head near-uniform (AUC from float noise): give it distinct outputs first
+    net, processor = load_classifier(out)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(net.extra_heads["derm7pt"].weight, std=1.0)
+    net.save_pretrained(tmp_path / "spread")
+    processor.save_pretrained(tmp_path / "spread")
+    metrics = evaluate_main(["--model", str(tmp_path / "spread"), "--data", str(derm7pt_dir), "--split", "all",
+                             "--output-dir", str(tmp_path / "eval"), "--bootstrap", "20"])
+    preds = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    paths = pd.read_csv(derm7pt_dir / "labels.csv").set_index("case_id").loc[preds["image_id"], "path"]
+    pixels = processor(images=[load_image(derm7pt_dir / p) for p in paths], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        head = net(pixel_values=pixels).head_logits["derm7pt"].softmax(-1)[:, cfg["extra_heads"]["derm7pt"].index("melanoma")]
+    expected = roc_auc_score((preds["label"] == "mel").astype(int), head.numpy())
+    assert metrics["heads"]["derm7pt"]["melanoma_auc"] == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -346,6 +346,26 @@ def criteria_metrics(pred: dict[str, Any], y_mel: np.ndarray, config: Any, data:
     return result
 
 
+#: The melanoma class of the per-dataset heads (ISIC 2017's and Derm7pt's label sets).
+HEAD_MELANOMA = "melanoma"
+
+
+def head_metrics(pred: dict[str, Any], y_mel: np.ndarray, config: Any, n_bootstrap: int) -> dict[str, Any] | None:
+    """Melanoma AUC (95% CI) of every extra head with a "melanoma" label (the per-dataset heads of a
+    multi-source MelanomaViT), on this data; None for a model without such heads."""
+    heads = {h: list(labels) for h, labels in (getattr(config, "extra_heads", None) or {}).items()
+             if HEAD_MELANOMA in labels and h in pred["head_logits"]}
+    if not heads:
+        return None
+    temperatures = dict(getattr(config, "head_temperatures", None) or {})
+    result = {}
+    for name, labels in heads.items():
+        p = tempered_probabilities(pred["head_logits"][name], temperatures.get(name, 1.0))[:, labels.index(HEAD_MELANOMA)]
+        ci = bootstrap_auc_ci(y_mel, p, n_resamples=n_bootstrap, seed=0)
+        result[name] = {"melanoma_auc": melanoma_auc(y_mel, p), "melanoma_auc_ci95": None if ci is None else list(ci)}
+    return result
+
+
 def subgroup_metrics(
     image_ids: list[str], y_mel: np.ndarray, p_mel: np.ndarray, threshold: float | None, data: str, n_bootstrap: int
 ) -> dict[str, Any] | None:
@@ -607,6 +627,7 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
     metrics, arrays = compute_metrics(pred, groups, data_names, mel_index, temperature, temperature_fitted, threshold, args.bootstrap)
     shares = pred["mask_shares"]
     seven_point = criteria_metrics(pred, arrays["y_mel"], net.config, args.data, args.bootstrap)
+    per_head = head_metrics(pred, arrays["y_mel"], net.config, args.bootstrap)
     subgroups = subgroup_metrics(pred["image_ids"], arrays["y_mel"], arrays["p_mel"], threshold, args.data, args.bootstrap)
     result: dict[str, Any] = {
         "model": args.model,
@@ -625,6 +646,7 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
         "rollout_mask_n": len(shares),
         **({"seven_point": seven_point} if seven_point is not None else {}),
         **({"subgroups": subgroups} if subgroups is not None else {}),
+        **({"heads": per_head} if per_head is not None else {}),
         **{k: v for k, v in info.items() if k != "split"},
         "notes": {
             "probabilities": "softmax(logits / temperature) averaged over the TTA views (temperature 1 when null)",
@@ -636,6 +658,7 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
             "ece": f"top-label, {ECE_BINS} equal-width bins; ece at temperature 1, ece_temperature_scaled at 'temperature'",
             "rollout_mask_share": "mean share of attention-rollout mass inside the lesion mask (ViT + masks only); "
                                   "rollout_mask_share_uniform = mean mask area (what a uniform map scores)",
+            "heads": "melanoma AUC of each extra head's own 'melanoma' class (per-dataset heads), same bootstrap",
             "subgroups": "melanoma AUC (same bootstrap) and sensitivity/specificity at threshold_val95 per sex, "
                          "age band and anatomical site from the data's metadata; small groups have wide CIs",
             "metrics_library": "scikit-learn (evaluate.load needs the Hub)",
