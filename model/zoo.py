@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS_DIR = ROOT / "models"
 # Default model preference: the first id equal to or starting with one of these wins. The best
 # measured model comes first (see the README's results table); the ViT is one click away.
-DEFAULT_PREFERENCE: tuple[str, ...] = ("efficientnet-lite0", "melanoma-vit", "resnet")
+DEFAULT_PREFERENCE: tuple[str, ...] = ("efficientnet-lite2", "melanoma-vit-hybrid", "melanoma-vit")
 # Smaller model views are upsampled to this width for the explanation overlay (display only).
 EXPLAIN_DISPLAY_SIDE = 224
 

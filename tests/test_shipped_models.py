@@ -155,3 +155,20 @@ def test_readme_results_table_is_rendered_from_the_kept_metrics():
     )
     with pytest.raises(ValueError, match="no results-table markers"):
         replace_block("# a README without the table\n", "| x |")
+
+
+def test_app_default_is_the_best_measured_model(monkeypatch):
+    """The app serves the folder with the highest mean melanoma AUC over the three kept test sets."""
+    from hub_cards.results_table import SETS
+    from model.zoo import ModelZoo
+
+    monkeypatch.delenv("MELANOMA_DEFAULT_MODEL", raising=False)
+
+    def mean_auc(folder: Path) -> float:
+        aucs = [json.loads((folder / "eval" / key / "metrics.json").read_text())["melanoma_auc"] for key in SETS]
+        return sum(aucs) / len(aucs)
+
+    evaluated = [f for f in CLASSIFIERS if all((f / "eval" / key / "metrics.json").is_file() for key in SETS)]
+    assert evaluated, "no shipped model is evaluated on all three test sets"
+    best = max(evaluated, key=mean_auc)
+    assert ModelZoo(MODELS, hub_ids=[]).default_id == best.name
