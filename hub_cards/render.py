@@ -342,6 +342,8 @@ def _subgroup_rows(m: dict[str, Any]) -> list[tuple[str, list[tuple[str, ...]]]]
     titles = {"sex": "Sex", "age_band": "Age band (years)", "site": "Anatomical site"}
     out = []
     for column, groups in (m.get("subgroups") or {}).items():
+        if set(groups) <= {"unknown"}:  # the data has no such metadata for these images
+            continue
         rows = [
             (_cell(value), str(g.get("n")), str(g.get("n_melanoma")),
              _auc_text(g.get("melanoma_auc"), g.get("melanoma_auc_ci95")),

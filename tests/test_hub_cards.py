@@ -505,7 +505,9 @@ def test_multi_source_card_lists_sources_licences_criteria_subgroups_and_chance(
         "male": {"n": 9, "n_melanoma": 3, "melanoma_auc": 0.7321, "melanoma_auc_ci95": [0.4012, 0.9501],
                  "sensitivity_val95": 1.0, "specificity_val95": 0.5},
         "female": {"n": 3, "n_melanoma": 0, "melanoma_auc": None, "melanoma_auc_ci95": None,
-                   "sensitivity_val95": None, "specificity_val95": 0.6667}}}})
+                   "sensitivity_val95": None, "specificity_val95": 0.6667}},
+        "age_band": {"unknown": {"n": 12, "n_melanoma": 3, "melanoma_auc": 0.8123, "melanoma_auc_ci95": None,
+                                 "sensitivity_val95": None, "specificity_val95": None}}}})
     _add_eval(d, "derm7pt_test", {**SYNTHETIC_METRICS, "split": "test", "n_melanoma": 4,
                                   "melanoma_auc_ci95": [0.4711, 0.9377], "seven_point": {
         "criteria": {"streaks": {"label": "irregular", "points": 1, "n_positive": 5, "n": 12, "auc": 0.6543,
@@ -529,5 +531,6 @@ def test_multi_source_card_lists_sources_licences_criteria_subgroups_and_chance(
     assert "| Sensitivity of score >= 3.000 | 0.750 |" in evaluation
     assert "| male | 9 | 3 | 0.732 (0.401 to 0.950), at chance | 1.000 | 0.500 |" in evaluation
     assert "| female | 3 | 0 | undefined (one class only) | - | 0.667 |" in evaluation
+    assert "Subgroup: Sex" in evaluation and "Age band" not in evaluation  # only "unknown": no table
     limits = text.split("## Limitations and bias")[1]
     assert "HAM10000, Derm7pt come from a" in limits.replace("\n  ", " ") and "Fitzpatrick" in limits
