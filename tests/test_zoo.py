@@ -586,3 +586,39 @@ def test_folded_temperatures_give_the_same_predictions_not_divided_twice(zoo, tm
                     assert after.heads.probabilities[head] == pytest.approx(probs, abs=1e-5), head
                 assert after.heads.seven_point.score == pytest.approx(before.heads.seven_point.score, abs=1e-4)
     assert zoo.get(MULTISOURCE).config.head_temperatures  # the extra heads were calibrated, so folding mattered
+
+
+def test_big_non_rgb_images_are_shrunk_in_bands_like_a_full_conversion():
+    """With max_side, 16-bit, RGBA and palette images are converted band by band and shrunk on the
+    way (bounded memory, see bench/bench_app.py); the pixels match converting the whole image and
+    then downscaling, and EXIF orientation is still applied."""
+    rng = np.random.default_rng(0)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 255, (45, 60, 3), dtype=np.uint8)).resize((1800, 1350)))
+    rgba = np.dstack([smooth, np.full(smooth.shape[:2], 255, np.uint8)])
+    rgba[:400, :, 3] = 0  # a transparent strip: white after compositing
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG", exif=exif.tobytes())
+    images = {
+        "rgba_rotated.png": buffer.getvalue(),
+        "grey16.png": _png_bytes(Image.fromarray(smooth[..., 0].astype(np.uint16) * 257)),
+        "palette.png": _png_bytes(Image.fromarray(smooth).quantize(64)),
+    }
+    for name, data in images.items():
+        full = load_image(data)
+        full.thumbnail((200, 200), Image.Resampling.LANCZOS)
+        small = load_image(data, max_side=200)
+        assert small.size == full.size and max(small.size) == 200, name
+        assert np.abs(np.asarray(small, float) - np.asarray(full, float)).mean() < 0.5, name
+    rotated = load_image(images["rgba_rotated.png"], max_side=200)
+    assert rotated.size == (150, 200)  # portrait after orientation 6
+    assert np.asarray(rotated)[:, -20:].min() == 255  # the transparent top strip is now on the right, white
+
+
+def test_size_limits_are_stated_in_the_limits_unit():
+    from model.imageio import MAX_BYTES, format_bytes
+
+    assert format_bytes(MAX_BYTES) == "20 MiB" and format_bytes(10**6) == "1 MB" and format_bytes(1234) == "1,234 bytes"
+    with pytest.raises(InvalidImageError, match=r"File is 20\.5 MiB; the limit is 20 MiB\."):
+        load_image(b"\xff" * (20 * 2**20 + 2**19))
