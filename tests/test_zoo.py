@@ -323,7 +323,7 @@ def test_extra_heads_come_from_the_same_forward_pass(zoo, ham_image_paths):
     assert seven.score == pytest.approx(predictions[0].heads.seven_point.score, abs=1e-5)
 
     record = entry.result("lesion.jpg", analysis).to_json()
-    assert list(record) == ["name", "probabilities", "metadata", "prediction", "heads", "seven_point", "ood", "warning"]
+    assert list(record) == ["name", "probabilities", "metadata", "prediction", "heads", "seven_point", "ood", "warning", "caution"]
     assert record["heads"] == analysis.heads.probabilities
     assert record["seven_point"] == {
         "score": seven.score, "threshold": 3, "suggests_melanoma": seven.score >= 3, "criteria": seven.criteria
@@ -340,7 +340,7 @@ def test_models_without_extra_heads_keep_their_record(zoo, ham_image_paths):
         assert entry.extra_heads == {} and not entry.has_seven_point
         assert prediction.heads is None and entry.analyze(image).heads is None
         record = entry.result("lesion.jpg", prediction).to_json()
-        assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning"], model_id
+        assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning", "caution"], model_id
         assert record["probabilities"] == prediction.probabilities
 
 
@@ -360,8 +360,15 @@ def test_image_result_is_typed_and_becomes_json_only_in_to_json():
     assert result.melanoma_probability is None and not result.melanoma
     assert result.warning == "Does not look like dermoscopy."
     record = result.to_json()
-    assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning", "explanation"]
-    assert record["ood"] == {"is_ood": True, "score": 9.5, "threshold": 3.0, "reason": "Does not look like dermoscopy."}
+    assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning", "caution", "explanation"]
+    assert record["ood"] == {
+        "is_ood": True, "level": "clear", "score": 9.5, "threshold": 3.0, "clinical_probability": None,
+        "reason": "Does not look like dermoscopy.",
+    }
+    assert record["warning"] == "Does not look like dermoscopy." and record["caution"] is None
+    borderline = OODResult(True, 3.1, 3.0, "May not be dermoscopy.", "borderline")
+    cautious = ImageResult("c.png", Prediction(probs), meta, "Melanoma", 0.4, borderline)
+    assert cautious.warning is None and cautious.caution == "May not be dermoscopy." and cautious.melanoma
     assert record["metadata"] == {"model_id": "m", "net_type": "vit", "img_size": 32, "out_dim": 3}
     assert record["prediction"] == {
         "label": "nv", "label_name": "Melanocytic nevi", "probability": 1.0, "melanoma": False,
