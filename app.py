@@ -12,18 +12,25 @@ respected, e.g. 0.0.0.0 on Hugging Face Spaces), offline, with the models under 
 
 Environment: MELANOMA_MODELS_DIR, MELANOMA_HUB_MODELS, MELANOMA_DEFAULT_MODEL (see model/zoo.py),
 MELANOMA_OOD_PATH (out-of-distribution detector folder; "none" disables it),
-MELANOMA_MAX_PENDING_TASKS (REST queue size, default 16), MELANOMA_TASK_TTL_S (default 3600).
+MELANOMA_MAX_QUEUED_IMAGES (REST queue size in images, default 2000), MELANOMA_TASK_TTL_S (default
+3600), MELANOMA_MAX_REQUEST_BYTES (largest bulk request body, default 256 MiB), MELANOMA_CACHE_TTL_S
+(seconds uploads, thumbnails and CSVs are kept, default 3600), MELANOMA_ALLOWED_ORIGINS (comma-separated
+origins whose browser pages may POST here; same-origin pages always may).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +42,13 @@ import gradio as gr
 import pandas as pd
 import yaml
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from PIL import Image, ImageOps
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from model.imageio import MAX_BYTES, InvalidImageError, load_image
+from model.imageio import MAX_BYTES, InvalidImageError, format_bytes, load_image
 from model.labels import DX_NAMES
 from model.metrics_schema import HEADLINE_TYPES
 from model.sevenpoint import SEVEN_POINT
@@ -52,10 +62,22 @@ EXAMPLES_FILE = ROOT / "assets" / "examples.yaml"
 # bounds memory for big uploads.
 WORKING_SIDE = 1024
 BATCH_CHUNK = 16
-MAX_BULK_FILES = 1000
+MAX_BULK_FILES = 1000  # also Starlette's default multipart `max_files`: one more gets our 413
+MAX_QUEUED_IMAGES = 2000  # REST queue bound, in images (>= MAX_BULK_FILES, so any bulk fits)
+MAX_REQUEST_BYTES = 256 * 2**20  # largest bulk request body
+MULTIPART_OVERHEAD = 64 * 2**10  # a single-file request body: the file plus this
+# Every upload is decoded on this one thread: one decode at a time (each bounded by model.imageio),
+# and its buffers come from one malloc arena that the next decode reuses, where decoding on the
+# request, worker and Gradio threads would leave a freed full-size buffer in each thread's arena.
+DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="melanoma-decode")
+MAX_ECHO = 120  # longest user-supplied text (file name, id) echoed back
+# OWASP CSV injection: a cell starting with one of these is a formula to spreadsheet programs.
+CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 THUMB_SIDE = 160
 ABOVE_COLOUR, BELOW_COLOUR, OOD_COLOUR = (220, 30, 30), (30, 90, 220), (150, 150, 150)
 
+# How every shipped threshold was set (train/evaluate.py, TARGET_SENSITIVITY).
+THRESHOLD_RULE = "chosen on validation for 95% melanoma sensitivity"
 DISCLAIMER = (
     "**Research and education demo, not a medical device.** It does not diagnose, screen for "
     "or rule out skin cancer, and its scores are not validated for clinical use. Anyone worried "
@@ -71,27 +93,54 @@ API_DESCRIPTION = (
 )
 
 
+def clip(text: str, limit: int = MAX_ECHO) -> str:
+    """User-supplied text as echoed back: at most `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 # ------------------------------------------------------------------------------- task store
 class QueueFullError(RuntimeError):
     """The bounded REST queue is full; the client should retry later."""
 
 
 class TaskStore:
-    """Background REST work: a bounded queue in front of one worker, results kept for a while.
+    """Background REST work: a queue bounded in images in front of one worker, results kept a while.
+
+    Admission comes first: `reserve(n)` claims room for n images before a request's files are
+    decoded, `submit(fn, n)` queues the work on that claim, `release(n)` returns an unused one.
 
     Args:
-        max_pending: tasks queued or running at once; more -> `QueueFullError` (HTTP 503).
+        max_images: images queued or running at once; more -> `QueueFullError` (HTTP 503).
         ttl_s: seconds a finished task's result is kept.
         max_tasks: most tasks remembered; the oldest finished ones are dropped first.
         workers: worker threads (1: the CPU is the bottleneck, threads would only contend).
     """
 
-    def __init__(self, max_pending: int = 16, ttl_s: float = 3600.0, max_tasks: int = 1000, workers: int = 1):
+    def __init__(self, max_images: int = MAX_QUEUED_IMAGES, ttl_s: float = 3600.0, max_tasks: int = 1000, workers: int = 1):
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="melanoma-task")
-        self._slots = threading.BoundedSemaphore(max_pending)
+        self.max_images = max_images
+        self._queued_images = 0
         self._lock = threading.Lock()
         self._tasks: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.ttl_s, self.max_tasks = ttl_s, max_tasks
+
+    @property
+    def queued_images(self) -> int:
+        with self._lock:
+            return self._queued_images
+
+    def reserve(self, n_images: int) -> None:
+        """Claim room for `n_images`, or raise `QueueFullError`."""
+        with self._lock:
+            if self._queued_images + n_images > self.max_images:
+                raise QueueFullError(
+                    f"The queue holds {self._queued_images} of at most {self.max_images} images; retry in a few seconds."
+                )
+            self._queued_images += n_images
+
+    def release(self, n_images: int) -> None:
+        with self._lock:
+            self._queued_images -= n_images
 
     def _prune(self) -> None:
         now = time.monotonic()
@@ -104,10 +153,8 @@ class TaskStore:
                 break
             del self._tasks[key]
 
-    def submit(self, fn: Callable[[], dict[str, Any]]) -> str:
-        """Queue `fn` (returns the task's result dict); returns the task uuid."""
-        if not self._slots.acquire(blocking=False):
-            raise QueueFullError("Too many tasks in progress; retry in a few seconds.")
+    def submit(self, fn: Callable[[], dict[str, Any]], n_images: int) -> str:
+        """Queue `fn` (returns the task's result dict) on a `reserve(n_images)` claim; returns the uuid."""
         task_uuid = str(uuid.uuid4())
         with self._lock:
             self._prune()
@@ -120,7 +167,7 @@ class TaskStore:
                 logger.exception("Task %s failed", task_uuid)
                 result = {"status": "failed", "detail": str(err)}
             finally:
-                self._slots.release()
+                self.release(n_images)
             with self._lock:
                 self._tasks[task_uuid] = {**result, "finished_at": time.monotonic()}
 
@@ -159,26 +206,28 @@ class BatchState:
 
 def _ood_markdown(result: ImageResult) -> str:
     return (
-        "## ⚠️ This may not be a dermoscopic skin-lesion image\n"
+        "## Warning: this is probably not a dermoscopic skin-lesion image\n"
         f"{result.warning}\n\n"
         "The classifier was only trained on dermoscopy; its scores are **not meaningful** for "
-        "this image, so no melanoma flag is shown."
+        "this image, so no melanoma flag is shown and the class scores are collapsed."
     )
 
 
 def verdict_markdown(result: ImageResult) -> str:
-    """The risk statement for one result: the OOD warning replaces the flag when raised."""
+    """The risk statement for one result: a clear OOD warning replaces the flag; a borderline one
+    adds a caution under it."""
     if result.warning:
         return _ood_markdown(result)
+    caution = f"\n\n**Caution:** {result.caution}" if result.caution else ""
     p_mel, threshold = result.melanoma_probability, result.melanoma_threshold
     if p_mel is None:
         return f"Top class: **{result.label_name}** ({result.probability:.1%}). This model has no melanoma class."
     if result.melanoma:
-        flag = f"🔴 **Above** the model's threshold ({threshold:.2f}): this demo would flag it for a closer look."
+        flag = f"**Above** the model's melanoma threshold of {threshold:.1%} ({THRESHOLD_RULE}): this demo would flag it for a closer look."
     else:
-        flag = f"🔵 Below the model's threshold ({threshold:.2f})."
+        flag = f"**Below** the model's melanoma threshold of {threshold:.1%} ({THRESHOLD_RULE})."
     return (
-        f"### Melanoma probability: {p_mel:.1%}\n{flag}\n\n"
+        f"### Melanoma probability: {p_mel:.1%}\n{flag}{caution}\n\n"
         f"Top class: {result.label_name} ({result.probability:.1%}). "
         "_Research demo output, not a diagnosis._"
     )
@@ -236,7 +285,8 @@ def model_details_markdown(entry: ZooModel) -> str:
         f"**{info['model_id']}**: `{info['net_type']}`, {info['num_parameters'] / 1e6:.2f} M parameters, "
         f"input {info['img_size']}x{info['img_size']} px, {info['out_dim']} classes; "
         f"explanation: {info['explanation']}.",
-        f"Calibration: {_temperature_text(info)}; melanoma threshold {info['melanoma_threshold']:.3g} on P(mel).",
+        f"Calibration: {_temperature_text(info)}; melanoma threshold {info['melanoma_threshold']:.1%} on P(mel) "
+        f"({THRESHOLD_RULE}).",
         f"Training data: {', '.join(info['datasets']) or no_card_value}.",
         f"License: {info['license'] or no_card_value}.",
     ]
@@ -256,6 +306,31 @@ def model_details_markdown(entry: ZooModel) -> str:
             + "."
         )
     return "\n\n".join(lines)
+
+
+TRANSFORMERS_NAMES = {"vit": "ViT", "deit": "DeiT"}
+
+
+def model_label(model_id: str, source: str) -> str:
+    """A dropdown label that says what a model is, from its folder's config.json alone (nothing is
+    loaded): e.g. "melanoma-vit-hf: stock transformers DeiT export"."""
+    config_path = Path(source) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return model_id  # a Hub id or an unreadable folder: the id says it
+    kind = config.get("model_type", "")
+    if kind == "timm_wrapper":
+        what = f"timm {config.get('architecture', 'CNN')} (CNN)"
+    elif kind == "melanoma_vit":
+        stem = "hybrid CNN-stem ViT" if config.get("patch_embedding_type") == "hybrid" else "ViT"
+        what = f"MelanomaViT, this project's {stem}"
+    else:
+        what = f"stock transformers {TRANSFORMERS_NAMES.get(kind, kind)} export (no remote code)"
+    extras = config.get("extra_heads") or {}
+    if extras:
+        what += ", with seven-point criteria heads" if all(k in extras for k in SEVEN_POINT) else ", with extra heads"
+    return f"{model_id}: {what}"
 
 
 def _marked_thumbnail(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
@@ -282,6 +357,7 @@ def _csv_row(rank: int, result: ImageResult) -> dict[str, Any]:
     ood = result.ood
     row.update(
         ood=ood.is_ood if ood is not None else None,
+        ood_level=ood.level if ood is not None else None,
         ood_score=ood.score if ood is not None else None,
         model_id=result.model.model_id,
     )
@@ -292,6 +368,169 @@ def _csv_row(rank: int, result: ImageResult) -> dict[str, Any]:
 
 def _error_row(error: FileError) -> dict[str, Any]:
     return {"rank": None, "file": error.name, "error": error.error}
+
+
+def neutralise_formula(value: Any) -> Any:
+    """A CSV cell that a spreadsheet would run as a formula (OWASP CSV injection: starts with = + - @
+    tab or CR) gets a leading apostrophe; numbers and other text are unchanged."""
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """The batch CSV, text cells neutralised against formula injection."""
+    table.map(neutralise_formula).to_csv(path, index=False)
+
+
+class ScratchDir:
+    """One temporary folder per app for batch CSVs; files older than `ttl_s` are deleted whenever a
+    new one is written, and the folder itself when the app shuts down."""
+
+    def __init__(self, ttl_s: float):
+        self.path = Path(tempfile.mkdtemp(prefix="melanoma_app_"))
+        self.ttl_s = ttl_s
+        # Also removed when an app that was never served is garbage-collected, or at exit.
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
+
+    def new_file(self, name: str) -> Path:
+        cutoff = time.time() - self.ttl_s
+        for old in self.path.iterdir():
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(dir=self.path))  # a folder per batch: the download keeps its name
+        return folder / name
+
+    def cleanup(self) -> None:
+        self._finalizer()
+
+
+def read_image(source: Any, max_bytes: int = MAX_BYTES) -> Image.Image:
+    """Every upload's decoder: `model.imageio.load_image` at the app's working size, on `DECODER`."""
+    return DECODER.submit(load_image, source, max_bytes=max_bytes, max_side=WORKING_SIDE).result()
+
+
+def score_sources(
+    zoo: ModelZoo,
+    entry: ZooModel,
+    sources: Sequence[tuple[str, Any]],
+    max_bytes: int = MAX_BYTES,
+    on_chunk: Callable[[int], None] | None = None,
+    on_image: Callable[[int, Image.Image], None] | None = None,
+) -> tuple[list[ImageResult], list[int], list[FileError]]:
+    """Results for (name, path or bytes) pairs, decoded and scored `BATCH_CHUNK` at a time, so a
+    batch never holds more than one chunk of decoded images.
+
+    Returns:
+        (results, index of each result in `sources`, files that could not be used).
+        `on_image(index, image)` sees every decoded image (e.g. to keep a thumbnail);
+        `on_chunk(done)` reports progress.
+    """
+    results: list[ImageResult] = []
+    indices: list[int] = []
+    errors: list[FileError] = []
+    for start in range(0, len(sources), BATCH_CHUNK):
+        chunk: list[tuple[int, str, Image.Image]] = []
+        for index in range(start, min(start + BATCH_CHUNK, len(sources))):
+            name, source = sources[index]
+            try:
+                chunk.append((index, name, read_image(source, max_bytes)))
+            except InvalidImageError as err:
+                errors.append(FileError(clip(name), str(err)))
+        if chunk:
+            images = [image for _, _, image in chunk]
+            predictions = entry.predict(images)
+            oods = zoo.check_ood(images)
+            for (index, name, image), prediction, ood in zip(chunk, predictions, oods):
+                results.append(entry.result(clip(name), prediction, ood))
+                indices.append(index)
+                if on_image is not None:
+                    on_image(index, image)
+        if on_chunk is not None:
+            on_chunk(len(results) + len(errors))
+    return results, indices, errors
+
+
+class BodyLimitMiddleware:
+    """Refuses oversized request bodies with the app's own 413 JSON: from Content-Length before any
+    byte is read, and while streaming for bodies without one (or with a false one).
+
+    Args:
+        app: the ASGI app.
+        limits: path -> largest body in bytes for POSTs to that path.
+    """
+
+    def __init__(self, app: ASGIApp, limits: dict[str, int]):
+        self.app, self.limits = app, limits
+
+    @staticmethod
+    async def _refuse(send: Send, limit: int) -> None:
+        body = json.dumps({"detail": f"Request body is larger than the {format_bytes(limit)} limit."}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.limits.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if limit is None:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(send, limit)
+        received, exceeded, started = 0, False, False
+
+        async def counted_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    return {"type": "http.disconnect"}  # the app stops reading; we answer below
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if exceeded:
+                return  # the app's own answer to the cut-off body is replaced by the 413
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await self._refuse(send, limit)
+
+
+class OriginCheckMiddleware:
+    """Refuses (403) state-changing browser requests sent from another site's page: a POST whose
+    Origin is neither this server's own nor listed in `allowed`. Requests without an Origin header
+    (curl, gradio_client, scripts) are not browser cross-site requests and pass.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: Sequence[str] = ()):
+        self.app = app
+        self.allowed = {origin.strip().rstrip("/").lower() for origin in allowed if origin.strip()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            headers = dict(scope["headers"])
+            origin = headers.get(b"origin", b"").decode("latin-1").rstrip("/").lower()
+            host = headers.get(b"host", b"").decode("latin-1").lower()
+            same_site = origin.split("://", 1)[-1] == host
+            if origin and not same_site and origin not in self.allowed:
+                body = json.dumps({"detail": "Cross-site request refused: this page's origin is not allowed "
+                                             "(set MELANOMA_ALLOWED_ORIGINS to allow it)."}).encode()
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                await send({"type": "http.response.start", "status": 403, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 def _load_examples() -> tuple[list[str], list[str], str]:
@@ -307,57 +546,58 @@ def _load_examples() -> tuple[list[str], list[str], str]:
     return paths, captions, spec.get("attribution", "")
 
 
+def example_batch() -> list[str]:
+    """The example images as one batch (the batch tab's "Example batch" button)."""
+    return _load_examples()[0]
+
+
 def _name_of(path: str) -> str:
-    return Path(path).name
+    return clip(Path(path).name)
 
 
 # ------------------------------------------------------------------------------ the app
 def build_app(
     zoo: ModelZoo | None = None,
-    max_pending_tasks: int | None = None,
+    max_queued_images: int | None = None,
     task_ttl_s: float | None = None,
     max_upload_bytes: int = MAX_BYTES,
+    max_request_bytes: int | None = None,
+    cache_ttl_s: float | None = None,
+    allowed_origins: Sequence[str] | None = None,
 ) -> tuple[gr.Blocks, FastAPI]:
     """Build the Gradio Blocks and the FastAPI app (REST routes + the UI mounted at `/`).
 
     Args:
         zoo: the model zoo (default: `ModelZoo()` from the environment).
-        max_pending_tasks: REST queue size (default `$MELANOMA_MAX_PENDING_TASKS` or 16).
+        max_queued_images: REST queue size in images (default `$MELANOMA_MAX_QUEUED_IMAGES` or 2000).
         task_ttl_s: seconds REST results are kept (default `$MELANOMA_TASK_TTL_S` or 3600).
-        max_upload_bytes: largest accepted file (default 20 MB).
+        max_upload_bytes: largest accepted file (default 20 MiB).
+        max_request_bytes: largest bulk request body (default `$MELANOMA_MAX_REQUEST_BYTES` or 256 MiB).
+        cache_ttl_s: seconds uploads, thumbnails and batch CSVs are kept (default `$MELANOMA_CACHE_TTL_S`
+            or 3600).
+        allowed_origins: other sites whose pages may POST here (default `$MELANOMA_ALLOWED_ORIGINS`).
 
     Returns:
         (demo, app): serve `app` with uvicorn (see `serve`); `demo` is the mounted Blocks.
     """
     zoo = zoo or ModelZoo()
     tasks = TaskStore(
-        max_pending=max_pending_tasks or int(os.environ.get("MELANOMA_MAX_PENDING_TASKS", 16)),
+        max_images=max_queued_images or int(os.environ.get("MELANOMA_MAX_QUEUED_IMAGES", MAX_QUEUED_IMAGES)),
         ttl_s=task_ttl_s or float(os.environ.get("MELANOMA_TASK_TTL_S", 3600)),
     )
+    max_request_bytes = max_request_bytes or int(os.environ.get("MELANOMA_MAX_REQUEST_BYTES", MAX_REQUEST_BYTES))
+    cache_ttl_s = cache_ttl_s or float(os.environ.get("MELANOMA_CACHE_TTL_S", 3600))
+    if allowed_origins is None:
+        allowed_origins = os.environ.get("MELANOMA_ALLOWED_ORIGINS", "").split(",")
+    scratch = ScratchDir(cache_ttl_s)
     default_id = zoo.default_id
     _ = zoo.ood_detector  # loads the small OOD artifact (or records why there is none) up front
-
-    def read_image(source: Any) -> Image.Image:
-        return load_image(source, max_bytes=max_upload_bytes, max_side=WORKING_SIDE)
 
     def get_entry(model_id: str | None) -> ZooModel:
         try:
             return zoo.get(model_id or None)
         except UnknownModelError as err:
             raise gr.Error(str(err)) from err
-
-    def score_images(entry: ZooModel, named: Sequence[tuple[str, Image.Image]], on_chunk=None) -> list[ImageResult]:
-        """Results for (name, image) pairs: probabilities + OOD verdicts, in chunks."""
-        results: list[ImageResult] = []
-        for start in range(0, len(named), BATCH_CHUNK):
-            chunk = named[start : start + BATCH_CHUNK]
-            images = [im for _, im in chunk]
-            predictions = entry.predict(images)
-            oods = zoo.check_ood(images)
-            results.extend(entry.result(name, p, o) for (name, _), p, o in zip(chunk, predictions, oods))
-            if on_chunk is not None:
-                on_chunk(len(results))
-        return results
 
     # --------------------------------------------------------------- Gradio functions
     def predict(
@@ -371,7 +611,7 @@ def build_app(
         if not image_path:
             raise gr.Error("Upload an image first.")
         try:
-            image = read_image(image_path)
+            image = read_image(image_path, max_upload_bytes)
         except InvalidImageError as err:
             raise gr.Error(str(err)) from err
         entry = get_entry(model_id)
@@ -385,7 +625,8 @@ def build_app(
         if analysis.heads is not None and not result.warning:  # OOD: no score is meaningful
             verdict += "\n\n" + criteria_markdown(analysis.heads)
         return (
-            readable_probabilities(entry, analysis.probabilities),
+            # Clearly not dermoscopy: the class scores are collapsed (they stay in the JSON record).
+            None if result.warning else readable_probabilities(entry, analysis.probabilities),
             verdict,
             gr.Image(value=analysis.heatmap, label=f"Explanation: {analysis.method}"),
             image,
@@ -396,40 +637,45 @@ def build_app(
         """Many images -> (ranked marked gallery, table, CSV file, error list, state)."""
         if not files:
             raise gr.Error("Upload one or more images first.")
+        if len(files) > MAX_BULK_FILES:
+            raise gr.Error(f"At most {MAX_BULK_FILES} images per batch, got {len(files)}.")
         entry = get_entry(model_id)
-        named: list[tuple[str, Image.Image]] = []
-        paths: list[str] = []  # parallel to `named` (file names may repeat across folders)
-        errors: list[FileError] = []
-        for path in progress.tqdm(files, desc="Reading images"):
-            name = _name_of(path)
-            try:
-                named.append((name, read_image(path)))
-                paths.append(path)
-            except InvalidImageError as err:
-                errors.append(FileError(name, str(err)))
-        total = len(named)
+        thumbnails: dict[int, Image.Image] = {}
+
+        def keep_thumbnail(index: int, image: Image.Image) -> None:
+            thumb = image.copy()
+            thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
+            thumbnails[index] = thumb
+
+        total = len(files)
         progress((0, total), desc="Classifying", unit="images")
-        results = score_images(
-            entry, named, on_chunk=lambda done: progress((done, total), desc="Classifying", unit="images")
+        results, indices, errors = score_sources(
+            zoo,
+            entry,
+            [(_name_of(path), path) for path in files],
+            max_upload_bytes,
+            on_chunk=lambda done: progress((done, total), desc="Classifying", unit="images"),
+            on_image=keep_thumbnail,
         )
         order = sorted(range(len(results)), key=lambda i: -(results[i].melanoma_probability or 0.0))
         ranked = [results[i] for i in order]
         gallery = []
         for rank, (index, result) in enumerate(zip(order, ranked), start=1):
             if result.warning:
-                colour, tag = OOD_COLOUR, "⚠ not dermoscopy?"
+                colour, tag = OOD_COLOUR, "not dermoscopy?"
             elif result.melanoma:
                 colour, tag = ABOVE_COLOUR, "ABOVE threshold"
             else:
                 colour, tag = BELOW_COLOUR, "below threshold"
+            if result.caution:
+                tag += " (caution: may not be dermoscopy)"
             caption = f"#{rank} {result.name}: P(mel) {result.melanoma_probability or 0.0:.1%}, {tag}"
-            gallery.append((_marked_thumbnail(named[index][1], colour), caption))
+            gallery.append((_marked_thumbnail(thumbnails[indices[index]], colour), caption))
         rows = [_csv_row(rank, r) for rank, r in enumerate(ranked, start=1)] + [_error_row(e) for e in errors]
         table = pd.DataFrame(rows)
         table["rank"] = table["rank"].astype("Int64")
-        csv_dir = Path(tempfile.mkdtemp(prefix="melanoma_batch_"))
-        csv_path = csv_dir / f"melanoma_batch_{entry.id.replace('/', '_')}.csv"
-        table.to_csv(csv_path, index=False)
+        csv_path = scratch.new_file(f"melanoma_batch_{entry.id.replace('/', '_')}.csv")
+        write_csv(table, csv_path)
         columns = (
             "rank", "file", "melanoma_probability", "above_threshold", "seven_point_score", "top_class_name", "ood",
             "error",
@@ -441,7 +687,7 @@ def build_app(
             if errors
             else f"All {len(results)} images processed."
         )
-        state = BatchState(entry.id, ranked, [paths[i] for i in order])
+        state = BatchState(entry.id, ranked, [files[indices[i]] for i in order])
         return gallery, shown, str(csv_path), error_md, state
 
     def show_selected(state: BatchState | None, evt: gr.SelectData):
@@ -449,7 +695,7 @@ def build_app(
             raise gr.Error("Run a batch first.")
         result = state.results[evt.index]
         entry = get_entry(state.model_id)
-        image = read_image(state.paths[evt.index])
+        image = read_image(state.paths[evt.index], max_upload_bytes)
         analysis = entry.analyze(image)
         return (
             readable_probabilities(entry, result.probabilities),
@@ -473,11 +719,16 @@ def build_app(
 
     # ----------------------------------------------------------------------- layout
     example_paths, example_captions, attribution = _load_examples()
-    with gr.Blocks(title="Melanoma ViT: research demo") as demo:
+    cache_every = max(1, int(cache_ttl_s) // 4)
+    with gr.Blocks(title="Melanoma ViT: research demo", delete_cache=(cache_every, int(cache_ttl_s))) as demo:
         gr.Markdown("# Melanoma ViT: dermoscopy classifier (research demo)\n\n> " + DISCLAIMER)
         with gr.Row():
             model_choice = gr.Dropdown(
-                choices=zoo.ids, value=default_id, label="Model", interactive=True, scale=1
+                choices=[(model_label(i, zoo.source(i)), i) for i in zoo.ids],
+                value=default_id,
+                label="Model",
+                interactive=True,
+                scale=1,
             )
             with gr.Accordion("Model details", open=True):
                 details = gr.Markdown(
@@ -527,8 +778,14 @@ def build_app(
                 "Red border: above the model's threshold; blue: below; grey: may not be dermoscopy. "
                 "Click a thumbnail for details. " + DISCLAIMER
             )
-            files_in = gr.File(file_count="multiple", label="Images")
-            batch_button = gr.Button("Classify all", variant="primary")
+            # A fixed height: a long upload list scrolls inside it instead of pushing the results down.
+            files_in = gr.File(file_count="multiple", label="Images", height=180)
+            with gr.Row():
+                batch_button = gr.Button("Classify all", variant="primary")
+                if example_paths:
+                    gr.Button("Example batch", variant="secondary").click(
+                        example_batch, outputs=[files_in], api_visibility="private"
+                    )
             batch_errors = gr.Markdown()
             gallery = gr.Gallery(
                 label="Ranked by melanoma probability",
@@ -578,7 +835,15 @@ def build_app(
         )
 
     # ------------------------------------------------------------------------ REST
-    api = FastAPI(title="Melanoma ViT API (research demo, not a medical device)", description=API_DESCRIPTION)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        tasks.shutdown()
+        scratch.cleanup()
+
+    api = FastAPI(
+        title="Melanoma ViT API (research demo, not a medical device)", description=API_DESCRIPTION, lifespan=lifespan
+    )
 
     @api.exception_handler(InvalidImageError)
     async def _invalid_image(_: Request, err: InvalidImageError) -> JSONResponse:
@@ -588,28 +853,45 @@ def build_app(
     async def _queue_full(_: Request, err: QueueFullError) -> JSONResponse:
         return JSONResponse(status_code=503, content={"detail": str(err)}, headers={"Retry-After": "5"})
 
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        # Starlette's multipart parser refuses over-many files with its own 400; ours is a 413.
+        if err.status_code == 400 and "Too many files" in str(err.detail):
+            return JSONResponse(status_code=413, content={"detail": f"At most {MAX_BULK_FILES} files per request."})
+        return await http_exception_handler(request, err)
+
     def rest_entry(model_id: str | None) -> ZooModel:
         try:
             return zoo.get(model_id or None)
         except UnknownModelError as err:
-            raise HTTPException(status_code=404, detail=str(err)) from err
+            raise HTTPException(
+                status_code=404, detail=f"Unknown model {clip(model_id or '')!r}; available: {', '.join(zoo.ids)}."
+            ) from err
 
     def read_upload(upload: UploadFile) -> bytes:
         data = upload.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(
                 status_code=413,
-                detail=f"{upload.filename}: file is larger than the {max_upload_bytes / 1e6:.0f} MB limit.",
+                detail=f"{clip(upload.filename or 'image')}: file is larger than the {format_bytes(max_upload_bytes)} limit.",
             )
         return data
 
-    def run_results(entry: ZooModel, named: list[tuple[str, Image.Image]], errors: list[FileError]) -> Callable:
+    def checked_upload(upload: UploadFile) -> bytes:
+        """The upload's bytes once they decode (bounded memory); the decoded image is dropped: the
+        queue holds compressed files, the worker decodes them again a chunk at a time."""
+        data = read_upload(upload)
+        read_image(data, max_upload_bytes)
+        return data
+
+    def run_results(entry: ZooModel, named: list[tuple[str, bytes]], errors: list[FileError]) -> Callable:
         def work() -> dict[str, Any]:
+            results, _, failed = score_sources(zoo, entry, named, max_upload_bytes)
             return {
                 "model_id": entry.id,
                 "disclaimer": API_DESCRIPTION.split("\n")[0],
-                "results": [result.to_json() for result in score_images(entry, named)],
-                "errors": [asdict(e) for e in errors],
+                "results": [result.to_json() for result in results],
+                "errors": [asdict(e) for e in errors + failed],
             }
 
         return work
@@ -632,8 +914,13 @@ def build_app(
     ) -> dict[str, str]:
         """Queue one image; poll `GET /from_task/{task_uuid}`. Research demo, not a medical device."""
         entry = rest_entry(model_id)
-        image = read_image(read_upload(file))
-        return {"task_uuid": tasks.submit(run_results(entry, [(file.filename or "image", image)], []))}
+        tasks.reserve(1)  # admission before any decoding
+        try:
+            named = [(clip(file.filename or "image"), checked_upload(file))]
+        except BaseException:
+            tasks.release(1)
+            raise
+        return {"task_uuid": tasks.submit(run_results(entry, named, []), 1)}
 
     @api.post("/predict_bulk", summary="Classify many images (async task)", tags=["predict"])
     def rest_predict_bulk(
@@ -645,20 +932,27 @@ def build_app(
         if len(files) > MAX_BULK_FILES:
             detail = f"At most {MAX_BULK_FILES} files per request, got {len(files)}."
             raise HTTPException(status_code=413, detail=detail)
-        named: list[tuple[str, Image.Image]] = []
+        if len(files) > tasks.max_images:
+            detail = f"The queue holds at most {tasks.max_images} images; send at most that many per request."
+            raise HTTPException(status_code=413, detail=detail)
+        tasks.reserve(len(files))  # admission before any decoding
+        named: list[tuple[str, bytes]] = []
         errors: list[FileError] = []
-        for upload in files:
-            name = upload.filename or f"image_{len(named) + len(errors)}"
-            try:
-                named.append((name, read_image(read_upload(upload))))
-            except (InvalidImageError, HTTPException) as err:
-                errors.append(FileError(name, getattr(err, "detail", None) or str(err)))
+        try:
+            for upload in files:
+                name = clip(upload.filename or f"image_{len(named) + len(errors)}")
+                try:
+                    named.append((name, checked_upload(upload)))
+                except (InvalidImageError, HTTPException) as err:
+                    errors.append(FileError(name, getattr(err, "detail", None) or str(err)))
+        finally:
+            tasks.release(len(files) - len(named))
         error_json = [asdict(e) for e in errors]
         if not named:
             summary = "; ".join(f"{e.name}: {e.error}" for e in errors)
             content = {"detail": f"No usable image in the request. {summary}", "errors": error_json}
             return JSONResponse(status_code=400, content=content)
-        task_uuid = tasks.submit(run_results(entry, named, errors))
+        task_uuid = tasks.submit(run_results(entry, named, errors), len(named))
         return {"task_uuid": task_uuid, "num_images": len(named), "errors": error_json}
 
     @api.get("/from_task/{task_uuid}", summary="Result of a task", tags=["predict"])
@@ -666,15 +960,23 @@ def build_app(
         """`{"status": "pending"}` while running; then the per-image results (research demo output)."""
         task = tasks.get(task_uuid)
         if task is None:
-            raise HTTPException(status_code=404, detail=f"Unknown or expired task {task_uuid!r}.")
+            raise HTTPException(status_code=404, detail=f"Unknown or expired task {clip(task_uuid, 40)!r}.")
         return {"task_uuid": task_uuid, **task}
 
     api.state.tasks = tasks
     api.state.zoo = zoo
+    api.state.scratch = scratch
     example_dirs = sorted({str(Path(p).parent) for p in example_paths})
+    # show_error=False: only our own gr.Error messages reach the page, never an exception's text
+    # (which can name server paths); Gradio shows a generic "Error" for anything else.
     app = gr.mount_gradio_app(
-        api, demo, path="/", max_file_size=max_upload_bytes, allowed_paths=example_dirs, show_error=True
+        api, demo, path="/", max_file_size=max_upload_bytes, allowed_paths=example_dirs, show_error=False
     )
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limits={"/predict": max_upload_bytes + MULTIPART_OVERHEAD, "/predict_bulk": max_request_bytes},
+    )
+    app.add_middleware(OriginCheckMiddleware, allowed=allowed_origins)
     return demo, app
 
 

@@ -1,6 +1,7 @@
 """Serving benchmark of app.py (not a test): concurrency, failures and end-to-end latency.
 
-    .venv/bin/python bench/bench_app.py [--clients 20] [--requests 5] [--single 20]
+    .venv/bin/python bench/bench_app.py [--clients 20] [--requests 5] [--single 20] [--bulk 200]
+        [--parts single,load,memory,bulk,breakdown]
 
 Starts the real app (`python app.py`) in a subprocess on 127.0.0.1:<free port> with 2 torch
 threads, using the default model of `models/` (or, when `models/` holds no classifier, a
@@ -13,7 +14,13 @@ the shipped OOD detector. Then, on the real fixture images:
 2. the same through REST (`POST /predict`, poll `GET /from_task/{id}` every 20 ms);
 3. N concurrent clients x M requests over REST, then over gradio_client `/predict`:
    failures, HTTP 503 (queue full) answers, p50/p95 latency, throughput;
-4. an in-process breakdown (zoo predict, analyze = predict + rollout, OOD check).
+4. decode memory: peak RSS growth of the server process (its VmHWM, reset through
+   /proc/<pid>/clear_refs) for the two small-file, big-image PNGs of issue 10, generated here:
+   7000x7000 16-bit greyscale and 7000x7000 RGBA, each sent through REST and gradio_client;
+   target <= 300 MB per upload;
+5. bulk throughput: one `POST /predict_bulk` of `--bulk` fixture copies, images/s until the task
+   is done (upload + admission + decode + scoring), and the server's peak RSS growth;
+6. an in-process breakdown (zoo predict, analyze = predict + rollout, OOD check).
 Prints REST / gradio ratios side by side.
 """
 
@@ -162,6 +169,76 @@ def concurrent(kind: str, base: str, clients: int, per_client: int, images: list
     return latencies, failures, busy, time.perf_counter() - start
 
 
+def server_memory_mib(pid: int) -> tuple[int, int]:
+    """(current RSS, peak RSS since the last reset) of process `pid` in MiB (Linux /proc)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) // 1024, int(fields["VmHWM"].split()[0]) // 1024
+
+
+def reset_peak(pid: int) -> int:
+    """Resets the process's peak RSS to its current RSS; returns that RSS (MiB)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return server_memory_mib(pid)[0]
+
+
+def big_pngs() -> dict[str, bytes]:
+    """Issue 10's PNGs: small files that decode to 7000x7000 16-bit greyscale and 7000x7000 RGBA."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    gradient = np.add.outer(np.arange(7000, dtype=np.uint16), np.arange(7000, dtype=np.uint16)) * 4
+    rgba = np.zeros((7000, 7000, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[:3500, :, 3] = 200, 255
+    out = {}
+    for name, image in (("grey16_7000.png", Image.fromarray(gradient)), ("rgba_7000.png", Image.fromarray(rgba, "RGBA"))):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        out[name] = buffer.getvalue()
+    return out
+
+
+def decode_memory(base: str, pid: int, tmp: Path) -> None:
+    from gradio_client import Client, handle_file
+
+    client = Client(base, verbose=False)
+    with httpx.Client(timeout=300) as http:
+        for name, data in big_pngs().items():
+            (tmp / name).write_bytes(data)
+            for route in ("REST /predict", "gradio /predict"):
+                before = reset_peak(pid)
+                start = time.perf_counter()
+                if route.startswith("REST"):
+                    task = http.post(f"{base}predict", files={"file": (name, data)}).raise_for_status().json()["task_uuid"]
+                    while http.get(f"{base}from_task/{task}").json()["status"] == "pending":
+                        time.sleep(0.05)
+                else:
+                    client.predict(handle_file(str(tmp / name)), None, "mean", 0.9, 0, api_name="/predict")
+                growth = server_memory_mib(pid)[1] - before
+                verdict = "OK" if growth <= 300 else "MISSED"
+                print(f"{name} ({len(data) / 1e3:.0f} KB) {route:16s} peak RSS +{growth:4d} MiB "
+                      f"(target <= 300: {verdict}), {time.perf_counter() - start:.1f} s")
+    client.close()
+
+
+def bulk_throughput(base: str, pid: int, images: list[Path], n: int) -> None:
+    uploads = [("files", (f"copy{i:04d}_{images[i % len(images)].name}", images[i % len(images)].read_bytes(), "image/jpeg"))
+               for i in range(n)]
+    before = reset_peak(pid)
+    with httpx.Client(timeout=600) as http:
+        start = time.perf_counter()
+        response = http.post(f"{base}predict_bulk", files=uploads).raise_for_status().json()
+        admitted = time.perf_counter() - start
+        while (body := http.get(f"{base}from_task/{response['task_uuid']}").json())["status"] == "pending":
+            time.sleep(0.1)
+        wall = time.perf_counter() - start
+    assert body["status"] == "done" and len(body["results"]) == n, body.get("detail")
+    growth = server_memory_mib(pid)[1] - before
+    print(f"POST /predict_bulk of {n} images: queued after {admitted:.1f} s, done after {wall:.1f} s = "
+          f"{n / wall:.1f} images/s; server peak RSS +{growth} MiB")
+
+
 def in_process_breakdown(models_dir: str, model_id: str, images: list[Path], n: int) -> None:
     import torch
     from PIL import Image
@@ -192,7 +269,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5, help="requests per client")
     parser.add_argument("--single", type=int, default=20, help="sequential single-image requests")
     parser.add_argument("--fallback", choices=["deit-tiny", "tiny"], default="deit-tiny")
-    parser.add_argument("--max-pending", type=int, default=None, help="MELANOMA_MAX_PENDING_TASKS (app default 16)")
+    parser.add_argument("--max-queued-images", type=int, default=None, help="MELANOMA_MAX_QUEUED_IMAGES (app default 2000)")
+    parser.add_argument("--bulk", type=int, default=200, help="images in the bulk-throughput request")
+    parser.add_argument("--parts", default="single,load,memory,bulk,breakdown", help="comma-separated parts to run")
     args = parser.parse_args()
 
     import app as app_module
@@ -223,43 +302,54 @@ def main() -> None:
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "2",
     }
-    if args.max_pending:
-        env["MELANOMA_MAX_PENDING_TASKS"] = str(args.max_pending)
+    if args.max_queued_images:
+        env["MELANOMA_MAX_QUEUED_IMAGES"] = str(args.max_queued_images)
+    parts = set(args.parts.split(","))
     base = f"http://127.0.0.1:{port}/"
     print(f"model: {model_id} ({note}); {len(images)} fixture images; server {base}; "
-          f"{os.cpu_count()} CPU cores visible; queue size {env.get('MELANOMA_MAX_PENDING_TASKS', '16 (default)')}; "
+          f"{os.cpu_count()} CPU cores visible; queue size {env.get('MELANOMA_MAX_QUEUED_IMAGES', '2000 (default)')} images; "
           f"load average {os.getloadavg()[0]:.1f} (timings scale with other processes on the machine)")
     proc = start_server(env, port)
     try:
         client = Client(base, verbose=False)
         for path in images[:3]:
             gradio_request(client, path)  # warm-up: first calls load weights / JIT paths
-        single_g = [gradio_request(client, images[i % len(images)]) for i in range(args.single)]
+        if "single" in parts:
+            single_g = [gradio_request(client, images[i % len(images)]) for i in range(args.single)]
+            with httpx.Client(timeout=300) as http:
+                rest_request(http, base, images[0])
+                single_r = [rest_request(http, base, images[i % len(images)])[0] for i in range(args.single)]
+            print("\n-- single image, sequential (end to end, from the client)")
+            print(summary("gradio_client /predict (with rollout)", single_g, 0,
+                          "target p50 <= 300 ms " + ("OK" if statistics.median(single_g) <= 0.3 else "MISSED")))
+            print(summary("REST POST /predict + poll (no explanation)", single_r, 0))
+            print(f"{'ratio REST / gradio_client p50':46s} {statistics.median(single_r) / statistics.median(single_g):.2f}x")
         client.close()
-        with httpx.Client(timeout=300) as http:
-            rest_request(http, base, images[0])
-            single_r = [rest_request(http, base, images[i % len(images)])[0] for i in range(args.single)]
-        print("\n-- single image, sequential (end to end, from the client)")
-        print(summary("gradio_client /predict (with rollout)", single_g, 0,
-                      "target p50 <= 300 ms " + ("OK" if statistics.median(single_g) <= 0.3 else "MISSED")))
-        print(summary("REST POST /predict + poll (no explanation)", single_r, 0))
-        print(f"{'ratio REST / gradio_client p50':46s} {statistics.median(single_r) / statistics.median(single_g):.2f}x")
 
-        print(f"\n-- {args.clients} concurrent clients x {args.requests} requests")
-        results = {}
-        for kind in ("rest", "gradio"):
-            lat, fails, busy, wall = concurrent(kind, base, args.clients, args.requests, images)
-            results[kind] = lat
-            label = "REST /predict + /from_task" if kind == "rest" else "gradio_client /predict"
-            print(summary(label, lat, fails, f" 503 answers {busy}, {len(lat) / wall:5.1f} req/s, wall {wall:.1f} s"))
-        if results["rest"] and results["gradio"]:
-            print(f"{'ratio REST / gradio_client p50':46s} "
-                  f"{statistics.median(results['rest']) / statistics.median(results['gradio']):.2f}x")
+        if "load" in parts:
+            print(f"\n-- {args.clients} concurrent clients x {args.requests} requests")
+            results = {}
+            for kind in ("rest", "gradio"):
+                lat, fails, busy, wall = concurrent(kind, base, args.clients, args.requests, images)
+                results[kind] = lat
+                label = "REST /predict + /from_task" if kind == "rest" else "gradio_client /predict"
+                print(summary(label, lat, fails, f" 503 answers {busy}, {len(lat) / wall:5.1f} req/s, wall {wall:.1f} s"))
+            if results["rest"] and results["gradio"]:
+                print(f"{'ratio REST / gradio_client p50':46s} "
+                      f"{statistics.median(results['rest']) / statistics.median(results['gradio']):.2f}x")
+        if "memory" in parts:
+            print("\n-- decode memory: peak RSS growth of the server per upload")
+            with tempfile.TemporaryDirectory(prefix="bench_app_png_") as png_dir:
+                decode_memory(base, proc.pid, Path(png_dir))
+        if "bulk" in parts:
+            print("\n-- bulk throughput (REST)")
+            bulk_throughput(base, proc.pid, images, args.bulk)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    print("\n-- in-process breakdown (same model, this process, 2 threads)")
-    in_process_breakdown(models_dir, model_id, images, args.single)
+    if "breakdown" in parts:
+        print("\n-- in-process breakdown (same model, this process, 2 threads)")
+        in_process_breakdown(models_dir, model_id, images, args.single)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if tmp is not None:
         tmp.cleanup()

@@ -22,6 +22,15 @@ Design (measured in ``bench/bench_ood.py``):
    dermoscopy mean in raw feature space, but point in directions dermoscopy never does.
 3. Threshold: a high percentile of the scores of held-out dermoscopy (HAM10000 lesions not used
    for fitting + ISIC 2017 validation).
+4. Clinical photographs of skin are close to dermoscopy in that density (skin, a lesion), so an
+   optional second test separates them: a logistic regression on the same L2-normalised features,
+   clinical photographs (SD-198) against dermoscopy (HAM10000, ISIC 2017, Derm7pt training images),
+   ``p_clinical = sigmoid(w . f + b)`` (``bench/bench_ood.py --fit-clinical``).
+
+The verdict is graded (``OODResult.level``): "clear" (PPCA score above ``clear_ratio`` x the
+threshold, or ``p_clinical >= clinical_clear``): the scores mean nothing for this image;
+"borderline" (just above the threshold, or ``p_clinical >= clinical_caution``): a caution next
+to scores that are still shown; "none": looks like dermoscopy.
 
 The artifact is a folder with ``ood.safetensors`` (mean, components, variances) and
 ``config.json`` (threshold, input size, feature extractor, fitting command); no pickle.
@@ -51,6 +60,7 @@ WEIGHTS_NAME = "ood.safetensors"
 CONFIG_NAME = "config.json"
 FEATURE_EXTRACTOR = "tf_efficientnet_lite0"
 _TENSOR_KEYS = ("mean", "components", "explained_variance", "noise_variance")
+LEVELS = ("none", "borderline", "clear")
 
 
 @dataclass(frozen=True)
@@ -58,19 +68,40 @@ class OODResult:
     """Verdict for one image.
 
     Attributes:
-        is_ood: True when the image does not look like dermoscopy (``score > threshold``).
+        is_ood: True when the image may not be dermoscopy (``level`` is "borderline" or "clear").
         score: PPCA Mahalanobis distance of the image's features (unitless, >= 0).
         threshold: the detector's decision threshold on ``score``.
         reason: one human-readable sentence for the user interface.
+        level: "none", "borderline" (a caution; scores still shown) or "clear" (scores not meaningful).
+        clinical_probability: P(clinical photograph) from the clinical test, None without one.
     """
 
     is_ood: bool
     score: float
     threshold: float
     reason: str
+    level: str | None = None  # None: "clear" when is_ood, else "none" (an ungraded verdict)
+    clinical_probability: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.level is None:
+            object.__setattr__(self, "level", "clear" if self.is_ood else "none")
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+
+    @property
+    def clear(self) -> bool:
+        return self.level == "clear"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"is_ood": self.is_ood, "score": self.score, "threshold": self.threshold, "reason": self.reason}
+        return {
+            "is_ood": self.is_ood,
+            "level": self.level,
+            "score": self.score,
+            "threshold": self.threshold,
+            "clinical_probability": self.clinical_probability,
+            "reason": self.reason,
+        }
 
 
 def create_feature_extractor() -> torch.nn.Module:
@@ -146,6 +177,11 @@ class OODDetector:
         image_size: input side in pixels for the feature extractor.
         config: everything in ``config.json`` (provenance, fitting command, ...).
         backbone: the feature extractor; created on first use when None.
+        clear_ratio: PPCA scores above ``clear_ratio`` x ``threshold`` are "clear", between the
+            threshold and that "borderline".
+        clinical_weight, clinical_bias: the clinical-photograph logistic regression on normalised
+            features, (C,) and scalar; None without the clinical test.
+        clinical_caution, clinical_clear: P(clinical) from which the verdict is "borderline" / "clear".
     """
 
     mean: torch.Tensor
@@ -156,6 +192,11 @@ class OODDetector:
     image_size: int
     config: dict[str, Any] = field(default_factory=dict)
     backbone: torch.nn.Module | None = None
+    clear_ratio: float = 1.5
+    clinical_weight: torch.Tensor | None = None
+    clinical_bias: float = 0.0
+    clinical_caution: float = 0.5
+    clinical_clear: float = 0.9
 
     def __post_init__(self) -> None:
         dim = self.mean.shape[0]
@@ -193,19 +234,37 @@ class OODDetector:
         off_subspace = residual.pow(2).sum(dim=1) / self.noise_variance
         return (in_subspace + off_subspace).float()
 
-    def result(self, score: float) -> OODResult:
-        """Wrap one score into an ``OODResult`` with a user-facing reason."""
+    def clinical_probability(self, features: torch.Tensor) -> torch.Tensor | None:
+        """P(clinical photograph) of each row of ``features`` (B, C) -> (B,), None without the test."""
+        if self.clinical_weight is None:
+            return None
+        return torch.sigmoid(normalise(features) @ self.clinical_weight.double() + self.clinical_bias).float()
+
+    def result(self, score: float, clinical: float | None = None) -> OODResult:
+        """Wrap one PPCA score (and P(clinical), when there is a clinical test) into a graded
+        ``OODResult`` with a user-facing reason."""
         if not math.isfinite(score):
-            return OODResult(True, float("inf"), self.threshold, "The image could not be analysed (non-finite features).")
+            reason = "The image could not be analysed (non-finite features)."
+            return OODResult(True, float("inf"), self.threshold, reason, "clear", clinical)
         ratio = score / self.threshold
-        if score > self.threshold:
-            reason = (
-                f"This does not look like a dermoscopic skin-lesion image (OOD score {score:.0f}, "
-                f"{ratio:.1f}x the threshold {self.threshold:.0f}); the melanoma score is not meaningful for it."
-            )
-            return OODResult(True, score, self.threshold, reason)
-        reason = f"Looks like a dermoscopic image (OOD score {score:.0f} <= threshold {self.threshold:.0f})."
-        return OODResult(False, score, self.threshold, reason)
+        is_clinical = clinical is not None and clinical >= self.clinical_caution
+        if ratio > self.clear_ratio or (clinical is not None and clinical >= self.clinical_clear):
+            level = "clear"
+        elif ratio > 1.0 or is_clinical:
+            level = "borderline"
+        else:
+            reason = f"Looks like a dermoscopic image (OOD score {score:.0f} <= threshold {self.threshold:.0f})."
+            return OODResult(False, score, self.threshold, reason, "none", clinical)
+        what = (
+            f"a clinical photograph rather than dermoscopy (P(clinical photo) {clinical:.0%})"
+            if is_clinical
+            else f"unlike the dermoscopy the models were trained on (OOD score {ratio:.2f}x the threshold)"
+        )
+        if level == "clear":
+            reason = f"This does not look like a dermoscopic skin-lesion image: {what}. The melanoma score is not meaningful for it."
+        else:
+            reason = f"This image may not be dermoscopy: {what}. Read its scores with extra caution."
+        return OODResult(True, score, self.threshold, reason, level, clinical)
 
     def score(self, images: Sequence[Image.Image]) -> list[OODResult]:
         """One ``OODResult`` per PIL image (any size or mode); ``[]`` for an empty list."""
@@ -213,8 +272,12 @@ class OODDetector:
             images = [images]
         if len(images) == 0:
             return []
-        scores = self.score_features(self.features(list(images)))
-        return [self.result(float(s)) for s in scores]
+        features = self.features(list(images))
+        scores = self.score_features(features)
+        clinical = self.clinical_probability(features)
+        return [
+            self.result(float(s), None if clinical is None else float(clinical[i])) for i, s in enumerate(scores)
+        ]
 
     def save(self, path: str | Path) -> Path:
         """Write ``ood.safetensors`` + ``config.json`` to folder ``path``; returns the folder."""
@@ -226,6 +289,8 @@ class OODDetector:
             "explained_variance": self.explained_variance.float().contiguous(),
             "noise_variance": torch.tensor([self.noise_variance], dtype=torch.float32),
         }
+        if self.clinical_weight is not None:
+            tensors["clinical_weight"] = self.clinical_weight.float().contiguous()
         save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
         config = {
             **self.config,
@@ -233,7 +298,14 @@ class OODDetector:
             "image_size": self.image_size,
             "feature_dim": int(self.mean.shape[0]),
             "n_components": int(self.components.shape[0]),
+            "clear_ratio": self.clear_ratio,
         }
+        if self.clinical_weight is not None:
+            config.update(
+                clinical_bias=self.clinical_bias,
+                clinical_caution=self.clinical_caution,
+                clinical_clear=self.clinical_clear,
+            )
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         return path
 
@@ -338,7 +410,46 @@ def load_ood_detector(
         image_size=image_size,
         config=config,
         backbone=backbone,
+        clear_ratio=float(config.get("clear_ratio", 1.5)),
+        clinical_weight=tensors.get("clinical_weight"),
+        clinical_bias=float(config.get("clinical_bias", 0.0)),
+        clinical_caution=float(config.get("clinical_caution", 0.5)),
+        clinical_clear=float(config.get("clinical_clear", 0.9)),
     )
+
+
+def fit_clinical_test(
+    detector: OODDetector,
+    clinical_features: torch.Tensor,
+    dermoscopy_features: torch.Tensor,
+    val_dermoscopy_features: torch.Tensor,
+    caution_rate: float = 0.01,
+    clear_rate: float = 0.002,
+    c: float = 1.0,
+) -> dict[str, float]:
+    """Fit the clinical-photograph logistic regression into ``detector`` (in place).
+
+    Args:
+        clinical_features: (N, C) raw features of clinical photographs (the positives).
+        dermoscopy_features: (M, C) raw features of dermoscopy training images (the negatives).
+        val_dermoscopy_features: (V, C) held-out dermoscopy: the thresholds are the P(clinical)
+            quantiles at which ``caution_rate`` / ``clear_rate`` of them would be warned about.
+        c: inverse L2 regularisation strength of scikit-learn's ``LogisticRegression``.
+
+    Returns:
+        The fitted thresholds (also stored on ``detector``).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x = torch.cat([normalise(clinical_features), normalise(dermoscopy_features)]).numpy()
+    y = np.r_[np.ones(len(clinical_features)), np.zeros(len(dermoscopy_features))]
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(x, y)
+    detector.clinical_weight = torch.from_numpy(model.coef_[0]).float()
+    detector.clinical_bias = float(model.intercept_[0])
+    p_val = detector.clinical_probability(val_dermoscopy_features).numpy()
+    detector.clinical_caution = float(np.quantile(p_val, 1.0 - caution_rate))
+    detector.clinical_clear = max(float(np.quantile(p_val, 1.0 - clear_rate)), detector.clinical_caution)
+    return {"clinical_caution": detector.clinical_caution, "clinical_clear": detector.clinical_clear}
 
 
 __all__: list[str] = [
@@ -346,6 +457,7 @@ __all__: list[str] = [
     "OODResult",
     "create_feature_extractor",
     "extract_features",
+    "fit_clinical_test",
     "fit_ood_detector",
     "load_ood_detector",
     "preprocess",

@@ -172,12 +172,20 @@ class ImageResult:
 
     @property
     def warning(self) -> str | None:
-        """Why the scores are not meaningful when the OOD detector flags the image, else None."""
-        return self.ood.reason if self.ood is not None and self.ood.is_ood else None
+        """Why the scores are not meaningful when the OOD detector clearly flags the image, else None."""
+        return self.ood.reason if self.ood is not None and self.ood.clear else None
+
+    @property
+    def caution(self) -> str | None:
+        """Why the scores need extra caution when the image is borderline out of distribution, else None
+        (the scores and the melanoma flag still stand)."""
+        return self.ood.reason if self.ood is not None and self.ood.level == "borderline" else None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON record (REST `from_task`, Gradio JSON output).
 
+        `warning`: the scores mean nothing for this image (clearly not dermoscopy); `caution`: it may not
+        be dermoscopy, the scores stand with a caution (both None for dermoscopy or without a detector).
         Models with extra heads add `heads` ({head: {label: probability}}) and, with every criterion
         head, `seven_point` (score, threshold, suggests_melanoma, criteria: {criterion: P(pattern)});
         other models' records have neither key. `explanation` only when one was computed.
@@ -208,6 +216,7 @@ class ImageResult:
                 }
         result["ood"] = self.ood.to_dict() if self.ood is not None else None
         result["warning"] = self.warning
+        result["caution"] = self.caution
         if self.explanation is not None:
             result["explanation"] = self.explanation
         return result
@@ -582,6 +591,10 @@ class ModelZoo:
                 logger.warning("Skipping Hub model %s: %s", hub_id, reason)
                 self.skipped[hub_id] = reason
                 self._sources.pop(hub_id, None)
+
+    def source(self, model_id: str) -> str:
+        """The local folder (or Hub id) that `model_id` loads from."""
+        return self._sources[model_id]
 
     @property
     def ids(self) -> list[str]:

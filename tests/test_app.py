@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ from model.sevenpoint import SEVEN_POINT
 from test_zoo import MULTISOURCE, _png_bytes, bad_image_files, shared_tiny_models
 
 MAX_UPLOAD = 1_000_000  # small limit so the over-size test uploads little
+MAX_REQUEST = 3_000_000  # bulk request body limit, small for the same reason
+PARTNER = "https://partner.example"  # an allowed foreign origin
+QUEUE = 120  # REST queue size in images (the slow bulk test sends 104)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,9 @@ def live(tmp_path_factory, fixtures_dir):
 
     models_dir = shared_tiny_models(tmp_path_factory, fixtures_dir)
     zoo = ModelZoo(models_dir=models_dir, hub_ids=["nobody/unreachable-model"], ood_path="none")
-    demo, fastapi_app = app_module.build_app(zoo, max_pending_tasks=4, max_upload_bytes=MAX_UPLOAD)
+    demo, fastapi_app = app_module.build_app(
+        zoo, max_queued_images=QUEUE, max_upload_bytes=MAX_UPLOAD, max_request_bytes=MAX_REQUEST, allowed_origins=[PARTNER]
+    )
     port = app_module.free_port()
     server, thread = app_module.serve(fastapi_app, port=port, block=False)
     url = f"http://127.0.0.1:{port}/"
@@ -100,8 +106,14 @@ def test_gradio_predict_errors_and_exif(live, tmp_path, ham_image_paths):
             client.predict(handle_file(str(files[kind])), None, "mean", 0.9, 0, api_name="/predict")
     with pytest.raises(AppError, match="nope is not in the list of choices"):
         client.predict(handle_file(str(ham_image_paths[0])), "nope", "mean", 0.9, 0, api_name="/predict")
-    with pytest.raises(AppError):  # not decodable at all: refused by Gradio's own image check
+    # Not decodable at all: refused by Gradio's own header check before our handler, with a generic
+    # message (show_error=False), never Pillow's text or the server path.
+    with pytest.raises(AppError) as refused:
         client.predict(handle_file(str(files["empty"])), None, "mean", 0.9, 0, api_name="/predict")
+    assert "/tmp" not in str(refused.value) and "empty.jpg" not in str(refused.value)  # no server paths
+    with pytest.raises(AppError) as refused:
+        client.predict(handle_file(str(files["truncated"])), None, "mean", 0.9, 0, api_name="/predict")
+    assert "truncated or corrupt" in str(refused.value) and "not processed" not in str(refused.value)  # no Pillow text
 
     # EXIF orientation 6 on an 80x60 JPEG: the model sees (and the UI shows) a 60x80 image.
     exif = Image.Exif()
@@ -224,7 +236,7 @@ def test_multisource_model_criteria_in_ui_csv_and_rest(live, ham_image_paths):
     assert response.status_code == 200, response.text
     (result,) = _poll(url, response.json()["task_uuid"])["results"]
     _assert_heads_match(result, expected)
-    assert list(result) == ["name", "probabilities", "metadata", "prediction", "heads", "seven_point", "ood", "warning"]
+    assert list(result) == ["name", "probabilities", "metadata", "prediction", "heads", "seven_point", "ood", "warning", "caution"]
 
     paths = ham_image_paths[:3]
     _, _, csv_path, _ = client.predict([handle_file(str(p)) for p in paths], MULTISOURCE, api_name="/predict_batch")
@@ -293,46 +305,65 @@ def test_rest_bulk_mixed_and_unusual_inputs(live, ham_image_paths):
     assert done["errors"][0]["name"] == "bad.html"
 
 
-def test_rest_queue_full_gives_503_and_recovers(live, ham_image_paths):
+def test_rest_queue_is_bounded_in_images_and_admits_before_decoding(live, ham_image_paths, tmp_path):
     from app import QueueFullError
 
     url, _, _, fastapi_app = live
     tasks, release = fastapi_app.state.tasks, threading.Event()
-    blockers = []
+    jpeg = ham_image_paths[0].read_bytes()
+    truncated = ("truncated.jpg", jpeg[: len(jpeg) // 3])
     try:
+        tasks.reserve(QUEUE - 1)  # one big task holds all places but one
+        blocker = tasks.submit(lambda: {"waited": release.wait(30)}, QUEUE - 1)
         with pytest.raises(QueueFullError):
-            for _ in range(10):  # the queue holds 4
-                blockers.append(tasks.submit(lambda: {"waited": release.wait(30)}))
-        assert len(blockers) == 4
-        response = httpx.post(url + "predict", files={"file": ("a.jpg", ham_image_paths[0].read_bytes())})
+            tasks.reserve(2)
+        two = [("files", ("a.jpg", jpeg)), ("files", ("b.jpg", jpeg))]
+        response = httpx.post(url + "predict_bulk", files=two)
         assert response.status_code == 503 and "retry" in response.json()["detail"].lower()
-        assert httpx.get(url + f"from_task/{blockers[0]}").json() == {"task_uuid": blockers[0], "status": "pending"}
+        assert f"{QUEUE - 1} of at most {QUEUE} images" in response.json()["detail"]
+        tasks.reserve(1)  # now full
+        # Admission comes before decoding: a broken file gets the 503, not a 400 from its decode.
+        response = httpx.post(url + "predict", files={"file": truncated})
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
+        tasks.release(1)
+        assert httpx.get(url + f"from_task/{blocker}").json() == {"task_uuid": blocker, "status": "pending"}
+        too_many = [("files", (f"{i}.jpg", b"x")) for i in range(QUEUE + 1)]  # more than the whole queue holds
+        response = httpx.post(url + "predict_bulk", files=too_many)
+        assert response.status_code == 413 and f"at most {QUEUE} images" in response.json()["detail"]
     finally:
         release.set()
-    assert _poll(url, blockers[-1])["waited"] is True
-    response = httpx.post(url + "predict", files={"file": ("a.jpg", ham_image_paths[0].read_bytes())})
+    assert _poll(url, blocker)["waited"] is True
+    assert tasks.queued_images == 0  # every claim returned
+    response = httpx.post(url + "predict", files={"file": ("a.jpg", jpeg)})
     assert response.status_code == 200 and _poll(url, response.json()["task_uuid"])["status"] == "done"
+    response = httpx.post(url + "predict", files={"file": truncated})
+    assert response.status_code == 400 and tasks.queued_images == 0  # a refused file returns its claim
 
 
 def test_task_store_ttl_and_max_count():
     from app import TaskStore
 
-    store = TaskStore(max_pending=2, ttl_s=0.2, max_tasks=3)
-    ids = [store.submit(lambda i=i: {"i": i}) for i in range(2)]
+    store = TaskStore(max_images=2, ttl_s=0.2, max_tasks=3)
+
+    def submit(fn):
+        store.reserve(1)
+        return store.submit(fn, 1)
+
+    ids = [submit(lambda i=i: {"i": i}) for i in range(2)]
     deadline = time.monotonic() + 10
     while any(store.get(i)["status"] == "pending" for i in ids) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert [store.get(i)["i"] for i in ids] == [0, 1]
     time.sleep(0.3)
     assert store.get(ids[0]) is None  # expired
-    failing = store.submit(lambda: 1 / 0)
+    failing = submit(lambda: 1 / 0)
     while store.get(failing)["status"] == "pending":
         time.sleep(0.01)
     assert store.get(failing) == {"status": "failed", "detail": "division by zero"}
     store.ttl_s = 60
     more = []
     for i in range(5):
-        more.append(store.submit(lambda i=i: {"i": i}))
+        more.append(submit(lambda i=i: {"i": i}))
         while store.get(more[-1])["status"] == "pending":
             time.sleep(0.01)
     assert store.get(more[0]) is None and store.get(more[-1])["i"] == 4  # at most 3 kept
@@ -372,13 +403,15 @@ def test_ood_warning_replaces_the_flag(live, tmp_path, ham_image_paths):
     s_lesion, s_board = (r.score for r in detector.score([ham[0], checkerboard]))
     assert s_board > s_lesion  # a checkerboard is further from dermoscopy than a fitted lesion
     detector.threshold = (s_lesion + s_board) / 2
+    detector.clear_ratio = 1.0  # every image above the threshold is clearly out of distribution here
     tmp = tmp_path / "checkerboard.png"
     checkerboard.save(tmp)
     try:
         zoo.ood_detector = detector
-        _, verdict, _, _, record = client.predict(handle_file(str(tmp)), None, "mean", 0.9, 0, api_name="/predict")
+        probs, verdict, _, _, record = client.predict(handle_file(str(tmp)), None, "mean", 0.9, 0, api_name="/predict")
         assert record["ood"]["is_ood"] and record["warning"]
-        assert "may not be a dermoscopic" in verdict and "Melanoma probability" not in verdict
+        assert "probably not a dermoscopic" in verdict and "Melanoma probability" not in verdict
+        assert probs is None or not probs.get("confidences")  # the class scores are collapsed
         lesion = handle_file(str(ham_image_paths[0]))
         _, verdict, _, _, record = client.predict(lesion, None, "mean", 0.9, 0, api_name="/predict")
         assert record["ood"]["is_ood"] is False and record["warning"] is None
@@ -421,6 +454,8 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     assert plain.size == Image.open(ham_image_paths[[Path(p).name for p in paths].index(second.name)]).size
     assert "Grad-CAM" in heatmap.label
 
+    examples = _blocks_fn(demo, "example_batch")()
+    assert len(examples) >= 4 and all(Path(p).is_file() for p in examples)
     details, fusion, discard, start = _blocks_fn(demo, "on_model_change")("resnet18-tiny")
     assert "timm/resnet18" in details and "Grad-CAM" in details and fusion.visible is False
     details, fusion, discard, start = _blocks_fn(demo, "on_model_change")("melanoma-vit-tiny")
@@ -450,3 +485,165 @@ def test_model_details_headline_the_tables_metrics_of_a_rendered_card(tmp_path_f
         "Melanoma ROC AUC (mel vs rest) 0.812 on HAM10000; Balanced accuracy 0.614 on HAM10000; "
         "Melanoma sensitivity at threshold 0.213 0.941 on HAM10000."
     )
+
+
+# ------------------------------------------------------------------- reliability and security
+
+
+def _rss_mib() -> tuple[int, int]:
+    """(current RSS, peak RSS since the last reset) of this process in MiB (Linux /proc)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) // 1024, int(fields["VmHWM"].split()[0]) // 1024
+
+
+def big_pngs() -> dict[str, bytes]:
+    """The issue's two small-file, big-image PNGs: 7000x7000 16-bit greyscale and 7000x7000 RGBA."""
+    gradient = np.add.outer(np.arange(7000, dtype=np.uint16), np.arange(7000, dtype=np.uint16)) * 4
+    rgba = np.zeros((7000, 7000, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[:3500, :, 3] = 200, 255
+    out = {}
+    for name, image in (("grey16_7000.png", Image.fromarray(gradient)), ("rgba_7000.png", Image.fromarray(rgba, "RGBA"))):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        out[name] = buffer.getvalue()
+    return out
+
+
+@pytest.mark.slow
+def test_big_pngs_decode_within_300_mib_through_rest_and_gradio(live, tmp_path):
+    url, client, _, _ = live
+    pngs = big_pngs()
+    for name, data in pngs.items():
+        assert len(data) < MAX_UPLOAD, (name, len(data))  # small files, accepted uploads
+        (tmp_path / name).write_bytes(data)
+    growth = {}
+    for name, data in pngs.items():
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+        before, _ = _rss_mib()
+        response = httpx.post(url + "predict", files={"file": (name, data)}, timeout=120)
+        assert response.status_code == 200, response.text
+        assert _poll(url, response.json()["task_uuid"], timeout=120)["status"] == "done"
+        *_, record = client.predict(handle_file(str(tmp_path / name)), None, "mean", 0.9, 0, api_name="/predict")
+        assert record["name"] == name
+        growth[name] = _rss_mib()[1] - before
+    print(f"peak RSS growth per upload (REST + Gradio): {growth} MiB")
+    assert all(g <= 300 for g in growth.values()), growth
+
+
+def test_csv_cells_cannot_be_formulas(live, tmp_path, ham_image_paths):
+    _, client, _, _ = live
+    names = ['=HYPERLINK("evil.example","x").jpg', "+1.jpg", "-2.jpg", "@sum.jpg", "plain.jpg"]
+    uploads = []
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(ham_image_paths[i].read_bytes())
+        uploads.append(handle_file(str(tmp_path / name)))
+    (tmp_path / "=cmd.txt").write_text("not an image")  # a formula in an error row's file name too
+    _, _, csv_path, _ = client.predict(uploads + [handle_file(str(tmp_path / "=cmd.txt"))], None, api_name="/predict_batch")
+    files = sorted(pd.read_csv(csv_path)["file"].tolist())  # (Gradio URL-encodes the quotes in names)
+    hyperlink = [f for f in files if "HYPERLINK" in f]
+    assert len(hyperlink) == 1 and hyperlink[0].startswith("'=HYPERLINK(")
+    assert [f for f in files if "HYPERLINK" not in f] == ["'+1.jpg", "'-2.jpg", "'=cmd.txt", "'@sum.jpg", "plain.jpg"]
+    assert not any(str(cell).startswith(("=", "+", "-", "@", "\t", "\r")) for cell in pd.read_csv(csv_path).to_numpy().ravel())
+
+
+def _raw_post(url: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict]:
+    """A POST over a plain socket (headers that httpx would correct, e.g. a false Content-Length)."""
+    import socket
+    from urllib.parse import urlparse
+
+    target = urlparse(url)
+    lines = [f"POST {path} HTTP/1.1", f"Host: {target.netloc}", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+    with socket.create_connection((target.hostname, target.port), timeout=30) as sock:
+        sock.sendall("\r\n".join(lines).encode() + body)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload.decode())
+
+
+def test_oversized_requests_get_413_before_the_body_is_read(live, ham_image_paths):
+    url, _, _, _ = live
+    boundary = "b0undary"
+    multipart = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    # 300 MB declared, nothing sent: answered from the header alone (reading would hang for the body).
+    start = time.monotonic()
+    status, body = _raw_post(url, "/predict", {**multipart, "Content-Length": str(300 * 10**6)})
+    assert status == 413 and "limit" in body["detail"] and time.monotonic() - start < 10
+    status, body = _raw_post(url, "/predict_bulk", {**multipart, "Content-Length": str(300 * 10**6)})
+    assert status == 413 and body["detail"] == "Request body is larger than the 3 MB limit."
+    # No Content-Length (chunked): cut off once the stream passes the limit.
+    def chunks():
+        yield f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n\r\n".encode()
+        for _ in range(100):
+            yield b"\0" * 100_000  # 10 MB in all
+    response = httpx.post(url + "predict_bulk", content=chunks(), headers=multipart, timeout=60)
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+    # Over-many files: the app's own 413, not the multipart parser's 400.
+    many = [("files", (f"{i}.jpg", b"x")) for i in range(1001)]
+    response = httpx.post(url + "predict_bulk", files=many, timeout=60)
+    assert response.status_code == 413 and response.json()["detail"] == "At most 1000 files per request."
+    assert httpx.get(url + "public_models").status_code == 200  # still serving
+
+
+def test_echoed_user_text_is_truncated(live, ham_image_paths):
+    url, _, _, _ = live
+    long_id = "x" * 60_000
+    response = httpx.get(url + f"from_task/{long_id}")
+    assert response.status_code == 404 and len(response.json()["detail"]) < 120
+    response = httpx.post(url + "predict", params={"model_id": long_id}, files={"file": ("a.jpg", b"x")})
+    assert response.status_code == 404 and len(response.json()["detail"]) < 400
+    response = httpx.post(url + "predict_bulk", files=[("files", ("y" * 60_000 + ".txt", b"not an image"))])
+    assert response.status_code == 400 and len(response.text) < 2000, response.text[:300]  # the name is not echoed whole
+
+
+def test_cross_site_posts_are_refused_unless_allowed(live, ham_image_paths):
+    url, _, _, _ = live
+    upload = {"file": ("a.jpg", ham_image_paths[0].read_bytes())}
+    evil = {"Origin": "https://evil.example"}
+    response = httpx.post(url + "predict", files=upload, headers=evil)
+    assert response.status_code == 403 and "MELANOMA_ALLOWED_ORIGINS" in response.json()["detail"]
+    assert httpx.post(url + "gradio_api/upload", files={"files": ("a.jpg", b"x")}, headers=evil).status_code == 403
+    assert httpx.get(url + "public_models", headers=evil).status_code == 200  # reading is not refused
+    own = {"Origin": url.rstrip("/")}
+    assert httpx.post(url + "predict", files=upload, headers=own).status_code == 200
+    assert httpx.post(url + "predict", files=upload, headers={"Origin": PARTNER}).status_code == 200
+    assert httpx.post(url + "predict", files=upload).status_code == 200  # no Origin: not a browser page
+
+
+@pytest.mark.slow
+def test_disk_use_stays_flat_over_many_batches(tmp_path_factory, fixtures_dir, ham_image_paths):
+    import app as app_module
+    from model.zoo import ModelZoo
+
+    zoo = ModelZoo(models_dir=shared_tiny_models(tmp_path_factory, fixtures_dir), hub_ids=[], ood_path="none")
+    demo, fastapi_app = app_module.build_app(zoo, cache_ttl_s=1)
+    server, thread = app_module.serve(fastapi_app, port=app_module.free_port(), block=False)
+    url = f"http://127.0.0.1:{server.config.port}/"
+    scratch = fastapi_app.state.scratch.path
+    old_batch_dirs = set(Path(tempfile.gettempdir()).glob("melanoma_batch_*"))
+
+    def disk_bytes() -> int:
+        cached = [Path(f) for files in demo.temp_file_sets for f in files]
+        mine = [p for p in scratch.rglob("*") if p.is_file()]
+        return sum(p.stat().st_size for p in cached + mine if p.exists())
+
+    try:
+        client = Client(url, verbose=False)
+        uploads = [handle_file(str(p)) for p in ham_image_paths[:6]]
+        used = []
+        for _ in range(6):
+            client.predict(uploads, None, api_name="/predict_batch")
+            time.sleep(2.5)  # past the 1 s age and the cleaner's 1 s period
+            used.append(disk_bytes())
+        client.close()
+        assert used[0] > 0 or used[-1] == 0
+        assert max(used[2:]) <= max(used[:2]) and len(list(scratch.iterdir())) <= 2, used
+        assert set(Path(tempfile.gettempdir()).glob("melanoma_batch_*")) == old_batch_dirs  # none per batch
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert not scratch.exists()  # removed at shutdown

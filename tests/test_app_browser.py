@@ -137,7 +137,13 @@ def test_single_image_shows_probabilities_and_heatmap(browser, live_app, page, h
     expected = zoo.get(None).predict([load_image(ham_image_paths[0], max_side=1024)])[0].probabilities["mel"]
     shown = page.get_by_text(re.compile(r"Melanoma probability: [\d.]+%")).inner_text()
     assert float(re.search(r"([\d.]+)%", shown).group(1)) == pytest.approx(100 * expected, abs=0.051)
+    assert "chosen on validation for 95% melanoma sensitivity" in page.get_by_text(re.compile("threshold of")).inner_text()
     _shot(page, "single_image")
+    # Phone width: the same result, readable without sideways scrolling of the page.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.get_by_text("Melanoma probability:").wait_for()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
+    _shot(page, "single_image_390px")
 
 
 def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_image_paths, fixtures_dir):

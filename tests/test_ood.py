@@ -18,6 +18,7 @@ from model.ood import (
     WEIGHTS_NAME,
     OODDetector,
     OODResult,
+    fit_clinical_test,
     fit_ood_detector,
     load_ood_detector,
     normalise,
@@ -56,7 +57,7 @@ def test_shipped_artifact_is_small_safetensors_with_provenance() -> None:
     assert not any(name.endswith((".pkl", ".pickle", ".pt", ".pth", ".joblib")) for name in files)
     assert sum(p.stat().st_size for p in DEFAULT_OOD_PATH.iterdir()) < 5 * 2**20
     config = json.loads((DEFAULT_OOD_PATH / CONFIG_NAME).read_text())
-    assert config["fit_command"].startswith("python bench/bench_ood.py --fit")
+    assert config["fit_command"].startswith(("python bench/bench_ood.py --fit", "python bench/bench_clinical.py --refit-ppca"))
     assert config["n_fit"] >= 1000 and config["n_val"] >= 300
     tensors = load_file(str(DEFAULT_OOD_PATH / WEIGHTS_NAME))
     k, dim = tensors["components"].shape
@@ -166,3 +167,48 @@ def test_bad_inputs_raise_value_errors(detector: OODDetector) -> None:
         detector.score_features(torch.zeros(2, 7))
     with pytest.raises(ValueError, match="n_components"):
         fit_ood_detector(torch.randn(50, 8), torch.randn(20, 8), image_size=64, n_components=8)
+
+
+def test_shipped_clinical_test_meets_its_measured_targets(detector: OODDetector) -> None:
+    """The clinical-photograph test ships with the rates bench/bench_clinical.py measured: clinical
+    photographs it was not fitted on warned >= 95 %, every dermoscopy test set <= 3 %."""
+    assert detector.clinical_weight is not None and detector.clinical_weight.shape == (1280,)
+    assert 0 < detector.clinical_caution <= detector.clinical_clear < 1
+    rates = detector.config["measured_warning_rates"]
+    assert rates["sd198_heldout"]["n"] >= 400 and rates["sd198_heldout"]["warned"] >= 0.95
+    for name, n in (("ham_test", 1497), ("isic_test", 600), ("d7_test", 252)):
+        assert rates[name]["n"] == n and rates[name]["warned"] <= 0.03, (name, rates[name])
+
+
+def test_verdicts_are_graded() -> None:
+    det, _ = _tiny_detector()
+    det.clinical_weight, det.clinical_caution, det.clinical_clear = torch.zeros(20), 0.6, 0.9
+    t = det.threshold
+    assert det.result(0.5 * t, 0.1).level == "none" and not det.result(0.5 * t, 0.1).is_ood
+    # Just above the threshold (a real dermoscopy image with a ruler scored 1.04x): a caution only.
+    ruler = det.result(1.04 * t, 0.1)
+    assert ruler.level == "borderline" and ruler.is_ood and "caution" in ruler.reason
+    assert det.result(2.0 * t, 0.1).level == "clear"
+    assert det.result(0.5 * t, 0.7).level == "borderline" and "clinical photograph" in det.result(0.5 * t, 0.7).reason
+    assert det.result(0.5 * t, 0.95).level == "clear" and "not meaningful" in det.result(0.5 * t, 0.95).reason
+    assert OODResult(True, 1.0, 0.5, "x").level == "clear" and OODResult(False, 0.1, 0.5, "y").level == "none"
+    with pytest.raises(ValueError, match="level must be one of"):
+        OODResult(True, 1.0, 0.5, "x", "maybe")
+
+
+def test_clinical_test_fits_separates_and_round_trips(tmp_path: Path) -> None:
+    det, val = _tiny_detector()
+    gen = torch.Generator().manual_seed(3)
+    clinical = torch.randn(200, 20, generator=gen) + torch.linspace(-3, 3, 20)  # another direction
+    dermoscopy, held_out = val[:60], val[60:]
+    thresholds = fit_clinical_test(det, clinical, dermoscopy, held_out, caution_rate=0.05, clear_rate=0.0)
+    p_clinical = det.clinical_probability(torch.randn(50, 20, generator=gen) + torch.linspace(-3, 3, 20))
+    p_held = det.clinical_probability(held_out)
+    assert float(p_clinical.mean()) > 0.9 and float(p_held.mean()) < 0.2
+    assert thresholds["clinical_caution"] == det.clinical_caution <= det.clinical_clear == float(p_held.max())
+    assert float((p_held >= det.clinical_caution).float().mean()) <= 0.05 + 1 / len(held_out)
+    loaded = load_ood_detector(det.save(tmp_path / "ood"))
+    torch.testing.assert_close(loaded.clinical_probability(held_out), p_held)
+    assert (loaded.clinical_caution, loaded.clinical_clear, loaded.clear_ratio) == (
+        pytest.approx(det.clinical_caution), pytest.approx(det.clinical_clear), det.clear_ratio
+    )

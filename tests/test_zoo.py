@@ -323,7 +323,7 @@ def test_extra_heads_come_from_the_same_forward_pass(zoo, ham_image_paths):
     assert seven.score == pytest.approx(predictions[0].heads.seven_point.score, abs=1e-5)
 
     record = entry.result("lesion.jpg", analysis).to_json()
-    assert list(record) == ["name", "probabilities", "metadata", "prediction", "heads", "seven_point", "ood", "warning"]
+    assert list(record) == ["name", "probabilities", "metadata", "prediction", "heads", "seven_point", "ood", "warning", "caution"]
     assert record["heads"] == analysis.heads.probabilities
     assert record["seven_point"] == {
         "score": seven.score, "threshold": 3, "suggests_melanoma": seven.score >= 3, "criteria": seven.criteria
@@ -340,7 +340,7 @@ def test_models_without_extra_heads_keep_their_record(zoo, ham_image_paths):
         assert entry.extra_heads == {} and not entry.has_seven_point
         assert prediction.heads is None and entry.analyze(image).heads is None
         record = entry.result("lesion.jpg", prediction).to_json()
-        assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning"], model_id
+        assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning", "caution"], model_id
         assert record["probabilities"] == prediction.probabilities
 
 
@@ -360,8 +360,15 @@ def test_image_result_is_typed_and_becomes_json_only_in_to_json():
     assert result.melanoma_probability is None and not result.melanoma
     assert result.warning == "Does not look like dermoscopy."
     record = result.to_json()
-    assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning", "explanation"]
-    assert record["ood"] == {"is_ood": True, "score": 9.5, "threshold": 3.0, "reason": "Does not look like dermoscopy."}
+    assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning", "caution", "explanation"]
+    assert record["ood"] == {
+        "is_ood": True, "level": "clear", "score": 9.5, "threshold": 3.0, "clinical_probability": None,
+        "reason": "Does not look like dermoscopy.",
+    }
+    assert record["warning"] == "Does not look like dermoscopy." and record["caution"] is None
+    borderline = OODResult(True, 3.1, 3.0, "May not be dermoscopy.", "borderline")
+    cautious = ImageResult("c.png", Prediction(probs), meta, "Melanoma", 0.4, borderline)
+    assert cautious.warning is None and cautious.caution == "May not be dermoscopy." and cautious.melanoma
     assert record["metadata"] == {"model_id": "m", "net_type": "vit", "img_size": 32, "out_dim": 3}
     assert record["prediction"] == {
         "label": "nv", "label_name": "Melanocytic nevi", "probability": 1.0, "melanoma": False,
@@ -586,3 +593,39 @@ def test_folded_temperatures_give_the_same_predictions_not_divided_twice(zoo, tm
                     assert after.heads.probabilities[head] == pytest.approx(probs, abs=1e-5), head
                 assert after.heads.seven_point.score == pytest.approx(before.heads.seven_point.score, abs=1e-4)
     assert zoo.get(MULTISOURCE).config.head_temperatures  # the extra heads were calibrated, so folding mattered
+
+
+def test_big_non_rgb_images_are_shrunk_in_bands_like_a_full_conversion():
+    """With max_side, 16-bit, RGBA and palette images are converted band by band and shrunk on the
+    way (bounded memory, see bench/bench_app.py); the pixels match converting the whole image and
+    then downscaling, and EXIF orientation is still applied."""
+    rng = np.random.default_rng(0)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 255, (45, 60, 3), dtype=np.uint8)).resize((1800, 1350)))
+    rgba = np.dstack([smooth, np.full(smooth.shape[:2], 255, np.uint8)])
+    rgba[:400, :, 3] = 0  # a transparent strip: white after compositing
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG", exif=exif.tobytes())
+    images = {
+        "rgba_rotated.png": buffer.getvalue(),
+        "grey16.png": _png_bytes(Image.fromarray(smooth[..., 0].astype(np.uint16) * 257)),
+        "palette.png": _png_bytes(Image.fromarray(smooth).quantize(64)),
+    }
+    for name, data in images.items():
+        full = load_image(data)
+        full.thumbnail((200, 200), Image.Resampling.LANCZOS)
+        small = load_image(data, max_side=200)
+        assert small.size == full.size and max(small.size) == 200, name
+        assert np.abs(np.asarray(small, float) - np.asarray(full, float)).mean() < 0.5, name
+    rotated = load_image(images["rgba_rotated.png"], max_side=200)
+    assert rotated.size == (150, 200)  # portrait after orientation 6
+    assert np.asarray(rotated)[:, -20:].min() == 255  # the transparent top strip is now on the right, white
+
+
+def test_size_limits_are_stated_in_the_limits_unit():
+    from model.imageio import MAX_BYTES, format_bytes
+
+    assert format_bytes(MAX_BYTES) == "20 MiB" and format_bytes(10**6) == "1 MB" and format_bytes(1234) == "1,234 bytes"
+    with pytest.raises(InvalidImageError, match=r"File is 20\.5 MiB; the limit is 20 MiB\."):
+        load_image(b"\xff" * (20 * 2**20 + 2**19))

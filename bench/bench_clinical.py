@@ -1,0 +1,186 @@
+"""Fit and measure the clinical-photograph part of the "not dermoscopy" warning (model/ood.py).
+
+    .venv/bin/python bench/bench_clinical.py [--cache /tmp/ood_clinical_features.npz] [--write]
+
+Clinical photographs of skin sit close to dermoscopy in the detector's PPCA density, so a logistic
+regression on the same EfficientNet-Lite0 features separates them (`model.ood.fit_clinical_test`):
+- clinical photographs: SD-198 (`../shared/data/sd198_clinical`, 802), split in halves stratified
+  by disease (seed 42, byte-identical files kept together): one half to fit, the other only measured;
+- dermoscopy to fit: 800 HAM10000 training images (the project's lesion-grouped split, the
+  shipped models' `split_manifest.json`), 400 ISIC 2017 train, the Derm7pt train split;
+- thresholds: P(clinical) quantiles on held-out dermoscopy (400 HAM10000 validation images,
+  ISIC 2017 val, Derm7pt val): 1 % of them get a caution ("borderline"), 0.2 % a clear warning;
+- measured: the held-out clinical half and every dermoscopy test set (HAM10000 test, ISIC 2017
+  test, Derm7pt test), as the share warned (borderline or clear, PPCA or clinical test) and
+  clearly warned. Targets: clinical warned >= 95 %, dermoscopy warned <= 3 %.
+
+Features are cached in one .npz (`--cache`, outside the repository); `--write` saves the detector
+with the clinical test and the measured rates into models/ood-detector/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from model.imageio import load_image
+from model.ood import (
+    DEFAULT_OOD_PATH,
+    create_feature_extractor,
+    extract_features,
+    fit_clinical_test,
+    fit_ood_detector,
+    load_ood_detector,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+MANIFEST = ROOT / "models" / "efficientnet-lite0" / "split_manifest.json"
+DERMOSCOPY_FIT = ("ham_train", "isic_train", "d7_train")
+DERMOSCOPY_VAL = ("ham_val", "isic_val", "d7_val")
+MEASURED = ("sd198_heldout", "ham_test", "isic_test", "d7_test")
+
+
+def image_sets(data: Path, seed: int = 42) -> dict[str, list[Path]]:
+    rng = np.random.default_rng(seed)
+    manifest = json.loads(MANIFEST.read_text())
+    ham = lambda ids: [data / "ham10000/images" / f"{i}.jpg" for i in ids]  # noqa: E731
+    isic = pd.read_csv(data / "isic2017/labels.csv")
+    d7 = pd.read_csv(data / "derm7pt/labels.csv")
+    sd = pd.read_csv(data / "sd198_clinical/labels.csv")
+    return {
+        "sd198": [data / "sd198_clinical" / p for p in sd["path"]],
+        "ham_train": ham(rng.permutation(sorted(manifest["train"]))[:800]),
+        "ham_val": ham(rng.permutation(sorted(manifest["validation"]))[:400]),
+        "ham_test": ham(manifest["test"]),
+        "isic_train": [data / "isic2017" / p for p in isic[isic.split == "train"]["path"].sample(400, random_state=seed)],
+        "isic_val": [data / "isic2017" / p for p in isic[isic.split == "val"]["path"]],
+        "isic_test": [data / "isic2017" / p for p in isic[isic.split == "test"]["path"]],
+        "d7_train": [data / "derm7pt" / p for p in d7[d7.split == "train"]["path"]],
+        "d7_val": [data / "derm7pt" / p for p in d7[d7.split == "val"]["path"]],
+        "d7_test": [data / "derm7pt" / p for p in d7[d7.split == "test"]["path"]],
+    }
+
+
+def features(sets: dict[str, list[Path]], cache: Path, image_size: int) -> dict[str, np.ndarray]:
+    """(N, 1280) features per set (the detector's own extractor and preprocessing), cached."""
+    if cache.is_file():
+        stored = np.load(cache)
+        if all(name in stored and [str(p) for p in paths] == stored[name + "_paths"].tolist() for name, paths in sets.items()):
+            return {name: stored[name] for name in sets}
+    backbone = create_feature_extractor()
+    out: dict[str, np.ndarray] = {}
+    for name, paths in sets.items():
+        start = time.time()
+        chunks = []
+        for i in range(0, len(paths), 64):
+            images = [load_image(p, max_side=1024) for p in paths[i : i + 64]]
+            chunks.append(extract_features(backbone, images, image_size).numpy())
+        out[name], out[name + "_paths"] = np.concatenate(chunks), np.array([str(p) for p in paths])
+        print(f"features {name}: {out[name].shape} in {time.time() - start:.0f} s", flush=True)
+    np.savez(cache, **out)
+    return {name: out[name] for name in sets}
+
+
+def clinical_halves(paths: list[Path], seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the fitting and held-out halves of SD-198: stratified by disease folder,
+    byte-identical files in the same half."""
+    digests = [hashlib.md5(p.read_bytes()).hexdigest() for p in paths]
+    groups = pd.DataFrame({"label": [p.parent.name for p in paths], "digest": digests})
+    fit: list[int] = []
+    rng = np.random.default_rng(seed)
+    for _, rows in groups.groupby("label"):
+        unique = rows["digest"].drop_duplicates().to_numpy()
+        chosen = set(rng.permutation(unique)[: len(unique) // 2])
+        fit += [i for i in rows.index if groups.at[i, "digest"] in chosen]
+    fit_idx = np.array(sorted(fit))
+    return fit_idx, np.setdiff1d(np.arange(len(paths)), fit_idx)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/ood_clinical_features.npz"))
+    parser.add_argument("--detector", type=Path, default=DEFAULT_OOD_PATH, help="the PPCA detector to extend")
+    parser.add_argument("--caution-rate", type=float, default=0.01)
+    parser.add_argument("--clear-rate", type=float, default=0.002)
+    parser.add_argument("--clear-ratio", type=float, default=1.5, help="PPCA score / threshold above which it is clear")
+    parser.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    parser.add_argument("--refit-ppca", action="store_true",
+                        help="also refit the PPCA density on the three dermoscopy sources' fitting images "
+                        "(threshold: --percentile of the held-out ones), keeping its n_components")
+    parser.add_argument("--percentile", type=float, default=99.0)
+    parser.add_argument("--write", action="store_true", help="save the extended detector into --detector")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    detector = load_ood_detector(args.detector)
+    sets = image_sets(args.data)
+    feats = {name: torch.from_numpy(f) for name, f in features(sets, args.cache, detector.image_size).items()}
+    if args.refit_ppca:
+        previous = detector
+        detector = fit_ood_detector(
+            torch.cat([feats[n] for n in DERMOSCOPY_FIT]),
+            torch.cat([feats[n] for n in DERMOSCOPY_VAL]),
+            previous.image_size,
+            n_components=previous.components.shape[0],
+            percentile=args.percentile,
+            config={k: v for k, v in previous.config.items() if k in ("feature_extractor", "preprocessing", "score")},
+        )
+        detector.config.update(
+            fit_data="800 HAM10000 train (project split) + 400 ISIC 2017 train + Derm7pt train (607)",
+            threshold_data=f"{args.percentile}th percentile of 400 HAM10000 validation + ISIC 2017 val + Derm7pt val",
+            fit_command="python bench/bench_clinical.py --refit-ppca",
+        )
+    fit_idx, held_idx = clinical_halves(sets["sd198"])
+    feats["sd198_fit"], feats["sd198_heldout"] = feats["sd198"][fit_idx], feats["sd198"][held_idx]
+    thresholds = fit_clinical_test(
+        detector,
+        feats["sd198_fit"],
+        torch.cat([feats[n] for n in DERMOSCOPY_FIT]),
+        torch.cat([feats[n] for n in DERMOSCOPY_VAL]),
+        caution_rate=args.caution_rate,
+        clear_rate=args.clear_rate,
+        c=args.c,
+    )
+    detector.clear_ratio = args.clear_ratio
+    print(f"clinical test: caution at P(clinical) >= {thresholds['clinical_caution']:.3f}, "
+          f"clear at >= {thresholds['clinical_clear']:.3f}; PPCA clear above {args.clear_ratio}x its threshold")
+    measured = {}
+    print(f"{'set':16s} {'n':>5s} {'warned':>8s} {'clear':>8s} {'PPCA only':>10s}  target")
+    for name in ("sd198_fit", *MEASURED, *DERMOSCOPY_VAL):
+        scores = detector.score_features(feats[name])
+        clinical = detector.clinical_probability(feats[name])
+        levels = [detector.result(float(s), float(p)).level for s, p in zip(scores, clinical)]
+        warned = float(np.mean([lv != "none" for lv in levels]))
+        clear = float(np.mean([lv == "clear" for lv in levels]))
+        ppca = float((scores > detector.threshold).float().mean())
+        target = ">= 95 %" if name.startswith("sd198") else "<= 3 %"
+        ok = (warned >= 0.95) if name.startswith("sd198") else (warned <= 0.03)
+        note = "(fitted on)" if name == "sd198_fit" else ("(thresholds)" if name in DERMOSCOPY_VAL else ("OK" if ok else "MISSED"))
+        print(f"{name:16s} {len(levels):5d} {warned:8.1%} {clear:8.1%} {ppca:10.1%}  {target} {note}")
+        measured[name] = {"n": len(levels), "warned": warned, "clear": clear}
+    if args.write:
+        detector.config.update(
+            clinical_fit_data="SD-198 clinical half (stratified by disease, seed 42) vs 800 HAM10000 train "
+            "(project split) + 400 ISIC 2017 train + Derm7pt train",
+            clinical_threshold_data=f"P(clinical) quantiles: {args.caution_rate:.1%} (caution) and "
+            f"{args.clear_rate:.1%} (clear) of 400 HAM10000 validation + ISIC 2017 val + Derm7pt val",
+            clinical_fit_command="python bench/bench_clinical.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            measured_warning_rates=measured,
+        )
+        detector.save(args.detector)
+        print(f"wrote {args.detector}")
+
+
+if __name__ == "__main__":
+    main()
