@@ -55,6 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_side", type=int, default=1024,
                         help="decode images down to this side first, as the app does (0 = full size)")
     parser.add_argument("--num_threads", type=int, default=None, help="torch threads per process")
+    parser.add_argument("--cpu", action="store_true",
+                        help="run on the CPU even with a GPU; several CPU processes need a distributed launch "
+                        "(`accelerate launch --multi_gpu --num_processes N ... --cpu`, or torchrun)")
     args = parser.parse_args(argv)
     if not 1 <= args.tta <= 8:
         parser.error(f"--tta must be in 1..8 (the dihedral views), got {args.tta}")
@@ -315,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
     args = parse_args(argv) if argv is not None or __name__ != "__main__" else ARGS
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=args.cpu)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)

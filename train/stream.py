@@ -19,6 +19,7 @@ The source holds only the spec, so it pickles into data-loader workers, which ea
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,14 +129,17 @@ class RecordSource:
         columns = self._csv_columns()
         id_col = next((c for c in ID_COLUMNS if c in columns), None)
         label_col = next((c for c in LABEL_COLUMNS if c in columns), None)
-        root = Path(self.spec).parent
+        # os.path, not pathlib, per row: pathlib interns every path component for good, so memory
+        # would grow with the number of rows.
+        root = os.path.dirname(self.spec)
         index = 0
         for chunk in self._csv_chunks(usecols=[c for c in ("path", id_col, label_col) if c]):
             for row in chunk.itertuples(index=False):
                 values = row._asdict()
                 raw = values["path"].strip()
-                path = str(Path(raw) if Path(raw).is_absolute() else root / raw) if raw else ""
-                image_id = values[id_col] if id_col and values[id_col] else Path(raw).stem or f"row{index}"
+                path = os.path.join(root, raw) if raw else ""
+                stem = os.path.splitext(os.path.basename(raw))[0]
+                image_id = values[id_col] if id_col and values[id_col] else stem or f"row{index}"
                 label = _dx_or_none(values[label_col]) if label_col else None
                 yield ImageRecord(index, image_id, path, label, path)
                 index += 1
@@ -178,7 +182,6 @@ class RecordSource:
                 label = chunk[label_col][i] if label_col else None
                 if isinstance(label_feature, datasets.ClassLabel) and label is not None:
                     label = label_feature.int2str(int(label))
-                yield ImageRecord(
-                    index, str(image_id or Path(path).stem or f"row{index}"), path, _dx_or_none(label), value or b""
-                )
+                stem = os.path.splitext(os.path.basename(path))[0]
+                yield ImageRecord(index, str(image_id or stem or f"row{index}"), path, _dx_or_none(label), value or b"")
                 index += 1
