@@ -24,6 +24,7 @@ import argparse
 import csv
 import logging
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ if __name__ == "__main__":
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import gather_object  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -293,16 +295,21 @@ def predict(args: argparse.Namespace, accelerator: Accelerator) -> pd.DataFrame 
     writer = PartWriter(output_dir, rank, columns)
     progress = tqdm(total=_own_rows(total, rank, world, done), desc=f"predict ({world} process(es))", unit="img",
                     disable=not accelerator.is_main_process)
+    start, n_rows = time.perf_counter(), 0
     try:
         for batch in loader:
             writer.write(score_batch(entry, detector, batch, args.tta))
+            n_rows += len(batch.scored) + len(batch.failed)
             progress.update(len(batch.scored) + len(batch.failed))
     finally:
         writer.close()
         progress.close()
-    accelerator.wait_for_everyone()
+    loops = gather_object([(n_rows, time.perf_counter() - start)])  # (rows, seconds) of every process
     if not accelerator.is_main_process:
         return None
+    rows, seconds = sum(n for n, _ in loops), max(s for _, s in loops)
+    logger.info("scoring loop: %d rows in %.2f s = %.2f img/s (decode + preprocess + forward + write, %d process(es))",
+                rows, seconds, rows / seconds if seconds else float("nan"), world)
     ranked = rank_predictions(read_parts(output_dir, columns))
     ranked.to_csv(output_dir / PREDICTIONS, index=False)
     n_failed = int((ranked["error"] != "").sum())
