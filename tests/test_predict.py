@@ -167,8 +167,10 @@ def test_layouts_labels_split_limit_and_tta(models_dir, isic2017_dir, tmp_path, 
     assert row["p_mel"] == pytest.approx(float(mean[entry.config.label2id["mel"]]), abs=1e-6)
     assert not torch.allclose(views[0], views[1])  # the views differ, so the check has teeth
 
-    limited = run(models_dir / VIT, isic2017_dir / "labels.csv", tmp_path / "limit", "--limit", "3")
+    limited = run(models_dir / VIT, isic2017_dir / "labels.csv", tmp_path / "limit", "--limit", "3", "--split", "test")
     assert sorted(limited["index"]) == [0, 1, 2]
+    assert len(RecordSource(isic2017_dir / "labels.csv", "test")) == 4
+    assert list(RecordSource(isic2017_dir / "labels.csv", "val")) == []  # the fixture CSV has test rows only
 
 
 def test_extra_heads_become_columns(models_dir, ham_image_paths, tmp_path, one_thread):
@@ -209,6 +211,15 @@ def test_bad_specs_fail_clearly(tmp_path, models_dir):
         RecordSource(no_path)
     with pytest.raises(ValueError, match="could not read"):
         list(RecordSource(tmp_path / "missing-folder"))
+    plain_csv = tmp_path / "plain.csv"
+    plain_csv.write_text("path\na.jpg\n")
+    with pytest.raises(ValueError, match="no 'split' column"):
+        RecordSource(plain_csv, "test")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="no splits"):
+        RecordSource(folder, "test")
     with pytest.raises(SystemExit):
         main(["--model", str(models_dir / VIT), "--data", ".", "--output_dir", str(tmp_path), "--tta", "9"])
 

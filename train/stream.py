@@ -4,8 +4,8 @@
 decoding anything (decoding is `model.imageio.load_image`'s job, in the data-loader workers):
 
 - a CSV file with a `path` column (paths relative to the CSV; optional `image_id`/`case_id`/`id`
-  and `dx`/`label`/`labels`/`diagnosis` columns), read in chunks, so a 100,000-row CSV never
-  sits in memory;
+  and `dx`/`label`/`labels`/`diagnosis` columns; `split` picks rows by a `split` column), read in
+  chunks, so a 100,000-row CSV never sits in memory;
 - a folder `Dataset.save_to_disk` wrote, a Hub dataset id or a local folder `datasets.load_dataset`
   reads: memory-mapped Arrow, read in chunks (the first `datasets.Image` column; labels from a
   `dx` or class-label column when there is one);
@@ -36,6 +36,7 @@ CSV_CHUNK_ROWS = 4096
 ARROW_CHUNK_ROWS = 256
 ID_COLUMNS = ("image_id", "case_id", "id")
 LABEL_COLUMNS = ("dx", "label", "labels", "diagnosis")
+SPLIT_ALIASES = {name: {"validation", "val", "valid"} for name in ("validation", "val", "valid")}
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ class RecordSource:
             if path.suffix.lower() != ".csv":
                 raise ValueError(f"{path} is a file but not a CSV; pass a CSV with a 'path' column, a folder or a dataset id")
             self.kind = "csv"
-            self._csv_columns()  # fail now, not in a worker
+            columns = self._csv_columns()  # fail now, not in a worker
+            if split is not None and "split" not in columns:
+                raise ValueError(f"{path} has no 'split' column to pick --split {split!r} from; columns {columns}")
         elif path.is_dir() and is_labelled_layout(path):
             self.kind = "layout"
         elif path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
@@ -89,6 +92,8 @@ class RecordSource:
             self.kind = "images"
         else:
             self.kind = "dataset"  # a Hub id or a folder of data files for datasets.load_dataset
+        if self.kind == "images" and split is not None:
+            raise ValueError(f"{path} is a plain image folder: it has no splits to pick --split {split!r} from")
         self._length: int | None = None
 
     # ------------------------------------------------------------------------------- reading
@@ -116,8 +121,16 @@ class RecordSource:
         return (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
     # ----------------------------------------------------------------------------------- CSV
-    def _csv_chunks(self, usecols: list[str] | None = None) -> Iterator[pd.DataFrame]:
-        return pd.read_csv(self.spec, dtype=str, keep_default_na=False, chunksize=CSV_CHUNK_ROWS, usecols=usecols)
+    def _csv_chunks(self, usecols: list[str]) -> Iterator[pd.DataFrame]:
+        """The CSV in chunks of rows (only `split`'s rows when a split is asked for)."""
+        if self.split is None:
+            yield from pd.read_csv(self.spec, dtype=str, keep_default_na=False, chunksize=CSV_CHUNK_ROWS, usecols=usecols)
+            return
+        wanted = SPLIT_ALIASES.get(self.split.lower(), {self.split.lower()})
+        reader = pd.read_csv(self.spec, dtype=str, keep_default_na=False, chunksize=CSV_CHUNK_ROWS,
+                             usecols=[*usecols, "split"])
+        for chunk in reader:
+            yield chunk[chunk["split"].str.strip().str.lower().isin(wanted)][usecols]
 
     def _csv_columns(self) -> list[str]:
         columns = list(pd.read_csv(self.spec, dtype=str, nrows=0).columns)
