@@ -1,6 +1,6 @@
 """Batch prediction speed: train/predict.py end to end against the model's raw forward pass.
 
-    .venv/bin/python bench/bench_predict.py --model models/efficientnet-lite0 --n 256 --batch_size 32
+    .venv/bin/python bench/bench_predict.py --model models/efficientnet-lite2 --n 256 --batch_size 32
 
 Prints, on the same machine and model, at the same batch size:
 1. raw forward img/s: `model(pixel_values)` on already preprocessed batches (no decode, no TTA);
@@ -75,7 +75,7 @@ def predict_run(processes: int, args: argparse.Namespace, out: Path) -> tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "models" / "efficientnet-lite0"))
+    parser.add_argument("--model", default=str(ROOT / "models" / "efficientnet-lite2"))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "isic2017" / "labels.csv"))
     parser.add_argument("--n", type=int, default=256, help="images per predict.py run")
     parser.add_argument("--batch_size", type=int, default=32)

@@ -2,7 +2,7 @@
 """Score a whole image collection with one model: predictions.csv ranked by P(melanoma), optionally
 an offline HTML report. Research/education tool: a ranking by a model's score, not a diagnosis.
 
-    accelerate launch train/predict.py --model models/efficientnet-lite0 --data ../shared/data/isic2017 \
+    accelerate launch train/predict.py --model models/efficientnet-lite2 --data ../shared/data/isic2017 \
         --split test --output_dir runs/predict/isic2017_test --report --explain 8
     python train/predict.py --model models/melanoma-vit --data my_images/ --output_dir out --tta 4 --resume
 
