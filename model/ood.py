@@ -151,12 +151,16 @@ def extract_features(
 
         starts = tqdm(starts, desc=f"OOD features @{image_size}px", unit="batch")
     for start in starts:
-        pixel_values = preprocess(images[start : start + batch_size], image_size)
-        pooled = backbone.forward_head(backbone.forward_features(pixel_values), pre_logits=True)
-        chunks.append(pooled.float())
+        chunks.append(pooled_features(backbone, preprocess(images[start : start + batch_size], image_size)))
     if not chunks:
         return torch.zeros(0, backbone.num_features)
     return torch.cat(chunks)
+
+
+@torch.inference_mode()
+def pooled_features(backbone: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``preprocess``ed pixel values (B, 3, S, S) -> global-average-pooled features (B, C) float32."""
+    return backbone.forward_head(backbone.forward_features(pixel_values), pre_logits=True).float()
 
 
 def normalise(features: torch.Tensor) -> torch.Tensor:
@@ -278,6 +282,14 @@ class OODDetector:
         return [
             self.result(float(s), None if clinical is None else float(clinical[i])) for i, s in enumerate(scores)
         ]
+
+    def score_pixel_values(self, pixel_values: torch.Tensor) -> list[OODResult]:
+        """One ``OODResult`` per image of a ``preprocess``ed batch (B, 3, image_size, image_size); batch
+        prediction preprocesses in its data-loader workers and scores here."""
+        backbone = self._backbone()
+        device = next(backbone.parameters()).device
+        scores = self.score_features(pooled_features(backbone, pixel_values.to(device)).cpu())
+        return [self.result(float(s)) for s in scores]
 
     def save(self, path: str | Path) -> Path:
         """Write ``ood.safetensors`` + ``config.json`` to folder ``path``; returns the folder."""
@@ -460,5 +472,6 @@ __all__: list[str] = [
     "fit_clinical_test",
     "fit_ood_detector",
     "load_ood_detector",
+    "pooled_features",
     "preprocess",
 ]

@@ -350,30 +350,35 @@ class ZooModel:
         batch = self.processor(images=list(images), return_tensors="pt")
         return batch["pixel_values"].to(self.device)
 
-    def _probabilities(self, logits: torch.Tensor) -> list[dict[str, float]]:
-        """(B, out_dim) raw logits -> per image {dx code: softmax(logits / T)}."""
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu().numpy()
-        return [{self.id2label[i]: float(row[i]) for i in range(self.out_dim)} for row in probs]
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, out_dim) raw logits -> (B, out_dim) float32 softmax(logits / T) on the CPU."""
+        return torch.softmax(logits.float() / self.temperature, dim=-1).cpu()
 
-    def _predictions(self, output: Any) -> list[Prediction]:
-        """One forward pass's output -> per image calibrated dx (and extra-head) probabilities."""
-        dx = self._probabilities(output.logits)
+    def predictions(self, outputs: Sequence[Any]) -> list[Prediction]:
+        """Forward outputs of one batch -> per image calibrated dx (and extra-head) probabilities.
+
+        Several outputs are test-time views of the same images: their calibrated probabilities are
+        averaged (as train/evaluate.py averages them), head by head, before the checklist score.
+        """
+        dx = torch.stack([self._probabilities(output.logits) for output in outputs]).mean(dim=0).numpy()
+        labels = [self.id2label[i] for i in range(self.out_dim)]
         if not self.extra_heads:
-            return [Prediction(probabilities) for probabilities in dx]
+            return [Prediction(dict(zip(labels, map(float, row)))) for row in dx]
         # The model's own calibration rule, on logits we already have.
+        views = [self.model.calibrated_head_probs(output.head_logits) for output in outputs]
         head_probs = {
-            name: probs.cpu().numpy() for name, probs in self.model.calibrated_head_probs(output.head_logits).items()
+            name: torch.stack([view[name].cpu() for view in views]).mean(dim=0).numpy() for name in views[0]
         }  # name -> (B, n_labels)
         if self.has_seven_point:
             scores = seven_point_score(head_probs)  # (B,)
             criteria = {name: criterion_probability(name, head_probs[name]) for name in SEVEN_POINT}  # name -> (B,)
         results = []
-        for i, probabilities in enumerate(dx):
+        for i, row in enumerate(dx):
             seven_point = None
             if self.has_seven_point:
                 seven_point = SevenPointResult(float(scores[i]), {name: float(p[i]) for name, p in criteria.items()})
             heads = {name: dict(zip(self.extra_heads[name], map(float, probs[i]))) for name, probs in head_probs.items()}
-            results.append(Prediction(probabilities, HeadResults(heads, seven_point)))
+            results.append(Prediction(dict(zip(labels, map(float, row))), HeadResults(heads, seven_point)))
         return results
 
     def predict(self, images: Sequence[Image.Image], batch_size: int = 32) -> list[Prediction]:
@@ -383,7 +388,7 @@ class ZooModel:
         with self._lock, torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 output = self.model(pixel_values=self._pixel_values(images[start : start + batch_size]))
-                results.extend(self._predictions(output))
+                results.extend(self.predictions([output]))
         return results
 
     def _model_view(self, pixel_values: torch.Tensor, image: Image.Image) -> np.ndarray:
@@ -448,7 +453,7 @@ class ZooModel:
                 method = "Grad-CAM (predicted class, last convolutional stage)"
         view = self._model_view(pixel_values, image)
         heatmap = overlay_heatmap(view, mask.detach().float().cpu())
-        (prediction,) = self._predictions(out)
+        (prediction,) = self.predictions([out])
         return Analysis(prediction.probabilities, prediction.heads, heatmap=heatmap, method=method)
 
 

@@ -451,3 +451,17 @@ def test_distillation_run_with_saved_teacher(tiny_config: Path, tmp_path: Path, 
     assert math.isfinite(metrics["loss"])
     student = AutoModelForImageClassification.from_pretrained(out)
     assert student.config.use_distillation_token and student.head_dist is not None
+
+
+def test_max_train_and_eval_samples_cut_the_splits_not_the_manifest(tiny_config: Path, tmp_path: Path, one_thread) -> None:
+    out = tmp_path / "smoke"
+    main(_train_args(tiny_config, out, "--max_train_samples", "3", "--max_eval_samples", "2",
+                     "--set", "checkpointing_steps=null"))
+    metrics = json.loads((out / "val_metrics.json").read_text())
+    # 3 train images at batch 2 (last partial batch dropped) = 1 update per epoch, 2 epochs; 5 images give 4.
+    assert metrics["steps"] == 2
+    assert metrics["final"]["n"] == 2 and all(h["n"] == 2 for h in metrics["history"])
+    manifest = read_manifest(out / "split_manifest.json")
+    assert len(manifest["train"]) == 5 and len(manifest["validation"]) == 5  # the split itself, unchanged
+    with pytest.raises(ValueError, match="max_train_samples"):
+        load_config(tiny_config, ["max_train_samples=0"])

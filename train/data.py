@@ -287,6 +287,18 @@ def _is_saved_dataset(folder: Path) -> bool:
     return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
+def is_labelled_layout(folder: str | Path) -> bool:
+    """Whether `load_image_dataset` reads `folder` as one of its labelled folder layouts: HAM10000
+    (metadata CSV + images), ISIC 2017 (labels.csv), class subfolders (optionally under
+    train/validation/test). Saved datasets and plain image folders are not layouts."""
+    path = Path(folder)
+    if not path.is_dir() or _is_saved_dataset(path):
+        return False
+    if (path / HAM_METADATA).is_file() or (path / "labels.csv").is_file() or _class_dirs(path):
+        return True
+    return any(_class_dirs(p) for p in _split_dirs(path).values())
+
+
 def _pick_from_dict(
     dd: Mapping[str, datasets.Dataset], split: str | None, source: str
 ) -> tuple[datasets.Dataset, bool]:

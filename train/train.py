@@ -46,6 +46,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="run folder: exported model, checkpoints/, runs/")
     parser.add_argument("--data", type=str, default=None, help="dataset spec (overrides the config's `data`)")
     parser.add_argument("--max_steps", type=int, default=None, help="stop after N optimizer steps (overrides epochs)")
+    parser.add_argument("--max_train_samples", type=int, default=None,
+                        help="smoke runs: train on a seeded random N images of the train split")
+    parser.add_argument("--max_eval_samples", type=int, default=None,
+                        help="smoke runs: validate on a seeded random N images of the validation split")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder")
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
     parser.add_argument("--seed", type=int, default=None, help="training seed (overrides the config)")
@@ -153,6 +157,9 @@ class TrainConfig:
     label_scheme: str = "dx"  # dx (7 classes) | binary (other / mel)
     val_size: float = 0.15
     test_size: float = 0.15
+    # smoke runs: seeded random subsets of the train / validation splits (the manifest keeps the whole split)
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
     split_seed: int = 42  # lesion-grouped split; keep fixed across recipes so they share one split
     augmentation: dict[str, Any] = field(default_factory=dict)  # passed to train.transforms.build_transforms
     # multi-source recipes (train/multisource.py): list of train.sources.SourceSpec fields; when set,
@@ -275,6 +282,11 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.focal_gamma >= 0, f"focal_gamma must be >= 0, got {cfg.focal_gamma}"),
         (cfg.checkpointing_steps is None or cfg.checkpointing_steps >= 1, "checkpointing_steps must be >= 1 or null"),
         (cfg.report_to in ("tensorboard", "none"), f"report_to must be 'tensorboard' or 'none', got {cfg.report_to!r}"),
+        (all(n is None or n >= 1 for n in (cfg.max_train_samples, cfg.max_eval_samples)),
+         "max_train_samples and max_eval_samples must be >= 1 or null"),
+        (not cfg.sources or (cfg.max_train_samples, cfg.max_eval_samples) == (None, None),
+         "max_train_samples / max_eval_samples are for single-source recipes (a `sources:` recipe caches features "
+         "of whole splits); use --max_steps for a short multi-source run"),
     ]
     for ok, message in checks:
         if not ok:
@@ -693,12 +705,13 @@ class TrainingRun:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The YAML config plus `--set` overrides, with --data / --max_steps / --seed applied last."""
+    """The YAML config plus `--set` overrides, with --data / --max_steps / --max_*_samples / --seed applied last."""
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data={json.dumps(args.data)}")
-    if args.max_steps is not None:
-        overrides.append(f"max_steps={args.max_steps}")
+    for key in ("max_steps", "max_train_samples", "max_eval_samples"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     return load_config(args.config, overrides)
@@ -724,12 +737,18 @@ def create_accelerator(cfg: TrainConfig, args: argparse.Namespace) -> Accelerato
 
 
 def load_splits(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) -> datasets.DatasetDict:
-    """The lesion-grouped train/validation/test split of `cfg.data`, its manifest written to `output_dir`."""
+    """The lesion-grouped train/validation/test split of `cfg.data`, its manifest written to `output_dir`;
+    train / validation cut to `max_train_samples` / `max_eval_samples` after the manifest is written."""
     dataset = load_image_dataset(cfg.data, label_scheme=cfg.label_scheme)
     splits = split_by_lesion(dataset, val_size=cfg.val_size, test_size=cfg.test_size, seed=cfg.split_seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_manifest(splits, output_dir / "split_manifest.json")
+    for name, limit in (("train", cfg.max_train_samples), ("validation", cfg.max_eval_samples)):
+        if limit is not None and limit < len(splits[name]):
+            logger.info("%s split: a random %d of its %d images (max_%s_samples)", name, limit, len(splits[name]),
+                        "train" if name == "train" else "eval")
+            splits[name] = splits[name].shuffle(seed=cfg.seed).select(range(limit))
     return splits
 
 

@@ -1,0 +1,337 @@
+#!/usr/bin/env python
+"""Score a whole image collection with one model: predictions.csv ranked by P(melanoma), optionally
+an offline HTML report. Research/education tool: a ranking by a model's score, not a diagnosis.
+
+    accelerate launch train/predict.py --model models/efficientnet-lite2 --data ../shared/data/isic2017 \
+        --split test --output_dir runs/predict/isic2017_test --report --explain 8
+    python train/predict.py --model models/melanoma-vit --data my_images/ --output_dir out --tta 4 --resume
+
+--data is a folder of images, a CSV with a `path` column, a `save_to_disk` folder, a Hub dataset id
+(or a local folder `datasets.load_dataset` reads), or a HAM10000 / ISIC 2017 / class-folder layout
+(train/stream.py). Rows are streamed and decoded by `model.imageio.load_image` (the app's decoder
+and error messages) in the data-loader workers; an unreadable image becomes a row with `error`
+set. Row i goes to process i % num_processes; each process appends its rows to
+`parts/rank-<r>.csv` as it goes (what `--resume` skips), and when every process is done the main
+process merges the parts into `predictions.csv`: scored rows ranked by P(melanoma) (rank 1 =
+highest), then the error rows. The output folder must be visible to every process (one machine,
+or a shared disk). Columns: rank, index (input row), id, path, label (dx code when the data has
+labels), the model's columns (`model.records.result_columns`), error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # Run as a script, Python puts train/ first on sys.path, where train/train.py shadows the `train`
+    # package: drop that entry (what `python -P` does).
+    del sys.path[0]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model folder or Hub id (AutoModelForImageClassification)")
+    parser.add_argument("--data", required=True, help="image folder, CSV with a path column, dataset folder or Hub id")
+    parser.add_argument("--output_dir", "--output-dir", required=True, help="predictions.csv, parts/, report.html")
+    parser.add_argument("--split", default=None, help="split of a dataset / ISIC 2017 folder (default: all rows)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--num_workers", type=int, default=2, help="data-loader workers per process (0 = main)")
+    parser.add_argument("--tta", type=int, default=1, help="test-time views (dihedral, 1-8), probabilities averaged")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N input rows")
+    parser.add_argument("--resume", action="store_true", help="skip rows already written to output_dir/parts")
+    parser.add_argument("--report", action="store_true", help="also write report.html (self-contained)")
+    parser.add_argument("--top_k", type=int, default=48, help="images shown in the report")
+    parser.add_argument("--explain", type=int, default=0, metavar="K",
+                        help="explanation overlays (rollout / Grad-CAM) of the K highest-ranked images")
+    parser.add_argument("--ood", default=None, help="not-dermoscopy detector folder (default models/ood-detector; "
+                        "'none' turns the check off)")
+    parser.add_argument("--max_side", type=int, default=1024,
+                        help="decode images down to this side first, as the app does (0 = full size)")
+    parser.add_argument("--num_threads", type=int, default=None, help="torch threads per process")
+    parser.add_argument("--cpu", action="store_true",
+                        help="run on the CPU even with a GPU; several CPU processes need a distributed launch "
+                        "(`accelerate launch --multi_gpu --num_processes N ... --cpu`, or torchrun)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.tta <= 8:
+        parser.error(f"--tta must be in 1..8 (the dihedral views), got {args.tta}")
+    for name in ("batch_size", "top_k"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.limit is not None and args.limit < 0 or args.explain < 0 or args.num_workers < 0:
+        parser.error("--limit, --explain and --num_workers must be >= 0")
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # --help answers before torch is imported
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import gather_object  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import model as _melanoma_models  # noqa: E402,F401  registers MelanomaViT with the Auto classes
+from model.imageio import load_image  # noqa: E402
+from model.ood import DEFAULT_OOD_PATH, OODDetector, create_feature_extractor, load_ood_detector  # noqa: E402
+from model.ood import preprocess as ood_preprocess  # noqa: E402
+from model.records import csv_safe, result_columns, result_row  # noqa: E402
+from model.zoo import ZooModel  # noqa: E402
+from train.metrics import apply_view  # noqa: E402
+from train.stream import ImageRecord, RecordSource  # noqa: E402
+
+logger = logging.getLogger("predict")
+
+PARTS = "parts"
+PREDICTIONS = "predictions.csv"
+ROW_COLUMNS = ("rank", "index", "id", "path", "label")
+
+
+# ------------------------------------------------------------------------------------- input
+
+
+class ImageStream(IterableDataset):
+    """One process's rows of a `RecordSource` (row i: process i % world), decoded and preprocessed
+    in the data-loader workers (this process's j-th row: worker j % num_workers).
+
+    Yields dicts: record, error ("" or the decoder's message), pixel_values (3, H, W) for the
+    model and ood_pixel_values (3, S, S) for the detector (None where not computed).
+    """
+
+    def __init__(self, source: RecordSource, processor: Any, ood_size: int | None, max_side: int | None,
+                 rank: int = 0, world: int = 1, done: frozenset[int] = frozenset(), limit: int | None = None) -> None:
+        self.source, self.processor, self.ood_size, self.max_side = source, processor, ood_size, max_side
+        self.rank, self.world, self.done, self.limit = rank, world, done, limit
+
+    def records(self) -> Iterator[ImageRecord]:
+        """This process's rows still to score, in input order."""
+        for record in self.source:
+            if self.limit is not None and record.index >= self.limit:
+                return
+            if record.index % self.world == self.rank and record.index not in self.done:
+                yield record
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for j, record in enumerate(self.records()):
+            if j % workers == worker:
+                yield self.decode(record)
+
+    def decode(self, record: ImageRecord) -> dict[str, Any]:
+        item: dict[str, Any] = {"record": record, "error": "", "pixel_values": None, "ood_pixel_values": None}
+        try:
+            image = load_image(record.image, max_side=self.max_side)
+            item["pixel_values"] = self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
+            if self.ood_size is not None:
+                item["ood_pixel_values"] = ood_preprocess([image], self.ood_size)[0]
+        except Exception as err:  # a bad image is an error row, never a crash; InvalidImageError says why
+            item["error"] = str(err) or type(err).__name__
+        return item
+
+
+@dataclass
+class Batch:
+    """Decoded rows: `scored` (decoded images, in the order of `pixel_values`) and `failed` (with
+    their error messages)."""
+
+    scored: list[ImageRecord]
+    pixel_values: torch.Tensor | None  # (B, 3, H, W)
+    ood_pixel_values: torch.Tensor | None  # (B, 3, S, S)
+    failed: list[tuple[ImageRecord, str]]
+
+
+def collate(items: list[dict[str, Any]]) -> Batch:
+    ok = [item for item in items if not item["error"]]
+    stack = lambda key: torch.stack([item[key] for item in ok]) if ok and ok[0][key] is not None else None  # noqa: E731
+    return Batch([item["record"] for item in ok], stack("pixel_values"), stack("ood_pixel_values"),
+                 [(item["record"], item["error"]) for item in items if item["error"]])
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode and resize; the model's threads are the main process's
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def columns_for(entry: ZooModel) -> list[str]:
+    """predictions.csv's header for `entry`."""
+    return [*ROW_COLUMNS, *result_columns(entry), "error"]
+
+
+def _record_cells(record: ImageRecord) -> dict[str, Any]:
+    return {"index": record.index, "id": csv_safe(record.id), "path": csv_safe(record.path), "label": record.label}
+
+
+def read_parts(output_dir: Path, columns: list[str]) -> pd.DataFrame:
+    """Every row already written to output_dir/parts (all columns as text; empty when none).
+
+    Raises:
+        ValueError: a part has another header (another model's predictions).
+    """
+    frames = []
+    for part in sorted((output_dir / PARTS).glob("rank-*.csv")):
+        frame = pd.read_csv(part, dtype=str, keep_default_na=False)
+        if list(frame.columns) != columns:
+            raise ValueError(
+                f"{part} holds predictions with other columns (another model?); use a fresh --output_dir "
+                "or delete it to start over"
+            )
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(frames, ignore_index=True).drop_duplicates("index", keep="first")
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a row a killed run left half-written (no final newline); that row is scored again."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+class PartWriter:
+    """Appends one process's rows to output_dir/parts/rank-<r>.csv, flushed after every batch."""
+
+    def __init__(self, output_dir: Path, rank: int, columns: list[str]) -> None:
+        path = output_dir / PARTS / f"rank-{rank}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.is_file() or path.stat().st_size == 0
+        self.file = path.open("a", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.file, fieldnames=columns)
+        if new:
+            self.writer.writeheader()
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        self.writer.writerows(rows)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def rank_predictions(parts: pd.DataFrame) -> pd.DataFrame:
+    """Scored rows by P(melanoma), highest first (ties: input order), ranked 1..n; error rows after."""
+    p_mel = pd.to_numeric(parts["melanoma_probability"], errors="coerce")
+    order = pd.DataFrame({
+        "failed": parts["error"] != "", "p": -p_mel.fillna(float("-inf")), "index": parts["index"].astype(int),
+    }).sort_values(["failed", "p", "index"], kind="stable").index
+    ranked = parts.loc[order].reset_index(drop=True)
+    scored = ranked["error"] == ""
+    ranked["rank"] = ""
+    ranked.loc[scored, "rank"] = [str(r) for r in range(1, int(scored.sum()) + 1)]
+    return ranked
+
+
+# ----------------------------------------------------------------------------------- scoring
+
+
+def score_batch(entry: ZooModel, detector: OODDetector | None, batch: Batch, tta: int) -> list[dict[str, Any]]:
+    """The CSV rows of one batch: calibrated probabilities averaged over `tta` dihedral views."""
+    rows = [{**_record_cells(record), "error": csv_safe(error)} for record, error in batch.failed]
+    if not batch.scored:
+        return rows
+    pixel_values = batch.pixel_values.to(entry.device)
+    with torch.inference_mode():
+        outputs = [entry.model(pixel_values=apply_view(pixel_values, v)) for v in range(tta)]
+    predictions = entry.predictions(outputs)
+    oods = detector.score_pixel_values(batch.ood_pixel_values) if detector is not None else [None] * len(predictions)
+    for record, prediction, ood in zip(batch.scored, predictions, oods):
+        result = entry.result(record.id, prediction, ood)
+        rows.append({**_record_cells(record), **result_row(result), "error": ""})
+    return rows
+
+
+def load_detector(path: str | None, device: torch.device) -> OODDetector | None:
+    """The not-dermoscopy detector (the app's), its backbone on `device`; None for 'none'."""
+    if path is not None and path.lower() == "none":
+        return None
+    return load_ood_detector(path or DEFAULT_OOD_PATH, backbone=create_feature_extractor().to(device))
+
+
+def model_id(source: str) -> str:
+    """The zoo's id of a model: its folder name, or the Hub id."""
+    return Path(source).name if Path(source).is_dir() else source
+
+
+def _own_rows(total: int, rank: int, world: int, done: set[int]) -> int:
+    return len(range(rank, total, world)) - sum(1 for i in done if i < total and i % world == rank)
+
+
+def predict(args: argparse.Namespace, accelerator: Accelerator) -> pd.DataFrame | None:
+    """Score this process's rows into its part file; on the main process return the merged, ranked
+    table (also written to predictions.csv), elsewhere None."""
+    output_dir = Path(args.output_dir)
+    source = RecordSource(args.data, args.split)
+    entry = ZooModel(model_id(args.model), args.model, device=accelerator.device)
+    detector = load_detector(args.ood, accelerator.device)
+    columns = columns_for(entry)
+    if not args.resume and (output_dir / PARTS).is_dir() and any((output_dir / PARTS).iterdir()):
+        raise FileExistsError(f"{output_dir / PARTS} already holds predictions: pass --resume, or a fresh --output_dir")
+    if args.resume and accelerator.is_main_process:
+        for part in (output_dir / PARTS).glob("rank-*.csv"):
+            _drop_partial_line(part)
+    accelerator.wait_for_everyone()
+    done = set(read_parts(output_dir, columns)["index"].astype(int)) if args.resume else set()
+    accelerator.wait_for_everyone()  # every process has read the parts before any appends
+    rank, world = accelerator.process_index, accelerator.num_processes
+    total = len(source) if args.limit is None else min(len(source), args.limit)
+    stream = ImageStream(source, entry.processor, detector.image_size if detector else None, args.max_side or None,
+                         rank, world, frozenset(done), args.limit)
+    loader = DataLoader(stream, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers,
+                        worker_init_fn=_worker_init if args.num_workers else None)
+    writer = PartWriter(output_dir, rank, columns)
+    progress = tqdm(total=_own_rows(total, rank, world, done), desc=f"predict ({world} process(es))", unit="img",
+                    disable=not accelerator.is_main_process)
+    start, n_rows = time.perf_counter(), 0
+    try:
+        for batch in loader:
+            writer.write(score_batch(entry, detector, batch, args.tta))
+            n_rows += len(batch.scored) + len(batch.failed)
+            progress.update(len(batch.scored) + len(batch.failed))
+    finally:
+        writer.close()
+        progress.close()
+    loops = gather_object([(n_rows, time.perf_counter() - start)])  # (rows, seconds) of every process
+    if not accelerator.is_main_process:
+        return None
+    rows, seconds = sum(n for n, _ in loops), max(s for _, s in loops)
+    logger.info("scoring loop: %d rows in %.2f s = %.2f img/s (decode + preprocess + forward + write, %d process(es))",
+                rows, seconds, rows / seconds if seconds else float("nan"), world)
+    ranked = rank_predictions(read_parts(output_dir, columns))
+    ranked.to_csv(output_dir / PREDICTIONS, index=False)
+    n_failed = int((ranked["error"] != "").sum())
+    logger.info("%d images scored, %d unreadable: %s", len(ranked) - n_failed, n_failed, output_dir / PREDICTIONS)
+    if args.report or args.explain:
+        from train.report import write_outputs
+
+        write_outputs(ranked, source, entry, args, output_dir)
+    return ranked
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
+    args = parse_args(argv) if argv is not None or __name__ != "__main__" else ARGS
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    accelerator = Accelerator(cpu=args.cpu)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    return predict(args, accelerator)
+
+
+if __name__ == "__main__":
+    main()

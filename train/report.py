@@ -1,0 +1,168 @@
+"""train/predict.py's extra outputs: explanation overlays of the top-ranked images and report.html.
+
+The report is one self-contained HTML file (thumbnails, overlays and the ROC plot embedded as
+base64 data URIs, inline CSS, no script, no network), so it opens offline and can be mailed:
+summary counts, the top-k images ranked and bordered red (P(mel) at or above the model's
+threshold) / blue (below) / grey (may not be dermoscopy) as in the app's batch gallery, their
+explanation overlays (`ZooModel.analyze`: attention rollout for ViTs, Grad-CAM for CNNs), and,
+when the data has labels, the melanoma ROC curve and AUC with its 95% bootstrap CI (evaluate.py's
+`plot_roc`, train.metrics' `melanoma_auc` / `bootstrap_auc_ci`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import logging
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from model.imageio import load_image
+from model.labels import MELANOMA
+from model.zoo import ZooModel
+from train.evaluate import DISCLAIMER, plot_roc
+from train.metrics import bootstrap_auc_ci, melanoma_auc
+from train.stream import ImageRecord, RecordSource
+
+logger = logging.getLogger(__name__)
+
+REPORT = "report.html"
+EXPLANATIONS = "explanations"
+THUMB_SIDE = 160
+N_BOOTSTRAP = 1000
+# The app's batch-gallery border colours (red above threshold, blue below, grey: not dermoscopy?).
+COLOURS = {"above": "rgb(220,30,30)", "below": "rgb(30,90,220)", "ood": "rgb(150,150,150)"}
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+.note{background:#fff4e5;border:1px solid #f0b060;padding:.6em 1em}
+table.summary td{padding:.15em 1em .15em 0}
+.grid{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0;width:340px;font-size:13px}
+figure img{border:8px solid;max-width:160px;vertical-align:top}
+figure img.overlay{border-color:#ddd}
+.above img.thumb{border-color:%(above)s}.below img.thumb{border-color:%(below)s}.ood img.thumb{border-color:%(ood)s}
+""" % COLOURS
+
+
+def _data_uri(image: Image.Image | np.ndarray, fmt: str = "JPEG") -> str:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=fmt, quality=85)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def fetch_records(source: RecordSource, indices: set[int]) -> dict[int, ImageRecord]:
+    """The records of the given input rows, in one streaming pass that stops once all are found."""
+    found: dict[int, ImageRecord] = {}
+    for record in source:
+        if record.index in indices:
+            found[record.index] = record
+            if len(found) == len(indices):
+                break
+    return found
+
+
+def _file_stem(rank: int, image_id: str) -> str:
+    return f"rank{rank:05d}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', image_id)[:80]}"
+
+
+def write_explanations(top: pd.DataFrame, images: dict[int, Image.Image], entry: ZooModel, folder: Path) -> dict[int, tuple[np.ndarray, str]]:
+    """Overlay PNGs of `top`'s images in `folder` (rank<r>_<id>.png); returns index -> (overlay, method)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    overlays: dict[int, tuple[np.ndarray, str]] = {}
+    for row in top.itertuples(index=False):
+        index = int(row.index)
+        analysis = entry.analyze(images[index])
+        Image.fromarray(analysis.heatmap).save(folder / f"{_file_stem(int(row.rank), str(row.id))}.png")
+        overlays[index] = (analysis.heatmap, analysis.method)
+    return overlays
+
+
+def roc_section(ranked: pd.DataFrame, threshold: float, folder: Path) -> str:
+    """ROC plot + AUC (95% CI) over the scored rows that have a label; "" when none or one class only."""
+    labelled = ranked[(ranked["error"] == "") & (ranked["label"] != "") & (ranked["melanoma_probability"] != "")]
+    if labelled.empty:
+        return ""
+    y_mel = (labelled["label"] == MELANOMA).to_numpy(dtype=int)
+    p_mel = labelled["melanoma_probability"].astype(float).to_numpy()
+    auc = melanoma_auc(y_mel, p_mel)
+    counts = f"{len(labelled)} labelled images, {int(y_mel.sum())} melanomas"
+    if auc is None:
+        return f"<h2>Labels</h2><p>{counts}: ROC undefined (one class only).</p>"
+    low, high = bootstrap_auc_ci(y_mel, p_mel, n_resamples=N_BOOTSTRAP, seed=0)
+    path = folder / "roc.png"
+    plot_roc(y_mel, p_mel, {"model threshold": threshold}, path)
+    return (
+        f"<h2>Labels: melanoma vs rest</h2><p>{counts}. ROC AUC <b>{auc:.3f}</b> (95% stratified bootstrap CI "
+        f"{low:.3f}&ndash;{high:.3f}, {N_BOOTSTRAP} resamples).</p>"
+        f'<img alt="ROC curve" src="{_data_uri(Image.open(path), "PNG")}">'
+    )
+
+
+def _figure(row: Any, image: Image.Image | None, overlay: tuple[np.ndarray, str] | None) -> str:
+    kind = "ood" if row.ood == "True" else "above" if row.above_threshold == "True" else "below"
+    tag = {"ood": "&#9888; not dermoscopy?", "above": "ABOVE threshold", "below": "below threshold"}[kind]
+    pictures = ""
+    if image is not None:
+        thumb = image.copy()
+        thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        pictures += f'<img class="thumb" alt="image" src="{_data_uri(thumb)}">'
+    if overlay is not None:
+        view = Image.fromarray(overlay[0])
+        view.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        pictures += f' <img class="overlay" alt="explanation" title="{html.escape(overlay[1])}" src="{_data_uri(view)}">'
+    label = f", label {html.escape(row.label)}" if row.label else ""
+    return (
+        f'<figure class="{kind}">{pictures}<figcaption>#{row.rank} <b>{html.escape(str(row.id))}</b>: '
+        f"P(mel) {float(row.melanoma_probability):.1%}, {tag}; top class {html.escape(row.top_class_name)}"
+        f"{label}</figcaption></figure>"
+    )
+
+
+def render_report(ranked: pd.DataFrame, images: dict[int, Image.Image], overlays: dict[int, tuple[np.ndarray, str]],
+                  entry: ZooModel, args: argparse.Namespace, folder: Path) -> str:
+    """The report's HTML (see the module docstring)."""
+    scored = ranked[ranked["error"] == ""]
+    top = scored.head(args.top_k)
+    summary = {
+        "Model": f"{entry.id} ({entry.net_type}), threshold {entry.melanoma_threshold:.3g} on P(mel)",
+        "Data": f"{args.data}" + (f" (split {args.split})" if args.split else ""),
+        "Images scored": len(scored),
+        "At or above the threshold": int((scored["above_threshold"] == "True").sum()),
+        "Flagged as maybe not dermoscopy": int((scored["ood"] == "True").sum()),
+        "Unreadable (error rows)": len(ranked) - len(scored),
+        "Test-time views": args.tta,
+        "Command": "predict.py " + shlex.join(sys.argv[1:]),
+    }
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    figures = "".join(_figure(r, images.get(int(r.index)), overlays.get(int(r.index))) for r in top.itertuples(index=False))
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Melanoma ranking report</title>'
+        f"<style>{CSS}</style></head><body><h1>Ranking by P(melanoma)</h1>"
+        f'<p class="note">{html.escape(DISCLAIMER)} A ranking by a model\'s score, not a diagnosis.</p>'
+        f'<table class="summary">{rows}</table>{roc_section(ranked, entry.melanoma_threshold, folder)}'
+        f"<h2>Top {len(top)} of {len(scored)}</h2><div class=\"grid\">{figures}</div></body></html>"
+    )
+
+
+def write_outputs(ranked: pd.DataFrame, source: RecordSource, entry: ZooModel, args: argparse.Namespace, folder: Path) -> None:
+    """`--explain K`: overlays of the K top-ranked images; `--report`: report.html (top_k images)."""
+    scored = ranked[ranked["error"] == ""]
+    shown = scored.head(max(args.top_k if args.report else 0, args.explain))
+    records = fetch_records(source, {int(i) for i in shown["index"]})
+    images = {i: load_image(r.image, max_side=args.max_side or None) for i, r in records.items()}
+    overlays = write_explanations(scored.head(args.explain), images, entry, folder / EXPLANATIONS)
+    if args.report:
+        (folder / REPORT).write_text(render_report(ranked, images, overlays, entry, args, folder), encoding="utf-8")
+        logger.info("report: %s", folder / REPORT)
