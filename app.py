@@ -51,6 +51,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from model.imageio import MAX_BYTES, InvalidImageError, format_bytes, load_image
 from model.labels import DX_NAMES
 from model.metrics_schema import HEADLINE_TYPES
+from model.records import csv_safe, result_row
 from model.sevenpoint import SEVEN_POINT
 from model.zoo import HeadResults, ImageResult, ModelZoo, UnknownModelError, ZooModel
 
@@ -72,7 +73,6 @@ MULTIPART_OVERHEAD = 64 * 2**10  # a single-file request body: the file plus thi
 DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="melanoma-decode")
 MAX_ECHO = 120  # longest user-supplied text (file name, id) echoed back
 # OWASP CSV injection: a cell starting with one of these is a formula to spreadsheet programs.
-CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 THUMB_SIDE = 160
 ABOVE_COLOUR, BELOW_COLOUR, OOD_COLOUR = (220, 30, 30), (30, 90, 220), (150, 150, 150)
 
@@ -340,47 +340,17 @@ def _marked_thumbnail(image: Image.Image, colour: tuple[int, int, int]) -> Image
 
 
 def _csv_row(rank: int, result: ImageResult) -> dict[str, Any]:
-    """One batch CSV row (the CSV boundary: the typed result becomes plain values here)."""
-    row: dict[str, Any] = {
-        "rank": rank,
-        "file": result.name,
-        "melanoma_probability": result.melanoma_probability,
-        "above_threshold": result.melanoma,
-        "threshold": result.melanoma_threshold,
-        "top_class": result.label,
-        "top_class_name": result.label_name,
-        "top_probability": result.probability,
-    }
-    seven = result.heads.seven_point if result.heads is not None else None
-    if seven is not None:  # models with every seven-point criterion head
-        row["seven_point_score"] = seven.score
-    ood = result.ood
-    row.update(
-        ood=ood.is_ood if ood is not None else None,
-        ood_level=ood.level if ood is not None else None,
-        ood_score=ood.score if ood is not None else None,
-        model_id=result.model.model_id,
-    )
-    row.update({f"p_{code}": p for code, p in result.probabilities.items()})
-    row["error"] = ""
-    return row
+    """One batch CSV row: the columns train/predict.py writes too (model.records), ranked."""
+    return {"rank": rank, "file": result.name, **result_row(result), "error": ""}
 
 
 def _error_row(error: FileError) -> dict[str, Any]:
     return {"rank": None, "file": error.name, "error": error.error}
 
 
-def neutralise_formula(value: Any) -> Any:
-    """A CSV cell that a spreadsheet would run as a formula (OWASP CSV injection: starts with = + - @
-    tab or CR) gets a leading apostrophe; numbers and other text are unchanged."""
-    if isinstance(value, str) and value.startswith(CSV_FORMULA_PREFIXES):
-        return "'" + value
-    return value
-
-
 def write_csv(table: pd.DataFrame, path: Path) -> None:
     """The batch CSV, text cells neutralised against formula injection."""
-    table.map(neutralise_formula).to_csv(path, index=False)
+    table.map(csv_safe).to_csv(path, index=False)
 
 
 class ScratchDir:

@@ -484,6 +484,9 @@ def _describe_model(config: dict[str, Any], model_dir: Path) -> list[tuple[str, 
     size = _image_size(model_dir)
     if size:
         rows.append(("Input size", size))
+    if config.get("patch_embedding_type") == "hybrid":
+        rows.append(("Patch embedding", f"hybrid: the ImageNet `{config.get('backbone')}` stem (frozen in training) "
+                                        "+ a 1x1 projection to the transformer width"))
     for key, label in (("patch_size", "Patch size"), ("hidden_size", "Hidden size"),
                        ("num_hidden_layers", "Layers"), ("num_attention_heads", "Attention heads"),
                        ("intermediate_size", "MLP size"), ("use_distillation_token", "Distillation token")):

@@ -33,7 +33,7 @@ def result_columns(entry: ZooModel) -> list[str]:
     """The columns `result_row` fills for `entry`'s results, in order."""
     columns = [
         "melanoma_probability", "above_threshold", "threshold", "top_class", "top_class_name", "top_probability",
-        "ood", "ood_score", "model_id",
+        "ood", "ood_level", "ood_score", "model_id",
     ]
     columns += [f"p_{entry.id2label[i]}" for i in range(entry.out_dim)]
     columns += [head_column(head, label) for head, labels in entry.extra_heads.items() for label in labels]
@@ -54,6 +54,7 @@ def result_row(result: ImageResult) -> dict[str, Any]:
         "top_class_name": result.label_name,
         "top_probability": result.probability,
         "ood": ood.is_ood if ood is not None else None,
+        "ood_level": ood.level if ood is not None else None,
         "ood_score": ood.score if ood is not None else None,
         "model_id": result.model.model_id,
     }
