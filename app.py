@@ -49,7 +49,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model.imageio import MAX_BYTES, InvalidImageError, format_bytes, load_image
-from model.labels import DX_NAMES
 from model.metrics_schema import HEADLINE_TYPES
 from model.records import csv_safe, result_row
 from model.sevenpoint import SEVEN_POINT
@@ -213,6 +212,16 @@ def _ood_markdown(result: ImageResult) -> str:
     )
 
 
+def percent(probability: float) -> str:
+    """The page's one way to show a probability (0-1): percent, one decimal. CSV and JSON keep 0-1."""
+    return f"{probability:.1%}"
+
+
+def percent_value(probability: float | None) -> float | None:
+    """`percent` as a number, for table columns that must sort numerically."""
+    return None if probability is None or pd.isna(probability) else float(percent(probability)[:-1])
+
+
 def verdict_markdown(result: ImageResult) -> str:
     """The risk statement for one result: a clear OOD warning replaces the flag; a borderline one
     adds a caution under it."""
@@ -221,14 +230,14 @@ def verdict_markdown(result: ImageResult) -> str:
     caution = f"\n\n**Caution:** {result.caution}" if result.caution else ""
     p_mel, threshold = result.melanoma_probability, result.melanoma_threshold
     if p_mel is None:
-        return f"Top class: **{result.label_name}** ({result.probability:.1%}). This model has no melanoma class."
+        return f"Top class: **{result.label_name}** ({percent(result.probability)}). This model has no melanoma class."
     if result.melanoma:
-        flag = f"**Above** the model's melanoma threshold of {threshold:.1%} ({THRESHOLD_RULE}): this demo would flag it for a closer look."
+        flag = f"**Above** the model's melanoma threshold of {percent(threshold)} ({THRESHOLD_RULE}): this demo would flag it for a closer look."
     else:
-        flag = f"**Below** the model's melanoma threshold of {threshold:.1%} ({THRESHOLD_RULE})."
+        flag = f"**Below** the model's melanoma threshold of {percent(threshold)} ({THRESHOLD_RULE})."
     return (
-        f"### Melanoma probability: {p_mel:.1%}\n{flag}{caution}\n\n"
-        f"Top class: {result.label_name} ({result.probability:.1%}). "
+        f"### Melanoma probability: {percent(p_mel)}\n{flag}{caution}\n\n"
+        f"Top class: {result.label_name} ({percent(result.probability)}). "
         "_Research demo output, not a diagnosis._"
     )
 
@@ -251,7 +260,7 @@ def criteria_markdown(heads: HeadResults) -> str:
         ]
         for criterion, (label, points) in SEVEN_POINT.items():
             pattern = f"{_readable(criterion).capitalize()}: {_readable(label)}"
-            lines.append(f"| {pattern} | {seven.criteria[criterion]:.1%} | {points} |")
+            lines.append(f"| {pattern} | {percent(seven.criteria[criterion])} | {points} |")
         lines += [
             "",
             f"Expected checklist score **{seven.score:.2f}** of 10: {side} the checklist's melanoma cut-off "
@@ -260,7 +269,7 @@ def criteria_markdown(heads: HeadResults) -> str:
     other = {name: p for name, p in heads.probabilities.items() if seven is None or name not in SEVEN_POINT}
     if other:
         shown = "; ".join(
-            f"`{name}`: " + ", ".join(f"{_readable(label)} {p:.1%}" for label, p in probs.items())
+            f"`{name}`: " + ", ".join(f"{_readable(label)} {percent(p)}" for label, p in probs.items())
             for name, probs in other.items()
         )
         lines += ["", f"Other heads: {shown}."]
@@ -270,6 +279,13 @@ def criteria_markdown(heads: HeadResults) -> str:
 
 def readable_probabilities(entry: ZooModel, probabilities: dict[str, float]) -> dict[str, float]:
     return {entry.labels.get(code, code): p for code, p in probabilities.items()}
+
+
+def probabilities_markdown(entry: ZooModel, probabilities: dict[str, float], title: str = "Class probabilities") -> str:
+    """Every class, highest first, in the page's one unit (gr.Label would round to whole percents)."""
+    ranked = sorted(readable_probabilities(entry, probabilities).items(), key=lambda item: -item[1])
+    rows = "\n".join(f"| {name} | {percent(p)} |" for name, p in ranked)
+    return f"#### {title}\n| Class | P |\n|---|---:|\n{rows}"  # a short header: one line at phone width
 
 
 def _temperature_text(info: dict) -> str:
@@ -285,7 +301,7 @@ def model_details_markdown(entry: ZooModel) -> str:
         f"**{info['model_id']}**: `{info['net_type']}`, {info['num_parameters'] / 1e6:.2f} M parameters, "
         f"input {info['img_size']}x{info['img_size']} px, {info['out_dim']} classes; "
         f"explanation: {info['explanation']}.",
-        f"Calibration: {_temperature_text(info)}; melanoma threshold {info['melanoma_threshold']:.1%} on P(mel) "
+        f"Calibration: {_temperature_text(info)}; melanoma threshold {percent(info['melanoma_threshold'])} on P(mel) "
         f"({THRESHOLD_RULE}).",
         f"Training data: {', '.join(info['datasets']) or no_card_value}.",
         f"License: {info['license'] or no_card_value}.",
@@ -596,7 +612,7 @@ def build_app(
             verdict += "\n\n" + criteria_markdown(analysis.heads)
         return (
             # Clearly not dermoscopy: the class scores are collapsed (they stay in the JSON record).
-            None if result.warning else readable_probabilities(entry, analysis.probabilities),
+            "" if result.warning else probabilities_markdown(entry, analysis.probabilities),
             verdict,
             gr.Image(value=analysis.heatmap, label=f"Explanation: {analysis.method}"),
             image,
@@ -639,7 +655,7 @@ def build_app(
                 colour, tag = BELOW_COLOUR, "below threshold"
             if result.caution:
                 tag += " (caution: may not be dermoscopy)"
-            caption = f"#{rank} {result.name}: P(mel) {result.melanoma_probability or 0.0:.1%}, {tag}"
+            caption = f"#{rank} {result.name}: P(mel) {percent(result.melanoma_probability or 0.0)}, {tag}"
             gallery.append((_marked_thumbnail(thumbnails[indices[index]], colour), caption))
         rows = [_csv_row(rank, r) for rank, r in enumerate(ranked, start=1)] + [_error_row(e) for e in errors]
         table = pd.DataFrame(rows)
@@ -651,6 +667,11 @@ def build_app(
             "error",
         )
         shown = table[[c for c in columns if c in table]].round(4)
+        if "melanoma_probability" in table:
+            # The page's unit, from the raw values (percent, one decimal, numeric so the column sorts);
+            # the CSV keeps 0-1.
+            shown["melanoma_probability"] = table["melanoma_probability"].map(percent_value)
+        shown = shown.rename(columns={"melanoma_probability": "P(melanoma) %"})
         error_md = (
             "**Files that could not be used** (the rest of the batch was processed):\n"
             + "\n".join(f"- `{e.name}`: {e.error}" for e in errors)
@@ -668,7 +689,7 @@ def build_app(
         image = read_image(state.paths[evt.index], max_upload_bytes)
         analysis = entry.analyze(image)
         return (
-            readable_probabilities(entry, result.probabilities),
+            probabilities_markdown(entry, result.probabilities, f"Selected image: {result.name}"),
             f"**{result.name}**\n\n" + verdict_markdown(result),
             gr.Image(value=analysis.heatmap, label=f"Explanation: {analysis.method}"),
             image,
@@ -727,7 +748,7 @@ def build_app(
                         gr.Markdown(f"<small>{attribution}</small>")
                 with gr.Column():
                     verdict = gr.Markdown()
-                    probs_out = gr.Label(num_top_classes=len(DX_NAMES), label="Class probabilities")
+                    probs_out = gr.Markdown()
             with gr.Row():
                 plain_out = gr.Image(label="Image", type="pil", interactive=False)
                 heatmap_out = gr.Image(label="Explanation", interactive=False)
@@ -765,7 +786,7 @@ def build_app(
                 object_fit="contain",
             )
             with gr.Row():
-                sel_probs = gr.Label(num_top_classes=len(DX_NAMES), label="Selected image")
+                sel_probs = gr.Markdown()
                 with gr.Column():
                     sel_verdict = gr.Markdown()
                     sel_plain = gr.Image(label="Image", type="pil", interactive=False)

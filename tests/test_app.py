@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tempfile
 import threading
@@ -78,10 +79,16 @@ def test_gradio_predict_endpoint(live, ham_image_paths):
     )
     expected = _expected(zoo, "melanoma-vit-tiny", path)
     assert record["probabilities"] == pytest.approx(expected, abs=1e-5)
-    confidences = {c["label"]: c["confidence"] for c in probs["confidences"]}
-    assert confidences["Melanoma"] == pytest.approx(expected["mel"], abs=1e-5)  # readable names
-    assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-4)
+    # One unit on the page: every class in percent with one decimal, highest first, readable names;
+    # the class list and the verdict show the same P(mel) text.
     entry = zoo.get("melanoma-vit-tiny")
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+)% \|$", probs, flags=re.M)
+    shown = record["probabilities"]  # the app's own values, so that rounding is compared exactly
+    ranked = sorted(shown, key=lambda code: -shown[code])
+    assert rows == [(entry.labels[code], f"{100 * shown[code]:.1f}") for code in ranked]
+    assert sum(float(p) for _, p in rows) == pytest.approx(100.0, abs=0.05 * len(rows))
+    mel_row = dict(rows)["Melanoma"]
+    assert f"Melanoma probability: {mel_row}%" in verdict
     assert record["prediction"]["melanoma"] == (expected["mel"] >= entry.melanoma_threshold)
     metadata = {"model_id": "melanoma-vit-tiny", "net_type": "melanoma_vit", "img_size": 32, "out_dim": 7}
     assert record["metadata"] == metadata
@@ -161,7 +168,9 @@ def test_gradio_batch_ranking_gallery_csv(live, tmp_path, fixtures_dir, ham_imag
             assert "ABOVE" in item["caption"] and colour[0] > 180 and colour[2] < 80  # red
         else:
             assert "below" in item["caption"] and colour[2] > 180 and colour[0] < 80  # blue
-    assert table["headers"][:3] == ["rank", "file", "melanoma_probability"]
+    # The table shows the page's unit (percent, one decimal, as the verdict); the CSV above keeps 0-1.
+    assert table["headers"][:3] == ["rank", "file", "P(melanoma) %"]
+    assert [row[2] for row in table["data"][: len(images)]] == [round(100 * p, 1) for p in ok["melanoma_probability"]]
 
 
 # ------------------------------------------------------------------------------------ REST
@@ -411,7 +420,7 @@ def test_ood_warning_replaces_the_flag(live, tmp_path, ham_image_paths):
         probs, verdict, _, _, record = client.predict(handle_file(str(tmp)), None, "mean", 0.9, 0, api_name="/predict")
         assert record["ood"]["is_ood"] and record["warning"]
         assert "probably not a dermoscopic" in verdict and "Melanoma probability" not in verdict
-        assert probs is None or not probs.get("confidences")  # the class scores are collapsed
+        assert not probs  # the class scores are collapsed
         lesion = handle_file(str(ham_image_paths[0]))
         _, verdict, _, _, record = client.predict(lesion, None, "mean", 0.9, 0, api_name="/predict")
         assert record["ood"]["is_ood"] is False and record["warning"] is None
@@ -450,7 +459,7 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     probs, verdict, heatmap, plain = _blocks_fn(demo, "show_selected")(state, selected)
     second = state.results[1]
     assert second.name in verdict
-    assert probs["Melanoma"] == pytest.approx(second.probabilities["mel"])
+    assert f"| Melanoma | {100 * second.probabilities['mel']:.1f}% |" in probs and second.name in probs
     assert plain.size == Image.open(ham_image_paths[[Path(p).name for p in paths].index(second.name)]).size
     assert "Grad-CAM" in heatmap.label
 

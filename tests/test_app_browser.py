@@ -129,14 +129,16 @@ def test_single_image_shows_probabilities_and_heatmap(browser, live_app, page, h
     original = load_image(ham_image_paths[0]).convert("RGB").resize(overlay.size)
     assert np.abs(np.asarray(overlay, np.float32) - np.asarray(original, np.float32)).mean() > 10.0
 
-    # gr.Label lists every class name with a percentage; P(mel) matches the zoo's own prediction.
-    label = page.locator(".block", has=page.get_by_text("Class probabilities")).first
-    text = label.inner_text()
-    for name in DX_NAMES.values():
-        assert name in text, (name, text)
+    # The class list shows every class name in percent with one decimal; P(mel) matches the zoo's own
+    # prediction, and the class list and the verdict show the same text.
+    class_table = page.locator("table", has=page.get_by_text("Melanocytic nevus")).first
+    cells = [row.split("\t") for row in class_table.locator("tbody tr").all_inner_texts()]
+    assert sorted(name for name, _ in cells) == sorted(DX_NAMES.values()), cells
+    assert all(re.fullmatch(r"\d+\.\d%", p) for _, p in cells), cells
     expected = zoo.get(None).predict([load_image(ham_image_paths[0], max_side=1024)])[0].probabilities["mel"]
     shown = page.get_by_text(re.compile(r"Melanoma probability: [\d.]+%")).inner_text()
     assert float(re.search(r"([\d.]+)%", shown).group(1)) == pytest.approx(100 * expected, abs=0.051)
+    assert re.search(r"([\d.]+%)", shown).group(1) == dict(cells)["Melanoma"]
     assert "chosen on validation for 95% melanoma sensitivity" in page.get_by_text(re.compile("threshold of")).inner_text()
     _shot(page, "single_image")
     # Phone width: the same result, readable without sideways scrolling of the page.
