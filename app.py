@@ -355,6 +355,28 @@ def _marked_thumbnail(image: Image.Image, colour: tuple[int, int, int]) -> Image
     return ImageOps.expand(thumb, border=8, fill=colour)
 
 
+def gallery_caption(rank: int, result: ImageResult) -> str:
+    """A thumbnail's one-line caption, short enough not to be cut off: rank, P(melanoma), the flag.
+    The file name is in the table and the selected image's detail (a long name would truncate it)."""
+    if result.warning:
+        tag = "not dermoscopy?"
+    else:
+        tag = "above threshold" if result.melanoma else "below threshold"
+        if result.caution:
+            tag += ", caution"
+    return f"#{rank} · {percent(result.melanoma_probability or 0.0)} · {tag}"
+
+
+# Gallery captions wrap instead of ending in an ellipsis, and phones get two columns (six columns of
+# Gradio's 100 px minimum would scroll sideways and cut every caption).
+PAGE_CSS = """
+#ranked-gallery .caption-label { white-space: normal; max-width: calc(100% - 8px); }
+@media (max-width: 600px) {
+  #ranked-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
+}
+"""
+
+
 def _csv_row(rank: int, result: ImageResult) -> dict[str, Any]:
     """One batch CSV row: the columns train/predict.py writes too (model.records), ranked."""
     return {"rank": rank, "file": result.name, **result_row(result), "error": ""}
@@ -647,16 +669,8 @@ def build_app(
         ranked = [results[i] for i in order]
         gallery = []
         for rank, (index, result) in enumerate(zip(order, ranked), start=1):
-            if result.warning:
-                colour, tag = OOD_COLOUR, "not dermoscopy?"
-            elif result.melanoma:
-                colour, tag = ABOVE_COLOUR, "ABOVE threshold"
-            else:
-                colour, tag = BELOW_COLOUR, "below threshold"
-            if result.caution:
-                tag += " (caution: may not be dermoscopy)"
-            caption = f"#{rank} {result.name}: P(mel) {percent(result.melanoma_probability or 0.0)}, {tag}"
-            gallery.append((_marked_thumbnail(thumbnails[indices[index]], colour), caption))
+            colour = OOD_COLOUR if result.warning else ABOVE_COLOUR if result.melanoma else BELOW_COLOUR
+            gallery.append((_marked_thumbnail(thumbnails[indices[index]], colour), gallery_caption(rank, result)))
         rows = [_csv_row(rank, r) for rank, r in enumerate(ranked, start=1)] + [_error_row(e) for e in errors]
         table = pd.DataFrame(rows)
         table["rank"] = table["rank"].astype("Int64")
@@ -766,7 +780,8 @@ def build_app(
         with gr.Tab("Batch"):
             gr.Markdown(
                 "Upload many images at once: results are ranked by melanoma probability, highest first. "
-                "Red border: above the model's threshold; blue: below; grey: may not be dermoscopy. "
+                "Captions: rank · P(melanoma) · threshold. Red border: above the model's threshold; blue: below; "
+                "grey: may not be dermoscopy. "
                 "Click a thumbnail for details. " + DISCLAIMER
             )
             # A fixed height: a long upload list scrolls inside it instead of pushing the results down.
@@ -780,6 +795,7 @@ def build_app(
             batch_errors = gr.Markdown()
             gallery = gr.Gallery(
                 label="Ranked by melanoma probability",
+                elem_id="ranked-gallery",
                 columns=6,
                 height="auto",
                 allow_preview=False,
@@ -961,7 +977,7 @@ def build_app(
     # show_error=False: only our own gr.Error messages reach the page, never an exception's text
     # (which can name server paths); Gradio shows a generic "Error" for anything else.
     app = gr.mount_gradio_app(
-        api, demo, path="/", max_file_size=max_upload_bytes, allowed_paths=example_dirs, show_error=False
+        api, demo, path="/", max_file_size=max_upload_bytes, allowed_paths=example_dirs, show_error=False, css=PAGE_CSS
     )
     app.add_middleware(
         BodyLimitMiddleware,

@@ -3,6 +3,7 @@ through gradio_client and HTTP, on tiny real models trained from the fixture ima
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -21,6 +22,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
 from model.imageio import load_image
+from model.ood import OODResult
 from model.sevenpoint import SEVEN_POINT
 from test_zoo import MULTISOURCE, _png_bytes, bad_image_files, shared_tiny_models
 
@@ -161,13 +163,16 @@ def test_gradio_batch_ranking_gallery_csv(live, tmp_path, fixtures_dir, ham_imag
     assert "seven_point_score" not in csv  # a model without criterion heads: the columns of before
 
     assert len(gallery) == len(images)
-    for item, name in zip(gallery, ranked_names):
-        assert item["caption"].startswith(f"#{ranked_names.index(name) + 1} {name}")
+    # Captions: rank, P(mel) in the page's unit and the flag, short (the name is in the table).
+    for rank, (item, p) in enumerate(zip(gallery, ok["melanoma_probability"]), start=1):
         colour = _thumbnail_border(item["image"])
-        if expected[name] >= entry.melanoma_threshold:
-            assert "ABOVE" in item["caption"] and colour[0] > 180 and colour[2] < 80  # red
+        if p >= entry.melanoma_threshold:
+            assert item["caption"] == f"#{rank} · {100 * p:.1f}% · above threshold"
+            assert colour[0] > 180 and colour[2] < 80  # red
         else:
-            assert "below" in item["caption"] and colour[2] > 180 and colour[0] < 80  # blue
+            assert item["caption"] == f"#{rank} · {100 * p:.1f}% · below threshold"
+            assert colour[2] > 180 and colour[0] < 80  # blue
+        assert len(item["caption"]) <= 30
     # The table shows the page's unit (percent, one decimal, as the verdict); the CSV above keeps 0-1.
     assert table["headers"][:3] == ["rank", "file", "P(melanoma) %"]
     assert [row[2] for row in table["data"][: len(images)]] == [round(100 * p, 1) for p in ok["melanoma_probability"]]
@@ -451,7 +456,17 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     gallery, _, _, _, state = _blocks_fn(demo, "predict_batch")(
         paths + [str(twin)], "resnet18-tiny", progress=gr.Progress()
     )
-    assert [r.name for r in state.results] == [c.split(" ")[1].rstrip(":") for _, c in gallery]
+    # The gallery and the state (which a selection indexes) are in the same order, highest P(mel) first.
+    p_mel = [r.melanoma_probability for r in state.results]
+    assert p_mel == sorted(p_mel, reverse=True)
+    assert [c for _, c in gallery] == [app_module.gallery_caption(k, r) for k, r in enumerate(state.results, start=1)]
+    # A borderline image keeps its flag with a short caution; a clear OOD one loses it.
+    top = state.results[0]
+    flag = "above" if top.melanoma else "below"
+    borderline = dataclasses.replace(top, ood=OODResult(True, 1.1, 1.0, "may not be dermoscopy", "borderline"))
+    assert app_module.gallery_caption(1, borderline) == f"#1 · {100 * p_mel[0]:.1f}% · {flag} threshold, caution"
+    clear = dataclasses.replace(top, ood=OODResult(True, 9.0, 1.0, "not a lesion", "clear"))
+    assert app_module.gallery_caption(3, clear) == f"#3 · {100 * p_mel[0]:.1f}% · not dermoscopy?"
     twins = [i for i, r in enumerate(state.results) if r.name == twin.name]
     assert len(twins) == 2 and {state.paths[i] for i in twins} == {paths[0], str(twin)}
     assert state.results[twins[0]].probabilities != state.results[twins[1]].probabilities

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "artifacts" / "browser"
 GRACE_HOPPER = Path(np.__file__).resolve().parents[1] / "matplotlib" / "mpl-data" / "sample_data" / "grace_hopper.jpg"
 TIMEOUT_MS = 90_000
-CAPTION = re.compile(r"#(\d+) (\S+): P\(mel\) ([\d.]+)%")
+CAPTION = re.compile(r"^#(\d+) · ([\d.]+)% · (above threshold|below threshold|not dermoscopy\?)(, caution)?$")
 
 
 @pytest.fixture(scope="module")
@@ -163,12 +163,19 @@ def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_im
 
     captions = page.locator(".caption-label")
     expect(captions).to_have_count(len(files), timeout=TIMEOUT_MS)
-    shown = [CAPTION.search(t).groups() for t in captions.all_inner_texts()]
-    ranks = [int(rank) for rank, _, _ in shown]
-    names = [name for _, name, _ in shown]
-    probs = [float(p) for _, _, p in shown]
+    shown = [CAPTION.match(t).groups() for t in captions.all_inner_texts()]
+    ranks = [int(rank) for rank, *_ in shown]
+    probs = [float(p) for _, p, *_ in shown]
     assert ranks == list(range(1, len(files) + 1))
     assert probs == sorted(probs, reverse=True), probs
+    # Captions are shown whole (not cut off with an ellipsis) at desktop and phone width.
+    assert captions.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth + 1).length") == 0
+    # The results table names the files in the same order and shows the same percentages.
+    table = page.locator(".block", has=page.locator("th[title='P(melanoma) %']")).first
+    # gr.Dataframe's body is a virtual grid: cell r, c is [data-testid=cell-r-c].
+    rows = [[table.get_by_test_id(f"cell-{r}-{c}").inner_text().strip() for c in range(3)] for r in range(len(files))]
+    names = [row[1] for row in rows]
+    assert [float(row[2]) for row in rows] == probs
 
     # Same order as ranking the zoo's own P(mel) (the app ranks records by it, highest first).
     entry = zoo.get(None)
@@ -177,7 +184,12 @@ def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_im
     for name, p in zip(names, probs):
         assert p == pytest.approx(100 * p_mel[name], abs=0.051)
     # The natural photo is marked as possibly not dermoscopy; the lesions are not.
-    texts = captions.all_inner_texts()
-    assert any(GRACE_HOPPER.name in t and "not dermoscopy?" in t for t in texts), texts
-    assert not any(t for t in texts if "not dermoscopy?" in t and GRACE_HOPPER.name not in t), texts
+    flags = {name: flag for name, (_, _, flag, _) in zip(names, shown)}
+    assert flags.pop(GRACE_HOPPER.name) == "not dermoscopy?", flags
+    assert "not dermoscopy?" not in flags.values(), flags
     _shot(page, "batch_ranked")
+    page.set_viewport_size({"width": 390, "height": 844})
+    captions.first.wait_for()
+    assert captions.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth + 1).length") == 0
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
+    _shot(page, "batch_ranked_390px")
