@@ -295,33 +295,33 @@ def _temperature_text(info: dict) -> str:
 
 
 def model_details_markdown(entry: ZooModel) -> str:
+    """The model's facts as a two-column table: what it is, its calibration and threshold, where it
+    comes from, and its headline metrics (model/metrics_schema.py's table picks which)."""
     info = entry.describe()
     no_card_value = "see the model card" if info["license"] else "not stated (no model card)"
-    lines = [
-        f"**{info['model_id']}**: `{info['net_type']}`, {info['num_parameters'] / 1e6:.2f} M parameters, "
-        f"input {info['img_size']}x{info['img_size']} px, {info['out_dim']} classes; "
-        f"explanation: {info['explanation']}.",
-        f"Calibration: {_temperature_text(info)}; melanoma threshold {percent(info['melanoma_threshold'])} on P(mel) "
-        f"({THRESHOLD_RULE}).",
-        f"Training data: {', '.join(info['datasets']) or no_card_value}.",
-        f"License: {info['license'] or no_card_value}.",
+    rows = [
+        ("Architecture", f"`{info['net_type']}`"),
+        ("Parameters", f"{info['num_parameters'] / 1e6:.2f} M"),
+        ("Input", f"{info['img_size']}x{info['img_size']} px"),
+        ("Classes", str(info["out_dim"])),
+        ("Explanation", info["explanation"]),
+        ("Calibration", _temperature_text(info)),
+        ("Melanoma threshold", f"{percent(info['melanoma_threshold'])} on P(mel), {THRESHOLD_RULE}"),
+        ("Training data", ", ".join(info["datasets"]) or no_card_value),
+        ("License", info["license"] or no_card_value),
     ]
     if info["base_model"]:
-        lines.append(f"Base model: {info['base_model']}.")
+        rows.append(("Base model", info["base_model"]))
     if info["extra_heads"]:
         heads = [f"`{name}`" for name in info["extra_heads"] if not (entry.has_seven_point and name in SEVEN_POINT)]
         if entry.has_seven_point:
             heads.insert(0, "the seven-point checklist criteria")
-        lines.append(f"Extra heads (shown with each single-image result): {', '.join(heads)}.")
-    # The card has the rest; which ones headline is model/metrics_schema.py's table.
+        rows.append(("Extra heads", f"{', '.join(heads)} (shown with each single-image result)"))
     headline = [m for m in info["metrics"] if m["type"] in HEADLINE_TYPES]
-    if headline:
-        lines.append(
-            "Headline metrics (from the model card): "
-            + "; ".join(f"{m['name']} {m['value']:.3f} on {m['dataset']}" for m in headline)
-            + "."
-        )
-    return "\n\n".join(lines)
+    rows += [(f"{m['name']} ({m['dataset']})", f"{m['value']:.3f}") for m in headline]
+    cells = "\n".join(f"| {name} | {value.replace('|', '/')} |" for name, value in rows)
+    source = "\n\n<small>Metrics: from the model card.</small>" if headline else ""
+    return f"| Model | **{info['model_id']}** |\n|---|---|\n{cells}{source}"
 
 
 TRANSFORMERS_NAMES = {"vit": "ViT", "deit": "DeiT"}
@@ -368,8 +368,10 @@ def gallery_caption(rank: int, result: ImageResult) -> str:
 
 
 # Gallery captions wrap instead of ending in an ellipsis, and phones get two columns (six columns of
-# Gradio's 100 px minimum would scroll sideways and cut every caption).
+# Gradio's 100 px minimum would scroll sideways and cut every caption). Table cells break between
+# words only (Gradio's prose breaks "Architecture" mid-word at phone width).
 PAGE_CSS = """
+#model-details td, #model-details th { word-break: normal; overflow-wrap: normal; }
 #ranked-gallery .caption-label { white-space: normal; max-width: calc(100% - 8px); }
 @media (max-width: 600px) {
   #ranked-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
@@ -727,17 +729,18 @@ def build_app(
     cache_every = max(1, int(cache_ttl_s) // 4)
     with gr.Blocks(title="Melanoma ViT: research demo", delete_cache=(cache_every, int(cache_ttl_s))) as demo:
         gr.Markdown("# Melanoma ViT: dermoscopy classifier (research demo)\n\n> " + DISCLAIMER)
-        with gr.Row():
-            model_choice = gr.Dropdown(
-                choices=[(model_label(i, zoo.source(i)), i) for i in zoo.ids],
-                value=default_id,
-                label="Model",
-                interactive=True,
-                scale=1,
-            )
-            with gr.Accordion("Model details", open=True):
+        with gr.Row():  # columns with a minimum width: at phone width the details table goes below
+            with gr.Column(min_width=320):
+                model_choice = gr.Dropdown(
+                    choices=[(model_label(i, zoo.source(i)), i) for i in zoo.ids],
+                    value=default_id,
+                    label="Model",
+                    interactive=True,
+                )
+            with gr.Column(min_width=320), gr.Accordion("Model details", open=True):
                 details = gr.Markdown(
-                    "No model found: add a model folder under models/." if default_id is None else ""
+                    "No model found: add a model folder under models/." if default_id is None else "",
+                    elem_id="model-details",
                 )
         if zoo.skipped:
             gr.Markdown("Hub models skipped (unreachable here): " + ", ".join(f"`{k}`" for k in zoo.skipped))

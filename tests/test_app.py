@@ -441,6 +441,15 @@ def _blocks_fn(demo, name: str):
     return next(f.fn for f in demo.fns.values() if f.name == name)
 
 
+def _details_rows(details: str) -> dict[str, str]:
+    """The model-details table as {row name: cell}; every line of it is a two-cell row."""
+    lines = [line for line in details.splitlines() if line.startswith("|")]
+    assert lines[1] == "|---|---|" and len(lines) >= 10, details
+    cells = [re.fullmatch(r"\| (.+?) \| (.+?) \|", line) for line in lines[:1] + lines[2:]]
+    assert all(cells), lines
+    return {m.group(1): m.group(2) for m in cells}
+
+
 def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     """The UI-only events (not API endpoints): per-image detail on gallery selection, and the
     model dropdown switching between rollout controls (ViT) and Grad-CAM (CNN)."""
@@ -481,11 +490,19 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     examples = _blocks_fn(demo, "example_batch")()
     assert len(examples) >= 4 and all(Path(p).is_file() for p in examples)
     details, fusion, discard, start = _blocks_fn(demo, "on_model_change")("resnet18-tiny")
-    assert "timm/resnet18" in details and "Grad-CAM" in details and fusion.visible is False
+    rows = _details_rows(details)
+    assert rows["Model"] == "**resnet18-tiny**" and rows["Architecture"] == "`timm/resnet18`"
+    assert "Grad-CAM" in rows["Explanation"] and fusion.visible is False
     details, fusion, discard, start = _blocks_fn(demo, "on_model_change")("melanoma-vit-tiny")
-    assert "cc-by-nc-sa-4.0" in details and "Melanoma AUC 0.500" in details and "Extra heads" not in details
+    rows = _details_rows(details)
+    entry = live[2].get("melanoma-vit-tiny")
+    assert rows["License"] == "cc-by-nc-sa-4.0" and rows["Melanoma AUC (ISIC 2017 fixtures)"] == "0.500"
+    assert rows["Melanoma threshold"] == (
+        f"{100 * entry.melanoma_threshold:.1f}% on P(mel), chosen on validation for 95% melanoma sensitivity"
+    )
+    assert rows["Input"] == "32x32 px" and rows["Classes"] == "7" and "Extra heads" not in rows
     details, *_ = _blocks_fn(demo, "on_model_change")(MULTISOURCE)
-    assert "Extra heads (shown with each single-image result): the seven-point checklist criteria, `derm7pt`, " in details
+    assert _details_rows(details)["Extra heads"].startswith("the seven-point checklist criteria, `derm7pt`, ")
     assert fusion.visible is True and start.maximum == 1
 
 
@@ -503,12 +520,13 @@ def test_model_details_headline_the_tables_metrics_of_a_rendered_card(tmp_path_f
     (folder / "eval" / "ham10000_test" / "metrics.json").write_text(json.dumps(SYNTHETIC_METRICS))
     render_model_card(folder, model_name="tiny").save(folder / "README.md")
 
-    details = model_details_markdown(ZooModel("tiny", folder))
-    headline = details.split("Headline metrics (from the model card): ")[1]
-    assert headline == (
-        "Melanoma ROC AUC (mel vs rest) 0.812 on HAM10000; Balanced accuracy 0.614 on HAM10000; "
-        "Melanoma sensitivity at threshold 0.213 0.941 on HAM10000."
-    )
+    rows = _details_rows(model_details_markdown(ZooModel("tiny", folder)))
+    headline = {name: value for name, value in rows.items() if name.endswith("(HAM10000)")}
+    assert headline == {
+        "Melanoma ROC AUC (mel vs rest) (HAM10000)": "0.812",
+        "Balanced accuracy (HAM10000)": "0.614",
+        "Melanoma sensitivity at threshold 0.213 (HAM10000)": "0.941",
+    }
 
 
 # ------------------------------------------------------------------- reliability and security

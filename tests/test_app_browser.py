@@ -140,12 +140,23 @@ def test_single_image_shows_probabilities_and_heatmap(browser, live_app, page, h
     assert float(re.search(r"([\d.]+)%", shown).group(1)) == pytest.approx(100 * expected, abs=0.051)
     assert re.search(r"([\d.]+%)", shown).group(1) == dict(cells)["Melanoma"]
     assert "chosen on validation for 95% melanoma sensitivity" in page.get_by_text(re.compile("threshold of")).inner_text()
+    # Model details are a table whose threshold is the verdict's, in the same unit.
+    verdict_threshold = re.search(r"threshold of ([\d.]+%)", page.get_by_text(re.compile("threshold of")).inner_text())
+    details = page.locator("table", has=page.get_by_text("Melanoma threshold")).first
+    threshold_row = details.locator("tr", has=page.get_by_text("Melanoma threshold")).locator("td").all_inner_texts()
+    assert threshold_row[1].startswith(f"{verdict_threshold.group(1)} on P(mel)"), threshold_row
+    assert details.locator("tr", has=page.get_by_text("Architecture")).locator("td").all_inner_texts()[1] == "melanoma_vit"
     _shot(page, "single_image")
     # Phone width: the same result, readable without sideways scrolling of the page.
     page.set_viewport_size({"width": 390, "height": 844})
     page.get_by_text("Melanoma probability:").wait_for()
     assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
     _shot(page, "single_image_390px")
+    # The model-details table goes below the dropdown and fits the width, names unbroken.
+    box = details.bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+    name_cell = details.locator("td", has_text="Architecture").bounding_box()
+    assert name_cell["height"] < 60, name_cell
 
 
 def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_image_paths, fixtures_dir):
