@@ -49,7 +49,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model.imageio import MAX_BYTES, InvalidImageError, format_bytes, load_image
-from model.labels import DX_NAMES
 from model.metrics_schema import HEADLINE_TYPES
 from model.records import csv_safe, result_row
 from model.sevenpoint import SEVEN_POINT
@@ -213,6 +212,16 @@ def _ood_markdown(result: ImageResult) -> str:
     )
 
 
+def percent(probability: float) -> str:
+    """The page's one way to show a probability (0-1): percent, one decimal. CSV and JSON keep 0-1."""
+    return f"{probability:.1%}"
+
+
+def percent_value(probability: float | None) -> float | None:
+    """`percent` as a number, for table columns that must sort numerically."""
+    return None if probability is None or pd.isna(probability) else float(percent(probability)[:-1])
+
+
 def verdict_markdown(result: ImageResult) -> str:
     """The risk statement for one result: a clear OOD warning replaces the flag; a borderline one
     adds a caution under it."""
@@ -221,14 +230,14 @@ def verdict_markdown(result: ImageResult) -> str:
     caution = f"\n\n**Caution:** {result.caution}" if result.caution else ""
     p_mel, threshold = result.melanoma_probability, result.melanoma_threshold
     if p_mel is None:
-        return f"Top class: **{result.label_name}** ({result.probability:.1%}). This model has no melanoma class."
+        return f"Top class: **{result.label_name}** ({percent(result.probability)}). This model has no melanoma class."
     if result.melanoma:
-        flag = f"**Above** the model's melanoma threshold of {threshold:.1%} ({THRESHOLD_RULE}): this demo would flag it for a closer look."
+        flag = f"**Above** the model's melanoma threshold of {percent(threshold)} ({THRESHOLD_RULE}): this demo would flag it for a closer look."
     else:
-        flag = f"**Below** the model's melanoma threshold of {threshold:.1%} ({THRESHOLD_RULE})."
+        flag = f"**Below** the model's melanoma threshold of {percent(threshold)} ({THRESHOLD_RULE})."
     return (
-        f"### Melanoma probability: {p_mel:.1%}\n{flag}{caution}\n\n"
-        f"Top class: {result.label_name} ({result.probability:.1%}). "
+        f"### Melanoma probability: {percent(p_mel)}\n{flag}{caution}\n\n"
+        f"Top class: {result.label_name} ({percent(result.probability)}). "
         "_Research demo output, not a diagnosis._"
     )
 
@@ -251,7 +260,7 @@ def criteria_markdown(heads: HeadResults) -> str:
         ]
         for criterion, (label, points) in SEVEN_POINT.items():
             pattern = f"{_readable(criterion).capitalize()}: {_readable(label)}"
-            lines.append(f"| {pattern} | {seven.criteria[criterion]:.1%} | {points} |")
+            lines.append(f"| {pattern} | {percent(seven.criteria[criterion])} | {points} |")
         lines += [
             "",
             f"Expected checklist score **{seven.score:.2f}** of 10: {side} the checklist's melanoma cut-off "
@@ -260,7 +269,7 @@ def criteria_markdown(heads: HeadResults) -> str:
     other = {name: p for name, p in heads.probabilities.items() if seven is None or name not in SEVEN_POINT}
     if other:
         shown = "; ".join(
-            f"`{name}`: " + ", ".join(f"{_readable(label)} {p:.1%}" for label, p in probs.items())
+            f"`{name}`: " + ", ".join(f"{_readable(label)} {percent(p)}" for label, p in probs.items())
             for name, probs in other.items()
         )
         lines += ["", f"Other heads: {shown}."]
@@ -272,6 +281,13 @@ def readable_probabilities(entry: ZooModel, probabilities: dict[str, float]) -> 
     return {entry.labels.get(code, code): p for code, p in probabilities.items()}
 
 
+def probabilities_markdown(entry: ZooModel, probabilities: dict[str, float], title: str = "Class probabilities") -> str:
+    """Every class, highest first, in the page's one unit (gr.Label would round to whole percents)."""
+    ranked = sorted(readable_probabilities(entry, probabilities).items(), key=lambda item: -item[1])
+    rows = "\n".join(f"| {name} | {percent(p)} |" for name, p in ranked)
+    return f"#### {title}\n| Class | P |\n|---|---:|\n{rows}"  # a short header: one line at phone width
+
+
 def _temperature_text(info: dict) -> str:
     if info["folded_temperature"] is not None:
         return f"temperature {info['folded_temperature']:.3g} (folded into the classifier head)"
@@ -279,33 +295,33 @@ def _temperature_text(info: dict) -> str:
 
 
 def model_details_markdown(entry: ZooModel) -> str:
+    """The model's facts as a two-column table: what it is, its calibration and threshold, where it
+    comes from, and its headline metrics (model/metrics_schema.py's table picks which)."""
     info = entry.describe()
     no_card_value = "see the model card" if info["license"] else "not stated (no model card)"
-    lines = [
-        f"**{info['model_id']}**: `{info['net_type']}`, {info['num_parameters'] / 1e6:.2f} M parameters, "
-        f"input {info['img_size']}x{info['img_size']} px, {info['out_dim']} classes; "
-        f"explanation: {info['explanation']}.",
-        f"Calibration: {_temperature_text(info)}; melanoma threshold {info['melanoma_threshold']:.1%} on P(mel) "
-        f"({THRESHOLD_RULE}).",
-        f"Training data: {', '.join(info['datasets']) or no_card_value}.",
-        f"License: {info['license'] or no_card_value}.",
+    rows = [
+        ("Architecture", f"`{info['net_type']}`"),
+        ("Parameters", f"{info['num_parameters'] / 1e6:.2f} M"),
+        ("Input", f"{info['img_size']}x{info['img_size']} px"),
+        ("Classes", str(info["out_dim"])),
+        ("Explanation", info["explanation"]),
+        ("Calibration", _temperature_text(info)),
+        ("Melanoma threshold", f"{percent(info['melanoma_threshold'])} on P(mel), {THRESHOLD_RULE}"),
+        ("Training data", ", ".join(info["datasets"]) or no_card_value),
+        ("License", info["license"] or no_card_value),
     ]
     if info["base_model"]:
-        lines.append(f"Base model: {info['base_model']}.")
+        rows.append(("Base model", info["base_model"]))
     if info["extra_heads"]:
         heads = [f"`{name}`" for name in info["extra_heads"] if not (entry.has_seven_point and name in SEVEN_POINT)]
         if entry.has_seven_point:
             heads.insert(0, "the seven-point checklist criteria")
-        lines.append(f"Extra heads (shown with each single-image result): {', '.join(heads)}.")
-    # The card has the rest; which ones headline is model/metrics_schema.py's table.
+        rows.append(("Extra heads", f"{', '.join(heads)} (shown with each single-image result)"))
     headline = [m for m in info["metrics"] if m["type"] in HEADLINE_TYPES]
-    if headline:
-        lines.append(
-            "Headline metrics (from the model card): "
-            + "; ".join(f"{m['name']} {m['value']:.3f} on {m['dataset']}" for m in headline)
-            + "."
-        )
-    return "\n\n".join(lines)
+    rows += [(f"{m['name']} ({m['dataset']})", f"{m['value']:.3f}") for m in headline]
+    cells = "\n".join(f"| {name} | {value.replace('|', '/')} |" for name, value in rows)
+    source = "\n\n<small>Metrics: from the model card.</small>" if headline else ""
+    return f"| Model | **{info['model_id']}** |\n|---|---|\n{cells}{source}"
 
 
 TRANSFORMERS_NAMES = {"vit": "ViT", "deit": "DeiT"}
@@ -337,6 +353,30 @@ def _marked_thumbnail(image: Image.Image, colour: tuple[int, int, int]) -> Image
     thumb = image.copy()
     thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
     return ImageOps.expand(thumb, border=8, fill=colour)
+
+
+def gallery_caption(rank: int, result: ImageResult) -> str:
+    """A thumbnail's one-line caption, short enough not to be cut off: rank, P(melanoma), the flag.
+    The file name is in the table and the selected image's detail (a long name would truncate it)."""
+    if result.warning:
+        tag = "not dermoscopy?"
+    else:
+        tag = "above threshold" if result.melanoma else "below threshold"
+        if result.caution:
+            tag += ", caution"
+    return f"#{rank} · {percent(result.melanoma_probability or 0.0)} · {tag}"
+
+
+# Gallery captions wrap instead of ending in an ellipsis, and phones get two columns (six columns of
+# Gradio's 100 px minimum would scroll sideways and cut every caption). Table cells break between
+# words only (Gradio's prose breaks "Architecture" mid-word at phone width).
+PAGE_CSS = """
+#model-details td, #model-details th { word-break: normal; overflow-wrap: normal; }
+#ranked-gallery .caption-label { white-space: normal; max-width: calc(100% - 8px); }
+@media (max-width: 600px) {
+  #ranked-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
+}
+"""
 
 
 def _csv_row(rank: int, result: ImageResult) -> dict[str, Any]:
@@ -596,7 +636,7 @@ def build_app(
             verdict += "\n\n" + criteria_markdown(analysis.heads)
         return (
             # Clearly not dermoscopy: the class scores are collapsed (they stay in the JSON record).
-            None if result.warning else readable_probabilities(entry, analysis.probabilities),
+            "" if result.warning else probabilities_markdown(entry, analysis.probabilities),
             verdict,
             gr.Image(value=analysis.heatmap, label=f"Explanation: {analysis.method}"),
             image,
@@ -631,16 +671,8 @@ def build_app(
         ranked = [results[i] for i in order]
         gallery = []
         for rank, (index, result) in enumerate(zip(order, ranked), start=1):
-            if result.warning:
-                colour, tag = OOD_COLOUR, "not dermoscopy?"
-            elif result.melanoma:
-                colour, tag = ABOVE_COLOUR, "ABOVE threshold"
-            else:
-                colour, tag = BELOW_COLOUR, "below threshold"
-            if result.caution:
-                tag += " (caution: may not be dermoscopy)"
-            caption = f"#{rank} {result.name}: P(mel) {result.melanoma_probability or 0.0:.1%}, {tag}"
-            gallery.append((_marked_thumbnail(thumbnails[indices[index]], colour), caption))
+            colour = OOD_COLOUR if result.warning else ABOVE_COLOUR if result.melanoma else BELOW_COLOUR
+            gallery.append((_marked_thumbnail(thumbnails[indices[index]], colour), gallery_caption(rank, result)))
         rows = [_csv_row(rank, r) for rank, r in enumerate(ranked, start=1)] + [_error_row(e) for e in errors]
         table = pd.DataFrame(rows)
         table["rank"] = table["rank"].astype("Int64")
@@ -651,6 +683,11 @@ def build_app(
             "error",
         )
         shown = table[[c for c in columns if c in table]].round(4)
+        if "melanoma_probability" in table:
+            # The page's unit, from the raw values (percent, one decimal, numeric so the column sorts);
+            # the CSV keeps 0-1.
+            shown["melanoma_probability"] = table["melanoma_probability"].map(percent_value)
+        shown = shown.rename(columns={"melanoma_probability": "P(melanoma) %"})
         error_md = (
             "**Files that could not be used** (the rest of the batch was processed):\n"
             + "\n".join(f"- `{e.name}`: {e.error}" for e in errors)
@@ -668,7 +705,7 @@ def build_app(
         image = read_image(state.paths[evt.index], max_upload_bytes)
         analysis = entry.analyze(image)
         return (
-            readable_probabilities(entry, result.probabilities),
+            probabilities_markdown(entry, result.probabilities, f"Selected image: {result.name}"),
             f"**{result.name}**\n\n" + verdict_markdown(result),
             gr.Image(value=analysis.heatmap, label=f"Explanation: {analysis.method}"),
             image,
@@ -692,17 +729,18 @@ def build_app(
     cache_every = max(1, int(cache_ttl_s) // 4)
     with gr.Blocks(title="Melanoma ViT: research demo", delete_cache=(cache_every, int(cache_ttl_s))) as demo:
         gr.Markdown("# Melanoma ViT: dermoscopy classifier (research demo)\n\n> " + DISCLAIMER)
-        with gr.Row():
-            model_choice = gr.Dropdown(
-                choices=[(model_label(i, zoo.source(i)), i) for i in zoo.ids],
-                value=default_id,
-                label="Model",
-                interactive=True,
-                scale=1,
-            )
-            with gr.Accordion("Model details", open=True):
+        with gr.Row():  # columns with a minimum width: at phone width the details table goes below
+            with gr.Column(min_width=320):
+                model_choice = gr.Dropdown(
+                    choices=[(model_label(i, zoo.source(i)), i) for i in zoo.ids],
+                    value=default_id,
+                    label="Model",
+                    interactive=True,
+                )
+            with gr.Column(min_width=320), gr.Accordion("Model details", open=True):
                 details = gr.Markdown(
-                    "No model found: add a model folder under models/." if default_id is None else ""
+                    "No model found: add a model folder under models/." if default_id is None else "",
+                    elem_id="model-details",
                 )
         if zoo.skipped:
             gr.Markdown("Hub models skipped (unreachable here): " + ", ".join(f"`{k}`" for k in zoo.skipped))
@@ -727,7 +765,7 @@ def build_app(
                         gr.Markdown(f"<small>{attribution}</small>")
                 with gr.Column():
                     verdict = gr.Markdown()
-                    probs_out = gr.Label(num_top_classes=len(DX_NAMES), label="Class probabilities")
+                    probs_out = gr.Markdown()
             with gr.Row():
                 plain_out = gr.Image(label="Image", type="pil", interactive=False)
                 heatmap_out = gr.Image(label="Explanation", interactive=False)
@@ -745,7 +783,8 @@ def build_app(
         with gr.Tab("Batch"):
             gr.Markdown(
                 "Upload many images at once: results are ranked by melanoma probability, highest first. "
-                "Red border: above the model's threshold; blue: below; grey: may not be dermoscopy. "
+                "Captions: rank · P(melanoma) · threshold. Red border: above the model's threshold; blue: below; "
+                "grey: may not be dermoscopy. "
                 "Click a thumbnail for details. " + DISCLAIMER
             )
             # A fixed height: a long upload list scrolls inside it instead of pushing the results down.
@@ -759,13 +798,14 @@ def build_app(
             batch_errors = gr.Markdown()
             gallery = gr.Gallery(
                 label="Ranked by melanoma probability",
+                elem_id="ranked-gallery",
                 columns=6,
                 height="auto",
                 allow_preview=False,
                 object_fit="contain",
             )
             with gr.Row():
-                sel_probs = gr.Label(num_top_classes=len(DX_NAMES), label="Selected image")
+                sel_probs = gr.Markdown()
                 with gr.Column():
                     sel_verdict = gr.Markdown()
                     sel_plain = gr.Image(label="Image", type="pil", interactive=False)
@@ -940,7 +980,7 @@ def build_app(
     # show_error=False: only our own gr.Error messages reach the page, never an exception's text
     # (which can name server paths); Gradio shows a generic "Error" for anything else.
     app = gr.mount_gradio_app(
-        api, demo, path="/", max_file_size=max_upload_bytes, allowed_paths=example_dirs, show_error=False
+        api, demo, path="/", max_file_size=max_upload_bytes, allowed_paths=example_dirs, show_error=False, css=PAGE_CSS
     )
     app.add_middleware(
         BodyLimitMiddleware,

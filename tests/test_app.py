@@ -3,8 +3,10 @@ through gradio_client and HTTP, on tiny real models trained from the fixture ima
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import re
 import shutil
 import tempfile
 import threading
@@ -20,6 +22,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
 from model.imageio import load_image
+from model.ood import OODResult
 from model.sevenpoint import SEVEN_POINT
 from test_zoo import MULTISOURCE, _png_bytes, bad_image_files, shared_tiny_models
 
@@ -78,10 +81,16 @@ def test_gradio_predict_endpoint(live, ham_image_paths):
     )
     expected = _expected(zoo, "melanoma-vit-tiny", path)
     assert record["probabilities"] == pytest.approx(expected, abs=1e-5)
-    confidences = {c["label"]: c["confidence"] for c in probs["confidences"]}
-    assert confidences["Melanoma"] == pytest.approx(expected["mel"], abs=1e-5)  # readable names
-    assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-4)
+    # One unit on the page: every class in percent with one decimal, highest first, readable names;
+    # the class list and the verdict show the same P(mel) text.
     entry = zoo.get("melanoma-vit-tiny")
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+)% \|$", probs, flags=re.M)
+    shown = record["probabilities"]  # the app's own values, so that rounding is compared exactly
+    ranked = sorted(shown, key=lambda code: -shown[code])
+    assert rows == [(entry.labels[code], f"{100 * shown[code]:.1f}") for code in ranked]
+    assert sum(float(p) for _, p in rows) == pytest.approx(100.0, abs=0.05 * len(rows))
+    mel_row = dict(rows)["Melanoma"]
+    assert f"Melanoma probability: {mel_row}%" in verdict
     assert record["prediction"]["melanoma"] == (expected["mel"] >= entry.melanoma_threshold)
     metadata = {"model_id": "melanoma-vit-tiny", "net_type": "melanoma_vit", "img_size": 32, "out_dim": 7}
     assert record["metadata"] == metadata
@@ -154,14 +163,19 @@ def test_gradio_batch_ranking_gallery_csv(live, tmp_path, fixtures_dir, ham_imag
     assert "seven_point_score" not in csv  # a model without criterion heads: the columns of before
 
     assert len(gallery) == len(images)
-    for item, name in zip(gallery, ranked_names):
-        assert item["caption"].startswith(f"#{ranked_names.index(name) + 1} {name}")
+    # Captions: rank, P(mel) in the page's unit and the flag, short (the name is in the table).
+    for rank, (item, p) in enumerate(zip(gallery, ok["melanoma_probability"]), start=1):
         colour = _thumbnail_border(item["image"])
-        if expected[name] >= entry.melanoma_threshold:
-            assert "ABOVE" in item["caption"] and colour[0] > 180 and colour[2] < 80  # red
+        if p >= entry.melanoma_threshold:
+            assert item["caption"] == f"#{rank} · {100 * p:.1f}% · above threshold"
+            assert colour[0] > 180 and colour[2] < 80  # red
         else:
-            assert "below" in item["caption"] and colour[2] > 180 and colour[0] < 80  # blue
-    assert table["headers"][:3] == ["rank", "file", "melanoma_probability"]
+            assert item["caption"] == f"#{rank} · {100 * p:.1f}% · below threshold"
+            assert colour[2] > 180 and colour[0] < 80  # blue
+        assert len(item["caption"]) <= 30
+    # The table shows the page's unit (percent, one decimal, as the verdict); the CSV above keeps 0-1.
+    assert table["headers"][:3] == ["rank", "file", "P(melanoma) %"]
+    assert [row[2] for row in table["data"][: len(images)]] == [round(100 * p, 1) for p in ok["melanoma_probability"]]
 
 
 # ------------------------------------------------------------------------------------ REST
@@ -411,7 +425,7 @@ def test_ood_warning_replaces_the_flag(live, tmp_path, ham_image_paths):
         probs, verdict, _, _, record = client.predict(handle_file(str(tmp)), None, "mean", 0.9, 0, api_name="/predict")
         assert record["ood"]["is_ood"] and record["warning"]
         assert "probably not a dermoscopic" in verdict and "Melanoma probability" not in verdict
-        assert probs is None or not probs.get("confidences")  # the class scores are collapsed
+        assert not probs  # the class scores are collapsed
         lesion = handle_file(str(ham_image_paths[0]))
         _, verdict, _, _, record = client.predict(lesion, None, "mean", 0.9, 0, api_name="/predict")
         assert record["ood"]["is_ood"] is False and record["warning"] is None
@@ -425,6 +439,15 @@ def test_ood_warning_replaces_the_flag(live, tmp_path, ham_image_paths):
 
 def _blocks_fn(demo, name: str):
     return next(f.fn for f in demo.fns.values() if f.name == name)
+
+
+def _details_rows(details: str) -> dict[str, str]:
+    """The model-details table as {row name: cell}; every line of it is a two-cell row."""
+    lines = [line for line in details.splitlines() if line.startswith("|")]
+    assert lines[1] == "|---|---|" and len(lines) >= 10, details
+    cells = [re.fullmatch(r"\| (.+?) \| (.+?) \|", line) for line in lines[:1] + lines[2:]]
+    assert all(cells), lines
+    return {m.group(1): m.group(2) for m in cells}
 
 
 def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
@@ -442,7 +465,17 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     gallery, _, _, _, state = _blocks_fn(demo, "predict_batch")(
         paths + [str(twin)], "resnet18-tiny", progress=gr.Progress()
     )
-    assert [r.name for r in state.results] == [c.split(" ")[1].rstrip(":") for _, c in gallery]
+    # The gallery and the state (which a selection indexes) are in the same order, highest P(mel) first.
+    p_mel = [r.melanoma_probability for r in state.results]
+    assert p_mel == sorted(p_mel, reverse=True)
+    assert [c for _, c in gallery] == [app_module.gallery_caption(k, r) for k, r in enumerate(state.results, start=1)]
+    # A borderline image keeps its flag with a short caution; a clear OOD one loses it.
+    top = state.results[0]
+    flag = "above" if top.melanoma else "below"
+    borderline = dataclasses.replace(top, ood=OODResult(True, 1.1, 1.0, "may not be dermoscopy", "borderline"))
+    assert app_module.gallery_caption(1, borderline) == f"#1 · {100 * p_mel[0]:.1f}% · {flag} threshold, caution"
+    clear = dataclasses.replace(top, ood=OODResult(True, 9.0, 1.0, "not a lesion", "clear"))
+    assert app_module.gallery_caption(3, clear) == f"#3 · {100 * p_mel[0]:.1f}% · not dermoscopy?"
     twins = [i for i, r in enumerate(state.results) if r.name == twin.name]
     assert len(twins) == 2 and {state.paths[i] for i in twins} == {paths[0], str(twin)}
     assert state.results[twins[0]].probabilities != state.results[twins[1]].probabilities
@@ -450,18 +483,26 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     probs, verdict, heatmap, plain = _blocks_fn(demo, "show_selected")(state, selected)
     second = state.results[1]
     assert second.name in verdict
-    assert probs["Melanoma"] == pytest.approx(second.probabilities["mel"])
+    assert f"| Melanoma | {100 * second.probabilities['mel']:.1f}% |" in probs and second.name in probs
     assert plain.size == Image.open(ham_image_paths[[Path(p).name for p in paths].index(second.name)]).size
     assert "Grad-CAM" in heatmap.label
 
     examples = _blocks_fn(demo, "example_batch")()
     assert len(examples) >= 4 and all(Path(p).is_file() for p in examples)
     details, fusion, discard, start = _blocks_fn(demo, "on_model_change")("resnet18-tiny")
-    assert "timm/resnet18" in details and "Grad-CAM" in details and fusion.visible is False
+    rows = _details_rows(details)
+    assert rows["Model"] == "**resnet18-tiny**" and rows["Architecture"] == "`timm/resnet18`"
+    assert "Grad-CAM" in rows["Explanation"] and fusion.visible is False
     details, fusion, discard, start = _blocks_fn(demo, "on_model_change")("melanoma-vit-tiny")
-    assert "cc-by-nc-sa-4.0" in details and "Melanoma AUC 0.500" in details and "Extra heads" not in details
+    rows = _details_rows(details)
+    entry = live[2].get("melanoma-vit-tiny")
+    assert rows["License"] == "cc-by-nc-sa-4.0" and rows["Melanoma AUC (ISIC 2017 fixtures)"] == "0.500"
+    assert rows["Melanoma threshold"] == (
+        f"{100 * entry.melanoma_threshold:.1f}% on P(mel), chosen on validation for 95% melanoma sensitivity"
+    )
+    assert rows["Input"] == "32x32 px" and rows["Classes"] == "7" and "Extra heads" not in rows
     details, *_ = _blocks_fn(demo, "on_model_change")(MULTISOURCE)
-    assert "Extra heads (shown with each single-image result): the seven-point checklist criteria, `derm7pt`, " in details
+    assert _details_rows(details)["Extra heads"].startswith("the seven-point checklist criteria, `derm7pt`, ")
     assert fusion.visible is True and start.maximum == 1
 
 
@@ -479,12 +520,13 @@ def test_model_details_headline_the_tables_metrics_of_a_rendered_card(tmp_path_f
     (folder / "eval" / "ham10000_test" / "metrics.json").write_text(json.dumps(SYNTHETIC_METRICS))
     render_model_card(folder, model_name="tiny").save(folder / "README.md")
 
-    details = model_details_markdown(ZooModel("tiny", folder))
-    headline = details.split("Headline metrics (from the model card): ")[1]
-    assert headline == (
-        "Melanoma ROC AUC (mel vs rest) 0.812 on HAM10000; Balanced accuracy 0.614 on HAM10000; "
-        "Melanoma sensitivity at threshold 0.213 0.941 on HAM10000."
-    )
+    rows = _details_rows(model_details_markdown(ZooModel("tiny", folder)))
+    headline = {name: value for name, value in rows.items() if name.endswith("(HAM10000)")}
+    assert headline == {
+        "Melanoma ROC AUC (mel vs rest) (HAM10000)": "0.812",
+        "Balanced accuracy (HAM10000)": "0.614",
+        "Melanoma sensitivity at threshold 0.213 (HAM10000)": "0.941",
+    }
 
 
 # ------------------------------------------------------------------- reliability and security

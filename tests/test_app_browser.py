@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "artifacts" / "browser"
 GRACE_HOPPER = Path(np.__file__).resolve().parents[1] / "matplotlib" / "mpl-data" / "sample_data" / "grace_hopper.jpg"
 TIMEOUT_MS = 90_000
-CAPTION = re.compile(r"#(\d+) (\S+): P\(mel\) ([\d.]+)%")
+CAPTION = re.compile(r"^#(\d+) · ([\d.]+)% · (above threshold|below threshold|not dermoscopy\?)(, caution)?$")
 
 
 @pytest.fixture(scope="module")
@@ -129,21 +129,34 @@ def test_single_image_shows_probabilities_and_heatmap(browser, live_app, page, h
     original = load_image(ham_image_paths[0]).convert("RGB").resize(overlay.size)
     assert np.abs(np.asarray(overlay, np.float32) - np.asarray(original, np.float32)).mean() > 10.0
 
-    # gr.Label lists every class name with a percentage; P(mel) matches the zoo's own prediction.
-    label = page.locator(".block", has=page.get_by_text("Class probabilities")).first
-    text = label.inner_text()
-    for name in DX_NAMES.values():
-        assert name in text, (name, text)
+    # The class list shows every class name in percent with one decimal; P(mel) matches the zoo's own
+    # prediction, and the class list and the verdict show the same text.
+    class_table = page.locator("table", has=page.get_by_text("Melanocytic nevus")).first
+    cells = [row.split("\t") for row in class_table.locator("tbody tr").all_inner_texts()]
+    assert sorted(name for name, _ in cells) == sorted(DX_NAMES.values()), cells
+    assert all(re.fullmatch(r"\d+\.\d%", p) for _, p in cells), cells
     expected = zoo.get(None).predict([load_image(ham_image_paths[0], max_side=1024)])[0].probabilities["mel"]
     shown = page.get_by_text(re.compile(r"Melanoma probability: [\d.]+%")).inner_text()
     assert float(re.search(r"([\d.]+)%", shown).group(1)) == pytest.approx(100 * expected, abs=0.051)
+    assert re.search(r"([\d.]+%)", shown).group(1) == dict(cells)["Melanoma"]
     assert "chosen on validation for 95% melanoma sensitivity" in page.get_by_text(re.compile("threshold of")).inner_text()
+    # Model details are a table whose threshold is the verdict's, in the same unit.
+    verdict_threshold = re.search(r"threshold of ([\d.]+%)", page.get_by_text(re.compile("threshold of")).inner_text())
+    details = page.locator("table", has=page.get_by_text("Melanoma threshold")).first
+    threshold_row = details.locator("tr", has=page.get_by_text("Melanoma threshold")).locator("td").all_inner_texts()
+    assert threshold_row[1].startswith(f"{verdict_threshold.group(1)} on P(mel)"), threshold_row
+    assert details.locator("tr", has=page.get_by_text("Architecture")).locator("td").all_inner_texts()[1] == "melanoma_vit"
     _shot(page, "single_image")
     # Phone width: the same result, readable without sideways scrolling of the page.
     page.set_viewport_size({"width": 390, "height": 844})
     page.get_by_text("Melanoma probability:").wait_for()
     assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
     _shot(page, "single_image_390px")
+    # The model-details table goes below the dropdown and fits the width, names unbroken.
+    box = details.bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+    name_cell = details.locator("td", has_text="Architecture").bounding_box()
+    assert name_cell["height"] < 60, name_cell
 
 
 def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_image_paths, fixtures_dir):
@@ -161,12 +174,19 @@ def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_im
 
     captions = page.locator(".caption-label")
     expect(captions).to_have_count(len(files), timeout=TIMEOUT_MS)
-    shown = [CAPTION.search(t).groups() for t in captions.all_inner_texts()]
-    ranks = [int(rank) for rank, _, _ in shown]
-    names = [name for _, name, _ in shown]
-    probs = [float(p) for _, _, p in shown]
+    shown = [CAPTION.match(t).groups() for t in captions.all_inner_texts()]
+    ranks = [int(rank) for rank, *_ in shown]
+    probs = [float(p) for _, p, *_ in shown]
     assert ranks == list(range(1, len(files) + 1))
     assert probs == sorted(probs, reverse=True), probs
+    # Captions are shown whole (not cut off with an ellipsis) at desktop and phone width.
+    assert captions.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth + 1).length") == 0
+    # The results table names the files in the same order and shows the same percentages.
+    table = page.locator(".block", has=page.locator("th[title='P(melanoma) %']")).first
+    # gr.Dataframe's body is a virtual grid: cell r, c is [data-testid=cell-r-c].
+    rows = [[table.get_by_test_id(f"cell-{r}-{c}").inner_text().strip() for c in range(3)] for r in range(len(files))]
+    names = [row[1] for row in rows]
+    assert [float(row[2]) for row in rows] == probs
 
     # Same order as ranking the zoo's own P(mel) (the app ranks records by it, highest first).
     entry = zoo.get(None)
@@ -175,7 +195,12 @@ def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_im
     for name, p in zip(names, probs):
         assert p == pytest.approx(100 * p_mel[name], abs=0.051)
     # The natural photo is marked as possibly not dermoscopy; the lesions are not.
-    texts = captions.all_inner_texts()
-    assert any(GRACE_HOPPER.name in t and "not dermoscopy?" in t for t in texts), texts
-    assert not any(t for t in texts if "not dermoscopy?" in t and GRACE_HOPPER.name not in t), texts
+    flags = {name: flag for name, (_, _, flag, _) in zip(names, shown)}
+    assert flags.pop(GRACE_HOPPER.name) == "not dermoscopy?", flags
+    assert "not dermoscopy?" not in flags.values(), flags
     _shot(page, "batch_ranked")
+    page.set_viewport_size({"width": 390, "height": 844})
+    captions.first.wait_for()
+    assert captions.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth + 1).length") == 0
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
+    _shot(page, "batch_ranked_390px")
