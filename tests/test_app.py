@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
+from bench.bench_app import big_pngs, reset_peak, server_memory_mib
 from model.imageio import load_image
 from model.ood import OODResult
 from model.sevenpoint import SEVEN_POINT
@@ -532,25 +534,6 @@ def test_model_details_headline_the_tables_metrics_of_a_rendered_card(tmp_path_f
 # ------------------------------------------------------------------- reliability and security
 
 
-def _rss_mib() -> tuple[int, int]:
-    """(current RSS, peak RSS since the last reset) of this process in MiB (Linux /proc)."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) // 1024, int(fields["VmHWM"].split()[0]) // 1024
-
-
-def big_pngs() -> dict[str, bytes]:
-    """The issue's two small-file, big-image PNGs: 7000x7000 16-bit greyscale and 7000x7000 RGBA."""
-    gradient = np.add.outer(np.arange(7000, dtype=np.uint16), np.arange(7000, dtype=np.uint16)) * 4
-    rgba = np.zeros((7000, 7000, 4), dtype=np.uint8)
-    rgba[..., 0], rgba[:3500, :, 3] = 200, 255
-    out = {}
-    for name, image in (("grey16_7000.png", Image.fromarray(gradient)), ("rgba_7000.png", Image.fromarray(rgba, "RGBA"))):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        out[name] = buffer.getvalue()
-    return out
-
-
 @pytest.mark.slow
 def test_big_pngs_decode_within_300_mib_through_rest_and_gradio(live, tmp_path):
     url, client, _, _ = live
@@ -560,14 +543,13 @@ def test_big_pngs_decode_within_300_mib_through_rest_and_gradio(live, tmp_path):
         (tmp_path / name).write_bytes(data)
     growth = {}
     for name, data in pngs.items():
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
-        before, _ = _rss_mib()
+        before = reset_peak(os.getpid())  # the peak (VmHWM) restarts at the current RSS
         response = httpx.post(url + "predict", files={"file": (name, data)}, timeout=120)
         assert response.status_code == 200, response.text
         assert _poll(url, response.json()["task_uuid"], timeout=120)["status"] == "done"
         *_, record = client.predict(handle_file(str(tmp_path / name)), None, "mean", 0.9, 0, api_name="/predict")
         assert record["name"] == name
-        growth[name] = _rss_mib()[1] - before
+        growth[name] = server_memory_mib(os.getpid())[1] - before
     print(f"peak RSS growth per upload (REST + Gradio): {growth} MiB")
     assert all(g <= 300 for g in growth.values()), growth
 
