@@ -356,3 +356,72 @@ def test_multisource_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp
     assert ref_w.keys() == got_w.keys()
     for name in ref_w:
         torch.testing.assert_close(got_w[name], ref_w[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_dihedral_gives_the_eight_symmetries_of_a_square() -> None:
+    from train.multisource import dihedral
+
+    x = torch.arange(2 * 3 * 3, dtype=torch.float32).view(1, 2, 3, 3).repeat(8, 1, 1, 1)
+    out = dihedral(x.clone(), torch.arange(8))
+    for op in range(8):
+        expected = x[op].flip(-1) if op >= 4 else x[op]
+        expected = torch.rot90(expected, op % 4, (-2, -1))
+        assert torch.equal(out[op], expected)
+    assert len({tuple(o.flatten().tolist()) for o in out}) == 8  # all distinct
+    with pytest.raises(ValueError, match="square"):
+        dihedral(torch.zeros(1, 3, 4, 5), torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_pure_vit_distilled_from_a_teacher_on_its_cached_features(tmp_path: Path, specs: list[SourceSpec]) -> None:
+    """A tiny pure MelanomaViT on a pixel cache, distilled from a Lite0 that reads its own stem cache:
+    the distillation targets equal the teacher's full forward on its processor view; the pixel cache
+    holds the student's processor view; a teacher cache of other rows is refused."""
+    from model.loading import load_classifier
+    from train.multisource import TEACHER_LOGITS
+
+    sources = [{k: v for k, v in vars(s).items() if k != "kind"} for s in specs]
+    teacher = {
+        "model": {"name": "efficientnet_lite0", "image_size": 64, "pretrained": False},
+        "sources": sources, "feature_cache": {"dir": str(tmp_path / "teacher_cache"), "views": 1},
+        "batch_size": 4, "eval_batch_size": 8, "epochs": 1, "report_to": "none",
+    }
+    (tmp_path / "teacher.yaml").write_text(json.dumps(teacher))
+    main(["--config", str(tmp_path / "teacher.yaml"), "--output_dir", str(tmp_path / "teacher"), "--num_workers", "0"])
+
+    student = {
+        "model": {"name": "melanoma_vit", "kwargs": {
+            "image_size": 32, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 37, "use_distillation_token": True}},
+        "distillation": {"teachers": [{"model": str(tmp_path / "teacher"), "cache": str(tmp_path / "teacher_cache")}],
+                         "kind": "soft", "alpha": 0.5, "temperature": 2.0},
+        "sources": sources, "feature_cache": {"dir": str(tmp_path / "pixels"), "views": 2, "dihedral": True},
+        "batch_size": 4, "eval_batch_size": 8, "epochs": 1, "report_to": "none",
+    }
+    (tmp_path / "student.yaml").write_text(json.dumps(student))
+    out = tmp_path / "student"
+    main(["--config", str(tmp_path / "student.yaml"), "--output_dir", str(out), "--num_workers", "0"])
+
+    train_ds = load_sources(specs)["train"]
+    images = [img.convert("RGB") for img in train_ds["image"]]
+    net, processor = load_classifier(tmp_path / "teacher")
+    with torch.no_grad():
+        expected = torch.log_softmax(net(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]).logits, -1)
+    targets = load_file(out / TEACHER_LOGITS)["logits"]
+    assert targets.shape == (len(train_ds), len(DX_CODES))
+    assert torch.allclose(targets, expected, atol=2e-2)  # the cache is fp16
+
+    vit, vit_processor = load_classifier(out)
+    assert vit.config.model_type == "melanoma_vit" and vit.config.patch_embedding_type == "linear"
+    assert vit.config.use_distillation_token and vit.config.melanoma_threshold is not None
+    pixels = load_cache(tmp_path / "pixels" / "train")
+    assert pixels.shape[:3] == (2, len(train_ds), 3) and pixels.shape[-1] == 32
+    view0 = vit_processor(images=images, return_tensors="pt")["pixel_values"]
+    diff = (pixels[0].float() - view0).abs()
+    assert float(diff.mean()) < 1e-3 and float(diff.max()) < 0.05, (float(diff.mean()), float(diff.max()))
+
+    # a teacher cache built for other rows is refused with the reason
+    student["distillation"]["teachers"][0]["cache"] = str(tmp_path / "pixels")
+    (tmp_path / "bad.yaml").write_text(json.dumps(student))
+    with pytest.raises(ValueError, match="does not fit"):
+        main(["--config", str(tmp_path / "bad.yaml"), "--output_dir", str(tmp_path / "bad"), "--num_workers", "0"])

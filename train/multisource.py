@@ -13,6 +13,10 @@ HAM10000 does not drown the smaller archives. The frozen stride-16 stem of the n
   training-only auxiliaries on the pooled features, so the shipped folder stays a stock
   `TimmWrapperForImageClassification` that the Hub inference API and `pipeline` load as is.
 - hybrid MelanomaViT: projection + transformer + every head (`config.extra_heads`, shipped).
+- pure MelanomaViT (linear patches): nothing is frozen, so the "stem" is the identity and the cache
+  holds the processor-sized pixels of each view (fp16); `feature_cache.dihedral` adds a random
+  flip / 90-degree rotation per sample and step. `distillation.teachers` distil it from trained
+  models that read their own caches once (`teacher_logits`): the DeiT recipe at cached-view cost.
 
 Export: the weights of the epoch with the best mean validation melanoma AUC over the sources,
 with the temperature of every head (folded into the heads, `model.calibration.fold_temperature`) and
@@ -48,8 +52,11 @@ from model.calibration import fold_temperature, store_temperature
 from model.labels import DX_CODES, MELANOMA
 from model.modeling_melanoma_vit import IGNORE_INDEX
 
+from model.geometry import processor_geometry
+from model.loading import load_classifier
+
 from .features import build_cache, efficientnet_stem_names, load_cache, stem_bypassed
-from .losses import masked_head_loss
+from .losses import distillation_loss, masked_head_loss
 from .metrics import fit_temperature, melanoma_auc, threshold_for_sensitivity
 from .sources import MAIN_HEAD, SourceSpec, head_labels, load_sources, source_manifest
 
@@ -59,6 +66,8 @@ BEST_WEIGHTS = "best.safetensors"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_MINUTES = 10  # at most this long between checkpoints
 HYBRID_STEM = ("vit.embeddings.patch_embed.stem",)
+TEACHER_LOGITS = "teacher_logits.safetensors"
+DISTILLATION = "_distillation"  # MultiHeadNet's key for a DeiT model's distillation-head logits (training only)
 
 
 class MultiHeadNet(nn.Module):
@@ -83,13 +92,87 @@ class MultiHeadNet(nn.Module):
             pooled = timm_model.forward_head(timm_model.forward_features(pixel_values), pre_logits=True)  # (B, F)
             return {MAIN_HEAD: timm_model.get_classifier()(pooled), **{n: h(pooled) for n, h in self.aux_heads.items()}}
         outputs = self.model(pixel_values=pixel_values)
-        return {MAIN_HEAD: outputs.logits, **(outputs.head_logits or {})}
+        logits = {MAIN_HEAD: outputs.logits, **(outputs.head_logits or {})}
+        if self.training and outputs.distillation_logits is not None:
+            logits[DISTILLATION] = outputs.distillation_logits
+        return logits
 
     def stem_names(self) -> tuple[str, ...]:
-        """Names (relative to this module) of the frozen stem that cached features replace."""
+        """Names (relative to this module) of the frozen stem that cached features replace
+        (none for a pure ViT: its cache holds pixels)."""
         if self.is_timm:
             return tuple(f"model.timm_model.{n}" for n in efficientnet_stem_names(self.model))
+        if getattr(self.model.config, "patch_embedding_type", "linear") != "hybrid":
+            return ()
         return tuple(f"model.{n}" for n in HYBRID_STEM)
+
+
+def dihedral(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+    """Sample i of the square batch x (B, C, H, H) flipped left-right when ops[i] >= 4, then turned
+    by (ops[i] % 4) quarter turns: the 8 symmetries of a square, which a dermoscopy image has no
+    preferred one of."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"dihedral augmentation needs square inputs, got {tuple(x.shape[-2:])}")
+    x = torch.where((ops >= 4).view(-1, 1, 1, 1), x.flip(-1), x)
+    turns = ops % 4
+    for k in (1, 2, 3):
+        rows = turns == k
+        if rows.any():
+            x[rows] = torch.rot90(x[rows], k, (-2, -1))
+    return x
+
+
+@torch.no_grad()
+def teacher_logits(teachers: Sequence[Mapping[str, str]], train_ds: Any, output_dir: Path, batch_size: int) -> torch.Tensor | None:
+    """Distillation targets for every training row: log of the dx probabilities averaged over the
+    teachers and every cached view of each teacher's own cache (N, len(DX_CODES)).
+
+    Each teacher (a trained folder, e.g. models/efficientnet-lite2) reads the stem features its
+    recipe cached (`cache`/train), so no image is decoded again. Written once to
+    `output_dir/teacher_logits.safetensors` (a resumed run reads it back). The teachers' melanoma
+    AUC on the training rows is logged per source: a cache whose rows are not this recipe's shows
+    up as an AUC near 0.5, and a mismatched row count or geometry is refused.
+    """
+    if not teachers:
+        return None
+    path = output_dir / TEACHER_LOGITS
+    n = len(train_ds)
+    if path.is_file():
+        cached = load_file(str(path))["logits"]
+        if len(cached) == n:
+            return cached
+    dx = np.asarray(train_ds["label"])
+    sources = np.asarray(train_ds["source"])
+    total = torch.zeros(n, len(DX_CODES))
+    count = 0
+    for teacher in teachers:
+        model, processor = load_classifier(teacher["model"])
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        if labels != list(DX_CODES):
+            raise ValueError(f"teacher {teacher['model']} predicts {labels}, not the dx classes {list(DX_CODES)}")
+        cache = Path(teacher["cache"]) / "train"
+        recipe = json.loads((cache / "cache.json").read_text()) if (cache / "cache.json").is_file() else {}
+        geometry = processor_geometry(processor)
+        expected = {"rows": n, "size": list(geometry.size), "mean": list(geometry.mean), "std": list(geometry.std)}
+        wrong = sorted(k for k, v in expected.items() if not np.allclose(recipe.get(k, -1), v))
+        if wrong:
+            raise ValueError(f"teacher cache {cache} does not fit {teacher['model']} on this recipe's rows: {wrong} differ")
+        net = MultiHeadNet(model, {})
+        features = load_cache(cache)
+        with stem_bypassed(net, net.stem_names()):
+            for view in range(len(features)):
+                p = torch.softmax(_predict(net, features[view], batch_size)[MAIN_HEAD], -1)
+                total += p
+                count += 1
+                aucs = {s: melanoma_auc((dx[sources == s] == DX_CODES.index(MELANOMA)).astype(int),
+                                        p[torch.as_tensor(sources == s), DX_CODES.index(MELANOMA)].numpy())
+                        for s in dict.fromkeys(sources)}
+                logger.info("teacher %s view %d: train melanoma AUC %s", teacher["model"], view,
+                            {s: round(a, 3) if a is not None else None for s, a in aucs.items()})
+        del features
+    logits = (total / count).clamp_min(1e-8).log()
+    save_file({"logits": logits.contiguous()}, str(path))
+    return logits
 
 
 def sampler_weights(sources: Sequence[str], dx: Sequence[int], specs: Sequence[SourceSpec], power: float = 0.5) -> torch.Tensor:
@@ -188,7 +271,7 @@ def train_multisource(cfg: Any, args: Any, create_model: Any, weight_decay_group
     cache_cfg = dict(cfg.feature_cache or {})
     cache_dir = Path(cache_cfg.get("dir", output_dir / "feature_cache"))
     views = int(cache_cfg.get("views", 4))
-    stem = nn.Sequential(*(net.get_submodule(n) for n in net.stem_names())).eval()
+    stem = nn.Sequential(*(net.get_submodule(n) for n in net.stem_names())).eval()  # empty = pixels
     for split, n_views, seed in (("validation", 1, 0), ("train", views, cfg.seed)):
         build_cache(dd[split], stem, processor, cache_dir / split, views=n_views, augment=cfg.augmentation,
                     batch_size=cfg.eval_batch_size, seed=seed, num_workers=args.num_workers)
@@ -199,6 +282,8 @@ def train_multisource(cfg: Any, args: Any, create_model: Any, weight_decay_group
     train_y = _label_tensors(dd["train"], list(extra))
     val_y = _label_tensors(dd["validation"], list(extra))
     val_sources = dd["validation"]["source"]
+    teacher = teacher_logits(cfg.distillation.teachers, dd["train"], output_dir, cfg.eval_batch_size)
+    dihedral_aug = bool(cache_cfg.get("dihedral", False))
 
     # ---- what trains: everything but the stem
     stem_params = {id(p) for p in stem.parameters()}
@@ -235,7 +320,8 @@ def train_multisource(cfg: Any, args: Any, create_model: Any, weight_decay_group
     with stem_bypassed(net, net.stem_names()):  # the cached features replace the stem's output
         val_logits = _train_epochs(net, cfg, state, train_x, train_y, val_x, val_y, val_sources, weights,
                                    optimizer, scheduler, groups, loss_weights, max_steps, num_epochs,
-                                   steps_per_epoch, output_dir, accelerator.is_local_main_process)
+                                   steps_per_epoch, output_dir, accelerator.is_local_main_process,
+                                   teacher=teacher, dihedral_aug=dihedral_aug)
     calibration = export(net, processor, val_logits, val_y, output_dir)
     cfg_dict = dataclasses.asdict(cfg)
     cfg_dict["adam_betas"] = list(cfg.adam_betas)
@@ -273,9 +359,13 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def _train_epochs(net, cfg, state, train_x, train_y, val_x, val_y, val_sources, weights, optimizer, scheduler,
-                  groups, loss_weights, max_steps, num_epochs, steps_per_epoch, output_dir, show) -> dict[str, torch.Tensor]:
+                  groups, loss_weights, max_steps, num_epochs, steps_per_epoch, output_dir, show,
+                  teacher: torch.Tensor | None = None, dihedral_aug: bool = False) -> dict[str, torch.Tensor]:
     """The epoch loop on cached features (stem bypassed); returns the best epoch's validation logits
     with the best weights loaded into `net`.
+
+    With `teacher` (N, C) logits, the dx term is (1 - alpha) * CE(labels) + alpha * the distillation
+    loss of the distillation head (the dx head for models without one) to the teacher rows.
 
     Checkpoints at every epoch end, every `cfg.checkpointing_steps` steps and at least every
     CHECKPOINT_MINUTES. An epoch's draw order depends only on (seed, epoch), so a run resumed
@@ -288,6 +378,7 @@ def _train_epochs(net, cfg, state, train_x, train_y, val_x, val_y, val_sources, 
         generator.manual_seed(cfg.seed + state["epoch"])
         order = torch.multinomial(weights, steps_per_epoch * cfg.batch_size, replacement=True, generator=generator)
         view = torch.randint(0, views, (len(order),), generator=generator)
+        ops = torch.randint(0, 8, (len(order),), generator=generator) if dihedral_aug else None
         net.train()
         running = 0.0
         bar = tqdm(range(state.get("step_in_epoch", 0), steps_per_epoch), desc=f"epoch {state['epoch']}", disable=not show)
@@ -297,7 +388,10 @@ def _train_epochs(net, cfg, state, train_x, train_y, val_x, val_y, val_sources, 
             rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
             idx = order[rows]
             x = train_x[view[rows], idx].float()  # (B, C, h, w)
-            loss, _ = masked_head_loss(net(x), {h: y[idx] for h, y in train_y.items()}, loss_weights, cfg.label_smoothing)
+            if ops is not None:
+                x = dihedral(x, ops[rows])
+            loss = _loss(net(x), {h: y[idx] for h, y in train_y.items()}, loss_weights, cfg,
+                         teacher[idx] if teacher is not None else None)
             loss.backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
@@ -328,6 +422,26 @@ def _train_epochs(net, cfg, state, train_x, train_y, val_x, val_y, val_sources, 
 
     _load_weights(net, output_dir / BEST_WEIGHTS)
     return _predict(net, val_x, cfg.eval_batch_size)
+
+
+def _loss(logits: dict[str, torch.Tensor], labels: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+          cfg: Any, teacher: torch.Tensor | None) -> torch.Tensor:
+    """Masked multi-head cross-entropy, with DeiT distillation on the dx head(s) when there is a teacher.
+
+    A DeiT model's distillation head learns the teacher (or, without one, the labels too: the model
+    averages both heads in eval)."""
+    student = logits.pop(DISTILLATION, None)
+    main = weights.get(MAIN_HEAD, 1.0)
+    if teacher is None and student is None:
+        return masked_head_loss(logits, labels, weights, cfg.label_smoothing)[0]
+    share = 1 - cfg.distillation.alpha if teacher is not None else 0.5
+    loss = masked_head_loss(logits, labels, {**weights, MAIN_HEAD: main * share}, cfg.label_smoothing)[0]
+    if teacher is None:
+        return loss + masked_head_loss({MAIN_HEAD: student}, {MAIN_HEAD: labels[MAIN_HEAD]}, {MAIN_HEAD: main * 0.5},
+                                       cfg.label_smoothing)[0]
+    target = student if student is not None else logits[MAIN_HEAD]
+    d = cfg.distillation
+    return loss + main * d.alpha * distillation_loss(target, teacher, d.kind, d.temperature)
 
 
 def export(net: MultiHeadNet, processor: Any, val_logits: Mapping[str, torch.Tensor],

@@ -144,6 +144,10 @@ class DistillationArgs:
     kind: str = "hard"  # hard: CE(dist_logits, teacher argmax); soft: KL at `temperature`
     alpha: float = 0.5  # weight of the distillation term; (1 - alpha) on CE(cls_logits, labels)
     temperature: float = 1.0  # soft distillation only
+    # multi-source recipes: teachers read their own cached stem features once, before training:
+    # [{"model": folder or Hub id, "cache": that model's recipe's feature_cache.dir}, ...]; their
+    # dx probabilities (averaged over teachers and cached views) are the distillation targets
+    teachers: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -287,6 +291,12 @@ def _validate(cfg: TrainConfig) -> None:
         (not cfg.sources or (cfg.max_train_samples, cfg.max_eval_samples) == (None, None),
          "max_train_samples / max_eval_samples are for single-source recipes (a `sources:` recipe caches features "
          "of whole splits); use --max_steps for a short multi-source run"),
+        (bool(cfg.sources) or not cfg.distillation.teachers,
+         "distillation.teachers (teachers on cached features) is for multi-source recipes; use distillation.teacher"),
+        (not (cfg.sources and cfg.distillation.teacher),
+         "multi-source recipes distil from cached features: use distillation.teachers [{model, cache}], not distillation.teacher"),
+        (all(isinstance(t, dict) and set(t) == {"model", "cache"} for t in cfg.distillation.teachers),
+         "each distillation.teachers entry is {model: folder or Hub id, cache: its recipe's feature_cache.dir}"),
     ]
     for ok, message in checks:
         if not ok:
