@@ -103,13 +103,14 @@ class EvalSet:
     heads: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _num(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A real number from a metrics file (not a bool, not NaN)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def fmt_number(value: Any, digits: int = 3) -> str:
     """Format a number from a metrics file for a table (3 decimals for floats)."""
-    if isinstance(value, bool) or not _num(value):
+    if isinstance(value, bool) or not is_number(value):
         return str(value)
     if isinstance(value, int):
         return str(value)
@@ -208,7 +209,7 @@ def _read_training(model_dir: Path) -> dict[str, Any]:
     val = model_dir / "val_metrics.json"
     if val.is_file():
         info["val_metrics"] = [
-            (_cell(k), _fmt(v)) for k, v in _flatten(read_json(val)).items() if _num(v)
+            (_cell(k), fmt_number(v)) for k, v in _flatten(read_json(val)).items() if is_number(v)
         ]
     manifest = model_dir / "split_manifest.json"
     if manifest.is_file():
@@ -233,14 +234,14 @@ def manifest_sources(manifest: dict[str, Any]) -> list[dict[str, str]]:
             "name": name, "licence": licence, "origin": origin,
             "sizes": " / ".join(str(sizes.get(split, "-")) for split in ("train", "validation", "test")),
             "split": _cell(source.get("split", "")),
-            "weight": _fmt(source.get("weight")) if _num(source.get("weight")) else "-",
+            "weight": fmt_number(source.get("weight")) if is_number(source.get("weight")) else "-",
             "heads": ", ".join(f"`{h}`" for h in source.get("heads") or []),
         })
     return rows
 
 
 def _fmt_param(value: Any) -> str:
-    return _fmt(value, digits=6) if isinstance(value, float) else str(value)
+    return fmt_number(value, digits=6) if isinstance(value, float) else str(value)
 
 
 def manifest_split_sizes(manifest: dict[str, Any]) -> tuple[dict[str, int], dict[str, Any]]:
@@ -274,7 +275,7 @@ def _dataset_of(key: str, metrics: dict[str, Any]) -> tuple[str, str, str]:
 
 def _present(metric: Metric, m: dict[str, Any]) -> bool:
     """Whether metrics.json holds the metric (and the threshold it is measured at)."""
-    return _num(m.get(metric.key)) and (metric.threshold is None or _num(m.get(metric.threshold)))
+    return is_number(m.get(metric.key)) and (metric.threshold is None or is_number(m.get(metric.threshold)))
 
 
 def _eval_rows(m: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -282,21 +283,21 @@ def _eval_rows(m: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
     rows: list[tuple[str, str]] = []
     words = {
         "source": _threshold_source(m),
-        "temperature": f" (T = {_fmt(m['temperature'])})" if _num(m.get("temperature")) else "",
+        "temperature": f" (T = {fmt_number(m['temperature'])})" if is_number(m.get("temperature")) else "",
     }
     for metric in METRICS:
         if not _present(metric, m):
             continue
-        text = _fmt(m[metric.key])
+        text = fmt_number(m[metric.key])
         ci = m.get(metric.ci95) if metric.ci95 else None
-        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(v) for v in ci):
-            text += f" (95% CI {_fmt(ci[0])} to {_fmt(ci[1])})"
-        if metric.baseline and _num(m.get(metric.baseline)):
-            text += f" (a uniform map would score {_fmt(m[metric.baseline])})"
-        threshold = _fmt(m[metric.threshold]) if metric.threshold else None
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(is_number(v) for v in ci):
+            text += f" (95% CI {fmt_number(ci[0])} to {fmt_number(ci[1])})"
+        if metric.baseline and is_number(m.get(metric.baseline)):
+            text += f" (a uniform map would score {fmt_number(m[metric.baseline])})"
+        threshold = fmt_number(m[metric.threshold]) if metric.threshold else None
         rows.append((metric.label.format(threshold=threshold, **words), text))
     notes: list[str] = []
-    if not _num(m.get("threshold_val95")):
+    if not is_number(m.get("threshold_val95")):
         notes.append("Sensitivity/specificity at a validation-chosen threshold: not available "
                      "(no validation data was given to the evaluation).")
     if isinstance(m.get("leakage_check"), str):
@@ -304,13 +305,13 @@ def _eval_rows(m: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
     return rows, notes
 
 
-def _auc_text(auc: Any, ci: Any) -> str:
+def auc_text(auc: Any, ci: Any) -> str:
     """"0.873 (0.84 to 0.90)", with "at chance" when the 95% CI includes 0.5; "undefined" without an AUC."""
-    if not _num(auc):
+    if not is_number(auc):
         return "undefined (one class only)"
-    text = _fmt(auc)
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(v) for v in ci):
-        text += f" ({_fmt(ci[0])} to {_fmt(ci[1])})"
+    text = fmt_number(auc)
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(is_number(v) for v in ci):
+        text += f" ({fmt_number(ci[0])} to {fmt_number(ci[1])})"
         if ci[0] <= 0.5 <= ci[1]:
             text += ", at chance"
     return text
@@ -323,17 +324,17 @@ def _criteria_rows(m: dict[str, Any]) -> tuple[list[tuple[str, ...]], list[tuple
         return [], []
     criteria = [
         (_cell(name.replace("_", " ")), _cell(c.get("label", "")), str(c.get("points", "")),
-         f"{c.get('n_positive', '')} / {c.get('n', '')}", _auc_text(c.get("auc"), c.get("auc_ci95")))
+         f"{c.get('n_positive', '')} / {c.get('n', '')}", auc_text(c.get("auc"), c.get("auc_ci95")))
         for name, c in (sp.get("criteria") or {}).items()
     ]
     score = []
     if "seven_point_score_melanoma_auc" in sp:
         score.append(("Melanoma AUC of the expected checklist score (95% CI)",
-                      _auc_text(sp["seven_point_score_melanoma_auc"], sp.get("seven_point_score_melanoma_auc_ci95"))))
+                      auc_text(sp["seven_point_score_melanoma_auc"], sp.get("seven_point_score_melanoma_auc_ci95"))))
     for key, label in (("seven_point_score_sensitivity", "Sensitivity of score >= {t}"),
                        ("seven_point_score_specificity", "Specificity of score >= {t}")):
-        if _num(sp.get(key)):
-            score.append((label.format(t=_fmt(sp.get("seven_point_score_threshold"))), _fmt(sp[key])))
+        if is_number(sp.get(key)):
+            score.append((label.format(t=fmt_number(sp.get("seven_point_score_threshold"))), fmt_number(sp[key])))
     return criteria, score
 
 
@@ -346,9 +347,9 @@ def _subgroup_rows(m: dict[str, Any]) -> list[tuple[str, list[tuple[str, ...]]]]
             continue
         rows = [
             (_cell(value), str(g.get("n")), str(g.get("n_melanoma")),
-             _auc_text(g.get("melanoma_auc"), g.get("melanoma_auc_ci95")),
-             _fmt(g["sensitivity_val95"]) if _num(g.get("sensitivity_val95")) else "-",
-             _fmt(g["specificity_val95"]) if _num(g.get("specificity_val95")) else "-")
+             auc_text(g.get("melanoma_auc"), g.get("melanoma_auc_ci95")),
+             fmt_number(g["sensitivity_val95"]) if is_number(g.get("sensitivity_val95")) else "-",
+             fmt_number(g["specificity_val95"]) if is_number(g.get("specificity_val95")) else "-")
             for value, g in groups.items()
         ]
         out.append((titles.get(column, column), rows))
@@ -358,18 +359,18 @@ def _subgroup_rows(m: dict[str, Any]) -> list[tuple[str, list[tuple[str, ...]]]]
 def overview_table(eval_sets: list[EvalSet]) -> tuple[list[str], list[list[str]]]:
     """The card's one-table overview: (header, rows), with only the columns some set has."""
     def sens_spec(m: dict[str, Any]) -> str | None:
-        if _num(m.get("sensitivity_val95")) and _num(m.get("specificity_val95")):
-            return f"{_fmt(m['sensitivity_val95'])} / {_fmt(m['specificity_val95'])}"
+        if is_number(m.get("sensitivity_val95")) and is_number(m.get("specificity_val95")):
+            return f"{fmt_number(m['sensitivity_val95'])} / {fmt_number(m['specificity_val95'])}"
         return None
 
     columns: list[tuple[str, Any]] = [
-        ("Images (melanomas)", lambda m: f"{m.get('n')} ({m['n_melanoma']})" if _num(m.get("n_melanoma")) else None),
-        ("Melanoma AUC (95% CI)", lambda m: _auc_text(m["melanoma_auc"], m.get("melanoma_auc_ci95"))
-         if _num(m.get("melanoma_auc")) else None),
-        ("Balanced accuracy", lambda m: _fmt(m["balanced_accuracy"]) if _num(m.get("balanced_accuracy")) else None),
+        ("Images (melanomas)", lambda m: f"{m.get('n')} ({m['n_melanoma']})" if is_number(m.get("n_melanoma")) else None),
+        ("Melanoma AUC (95% CI)", lambda m: auc_text(m["melanoma_auc"], m.get("melanoma_auc_ci95"))
+         if is_number(m.get("melanoma_auc")) else None),
+        ("Balanced accuracy", lambda m: fmt_number(m["balanced_accuracy"]) if is_number(m.get("balanced_accuracy")) else None),
         ("Sensitivity / specificity at the validation threshold", sens_spec),
         ("ECE after temperature scaling",
-         lambda m: _fmt(m["ece_temperature_scaled"]) if _num(m.get("ece_temperature_scaled")) else None),
+         lambda m: fmt_number(m["ece_temperature_scaled"]) if is_number(m.get("ece_temperature_scaled")) else None),
     ]
     cells = [[get(es.metrics) for _, get in columns] for es in eval_sets]
     keep = [i for i in range(len(columns)) if any(row[i] is not None for row in cells)]
@@ -389,15 +390,15 @@ def _threshold_source(m: dict[str, Any]) -> str:
 def _calibration(m: dict[str, Any]) -> str:
     """One sentence on calibration from metrics.json (ECE before/after, temperature, threshold)."""
     parts = []
-    if _num(m.get("ece")):
-        text = f"ECE {_fmt(m['ece'])}"
-        if _num(m.get("ece_temperature_scaled")):
-            text += f" before and {_fmt(m['ece_temperature_scaled'])} after temperature scaling"
-        if _num(m.get("temperature")):
-            text += f" (T = {_fmt(m['temperature'])})"
+    if is_number(m.get("ece")):
+        text = f"ECE {fmt_number(m['ece'])}"
+        if is_number(m.get("ece_temperature_scaled")):
+            text += f" before and {fmt_number(m['ece_temperature_scaled'])} after temperature scaling"
+        if is_number(m.get("temperature")):
+            text += f" (T = {fmt_number(m['temperature'])})"
         parts.append(text)
-    if _num(m.get("threshold_val95")):
-        parts.append(f"melanoma threshold {_fmt(m['threshold_val95'])} ({_threshold_source(m)})")
+    if is_number(m.get("threshold_val95")):
+        parts.append(f"melanoma threshold {fmt_number(m['threshold_val95'])} ({_threshold_source(m)})")
     return "; ".join(parts)
 
 
@@ -414,7 +415,7 @@ def _eval_results(es: EvalSet) -> list[EvalResult]:
         threshold = None
         if metric.threshold:
             args["threshold"] = m[metric.threshold]
-            threshold = _fmt(m[metric.threshold])
+            threshold = fmt_number(m[metric.threshold])
         name = (metric.index_name or metric.label).format(threshold=threshold)
         results.append(EvalResult(metric_type=metric.index_type, metric_value=m[metric.key], metric_name=name,
                                   metric_args=args or None, **common))
@@ -447,18 +448,18 @@ def load_eval_sets(model_dir: Path, eval_dirs: dict[str, Path] | None = None) ->
         es = EvalSet(key=key, dataset_name=name, dataset_type=dtype, split=split, metrics=metrics)
         es.rows, es.notes = _eval_rows(metrics)
         ci = metrics.get("melanoma_auc_ci95")
-        if isinstance(ci, list) and len(ci) == 2 and all(_num(v) for v in ci) and ci[0] <= 0.5 <= ci[1]:
+        if isinstance(ci, list) and len(ci) == 2 and all(is_number(v) for v in ci) and ci[0] <= 0.5 <= ci[1]:
             es.notes.insert(0, "The melanoma AUC is at chance on this set: its 95% CI includes 0.5.")
         es.criteria, es.seven_point = _criteria_rows(metrics)
         es.subgroups = _subgroup_rows(metrics)
-        es.heads = [(_cell(h), _auc_text(r.get("melanoma_auc"), r.get("melanoma_auc_ci95")))
+        es.heads = [(_cell(h), auc_text(r.get("melanoma_auc"), r.get("melanoma_auc_ci95")))
                     for h, r in (metrics.get("heads") or {}).items() if isinstance(r, dict)]
         es.calibration = _calibration(metrics)
         notes = metrics.get("notes") if isinstance(metrics.get("notes"), dict) else {}
         es.method_notes = [(_cell(k), _cell(v)) for k, v in notes.items() if k != "disclaimer" and isinstance(v, str)]
         recall = metrics.get("per_class_recall") or {}
-        es.per_class_recall = [(code, _cell(DX_NAMES.get(code, code)), _fmt(r))
-                               for code, r in recall.items() if _num(r)]
+        es.per_class_recall = [(code, _cell(DX_NAMES.get(code, code)), fmt_number(r))
+                               for code, r in recall.items() if is_number(r)]
         for filename, title in PLOTS:
             plot = folder / filename
             if not plot.is_file():
@@ -562,10 +563,10 @@ def render_model_card(
         training=training,
         extra_heads=[(h, ", ".join(f"`{v}`" for v in labels)) for h, labels in (config.get("extra_heads") or {}).items()],
         # A temperature still to apply (older, unfolded folders), and the key the snippet divides by.
-        config_temperature=_fmt(temperature) if temperature is not None else None,
+        config_temperature=fmt_number(temperature) if temperature is not None else None,
         temperature_key=config_temperature_key(config),
-        folded_temperature=_fmt(folded) if folded is not None else None,
-        config_threshold=_fmt(threshold) if _num(threshold) else None,
+        folded_temperature=fmt_number(folded) if folded is not None else None,
+        config_threshold=fmt_number(threshold) if is_number(threshold) else None,
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
 

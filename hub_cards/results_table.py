@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from .render import KNOWN_DATASETS, _auc_text, _fmt, _num, load_eval_sets
+from .render import KNOWN_DATASETS, auc_text, fmt_number, is_number, load_eval_sets
 
 START = "<!-- results-table:start (python -m hub_cards.results_table models --write README.md) -->"
 END = "<!-- results-table:end -->"
@@ -38,11 +38,11 @@ def results_table(models_dir: Path, sets: tuple[str, ...] = SETS) -> str:
         cells = [f"`{folder.name}`"]
         for key in sets:
             m = evals.get(key, {})
-            cells.append(_auc_text(m["melanoma_auc"], m.get("melanoma_auc_ci95")) if _num(m.get("melanoma_auc")) else "-")
+            cells.append(auc_text(m["melanoma_auc"], m.get("melanoma_auc_ci95")) if is_number(m.get("melanoma_auc")) else "-")
             sens, spec = m.get("sensitivity_val95"), m.get("specificity_val95")
-            cells.append(f"{_fmt(sens)} / {_fmt(spec)}" if _num(sens) and _num(spec) else "-")
+            cells.append(f"{fmt_number(sens)} / {fmt_number(spec)}" if is_number(sens) and is_number(spec) else "-")
             if key.startswith("ham10000"):
-                cells.append(_fmt(m["balanced_accuracy"]) if _num(m.get("balanced_accuracy")) else "-")
+                cells.append(fmt_number(m["balanced_accuracy"]) if is_number(m.get("balanced_accuracy")) else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
