@@ -206,6 +206,9 @@ def _read_training(model_dir: Path) -> dict[str, Any]:
     command = model_dir / "command.txt"
     if command.is_file():
         info["command"] = command.read_text(encoding="utf-8").strip()
+    export_command = model_dir / "export_command.txt"
+    if export_command.is_file():
+        info["export_command"] = export_command.read_text(encoding="utf-8").strip()
     val = model_dir / "val_metrics.json"
     if val.is_file():
         info["val_metrics"] = [

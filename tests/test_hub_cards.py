@@ -534,3 +534,12 @@ def test_multi_source_card_lists_sources_licences_criteria_subgroups_and_chance(
     assert "Subgroup: Sex" in evaluation and "Age band" not in evaluation  # only "unknown": no table
     limits = text.split("## Limitations and bias")[1]
     assert "HAM10000, Derm7pt come from a" in limits.replace("\n  ", " ") and "Fitzpatrick" in limits
+
+
+def test_export_folder_card_quotes_its_export_command(evaluated_dir, tmp_path):
+    d = shutil.copytree(evaluated_dir, tmp_path / "export")
+    assert "export_command.txt" not in render_model_card(d, model_name="tiny").text
+    (d / "export_command.txt").write_text("python -c 'save_vit_export(...)'\n")
+    text = render_model_card(d, model_name="tiny").text
+    assert "from `export_command.txt`" in text and "python -c 'save_vit_export(...)'" in text
+    assert text.index("from `command.txt`") < text.index("from `export_command.txt`")
