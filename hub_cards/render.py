@@ -176,7 +176,8 @@ def count_parameters(model_dir: Path) -> int | None:
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten nested dicts to dotted keys, keeping scalars and short lists."""
+    """Flatten nested dicts to dotted keys, keeping scalars and short lists; a short list of dicts
+    (a recipe's sources, distillation teachers) gets index keys (`sources.0.name`)."""
     out: dict[str, Any] = {}
     if isinstance(data, dict):
         for key, value in data.items():
@@ -184,6 +185,9 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     elif isinstance(data, (list, tuple)):
         if len(data) <= 8 and all(not isinstance(v, (dict, list)) for v in data):
             out[prefix[:-1]] = list(data)
+        elif len(data) <= 8 and all(isinstance(v, dict) for v in data):
+            for i, value in enumerate(data):
+                out.update(_flatten(value, f"{prefix}{i}."))
     else:
         out[prefix[:-1]] = data
     return out

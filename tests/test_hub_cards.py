@@ -543,3 +543,16 @@ def test_export_folder_card_quotes_its_export_command(evaluated_dir, tmp_path):
     text = render_model_card(d, model_name="tiny").text
     assert "from `export_command.txt`" in text and "python -c 'save_vit_export(...)'" in text
     assert text.index("from `command.txt`") < text.index("from `export_command.txt`")
+
+
+def test_card_lists_a_recipes_sources_and_teachers_by_index(tiny_vit_dir, tmp_path):
+    import yaml
+
+    d = shutil.copytree(tiny_vit_dir, tmp_path / "distilled")
+    recipe = {"sources": [{"name": "ham10000", "weight": 0.45}, {"name": "isic2017", "weight": 0.35}],
+              "distillation": {"teachers": [{"model": "models/a", "cache": "runs/cache/a"}], "kind": "soft"}}
+    (d / "train_config.yaml").write_text(yaml.safe_dump(recipe))
+    text = render_model_card(d, model_name="tiny").text
+    for row in ("| sources.1.name | isic2017 |", "| distillation.teachers.0.model | models/a |",
+                "| distillation.teachers.0.cache | runs/cache/a |", "| distillation.kind | soft |"):
+        assert row in text, row
