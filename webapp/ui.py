@@ -103,9 +103,11 @@ def _marked_thumbnail(thumb: Image.Image, result: ImageResult) -> Image.Image:
 
 
 # -------------------------------------------------------------------------- single image
-def preview(ctx: AppContext, image_path: str | None) -> Image.Image | None:
-    """The upload as the model will see it, or the decoder's message for a file it cannot read."""
-    return _read(ctx, image_path) if image_path else None
+def preview(ctx: AppContext, image_path: str | None):
+    """A new upload: shown as the model will see it (or the decoder's message for a file it cannot
+    read), the previous image's results cleared -> (image, overlay, verdict, classes, state)."""
+    image = _read(ctx, image_path) if image_path else None
+    return image, gr.Image(value=None, label="Explanation"), "", "", None
 
 
 def predict(
@@ -323,7 +325,12 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
             with gr.Accordion("Raw result (JSON)", open=False):
                 json_out = gr.JSON()
             explained = gr.State()
-            image_in.upload(bind(preview, ctx), inputs=[image_in], outputs=[plain_out], api_visibility="private")
+            image_in.change(
+                bind(preview, ctx),
+                inputs=[image_in],
+                outputs=[plain_out, heatmap_out, verdict, probs_out, explained],
+                api_visibility="private",
+            )
             run_button.click(
                 bind(predict, ctx),
                 inputs=[image_in, model_choice, head_fusion, discard_ratio, start_layer],
