@@ -144,7 +144,9 @@ def _overlay_array(heatmap) -> np.ndarray:
 
 
 @pytest.mark.parametrize("model_id", ["melanoma-vit-tiny", "resnet18-tiny"])
-def test_explanation_overlay_has_the_uploads_geometry_and_opacity_reblends_it(live, tmp_path, ham_image_paths, model_id):
+def test_explanation_overlay_has_the_uploads_geometry_and_opacity_reblends_it(
+    live, tmp_path, ham_image_paths, model_id
+):
     """Rollout (ViT) and Grad-CAM (CNN) are drawn over the whole upload at its own size, not a square
     crop; /explanation_opacity re-blends the kept heat map (no image, no model: no new prediction)."""
     _, client, _, _ = live
@@ -183,7 +185,8 @@ def test_explanation_settings_re_explain_the_kept_image(live, ham_image_paths):
     assert before.shape == after.shape == (150, 200, 3) and not np.array_equal(before, after)
     assert again.result.probabilities == pytest.approx(explained.result.probabilities, abs=1e-6)
     # Before any prediction there is nothing to redraw: the outputs are left as they are.
-    assert ui.explanation_opacity(ctx, None, 0.3) == gr.skip() and ui.re_explain(ctx, None, "mean", 0.9, 0, 0.5) == (gr.skip(),) * 2
+    assert ui.explanation_opacity(ctx, None, 0.3) == gr.skip()
+    assert ui.re_explain(ctx, None, "mean", 0.9, 0, 0.5) == (gr.skip(),) * 2
 
 
 def _thumbnail_border(path: str) -> tuple[int, int, int]:
@@ -710,7 +713,9 @@ def test_disk_use_stays_flat_over_many_batches(tmp_path_factory, fixtures_dir, h
     from model.zoo import ModelZoo
 
     zoo = ModelZoo(models_dir=shared_tiny_models(tmp_path_factory, fixtures_dir), hub_ids=[], ood_path="none")
-    demo, fastapi_app = app_module.build_app(zoo, cache_ttl_s=1)
+    # 4 s: long enough for gradio_client to fetch a batch's outputs on a busy machine before the
+    # cleaner deletes them (at 1 s they were sometimes gone first: a 403 on the download).
+    demo, fastapi_app = app_module.build_app(zoo, cache_ttl_s=4)
     server, thread = app_module.serve(fastapi_app, port=app_module.free_port(), block=False)
     url = f"http://127.0.0.1:{server.config.port}/"
     scratch = fastapi_app.state.scratch.path
@@ -727,7 +732,7 @@ def test_disk_use_stays_flat_over_many_batches(tmp_path_factory, fixtures_dir, h
         used = []
         for _ in range(6):
             client.predict(uploads, None, api_name="/predict_batch")
-            time.sleep(2.5)  # past the 1 s age and the cleaner's 1 s period
+            time.sleep(6.0)  # past the 4 s age and the cleaner's 1 s period
             used.append(disk_bytes())
         client.close()
         assert used[0] > 0 or used[-1] == 0
