@@ -49,9 +49,10 @@ SHOWN_COLUMNS = (
 
 # Gallery captions wrap instead of ending in an ellipsis, and phones get two columns (six columns of
 # Gradio's 100 px minimum would scroll sideways and cut every caption). Table cells break between
-# words only (Gradio's prose breaks "Architecture" mid-word at phone width).
+# words only (Gradio's prose breaks "Architecture" mid-word at phone width); a percentage never wraps.
 PAGE_CSS = """
 #model-details td, #model-details th { word-break: normal; overflow-wrap: normal; }
+#class-table td:last-child { white-space: nowrap; }
 #ranked-gallery .caption-label { white-space: normal; max-width: calc(100% - 8px); }
 @media (max-width: 600px) {
   #ranked-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
@@ -151,7 +152,12 @@ def explanation_opacity(ctx: AppContext, explained: Explained | None, opacity: f
 
 
 def re_explain(
-    ctx: AppContext, explained: Explained | None, head_fusion: str, discard_ratio: float, start_layer: int, opacity: float
+    ctx: AppContext,
+    explained: Explained | None,
+    head_fusion: str,
+    discard_ratio: float,
+    start_layer: int,
+    opacity: float,
 ):
     """The last image explained again with new rollout options (same model, same image)."""
     if explained is None:
@@ -270,10 +276,131 @@ def example_batch() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- layout
+def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple[list[str], list[str], str]):
+    """The single-image tab's components and events; returns the rollout controls (head fusion,
+    discard ratio, start layer) that the model choice shows or hides."""
+    example_paths, example_captions, attribution = examples
+    with gr.Row():
+        with gr.Column():
+            # A file input, decoded by model.imageio: an unreadable file gets the decoder's
+            # message (Gradio's image input would fail with a bare "Error" first).
+            image_in = gr.File(label="Dermoscopic image", file_count="single", type="filepath", height=120)
+            run_button = gr.Button("Classify", variant="primary")
+            with gr.Accordion("Explanation settings", open=False):
+                head_fusion = gr.Radio(["mean", "max", "min"], value="mean", label="Rollout head fusion")
+                discard_ratio = gr.Slider(0.0, 0.99, value=0.9, step=0.01, label="Rollout discard ratio")
+                start_layer = gr.Slider(0, 11, value=0, step=1, label="Rollout start layer")
+            if example_paths:
+                gr.Examples(
+                    examples=[[p] for p in example_paths], inputs=[image_in], example_labels=example_captions
+                )
+                gr.Markdown(f"<small>{attribution}</small>")
+        with gr.Column():
+            verdict = gr.Markdown()
+            probs_out = gr.Markdown(elem_id="class-table")
+    with gr.Row():
+        plain_out = gr.Image(label="Image", type="pil", interactive=False)
+        with gr.Column():
+            # PNG: lossless, so that opacity 0 shows the decoded upload exactly.
+            heatmap_out = gr.Image(
+                label="Explanation", interactive=False, format="png", elem_id="explanation-overlay"
+            )
+            opacity = gr.Slider(
+                0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Overlay opacity", elem_id="overlay-opacity"
+            )
+            gr.HTML(colour_legend_html())
+    with gr.Accordion("Raw result (JSON)", open=False):
+        json_out = gr.JSON()
+    explained = gr.State()
+    image_in.change(
+        bind(preview, ctx),
+        inputs=[image_in],
+        outputs=[plain_out, heatmap_out, verdict, probs_out, explained],
+        api_visibility="private",
+    )
+    run_button.click(
+        bind(predict, ctx),
+        inputs=[image_in, model_choice, head_fusion, discard_ratio, start_layer],
+        outputs=[probs_out, verdict, heatmap_out, plain_out, json_out, explained],
+        api_name="predict",
+        api_description="One image -> class probabilities, verdict, explanation, image, JSON. "
+        + API_DESCRIPTION,
+    ).success(  # the page's opacity, if the slider was moved before the click
+        bind(explanation_opacity, ctx), inputs=[explained, opacity], outputs=[heatmap_out],
+        api_name="explanation_after_predict", api_visibility="private",
+    )
+    opacity.change(
+        bind(explanation_opacity, ctx),
+        inputs=[explained, opacity],
+        outputs=[heatmap_out],
+        api_name="explanation_opacity",
+        api_description="Re-blend the last /predict explanation at another opacity (0-1), no new prediction.",
+    )
+    gr.on(
+        [head_fusion.change, discard_ratio.change, start_layer.change],
+        bind(re_explain, ctx),
+        inputs=[explained, head_fusion, discard_ratio, start_layer, opacity],
+        outputs=[heatmap_out, explained],
+        api_visibility="private",
+    )
+    return head_fusion, discard_ratio, start_layer
+
+
+def batch_tab(ctx: AppContext, model_choice: gr.Dropdown, example_paths: list[str]) -> None:
+    """The batch tab's components and events."""
+    gr.Markdown(
+        "Upload many images at once: results are ranked by melanoma probability, highest first. "
+        "Captions: rank · P(melanoma) · threshold. Red border: above the model's threshold; blue: below; "
+        "grey: may not be dermoscopy. "
+        "Click a thumbnail for details. " + DISCLAIMER
+    )
+    # Folded once files are there, and a fixed height when open: a long upload list never
+    # pushes the results down.
+    with gr.Accordion("Images", open=True) as uploads:
+        files_in = gr.File(file_count="multiple", label="Images", height=180)
+    with gr.Row():
+        batch_button = gr.Button("Classify all", variant="primary")
+        if example_paths:
+            gr.Button("Example batch", variant="secondary").click(
+                example_batch, outputs=[files_in], api_visibility="private"
+            )
+    batch_errors = gr.Markdown()
+    gallery = gr.Gallery(
+        label="Ranked by melanoma probability",
+        elem_id="ranked-gallery",
+        columns=6,
+        height="auto",
+        allow_preview=False,
+        object_fit="contain",
+    )
+    with gr.Row():
+        sel_probs = gr.Markdown()
+        with gr.Column():
+            sel_verdict = gr.Markdown()
+            sel_plain = gr.Image(label="Image", type="pil", interactive=False)
+        sel_heatmap = gr.Image(label="Explanation", interactive=False)
+    table = gr.Dataframe(label="Results", interactive=False)
+    csv_out = gr.File(label="All results (CSV)")
+    batch_state = gr.State()
+    files_in.change(fold_uploads, inputs=[files_in], outputs=[uploads], api_visibility="private")
+    batch_button.click(
+        bind(predict_batch, ctx),
+        inputs=[files_in, model_choice],
+        outputs=[gallery, table, csv_out, batch_errors, batch_state],
+        api_name="predict_batch",
+        api_description="Many images -> ranked gallery, table, CSV file, errors. " + API_DESCRIPTION,
+    )
+    gallery.select(
+        bind(show_selected, ctx),
+        inputs=[batch_state],
+        outputs=[sel_probs, sel_verdict, sel_heatmap, sel_plain],
+        api_visibility="private",
+    )
+
+
 def build_blocks(ctx: AppContext) -> gr.Blocks:
     """The page: model choice and details, the single-image tab and the batch tab."""
     zoo = ctx.zoo
-    example_paths, example_captions, attribution = load_examples()
     cache_ttl = int(ctx.settings.cache_ttl_s)
     with gr.Blocks(title="Melanoma ViT: research demo", delete_cache=(max(1, cache_ttl // 4), cache_ttl)) as demo:
         gr.Markdown("# Melanoma ViT: dermoscopy classifier (research demo)\n\n> " + DISCLAIMER)
@@ -292,120 +419,11 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
         if zoo.ood_note:
             gr.Markdown(f"_{zoo.ood_note}_")
 
+        examples = load_examples()
         with gr.Tab("Single image"):
-            with gr.Row():
-                with gr.Column():
-                    # A file input, decoded by model.imageio: an unreadable file gets the decoder's
-                    # message (Gradio's image input would fail with a bare "Error" first).
-                    image_in = gr.File(label="Dermoscopic image", file_count="single", type="filepath", height=120)
-                    run_button = gr.Button("Classify", variant="primary")
-                    with gr.Accordion("Explanation settings", open=False):
-                        head_fusion = gr.Radio(["mean", "max", "min"], value="mean", label="Rollout head fusion")
-                        discard_ratio = gr.Slider(0.0, 0.99, value=0.9, step=0.01, label="Rollout discard ratio")
-                        start_layer = gr.Slider(0, 11, value=0, step=1, label="Rollout start layer")
-                    if example_paths:
-                        gr.Examples(
-                            examples=[[p] for p in example_paths], inputs=[image_in], example_labels=example_captions
-                        )
-                        gr.Markdown(f"<small>{attribution}</small>")
-                with gr.Column():
-                    verdict = gr.Markdown()
-                    probs_out = gr.Markdown()
-            with gr.Row():
-                plain_out = gr.Image(label="Image", type="pil", interactive=False)
-                with gr.Column():
-                    # PNG: lossless, so that opacity 0 shows the decoded upload exactly.
-                    heatmap_out = gr.Image(
-                        label="Explanation", interactive=False, format="png", elem_id="explanation-overlay"
-                    )
-                    opacity = gr.Slider(
-                        0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Overlay opacity", elem_id="overlay-opacity"
-                    )
-                    gr.HTML(colour_legend_html())
-            with gr.Accordion("Raw result (JSON)", open=False):
-                json_out = gr.JSON()
-            explained = gr.State()
-            image_in.change(
-                bind(preview, ctx),
-                inputs=[image_in],
-                outputs=[plain_out, heatmap_out, verdict, probs_out, explained],
-                api_visibility="private",
-            )
-            run_button.click(
-                bind(predict, ctx),
-                inputs=[image_in, model_choice, head_fusion, discard_ratio, start_layer],
-                outputs=[probs_out, verdict, heatmap_out, plain_out, json_out, explained],
-                api_name="predict",
-                api_description="One image -> class probabilities, verdict, explanation, image, JSON. "
-                + API_DESCRIPTION,
-            ).success(  # the page's opacity, if the slider was moved before the click
-                bind(explanation_opacity, ctx), inputs=[explained, opacity], outputs=[heatmap_out],
-                api_name="explanation_after_predict", api_visibility="private",
-            )
-            opacity.change(
-                bind(explanation_opacity, ctx),
-                inputs=[explained, opacity],
-                outputs=[heatmap_out],
-                api_name="explanation_opacity",
-                api_description="Re-blend the last /predict explanation at another opacity (0-1), no new prediction.",
-            )
-            gr.on(
-                [head_fusion.change, discard_ratio.change, start_layer.change],
-                bind(re_explain, ctx),
-                inputs=[explained, head_fusion, discard_ratio, start_layer, opacity],
-                outputs=[heatmap_out, explained],
-                api_visibility="private",
-            )
-
+            head_fusion, discard_ratio, start_layer = single_image_tab(ctx, model_choice, examples)
         with gr.Tab("Batch"):
-            gr.Markdown(
-                "Upload many images at once: results are ranked by melanoma probability, highest first. "
-                "Captions: rank · P(melanoma) · threshold. Red border: above the model's threshold; blue: below; "
-                "grey: may not be dermoscopy. "
-                "Click a thumbnail for details. " + DISCLAIMER
-            )
-            # Folded once files are there, and a fixed height when open: a long upload list never
-            # pushes the results down.
-            with gr.Accordion("Images", open=True) as uploads:
-                files_in = gr.File(file_count="multiple", label="Images", height=180)
-            with gr.Row():
-                batch_button = gr.Button("Classify all", variant="primary")
-                if example_paths:
-                    gr.Button("Example batch", variant="secondary").click(
-                        example_batch, outputs=[files_in], api_visibility="private"
-                    )
-            batch_errors = gr.Markdown()
-            gallery = gr.Gallery(
-                label="Ranked by melanoma probability",
-                elem_id="ranked-gallery",
-                columns=6,
-                height="auto",
-                allow_preview=False,
-                object_fit="contain",
-            )
-            with gr.Row():
-                sel_probs = gr.Markdown()
-                with gr.Column():
-                    sel_verdict = gr.Markdown()
-                    sel_plain = gr.Image(label="Image", type="pil", interactive=False)
-                sel_heatmap = gr.Image(label="Explanation", interactive=False)
-            table = gr.Dataframe(label="Results", interactive=False)
-            csv_out = gr.File(label="All results (CSV)")
-            batch_state = gr.State()
-            files_in.change(fold_uploads, inputs=[files_in], outputs=[uploads], api_visibility="private")
-            batch_button.click(
-                bind(predict_batch, ctx),
-                inputs=[files_in, model_choice],
-                outputs=[gallery, table, csv_out, batch_errors, batch_state],
-                api_name="predict_batch",
-                api_description="Many images -> ranked gallery, table, CSV file, errors. " + API_DESCRIPTION,
-            )
-            gallery.select(
-                bind(show_selected, ctx),
-                inputs=[batch_state],
-                outputs=[sel_probs, sel_verdict, sel_heatmap, sel_plain],
-                api_visibility="private",
-            )
+            batch_tab(ctx, model_choice, examples[0])
 
         gr.Markdown(
             f"<small>{DISCLAIMER} Models trained on HAM10000 inherit its CC BY-NC-SA 4.0 terms "
