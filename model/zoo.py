@@ -348,7 +348,11 @@ class ZooModel:
             "datasets": card.datasets if card else [],
             "training_sources": self.training_sources,
             "base_model": card.base_model if card else None,
-            "metrics": [asdict(metric) for metric in (card.metrics if card else [])],
+            # The REST record of before (name, type, value, dataset); `args` serve the app's own labels.
+            "metrics": [
+                {"name": m.name, "type": m.type, "value": m.value, "dataset": m.dataset}
+                for m in (card.metrics if card else [])
+            ],
         }
 
     def result(
