@@ -64,6 +64,7 @@ class CardMetric:
     type: str  # metric_type (model/metrics_schema.py's index_type for this project's cards)
     value: float
     dataset: str  # dataset_name, else dataset_type
+    args: dict[str, Any] = field(default_factory=dict)  # metric_args, e.g. {"threshold": 0.213}
 
 
 @dataclass
@@ -114,7 +115,8 @@ class Prediction:
 class Analysis(Prediction):
     """One image's prediction and explanation from a single forward pass where possible."""
 
-    heatmap: np.ndarray  # (H, W, 3) uint8 overlay
+    heatmap: np.ndarray  # (H, W, 3) uint8 overlay on the model's view of the image
+    mask: np.ndarray  # (h, w) float32 in [0, 1], on the model's input grid; see `ZooModel.explanation_overlay`
     method: str
 
 
@@ -240,7 +242,8 @@ def _parse_card(folder: Path) -> CardInfo | None:
         if isinstance(result.metric_value, (int, float)):
             name = result.metric_name or result.metric_type
             dataset = result.dataset_name or result.dataset_type
-            metrics.append(CardMetric(str(name), str(result.metric_type), float(result.metric_value), str(dataset)))
+            args = dict(result.metric_args or {})
+            metrics.append(CardMetric(str(name), str(result.metric_type), float(result.metric_value), str(dataset), args))
     base = data.base_model
     return CardInfo(
         license=data.license,
@@ -248,6 +251,22 @@ def _parse_card(folder: Path) -> CardInfo | None:
         base_model=base if isinstance(base, str) or base is None else ", ".join(base),
         metrics=metrics,
     )
+
+
+def _training_sources(folder: Path) -> list[str]:
+    """The source kinds (e.g. "ham10000") a multi-source model was trained on, from the
+    `sources:` of the `train_config.yaml` beside its weights; [] when there is none."""
+    path = folder / "train_config.yaml"
+    if not path.is_file():
+        return []
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        logger.warning("Could not parse %s: %s", path, err)
+        return []
+    return [str(source["name"]) for source in config.get("sources") or [] if isinstance(source, dict) and "name" in source]
 
 
 def _net_type(config: Any) -> str:
@@ -269,7 +288,8 @@ class ZooModel:
         melanoma_threshold: decision threshold on P(mel) (0.5 when the model has none).
         extra_heads: head name -> label names of a multi-source MelanomaViT's extra heads ({} for others);
         has_seven_point: whether every seven-point criterion head is there (the checklist score is computed).
-        card: parsed model card, or None.
+        card: parsed model card, or None. training_sources: source kinds of a multi-source model's
+            `train_config.yaml` (e.g. ["ham10000", "isic2017", "derm7pt"]), [] for others.
     """
 
     def __init__(self, model_id: str, source: str | Path, device: str | torch.device = "cpu") -> None:
@@ -297,6 +317,7 @@ class ZooModel:
         self.num_prefix_tokens = num_prefix_tokens(self.config)
         self.num_layers = int(getattr(self.config, "num_hidden_layers", 0) or 0)
         self.card = _parse_card(Path(source)) if Path(source).is_dir() else None
+        self.training_sources = _training_sources(Path(source)) if Path(source).is_dir() else []
         self.uses_rollout = self.config.model_type in ROLLOUT_MODEL_TYPES
         self._lock = threading.Lock()
 
@@ -325,8 +346,13 @@ class ZooModel:
             "num_parameters": self.num_parameters,
             "license": card.license if card else None,
             "datasets": card.datasets if card else [],
+            "training_sources": self.training_sources,
             "base_model": card.base_model if card else None,
-            "metrics": [asdict(metric) for metric in (card.metrics if card else [])],
+            # The REST record of before (name, type, value, dataset); `args` serve the app's own labels.
+            "metrics": [
+                {"name": m.name, "type": m.type, "value": m.value, "dataset": m.dataset}
+                for m in (card.metrics if card else [])
+            ],
         }
 
     def result(
@@ -451,10 +477,30 @@ class ZooModel:
                     out = self.model(pixel_values=pixel_values)
                 mask = grad_cam(self.model, pixel_values.clone(), target=int(out.logits.argmax(-1)[0]))[0]
                 method = "Grad-CAM (predicted class, last convolutional stage)"
-        view = self._model_view(pixel_values, image)
-        heatmap = overlay_heatmap(view, mask.detach().float().cpu())
+        mask = mask.detach().float().cpu().numpy()
+        heatmap = overlay_heatmap(self._model_view(pixel_values, image), mask)
         (prediction,) = self.predictions([out])
-        return Analysis(prediction.probabilities, prediction.heads, heatmap=heatmap, method=method)
+        return Analysis(prediction.probabilities, prediction.heads, heatmap=heatmap, mask=mask, method=method)
+
+    def explanation_overlay(self, image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+        """An `analyze` mask blended over `image` at the image's own geometry.
+
+        Processors that resize the whole image to the input size (every shipped model) stretch the
+        mask back over the whole image, so a portrait upload gets a portrait overlay. A cropping
+        processor's model saw only part of the image: the overlay is then drawn on that view.
+
+        Args:
+            image: the RGB image that was analysed. mask: `Analysis.mask`, (h, w) in [0, 1].
+            alpha: heat-map opacity in [0, 1].
+
+        Returns:
+            (H, W, 3) uint8: H, W of `image` (of the model's view for cropping processors).
+        """
+        from .rollout import overlay_heatmap
+
+        if self.geometry.crops:
+            return overlay_heatmap(self._model_view(self._pixel_values([image]), image), mask, alpha)
+        return overlay_heatmap(image, mask, alpha)
 
 
 def _hub_ids_from_env_or_yaml(models_dir: Path) -> list[str]:

@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
@@ -117,11 +118,12 @@ def test_gradio_predict_errors_and_exif(live, tmp_path, ham_image_paths):
             client.predict(handle_file(str(files[kind])), None, "mean", 0.9, 0, api_name="/predict")
     with pytest.raises(AppError, match="nope is not in the list of choices"):
         client.predict(handle_file(str(ham_image_paths[0])), "nope", "mean", 0.9, 0, api_name="/predict")
-    # Not decodable at all: refused by Gradio's own header check before our handler, with a generic
-    # message (show_error=False), never Pillow's text or the server path.
-    with pytest.raises(AppError) as refused:
-        client.predict(handle_file(str(files["empty"])), None, "mean", 0.9, 0, api_name="/predict")
-    assert "/tmp" not in str(refused.value) and "empty.jpg" not in str(refused.value)  # no server paths
+    # Not decodable at all (no image header): the project's decoder judges it, with the same friendly
+    # message as REST, never Pillow's text or the server path.
+    for kind, message in [("empty", "The file is empty"), ("text", "Not a recognised image"), ("html", "not a raster image")]:
+        with pytest.raises(AppError, match=message) as refused:
+            client.predict(handle_file(str(files[kind])), None, "mean", 0.9, 0, api_name="/predict")
+        assert "/tmp" not in str(refused.value) and files[kind].name not in str(refused.value)  # no server paths
     with pytest.raises(AppError) as refused:
         client.predict(handle_file(str(files["truncated"])), None, "mean", 0.9, 0, api_name="/predict")
     assert "truncated or corrupt" in str(refused.value) and "not processed" not in str(refused.value)  # no Pillow text
@@ -135,6 +137,56 @@ def test_gradio_predict_errors_and_exif(live, tmp_path, ham_image_paths):
     assert Image.open(plain).size == (60, 80)
     # The server still answers after the errors.
     assert httpx.get(url + "public_models").status_code == 200
+
+
+def _overlay_array(heatmap) -> np.ndarray:
+    return np.asarray(Image.open(heatmap["value"] if isinstance(heatmap, dict) else heatmap).convert("RGB"), np.float32)
+
+
+@pytest.mark.parametrize("model_id", ["melanoma-vit-tiny", "resnet18-tiny"])
+def test_explanation_overlay_has_the_uploads_geometry_and_opacity_reblends_it(
+    live, tmp_path, ham_image_paths, model_id
+):
+    """Rollout (ViT) and Grad-CAM (CNN) are drawn over the whole upload at its own size, not a square
+    crop; /explanation_opacity re-blends the kept heat map (no image, no model: no new prediction)."""
+    _, client, _, _ = live
+    portrait = tmp_path / "portrait.png"
+    Image.open(ham_image_paths[2]).convert("RGB").transpose(Image.Transpose.ROTATE_90).save(portrait)  # 150x200
+    upload = load_image(portrait, max_side=1024)
+    _, _, heatmap, _, record = client.predict(handle_file(str(portrait)), model_id, "mean", 0.9, 0, api_name="/predict")
+    assert upload.size == (150, 200)
+    at_half = _overlay_array(heatmap)
+    assert at_half.shape == (200, 150, 3)  # the upload's geometry: portrait, full size
+    image = np.asarray(upload, np.float32)
+    assert np.abs(at_half - image).mean() > 5.0  # the heat map is drawn over it
+
+    endpoint = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/explanation_opacity"]
+    assert [p["parameter_name"] for p in endpoint["parameters"]] == ["opacity"] and len(endpoint["returns"]) == 1
+    np.testing.assert_array_equal(_overlay_array(client.predict(0.0, api_name="/explanation_opacity")), image)
+    np.testing.assert_array_equal(_overlay_array(client.predict(0.5, api_name="/explanation_opacity")), at_half)
+    at_full = _overlay_array(client.predict(1.0, api_name="/explanation_opacity"))
+    assert at_full.shape == at_half.shape and np.abs(at_full - image).mean() > np.abs(at_half - image).mean() + 5.0
+    assert record["explanation"].startswith("attention rollout" if model_id.startswith("melanoma") else "Grad-CAM")
+
+
+def test_explanation_settings_re_explain_the_kept_image(live, ham_image_paths):
+    """The page's handlers (module level, no server): new rollout options explain the image kept
+    from the last prediction again, same image, same model; opacity only re-blends."""
+    import gradio as gr
+
+    from webapp import ui
+
+    ctx = live[3].state.ctx
+    *_, record, explained = ui.predict(ctx, str(ham_image_paths[1]), "melanoma-vit-tiny", "mean", 0.9, 0)
+    overlay, again = ui.re_explain(ctx, explained, "max", 0.5, 1, 0.5)
+    assert again.image is explained.image and again.model_id == explained.model_id == "melanoma-vit-tiny"
+    assert again.method == overlay.label.removeprefix("Explanation: ") != explained.method == record["explanation"]
+    before, after = ctx.scoring.overlay(explained, 0.5), ctx.scoring.overlay(again, 0.5)
+    assert before.shape == after.shape == (150, 200, 3) and not np.array_equal(before, after)
+    assert again.result.probabilities == pytest.approx(explained.result.probabilities, abs=1e-6)
+    # Before any prediction there is nothing to redraw: the outputs are left as they are.
+    assert ui.explanation_opacity(ctx, None, 0.3) == gr.skip()
+    assert ui.re_explain(ctx, None, "mean", 0.9, 0, 0.5) == (gr.skip(),) * 2
 
 
 def _thumbnail_border(path: str) -> tuple[int, int, int]:
@@ -322,7 +374,7 @@ def test_rest_bulk_mixed_and_unusual_inputs(live, ham_image_paths):
 
 
 def test_rest_queue_is_bounded_in_images_and_admits_before_decoding(live, ham_image_paths, tmp_path):
-    from app import QueueFullError
+    from webapp.tasks import QueueFullError
 
     url, _, _, fastapi_app = live
     tasks, release = fastapi_app.state.tasks, threading.Event()
@@ -357,7 +409,7 @@ def test_rest_queue_is_bounded_in_images_and_admits_before_decoding(live, ham_im
 
 
 def test_task_store_ttl_and_max_count():
-    from app import TaskStore
+    from webapp.tasks import TaskStore
 
     store = TaskStore(max_images=2, ttl_s=0.2, max_tasks=3)
 
@@ -458,6 +510,7 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     import gradio as gr
 
     import app as app_module
+    from webapp.formatting import gallery_caption
 
     demo, _ = app_module.build_app(live[2])  # a second app on the same (already loaded) zoo
     paths = [str(p) for p in ham_image_paths[:4]]
@@ -470,14 +523,14 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     # The gallery and the state (which a selection indexes) are in the same order, highest P(mel) first.
     p_mel = [r.melanoma_probability for r in state.results]
     assert p_mel == sorted(p_mel, reverse=True)
-    assert [c for _, c in gallery] == [app_module.gallery_caption(k, r) for k, r in enumerate(state.results, start=1)]
+    assert [c for _, c in gallery] == [gallery_caption(k, r) for k, r in enumerate(state.results, start=1)]
     # A borderline image keeps its flag with a short caution; a clear OOD one loses it.
     top = state.results[0]
     flag = "above" if top.melanoma else "below"
     borderline = dataclasses.replace(top, ood=OODResult(True, 1.1, 1.0, "may not be dermoscopy", "borderline"))
-    assert app_module.gallery_caption(1, borderline) == f"#1 · {100 * p_mel[0]:.1f}% · {flag} threshold, caution"
+    assert gallery_caption(1, borderline) == f"#1 · {100 * p_mel[0]:.1f}% · {flag} threshold, caution"
     clear = dataclasses.replace(top, ood=OODResult(True, 9.0, 1.0, "not a lesion", "clear"))
-    assert app_module.gallery_caption(3, clear) == f"#3 · {100 * p_mel[0]:.1f}% · not dermoscopy?"
+    assert gallery_caption(3, clear) == f"#3 · {100 * p_mel[0]:.1f}% · not dermoscopy?"
     twins = [i for i, r in enumerate(state.results) if r.name == twin.name]
     assert len(twins) == 2 and {state.paths[i] for i in twins} == {paths[0], str(twin)}
     assert state.results[twins[0]].probabilities != state.results[twins[1]].probabilities
@@ -510,8 +563,9 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
 
 def test_model_details_headline_the_tables_metrics_of_a_rendered_card(tmp_path_factory, fixtures_dir, tmp_path):
     """One table (model/metrics_schema.py) drives the card's model-index and the app's headline:
-    AUC, balanced accuracy and the sensitivity at the validation threshold; not the rest."""
-    from app import model_details_markdown
+    AUC, balanced accuracy and the sensitivity at the validation threshold (named in percent, the
+    page's unit, not the card's 0-1 value); not the rest."""
+    from webapp.formatting import model_details_markdown
     from hub_cards.render import render_model_card
     from model.zoo import ZooModel
     from test_hub_cards import SYNTHETIC_METRICS
@@ -527,8 +581,23 @@ def test_model_details_headline_the_tables_metrics_of_a_rendered_card(tmp_path_f
     assert headline == {
         "Melanoma ROC AUC (mel vs rest) (HAM10000)": "0.812",
         "Balanced accuracy (HAM10000)": "0.614",
-        "Melanoma sensitivity at threshold 0.213 (HAM10000)": "0.941",
+        "Melanoma sensitivity at threshold 21.3% (HAM10000)": "0.941",
     }
+
+
+def test_model_details_list_a_multisource_models_training_sources(tmp_path_factory, fixtures_dir, tmp_path):
+    """A multi-source model without card datasets: "Training data" names its train_config.yaml's
+    sources (as models/efficientnet-lite2 and melanoma-vit-hybrid ship), not "see the model card"."""
+    from model.zoo import ZooModel
+    from webapp.formatting import model_details_markdown
+
+    folder = shutil.copytree(shared_tiny_models(tmp_path_factory, fixtures_dir) / MULTISOURCE, tmp_path / "multi")
+    sources = [{"name": name, "data": f"../shared/data/{name}", "weight": w} for name, w in
+               [("ham10000", 0.45), ("isic2017", 0.35), ("derm7pt", 0.2)]]
+    (folder / "train_config.yaml").write_text(yaml.safe_dump({"sources": sources}))
+    entry = ZooModel("multi", folder)
+    assert entry.training_sources == ["ham10000", "isic2017", "derm7pt"]
+    assert _details_rows(model_details_markdown(entry))["Training data"] == "HAM10000 + ISIC 2017 Part 3 + Derm7pt"
 
 
 # ------------------------------------------------------------------- reliability and security
@@ -644,7 +713,9 @@ def test_disk_use_stays_flat_over_many_batches(tmp_path_factory, fixtures_dir, h
     from model.zoo import ModelZoo
 
     zoo = ModelZoo(models_dir=shared_tiny_models(tmp_path_factory, fixtures_dir), hub_ids=[], ood_path="none")
-    demo, fastapi_app = app_module.build_app(zoo, cache_ttl_s=1)
+    # 4 s: long enough for gradio_client to fetch a batch's outputs on a busy machine before the
+    # cleaner deletes them (at 1 s they were sometimes gone first: a 403 on the download).
+    demo, fastapi_app = app_module.build_app(zoo, cache_ttl_s=4)
     server, thread = app_module.serve(fastapi_app, port=app_module.free_port(), block=False)
     url = f"http://127.0.0.1:{server.config.port}/"
     scratch = fastapi_app.state.scratch.path
@@ -661,7 +732,7 @@ def test_disk_use_stays_flat_over_many_batches(tmp_path_factory, fixtures_dir, h
         used = []
         for _ in range(6):
             client.predict(uploads, None, api_name="/predict_batch")
-            time.sleep(2.5)  # past the 1 s age and the cleaner's 1 s period
+            time.sleep(6.0)  # past the 4 s age and the cleaner's 1 s period
             used.append(disk_bytes())
         client.close()
         assert used[0] > 0 or used[-1] == 0

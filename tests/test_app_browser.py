@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -125,9 +126,21 @@ def test_single_image_shows_probabilities_and_heatmap(browser, live_app, page, h
     response = page.request.get(heatmap.get_attribute("src"))
     assert response.ok, response.status
     overlay = Image.open(io.BytesIO(response.body())).convert("RGB")
-    assert min(overlay.size) >= 32
-    original = load_image(ham_image_paths[0]).convert("RGB").resize(overlay.size)
+    original = load_image(ham_image_paths[0]).convert("RGB")
+    assert overlay.size == original.size  # drawn over the whole upload at its own geometry, not a square crop
     assert np.abs(np.asarray(overlay, np.float32) - np.asarray(original, np.float32)).mean() > 10.0
+    expect(page.locator("#explanation-legend")).to_be_visible()  # the colour bar: low -> high
+    # Moving the opacity slider redraws the overlay without another click on Classify.
+    old_src = heatmap.get_attribute("src")
+    opacity = page.locator("#overlay-opacity input[type=number]")
+    opacity.fill("1")
+    opacity.press("Enter")
+    page.wait_for_function("([img, src]) => img.src !== src && img.complete", arg=[heatmap.element_handle(), old_src])
+    opaque = Image.open(io.BytesIO(page.request.get(heatmap.get_attribute("src")).body())).convert("RGB")
+    assert opaque.size == original.size
+    assert np.abs(np.asarray(opaque, np.float32) - np.asarray(original, np.float32)).mean() > np.abs(
+        np.asarray(overlay, np.float32) - np.asarray(original, np.float32)
+    ).mean() + 5.0
 
     # The class list shows every class name in percent with one decimal; P(mel) matches the zoo's own
     # prediction, and the class list and the verdict show the same text.
@@ -167,9 +180,11 @@ def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_im
     batch_button = page.get_by_role("button", name="Classify all")
     batch_button.wait_for()
     page.locator("input[type=file][multiple]").set_input_files([str(p) for p in files])
-    # The upload finishes before the click counts: wait for every file in the File component's list.
+    # The upload finishes before the click counts: wait for every file in the File component's list,
+    # which then folds away (its accordion names the count).
     for path in files:
-        page.locator(f'[aria-label="{path.name}"]').first.wait_for()
+        page.locator(f'[aria-label="{path.name}"]').first.wait_for(state="attached")
+    page.get_by_text(f"Images: {len(files)} files (open to change)").wait_for()
     batch_button.click()
 
     captions = page.locator(".caption-label")
@@ -204,3 +219,34 @@ def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_im
     assert captions.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth + 1).length") == 0
     assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1
     _shot(page, "batch_ranked_390px")
+
+
+@pytest.mark.parametrize("width, height", [(1400, 1000), (390, 844)])
+def test_batch_of_20_folds_the_upload_list_and_shows_the_results(browser, live_app, ham_image_paths, fixtures_dir, tmp_path, width, height):
+    """After a batch of 20 the upload list is folded away: the results start within one screen of the
+    batch tab (not a page of file names further down), at desktop and phone width."""
+    url, _ = live_app
+    sources = ham_image_paths + sorted((fixtures_dir / "isic2017" / "test").glob("*.jpg"))
+    files = [shutil.copy(sources[i % len(sources)], tmp_path / f"patient_{i:02d}_{sources[i % len(sources)].name}")
+             for i in range(20)]
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(url)
+        page.get_by_role("tab", name="Batch").click()
+        page.locator("input[type=file][multiple]").set_input_files([str(f) for f in files])
+        page.get_by_text("Images: 20 files (open to change)").wait_for()  # every upload done, the list folded
+        page.get_by_role("button", name="Classify all").click()
+        expect(page.locator(".caption-label")).to_have_count(20, timeout=TIMEOUT_MS)
+        # The upload list's rows are folded away (the names are in the results table).
+        listed = page.locator(f'td.filename[aria-label="{Path(files[10]).name}"]')
+        expect(listed).to_have_count(1)
+        expect(listed).to_be_hidden()
+        page.get_by_role("tab", name="Batch").evaluate("tab => tab.scrollIntoView({block: 'start'})")
+        gallery = page.locator("#ranked-gallery").bounding_box()
+        assert 0 <= gallery["y"] < height - 100, gallery  # the gallery's top (first thumbnails) on this screen
+        assert page.evaluate("document.documentElement.scrollWidth") <= width + 1
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"batch_20_{width}px.png"))
+    finally:
+        page.close()

@@ -326,7 +326,7 @@ def test_evaluate_and_the_app_give_the_same_p_mel_for_unusual_files(tiny_vit_dir
     """One decoder (model.imageio) and one loading rule (model.loading): for an RGBA PNG with
     transparent pixels, a 16-bit greyscale PNG and a JPEG with an EXIF rotation, evaluate.py's
     prediction path and the app's (its decoder, then ZooModel.predict) give the same P(mel)."""
-    from app import WORKING_SIDE
+    from webapp.scoring import WORKING_SIDE
     from model.calibration import config_temperature
     from model.imageio import MAX_BYTES, load_image
     from model.loading import load_classifier

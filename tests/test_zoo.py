@@ -573,9 +573,9 @@ def test_folded_temperatures_give_the_same_predictions_not_divided_twice(zoo, tm
     applies T = 1 and reports the folded value, for the dx head and every extra head."""
     import shutil
 
-    import app
     from model.calibration import fold_temperature
     from model.zoo import ZooModel
+    from webapp.formatting import model_details_markdown
 
     images = [Image.open(p).convert("RGB") for p in ham_image_paths[:3]]
     for name in ("melanoma-vit-tiny", MULTISOURCE):
@@ -585,7 +585,7 @@ def test_folded_temperatures_give_the_same_predictions_not_divided_twice(zoo, tm
         folded = ZooModel(name, folder)
         assert entry.temperature != 1.0 and entry.folded_temperature is None
         assert folded.temperature == 1.0 and folded.folded_temperature == entry.temperature
-        assert "folded into the classifier head" in app.model_details_markdown(folded)
+        assert "folded into the classifier head" in model_details_markdown(folded)
         for before, after in zip(entry.predict(images), folded.predict(images)):
             assert after.probabilities == pytest.approx(before.probabilities, abs=1e-5)
             if before.heads is not None:

@@ -1,0 +1,109 @@
+"""The melanoma demo app, split by job (app.py at the repository root is the Spaces entry point):
+
+- `context`: one app's settings and shared state (zoo, scoring service, task store, scratch folder);
+- `scoring`: the one service that decodes, scores, ranks, explains and builds rows, with typed results;
+- `formatting`: the page's words (verdicts, tables, captions) from typed results;
+- `ui`: the Gradio page, handlers at module level; `rest`: the REST routes; `tasks`: the REST task
+  store; `middleware`: request-size limits and the cross-site check for the whole app.
+
+RESEARCH AND EDUCATION DEMO - NOT A MEDICAL DEVICE.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import gradio as gr
+from fastapi import FastAPI
+
+from model.imageio import MAX_BYTES
+from model.zoo import ModelZoo
+
+from .context import AppContext, AppSettings
+from .middleware import BodyLimitMiddleware, OriginCheckMiddleware
+from .rest import MULTIPART_OVERHEAD, build_api
+from .ui import PAGE_CSS, build_blocks, load_examples
+
+
+def build_app(
+    zoo: ModelZoo | None = None,
+    max_queued_images: int | None = None,
+    task_ttl_s: float | None = None,
+    max_upload_bytes: int = MAX_BYTES,
+    max_request_bytes: int | None = None,
+    cache_ttl_s: float | None = None,
+    allowed_origins: Sequence[str] | None = None,
+) -> tuple[gr.Blocks, FastAPI]:
+    """Build the Gradio Blocks and the FastAPI app (REST routes + the UI mounted at `/`).
+
+    Args:
+        zoo: the model zoo (default: `ModelZoo()` from the environment).
+        max_queued_images: REST queue size in images (default `$MELANOMA_MAX_QUEUED_IMAGES` or 2000).
+        task_ttl_s: seconds REST results are kept (default `$MELANOMA_TASK_TTL_S` or 3600).
+        max_upload_bytes: largest accepted file (default 20 MiB).
+        max_request_bytes: largest bulk request body (default `$MELANOMA_MAX_REQUEST_BYTES` or 256 MiB).
+        cache_ttl_s: seconds uploads, thumbnails and batch CSVs are kept (default `$MELANOMA_CACHE_TTL_S`
+            or 3600).
+        allowed_origins: other sites whose pages may POST here (default `$MELANOMA_ALLOWED_ORIGINS`).
+
+    Returns:
+        (demo, app): serve `app` with uvicorn (see `serve`); `demo` is the mounted Blocks.
+    """
+    settings = AppSettings.from_env(
+        max_queued_images, task_ttl_s, max_upload_bytes, max_request_bytes, cache_ttl_s, allowed_origins
+    )
+    ctx = AppContext(zoo or ModelZoo(), settings)
+    _ = ctx.zoo.ood_detector  # loads the small OOD artifact (or records why there is none) up front
+    demo = build_blocks(ctx)
+    api = build_api(ctx)
+    api.state.tasks, api.state.zoo, api.state.scratch = ctx.tasks, ctx.zoo, ctx.scratch
+    example_dirs = sorted({str(Path(p).parent) for p in load_examples()[0]})
+    # show_error=False: only our own gr.Error messages reach the page, never an exception's text
+    # (which can name server paths); Gradio shows a generic "Error" for anything else.
+    app = gr.mount_gradio_app(
+        api, demo, path="/", max_file_size=max_upload_bytes, allowed_paths=example_dirs, show_error=False, css=PAGE_CSS
+    )
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limits={"/predict": max_upload_bytes + MULTIPART_OVERHEAD, "/predict_bulk": settings.max_request_bytes},
+    )
+    app.add_middleware(OriginCheckMiddleware, allowed=settings.allowed_origins)
+    return demo, app
+
+
+def create_app() -> FastAPI:
+    """The ASGI app for `uvicorn app:create_app --factory`."""
+    return build_app()[1]
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Serve `app` with uvicorn; with `block=False` returns (server, thread) once it accepts connections.
+
+    Stop a non-blocking server with `server.should_exit = True; thread.join()`.
+    """
+    import uvicorn
+
+    # Graceful-shutdown timeout: open Gradio heartbeat streams would otherwise block exit.
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    if block:
+        server.run()
+        return server, None
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"Server did not start on {host}:{port}.")
+        time.sleep(0.05)
+    return server, thread
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

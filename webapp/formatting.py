@@ -1,0 +1,233 @@
+"""The page's words: verdicts, class tables, model details and captions, in one unit (percent).
+
+Pure functions of typed results (`model.zoo.ImageResult`, `ZooModel`): no Gradio, no I/O
+beyond reading a model folder's config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+
+from hub_cards.render import SOURCE_INFO
+from model.metrics_schema import HEADLINE_TYPES, METRICS
+from model.sevenpoint import SEVEN_POINT
+from model.zoo import CardMetric, HeadResults, ImageResult, ZooModel
+
+MAX_ECHO = 120  # longest user-supplied text (file name, id) echoed back
+# How every shipped threshold was set (train/evaluate.py, TARGET_SENSITIVITY).
+THRESHOLD_RULE = "chosen on validation for 95% melanoma sensitivity"
+DISCLAIMER = (
+    "**Research and education demo, not a medical device.** It does not diagnose, screen for "
+    "or rule out skin cancer, and its scores are not validated for clinical use. Anyone worried "
+    "about a skin lesion should see a dermatologist."
+)
+API_DESCRIPTION = (
+    "RESEARCH AND EDUCATION DEMO, NOT A MEDICAL DEVICE: results must not be used for diagnosis.\n\n"
+    "Classifies dermoscopic skin-lesion images into the 7 HAM10000 classes (dx codes) and reports "
+    "the melanoma probability P(mel) against the model's calibrated threshold. Submit images with "
+    "`POST /predict` or `POST /predict_bulk` (multipart), then poll `GET /from_task/{task_uuid}`. "
+    "Multi-source models also return `heads` (each extra head's calibrated probabilities) and "
+    "`seven_point` (the expected seven-point-checklist score estimated from the criterion heads)."
+)
+# model/rollout.py's `overlay_heatmap` default colour map: the legend shows the same colours.
+EXPLANATION_COLORMAP = "jet"
+# metrics_schema's rows by model-index type: the app rebuilds headline names in its own unit.
+INDEX_METRICS = {m.index_type: m for m in METRICS if m.index_type}
+
+
+def clip(text: str, limit: int = MAX_ECHO) -> str:
+    """User-supplied text as echoed back: at most `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _ood_markdown(result: ImageResult) -> str:
+    return (
+        "## Warning: this is probably not a dermoscopic skin-lesion image\n"
+        f"{result.warning}\n\n"
+        "The classifier was only trained on dermoscopy; its scores are **not meaningful** for "
+        "this image, so no melanoma flag is shown and the class scores are collapsed."
+    )
+
+
+def percent(probability: float) -> str:
+    """The page's one way to show a probability (0-1): percent, one decimal. CSV and JSON keep 0-1."""
+    return f"{probability:.1%}"
+
+
+def percent_value(probability: float | None) -> float | None:
+    """`percent` as a number, for table columns that must sort numerically."""
+    return None if probability is None or pd.isna(probability) else float(percent(probability)[:-1])
+
+
+def verdict_markdown(result: ImageResult) -> str:
+    """The risk statement for one result: a clear OOD warning replaces the flag; a borderline one
+    adds a caution under it."""
+    if result.warning:
+        return _ood_markdown(result)
+    caution = f"\n\n**Caution:** {result.caution}" if result.caution else ""
+    p_mel, threshold = result.melanoma_probability, result.melanoma_threshold
+    if p_mel is None:
+        return f"Top class: **{result.label_name}** ({percent(result.probability)}). This model has no melanoma class."
+    if result.melanoma:
+        flag = f"**Above** the model's melanoma threshold of {percent(threshold)} ({THRESHOLD_RULE}): this demo would flag it for a closer look."
+    else:
+        flag = f"**Below** the model's melanoma threshold of {percent(threshold)} ({THRESHOLD_RULE})."
+    return (
+        f"### Melanoma probability: {percent(p_mel)}\n{flag}{caution}\n\n"
+        f"Top class: {result.label_name} ({percent(result.probability)}). "
+        "_Research demo output, not a diagnosis._"
+    )
+
+
+def _readable(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def criteria_markdown(heads: HeadResults) -> str:
+    """One image's extra heads: the seven-point criteria table (with every criterion head), then the
+    other heads' probabilities, framed as a model's estimates."""
+    seven = heads.seven_point
+    lines = []
+    if seven is not None:
+        side = "at or above" if seven.suggests_melanoma else "below"
+        lines += [
+            "#### Dermoscopic criteria (seven-point checklist)",
+            "| Criterion: melanoma-specific pattern | Probability | Points |",
+            "|---|---|---|",
+        ]
+        for criterion, (label, points) in SEVEN_POINT.items():
+            pattern = f"{_readable(criterion).capitalize()}: {_readable(label)}"
+            lines.append(f"| {pattern} | {percent(seven.criteria[criterion])} | {points} |")
+        lines += [
+            "",
+            f"Expected checklist score **{seven.score:.2f}** of 10: {side} the checklist's melanoma cut-off "
+            f"of {seven.threshold}.",
+        ]
+    other = {name: p for name, p in heads.probabilities.items() if seven is None or name not in SEVEN_POINT}
+    if other:
+        shown = "; ".join(
+            f"`{name}`: " + ", ".join(f"{_readable(label)} {percent(p)}" for label, p in probs.items())
+            for name, probs in other.items()
+        )
+        lines += ["", f"Other heads: {shown}."]
+    lines += ["", "_A model's estimates, not a dermatologist's reading; research demo output, not a diagnosis._"]
+    return "\n".join(lines)
+
+
+def readable_probabilities(entry: ZooModel, probabilities: dict[str, float]) -> dict[str, float]:
+    return {entry.labels.get(code, code): p for code, p in probabilities.items()}
+
+
+def probabilities_markdown(entry: ZooModel, probabilities: dict[str, float], title: str = "Class probabilities") -> str:
+    """Every class, highest first, in the page's one unit (gr.Label would round to whole percents)."""
+    ranked = sorted(readable_probabilities(entry, probabilities).items(), key=lambda item: -item[1])
+    rows = "\n".join(f"| {name} | {percent(p)} |" for name, p in ranked)
+    return f"#### {title}\n| Class | P |\n|---|---:|\n{rows}"  # a short header: one line at phone width
+
+
+def _temperature_text(info: dict) -> str:
+    if info["folded_temperature"] is not None:
+        return f"temperature {info['folded_temperature']:.3g} (folded into the classifier head)"
+    return f"temperature {info['temperature']:.3g}"
+
+
+def training_data_text(entry: ZooModel) -> str:
+    """The data a model was trained on: its card's datasets, else (multi-source models) the
+    readable names of its training sources; "" when neither says."""
+    if entry.card and entry.card.datasets:
+        return ", ".join(entry.card.datasets)
+    return " + ".join(SOURCE_INFO.get(kind, (kind,))[0] for kind in entry.training_sources)
+
+
+def metric_name(metric: CardMetric) -> str:
+    """A card metric's name in the page's unit: a threshold it was measured at in percent
+    ("Melanoma sensitivity at threshold 21.3%"), not the card's 0-1 value."""
+    row = INDEX_METRICS.get(metric.type)
+    if row is None or row.threshold is None or "threshold" not in metric.args:
+        return metric.name
+    return (row.index_name or row.label).format(threshold=percent(float(metric.args["threshold"])))
+
+
+def model_details_markdown(entry: ZooModel) -> str:
+    """The model's facts as a two-column table: what it is, its calibration and threshold, where it
+    comes from, and its headline metrics (model/metrics_schema.py's table picks which)."""
+    info = entry.describe()
+    no_card_value = "see the model card" if info["license"] else "not stated (no model card)"
+    rows = [
+        ("Architecture", f"`{info['net_type']}`"),
+        ("Parameters", f"{info['num_parameters'] / 1e6:.2f} M"),
+        ("Input", f"{info['img_size']}x{info['img_size']} px"),
+        ("Classes", str(info["out_dim"])),
+        ("Explanation", info["explanation"]),
+        ("Calibration", _temperature_text(info)),
+        ("Melanoma threshold", f"{percent(info['melanoma_threshold'])} on P(mel), {THRESHOLD_RULE}"),
+        ("Training data", training_data_text(entry) or no_card_value),
+        ("License", info["license"] or no_card_value),
+    ]
+    if info["base_model"]:
+        rows.append(("Base model", info["base_model"]))
+    if info["extra_heads"]:
+        heads = [f"`{name}`" for name in info["extra_heads"] if not (entry.has_seven_point and name in SEVEN_POINT)]
+        if entry.has_seven_point:
+            heads.insert(0, "the seven-point checklist criteria")
+        rows.append(("Extra heads", f"{', '.join(heads)} (shown with each single-image result)"))
+    headline = [m for m in entry.card.metrics if m.type in HEADLINE_TYPES] if entry.card else []
+    rows += [(f"{metric_name(m)} ({m.dataset})", f"{m.value:.3f}") for m in headline]
+    cells = "\n".join(f"| {name} | {value.replace('|', '/')} |" for name, value in rows)
+    source = "\n\n<small>Metrics: from the model card.</small>" if headline else ""
+    return f"| Model | **{info['model_id']}** |\n|---|---|\n{cells}{source}"
+
+
+TRANSFORMERS_NAMES = {"vit": "ViT", "deit": "DeiT"}
+
+
+def model_label(model_id: str, source: str) -> str:
+    """A dropdown label that says what a model is, from its folder's config.json alone (nothing is
+    loaded): e.g. "melanoma-vit-hf: stock transformers DeiT export"."""
+    config_path = Path(source) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return model_id  # a Hub id or an unreadable folder: the id says it
+    kind = config.get("model_type", "")
+    if kind == "timm_wrapper":
+        what = f"timm {config.get('architecture', 'CNN')} (CNN)"
+    elif kind == "melanoma_vit":
+        stem = "hybrid CNN-stem ViT" if config.get("patch_embedding_type") == "hybrid" else "ViT"
+        what = f"MelanomaViT, this project's {stem}"
+    else:
+        what = f"stock transformers {TRANSFORMERS_NAMES.get(kind, kind)} export (no remote code)"
+    extras = config.get("extra_heads") or {}
+    if extras:
+        what += ", with seven-point criteria heads" if all(k in extras for k in SEVEN_POINT) else ", with extra heads"
+    return f"{model_id}: {what}"
+
+
+def gallery_caption(rank: int, result: ImageResult) -> str:
+    """A thumbnail's one-line caption, short enough not to be cut off: rank, P(melanoma), the flag.
+    The file name is in the table and the selected image's detail (a long name would truncate it)."""
+    if result.warning:
+        tag = "not dermoscopy?"
+    else:
+        tag = "above threshold" if result.melanoma else "below threshold"
+        if result.caution:
+            tag += ", caution"
+    return f"#{rank} · {percent(result.melanoma_probability or 0.0)} · {tag}"
+
+
+def colour_legend_html(what: str = "explanation weight") -> str:
+    """A small colour bar for the explanation overlay, in the overlay's own colour map."""
+    cmap = matplotlib.colormaps[EXPLANATION_COLORMAP]
+    stops = ", ".join(
+        "#{:02x}{:02x}{:02x} {}%".format(*(round(255 * c) for c in cmap(i / 10)[:3]), 10 * i) for i in range(11)
+    )
+    return (
+        '<div id="explanation-legend" style="display:flex;align-items:center;gap:0.5em;font-size:0.9em">'
+        f'<span>low</span><div role="img" aria-label="colour bar: blue low, red high {what}" '
+        f'style="flex:1;height:12px;border-radius:3px;background:linear-gradient(to right, {stops})"></div>'
+        f"<span>high {what}</span></div>"
+    )

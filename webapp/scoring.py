@@ -1,0 +1,171 @@
+"""The one scoring service behind the page and REST: decode, score, rank, explain, build rows.
+
+Results stay typed (`model.zoo.ImageResult` inside `BatchResult` / `Explained`); they become
+JSON only at the boundary (REST responses, the Gradio JSON output) and CSV cells only through
+`model.records`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from model.imageio import MAX_BYTES, InvalidImageError, load_image
+from model.records import csv_safe, result_row
+from model.zoo import ImageResult, ModelZoo, ZooModel
+
+from .formatting import clip
+
+# Images are downscaled to this side after decoding: every model input is far smaller, and it
+# bounds memory for big uploads.
+WORKING_SIDE = 1024
+BATCH_CHUNK = 16
+THUMB_SIDE = 160
+# Every upload is decoded on this one thread: one decode at a time (each bounded by model.imageio),
+# and its buffers come from one malloc arena that the next decode reuses, where decoding on the
+# request, worker and Gradio threads would leave a freed full-size buffer in each thread's arena.
+DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="melanoma-decode")
+
+
+def read_image(source: Any, max_bytes: int = MAX_BYTES) -> Image.Image:
+    """Every upload's decoder: `model.imageio.load_image` at the app's working size, on `DECODER`."""
+    return DECODER.submit(load_image, source, max_bytes=max_bytes, max_side=WORKING_SIDE).result()
+
+
+@dataclass(frozen=True)
+class FileError:
+    """A file that could not be used; the rest of the batch goes on."""
+
+    name: str
+    error: str
+
+
+@dataclass
+class BatchResult:
+    """Many images scored by one model, in upload order.
+
+    results: one per usable file; sources: each result's index among the inputs; errors: the
+    files that could not be used; thumbnails: each result's thumbnail (when asked for).
+    """
+
+    model_id: str
+    results: list[ImageResult]
+    sources: list[int]
+    errors: list[FileError]
+    thumbnails: list[Image.Image] = field(default_factory=list)
+
+    @property
+    def ranking(self) -> list[int]:
+        """Positions in `results`, highest P(melanoma) first (rank 1 = `ranking[0]`)."""
+        return sorted(range(len(self.results)), key=lambda i: -(self.results[i].melanoma_probability or 0.0))
+
+    def rows(self) -> pd.DataFrame:
+        """The batch table: one ranked row per result with the columns train/predict.py writes too
+        (model.records), then one row per unusable file."""
+        rows = [
+            {"rank": rank, "file": self.results[i].name, **result_row(self.results[i]), "error": ""}
+            for rank, i in enumerate(self.ranking, start=1)
+        ]
+        rows += [{"rank": None, "file": error.name, "error": error.error} for error in self.errors]
+        table = pd.DataFrame(rows)
+        table["rank"] = table["rank"].astype("Int64")
+        return table
+
+    def write_csv(self, path: Path) -> None:
+        """`rows()` as CSV, text cells neutralised against formula injection (model.records)."""
+        self.rows().map(csv_safe).to_csv(path, index=False)
+
+
+@dataclass
+class Explained:
+    """One image scored and explained: what the page shows and keeps (in gr.State) so that
+    changing the opacity only re-blends, and changing the explanation options only re-explains.
+
+    image: the decoded image at the working size (the upload's aspect ratio); mask: the
+    explanation on the model's input grid, (h, w) in [0, 1]; method: how it was computed.
+    """
+
+    model_id: str
+    result: ImageResult
+    image: Image.Image
+    mask: np.ndarray
+    method: str
+
+
+class ScoringService:
+    """Scores uploads with the zoo's models for the page and REST alike.
+
+    Args:
+        zoo: the model zoo. max_upload_bytes: largest accepted file.
+    """
+
+    def __init__(self, zoo: ModelZoo, max_upload_bytes: int = MAX_BYTES):
+        self.zoo, self.max_upload_bytes = zoo, max_upload_bytes
+
+    def entry(self, model_id: str | None) -> ZooModel:
+        """The zoo's model (the default one for None or ""); raises `UnknownModelError`."""
+        return self.zoo.get(model_id or None)
+
+    def read(self, source: Any) -> Image.Image:
+        """One upload (path or bytes) decoded at the working size; raises `InvalidImageError`."""
+        return read_image(source, self.max_upload_bytes)
+
+    def score(
+        self,
+        entry: ZooModel,
+        sources: Sequence[tuple[str, Any]],
+        on_chunk: Callable[[int], None] | None = None,
+        thumbnails: bool = False,
+    ) -> BatchResult:
+        """(name, path or bytes) pairs scored `BATCH_CHUNK` at a time, so a batch never holds more
+        than one chunk of decoded images. `on_chunk(done)` reports progress."""
+        batch = BatchResult(entry.id, [], [], [])
+        for start in range(0, len(sources), BATCH_CHUNK):
+            chunk: list[tuple[int, str, Image.Image]] = []
+            for index in range(start, min(start + BATCH_CHUNK, len(sources))):
+                name, source = sources[index]
+                try:
+                    chunk.append((index, name, self.read(source)))
+                except InvalidImageError as err:
+                    batch.errors.append(FileError(clip(name), str(err)))
+            if chunk:
+                images = [image for _, _, image in chunk]
+                predictions = entry.predict(images)
+                oods = self.zoo.check_ood(images)
+                for (index, name, image), prediction, ood in zip(chunk, predictions, oods):
+                    batch.results.append(entry.result(clip(name), prediction, ood))
+                    batch.sources.append(index)
+                    if thumbnails:
+                        thumb = image.copy()
+                        thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
+                        batch.thumbnails.append(thumb)
+            if on_chunk is not None:
+                on_chunk(len(batch.results) + len(batch.errors))
+        return batch
+
+    def explain(
+        self,
+        entry: ZooModel,
+        name: str,
+        image: Image.Image,
+        head_fusion: str = "mean",
+        discard_ratio: float = 0.9,
+        start_layer: int = 0,
+    ) -> Explained:
+        """One image's result and explanation (rollout options clamped to the model's layers);
+        raises ValueError for options the model refuses."""
+        start_layer = min(int(start_layer), max(entry.num_layers - 1, 0))
+        analysis = entry.analyze(image, head_fusion, float(discard_ratio), start_layer)
+        result = entry.result(clip(name), analysis, self.zoo.check_ood([image])[0], explanation=analysis.method)
+        return Explained(entry.id, result, image, analysis.mask, analysis.method)
+
+    def overlay(self, explained: Explained, opacity: float = 0.5) -> np.ndarray:
+        """The explanation over the image at the image's own geometry, (H, W, 3) uint8."""
+        return self.entry(explained.model_id).explanation_overlay(explained.image, explained.mask, float(opacity))

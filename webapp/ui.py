@@ -1,0 +1,439 @@
+"""The Gradio page: handlers at module level (each takes the `AppContext` first; `bind` hands it
+over), then the layout in `build_blocks`.
+
+Named API endpoints: `/predict` (one image), `/predict_batch` (many) and `/explanation_opacity`
+(re-blend the last explanation at another opacity, no new prediction).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import yaml
+from PIL import Image, ImageOps
+
+from model.imageio import InvalidImageError
+from model.zoo import ImageResult, UnknownModelError, ZooModel
+
+from .context import AppContext
+from .formatting import (
+    API_DESCRIPTION,
+    DISCLAIMER,
+    clip,
+    colour_legend_html,
+    criteria_markdown,
+    gallery_caption,
+    model_details_markdown,
+    model_label,
+    percent_value,
+    probabilities_markdown,
+    verdict_markdown,
+)
+from .rest import MAX_BULK_FILES
+from .scoring import BatchResult, Explained
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES_FILE = ROOT / "assets" / "examples.yaml"
+ABOVE_COLOUR, BELOW_COLOUR, OOD_COLOUR = (220, 30, 30), (30, 90, 220), (150, 150, 150)
+DEFAULT_OPACITY = 0.5
+NO_MODEL = "No model found: add a model folder under models/."
+# The batch table's columns (the CSV has them all).
+SHOWN_COLUMNS = (
+    "rank", "file", "melanoma_probability", "above_threshold", "seven_point_score", "top_class_name", "ood", "error",
+)
+
+# Gallery captions wrap instead of ending in an ellipsis, and phones get two columns (six columns of
+# Gradio's 100 px minimum would scroll sideways and cut every caption). Table cells break between
+# words only (Gradio's prose breaks "Architecture" mid-word at phone width); a percentage never wraps.
+PAGE_CSS = """
+#model-details td, #model-details th { word-break: normal; overflow-wrap: normal; }
+#class-table td:last-child { white-space: nowrap; }
+#ranked-gallery .caption-label { white-space: normal; max-width: calc(100% - 8px); }
+@media (max-width: 600px) {
+  #ranked-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
+}
+"""
+
+
+def bind(handler: Callable, ctx: AppContext) -> Callable:
+    """`handler` with `ctx` as its first argument. Like functools.partial, but a bound method keeps
+    what Gradio reads from a handler: its name and its type hints (gr.SelectData)."""
+    return types.MethodType(handler, ctx)
+
+
+@dataclass
+class BatchState:
+    """The batch tab's state: ranked results and the path each was read from (names may repeat)."""
+
+    model_id: str
+    results: list[ImageResult]
+    paths: list[str]
+
+
+def _entry(ctx: AppContext, model_id: str | None) -> ZooModel:
+    try:
+        return ctx.scoring.entry(model_id)
+    except UnknownModelError as err:
+        raise gr.Error(str(err)) from err
+
+
+def _read(ctx: AppContext, path: str) -> Image.Image:
+    """An upload decoded by the project's decoder; its friendly message when it cannot be."""
+    try:
+        return ctx.scoring.read(path)
+    except InvalidImageError as err:
+        raise gr.Error(str(err)) from err
+
+
+def _name_of(path: str) -> str:
+    return clip(Path(path).name)
+
+
+def _overlay_image(ctx: AppContext, explained: Explained, opacity: float) -> gr.Image:
+    return gr.Image(value=ctx.scoring.overlay(explained, opacity), label=f"Explanation: {explained.method}")
+
+
+def _marked_thumbnail(thumb: Image.Image, result: ImageResult) -> Image.Image:
+    colour = OOD_COLOUR if result.warning else ABOVE_COLOUR if result.melanoma else BELOW_COLOUR
+    return ImageOps.expand(thumb, border=8, fill=colour)
+
+
+# -------------------------------------------------------------------------- single image
+def preview(ctx: AppContext, image_path: str | None):
+    """A new upload: shown as the model will see it (or the decoder's message for a file it cannot
+    read), the previous image's results cleared -> (image, overlay, verdict, classes, state)."""
+    image = _read(ctx, image_path) if image_path else None
+    return image, gr.Image(value=None, label="Explanation"), "", "", None
+
+
+def predict(
+    ctx: AppContext,
+    image_path: str | None,
+    model_id: str | None,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.9,
+    start_layer: int = 0,
+):
+    """One image -> (class probabilities, verdict, explanation overlay, plain image, JSON record, state)."""
+    if not image_path:
+        raise gr.Error("Upload an image first.")
+    image = _read(ctx, image_path)
+    entry = _entry(ctx, model_id)
+    try:
+        explained = ctx.scoring.explain(entry, _name_of(image_path), image, head_fusion, discard_ratio, start_layer)
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
+    result = explained.result
+    verdict = verdict_markdown(result)
+    if result.heads is not None and not result.warning:  # OOD: no score is meaningful
+        verdict += "\n\n" + criteria_markdown(result.heads)
+    return (
+        # Clearly not dermoscopy: the class scores are collapsed (they stay in the JSON record).
+        "" if result.warning else probabilities_markdown(entry, result.probabilities),
+        verdict,
+        _overlay_image(ctx, explained, DEFAULT_OPACITY),
+        image,
+        result.to_json(),
+        explained,
+    )
+
+
+def explanation_opacity(ctx: AppContext, explained: Explained | None, opacity: float):
+    """The last explanation re-blended at `opacity` (0: the image, 1: the heat map alone); no new
+    prediction: the heat map is the one kept in the page's state."""
+    if explained is None:
+        return gr.skip()
+    return _overlay_image(ctx, explained, opacity)
+
+
+def re_explain(
+    ctx: AppContext,
+    explained: Explained | None,
+    head_fusion: str,
+    discard_ratio: float,
+    start_layer: int,
+    opacity: float,
+):
+    """The last image explained again with new rollout options (same model, same image)."""
+    if explained is None:
+        return gr.skip(), gr.skip()
+    entry = _entry(ctx, explained.model_id)
+    try:
+        explained = ctx.scoring.explain(
+            entry, explained.result.name, explained.image, head_fusion, discard_ratio, start_layer
+        )
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
+    return _overlay_image(ctx, explained, opacity), explained
+
+
+# --------------------------------------------------------------------------------- batch
+def predict_batch(ctx: AppContext, files: list[str] | None, model_id: str | None, progress=gr.Progress()):
+    """Many images -> (ranked marked gallery, table, CSV file, error list, state)."""
+    if not files:
+        raise gr.Error("Upload one or more images first.")
+    if len(files) > MAX_BULK_FILES:
+        raise gr.Error(f"At most {MAX_BULK_FILES} images per batch, got {len(files)}.")
+    entry = _entry(ctx, model_id)
+    total = len(files)
+    progress((0, total), desc="Classifying", unit="images")
+    batch = ctx.scoring.score(
+        entry,
+        [(_name_of(path), path) for path in files],
+        on_chunk=lambda done: progress((done, total), desc="Classifying", unit="images"),
+        thumbnails=True,
+    )
+    ranking = batch.ranking
+    gallery = [
+        (_marked_thumbnail(batch.thumbnails[i], batch.results[i]), gallery_caption(rank, batch.results[i]))
+        for rank, i in enumerate(ranking, start=1)
+    ]
+    rows = batch.rows()
+    csv_path = ctx.scratch.new_file(f"melanoma_batch_{entry.id.replace('/', '_')}.csv")
+    batch.write_csv(csv_path)
+    state = BatchState(entry.id, [batch.results[i] for i in ranking], [files[batch.sources[i]] for i in ranking])
+    return gallery, _shown_table(rows), str(csv_path), _errors_markdown(batch), state
+
+
+def _shown_table(rows: Any) -> Any:
+    """The page's table: fewer columns than the CSV, P(melanoma) in the page's unit (percent, one
+    decimal, numeric so that the column sorts, from the raw values); the CSV keeps 0-1."""
+    shown = rows[[c for c in SHOWN_COLUMNS if c in rows]].round(4)
+    if "melanoma_probability" in rows:
+        shown["melanoma_probability"] = rows["melanoma_probability"].map(percent_value)
+    return shown.rename(columns={"melanoma_probability": "P(melanoma) %"})
+
+
+def _errors_markdown(batch: BatchResult) -> str:
+    if not batch.errors:
+        return f"All {len(batch.results)} images processed."
+    return "**Files that could not be used** (the rest of the batch was processed):\n" + "\n".join(
+        f"- `{e.name}`: {e.error}" for e in batch.errors
+    )
+
+
+def fold_uploads(files: list[str] | None):
+    """The upload list folds away once there are files (results stay in view); it opens when empty."""
+    if not files:
+        return gr.Accordion(label="Images", open=True)
+    return gr.Accordion(label=f"Images: {len(files)} file{'s' if len(files) != 1 else ''} (open to change)", open=False)
+
+
+def show_selected(ctx: AppContext, state: BatchState | None, evt: gr.SelectData):
+    """A gallery thumbnail's detail: class table, verdict, image and its explanation overlay."""
+    if not state or evt.index is None or evt.index >= len(state.results):
+        raise gr.Error("Run a batch first.")
+    result = state.results[evt.index]
+    entry = _entry(ctx, state.model_id)
+    image = _read(ctx, state.paths[evt.index])
+    explained = ctx.scoring.explain(entry, result.name, image)
+    return (
+        probabilities_markdown(entry, result.probabilities, f"Selected image: {result.name}"),
+        f"**{result.name}**\n\n" + verdict_markdown(result),
+        _overlay_image(ctx, explained, DEFAULT_OPACITY),
+        image,
+    )
+
+
+# ------------------------------------------------------------------------------ the model
+def on_model_change(ctx: AppContext, model_id: str | None):
+    """Model details, and the rollout controls shown for ViTs only (CNNs use Grad-CAM)."""
+    if not model_id:
+        return NO_MODEL, gr.Radio(), gr.Slider(), gr.Slider()
+    entry = _entry(ctx, model_id)
+    rollout = entry.uses_rollout
+    return (
+        model_details_markdown(entry),
+        gr.Radio(visible=rollout),
+        gr.Slider(visible=rollout),
+        # Slider needs maximum > minimum; the scoring service clamps start_layer to the last layer.
+        gr.Slider(maximum=max(entry.num_layers - 1, 1), value=0, visible=rollout and entry.num_layers > 1),
+    )
+
+
+def load_examples() -> tuple[list[str], list[str], str]:
+    """assets/examples.yaml: (image paths, captions, attribution)."""
+    if not EXAMPLES_FILE.is_file():
+        return [], [], ""
+    spec = yaml.safe_load(EXAMPLES_FILE.read_text()) or {}
+    paths, captions = [], []
+    for item in spec.get("examples", []):
+        path = ROOT / item["path"]
+        if path.is_file():
+            paths.append(str(path))
+            captions.append(item.get("caption", path.name))
+    return paths, captions, spec.get("attribution", "")
+
+
+def example_batch() -> list[str]:
+    """The example images as one batch (the batch tab's "Example batch" button)."""
+    return load_examples()[0]
+
+
+# ---------------------------------------------------------------------------------- layout
+def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple[list[str], list[str], str]):
+    """The single-image tab's components and events; returns the rollout controls (head fusion,
+    discard ratio, start layer) that the model choice shows or hides."""
+    example_paths, example_captions, attribution = examples
+    with gr.Row():
+        with gr.Column():
+            # A file input, decoded by model.imageio: an unreadable file gets the decoder's
+            # message (Gradio's image input would fail with a bare "Error" first).
+            image_in = gr.File(label="Dermoscopic image", file_count="single", type="filepath", height=120)
+            run_button = gr.Button("Classify", variant="primary")
+            with gr.Accordion("Explanation settings", open=False):
+                head_fusion = gr.Radio(["mean", "max", "min"], value="mean", label="Rollout head fusion")
+                discard_ratio = gr.Slider(0.0, 0.99, value=0.9, step=0.01, label="Rollout discard ratio")
+                start_layer = gr.Slider(0, 11, value=0, step=1, label="Rollout start layer")
+            if example_paths:
+                gr.Examples(
+                    examples=[[p] for p in example_paths], inputs=[image_in], example_labels=example_captions
+                )
+                gr.Markdown(f"<small>{attribution}</small>")
+        with gr.Column():
+            verdict = gr.Markdown()
+            probs_out = gr.Markdown(elem_id="class-table")
+    with gr.Row():
+        plain_out = gr.Image(label="Image", type="pil", interactive=False)
+        with gr.Column():
+            # PNG: lossless, so that opacity 0 shows the decoded upload exactly.
+            heatmap_out = gr.Image(
+                label="Explanation", interactive=False, format="png", elem_id="explanation-overlay"
+            )
+            opacity = gr.Slider(
+                0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Overlay opacity", elem_id="overlay-opacity"
+            )
+            gr.HTML(colour_legend_html())
+    with gr.Accordion("Raw result (JSON)", open=False):
+        json_out = gr.JSON()
+    explained = gr.State()
+    image_in.change(
+        bind(preview, ctx),
+        inputs=[image_in],
+        outputs=[plain_out, heatmap_out, verdict, probs_out, explained],
+        api_visibility="private",
+    )
+    run_button.click(
+        bind(predict, ctx),
+        inputs=[image_in, model_choice, head_fusion, discard_ratio, start_layer],
+        outputs=[probs_out, verdict, heatmap_out, plain_out, json_out, explained],
+        api_name="predict",
+        api_description="One image -> class probabilities, verdict, explanation, image, JSON. "
+        + API_DESCRIPTION,
+    ).success(  # the page's opacity, if the slider was moved before the click
+        bind(explanation_opacity, ctx), inputs=[explained, opacity], outputs=[heatmap_out],
+        api_name="explanation_after_predict", api_visibility="private",
+    )
+    opacity.change(
+        bind(explanation_opacity, ctx),
+        inputs=[explained, opacity],
+        outputs=[heatmap_out],
+        api_name="explanation_opacity",
+        api_description="Re-blend the last /predict explanation at another opacity (0-1), no new prediction.",
+    )
+    gr.on(
+        [head_fusion.change, discard_ratio.change, start_layer.change],
+        bind(re_explain, ctx),
+        inputs=[explained, head_fusion, discard_ratio, start_layer, opacity],
+        outputs=[heatmap_out, explained],
+        api_visibility="private",
+    )
+    return head_fusion, discard_ratio, start_layer
+
+
+def batch_tab(ctx: AppContext, model_choice: gr.Dropdown, example_paths: list[str]) -> None:
+    """The batch tab's components and events."""
+    gr.Markdown(
+        "Upload many images at once: results are ranked by melanoma probability, highest first. "
+        "Captions: rank · P(melanoma) · threshold. Red border: above the model's threshold; blue: below; "
+        "grey: may not be dermoscopy. "
+        "Click a thumbnail for details. " + DISCLAIMER
+    )
+    # Folded once files are there, and a fixed height when open: a long upload list never
+    # pushes the results down.
+    with gr.Accordion("Images", open=True) as uploads:
+        files_in = gr.File(file_count="multiple", label="Images", height=180)
+    with gr.Row():
+        batch_button = gr.Button("Classify all", variant="primary")
+        if example_paths:
+            gr.Button("Example batch", variant="secondary").click(
+                example_batch, outputs=[files_in], api_visibility="private"
+            )
+    batch_errors = gr.Markdown()
+    gallery = gr.Gallery(
+        label="Ranked by melanoma probability",
+        elem_id="ranked-gallery",
+        columns=6,
+        height="auto",
+        allow_preview=False,
+        object_fit="contain",
+    )
+    with gr.Row():
+        sel_probs = gr.Markdown()
+        with gr.Column():
+            sel_verdict = gr.Markdown()
+            sel_plain = gr.Image(label="Image", type="pil", interactive=False)
+        sel_heatmap = gr.Image(label="Explanation", interactive=False)
+    table = gr.Dataframe(label="Results", interactive=False)
+    csv_out = gr.File(label="All results (CSV)")
+    batch_state = gr.State()
+    files_in.change(fold_uploads, inputs=[files_in], outputs=[uploads], api_visibility="private")
+    batch_button.click(
+        bind(predict_batch, ctx),
+        inputs=[files_in, model_choice],
+        outputs=[gallery, table, csv_out, batch_errors, batch_state],
+        api_name="predict_batch",
+        api_description="Many images -> ranked gallery, table, CSV file, errors. " + API_DESCRIPTION,
+    )
+    gallery.select(
+        bind(show_selected, ctx),
+        inputs=[batch_state],
+        outputs=[sel_probs, sel_verdict, sel_heatmap, sel_plain],
+        api_visibility="private",
+    )
+
+
+def build_blocks(ctx: AppContext) -> gr.Blocks:
+    """The page: model choice and details, the single-image tab and the batch tab."""
+    zoo = ctx.zoo
+    cache_ttl = int(ctx.settings.cache_ttl_s)
+    with gr.Blocks(title="Melanoma ViT: research demo", delete_cache=(max(1, cache_ttl // 4), cache_ttl)) as demo:
+        gr.Markdown("# Melanoma ViT: dermoscopy classifier (research demo)\n\n> " + DISCLAIMER)
+        with gr.Row():  # columns with a minimum width: at phone width the details table goes below
+            with gr.Column(min_width=320):
+                model_choice = gr.Dropdown(
+                    choices=[(model_label(i, zoo.source(i)), i) for i in zoo.ids],
+                    value=zoo.default_id,
+                    label="Model",
+                    interactive=True,
+                )
+            with gr.Column(min_width=320), gr.Accordion("Model details", open=True):
+                details = gr.Markdown(NO_MODEL if zoo.default_id is None else "", elem_id="model-details")
+        if zoo.skipped:
+            gr.Markdown("Hub models skipped (unreachable here): " + ", ".join(f"`{k}`" for k in zoo.skipped))
+        if zoo.ood_note:
+            gr.Markdown(f"_{zoo.ood_note}_")
+
+        examples = load_examples()
+        with gr.Tab("Single image"):
+            head_fusion, discard_ratio, start_layer = single_image_tab(ctx, model_choice, examples)
+        with gr.Tab("Batch"):
+            batch_tab(ctx, model_choice, examples[0])
+
+        gr.Markdown(
+            f"<small>{DISCLAIMER} Models trained on HAM10000 inherit its CC BY-NC-SA 4.0 terms "
+            "(non-commercial).</small>"
+        )
+        gr.on(
+            [model_choice.change, demo.load],
+            bind(on_model_change, ctx),
+            inputs=[model_choice],
+            outputs=[details, head_fusion, discard_ratio, start_layer],
+            api_visibility="private",
+        )
+    return demo
