@@ -153,7 +153,10 @@ def test_single_image_shows_probabilities_and_heatmap(browser, live_app, page, h
     assert float(re.search(r"([\d.]+)%", shown).group(1)) == pytest.approx(100 * expected, abs=0.051)
     assert re.search(r"([\d.]+%)", shown).group(1) == dict(cells)["Melanoma"]
     assert "chosen on validation for 95% melanoma sensitivity" in page.get_by_text(re.compile("threshold of")).inner_text()
-    # Model details are a table whose threshold is the verdict's, in the same unit.
+    # Model details are folded at first (the classifier comes first on a phone); opened, they are a
+    # table whose threshold is the verdict's, in the same unit.
+    assert not page.locator("table", has=page.get_by_text("Melanoma threshold")).first.is_visible()
+    page.get_by_text("Model details", exact=True).click()
     verdict_threshold = re.search(r"threshold of ([\d.]+%)", page.get_by_text(re.compile("threshold of")).inner_text())
     details = page.locator("table", has=page.get_by_text("Melanoma threshold")).first
     threshold_row = details.locator("tr", has=page.get_by_text("Melanoma threshold")).locator("td").all_inner_texts()

@@ -412,7 +412,7 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
                     label="Model",
                     interactive=True,
                 )
-            with gr.Column(min_width=320), gr.Accordion("Model details", open=True):
+            with gr.Column(min_width=320), gr.Accordion("Model details", open=False):
                 details = gr.Markdown(NO_MODEL if zoo.default_id is None else "", elem_id="model-details")
         if zoo.skipped:
             gr.Markdown("Hub models skipped (unreachable here): " + ", ".join(f"`{k}`" for k in zoo.skipped))
