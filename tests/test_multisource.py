@@ -420,8 +420,15 @@ def test_pure_vit_distilled_from_a_teacher_on_its_cached_features(tmp_path: Path
     diff = (pixels[0].float() - view0).abs()
     assert float(diff.mean()) < 1e-3 and float(diff.max()) < 0.05, (float(diff.mean()), float(diff.max()))
 
+    # the targets record their teachers: a rerun with another teacher list recomputes them
+    from safetensors import safe_open
+
+    with safe_open(str(out / TEACHER_LOGITS), "pt") as f:
+        assert json.loads(f.metadata()["teachers"]) == student["distillation"]["teachers"]
     # a teacher cache built for other rows is refused with the reason
     student["distillation"]["teachers"][0]["cache"] = str(tmp_path / "pixels")
     (tmp_path / "bad.yaml").write_text(json.dumps(student))
     with pytest.raises(ValueError, match="does not fit"):
         main(["--config", str(tmp_path / "bad.yaml"), "--output_dir", str(tmp_path / "bad"), "--num_workers", "0"])
+    with pytest.raises(ValueError, match="does not fit"):  # not the old targets of the same folder either
+        main(["--config", str(tmp_path / "bad.yaml"), "--output_dir", str(out), "--num_workers", "0"])

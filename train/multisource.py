@@ -43,6 +43,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -129,7 +130,8 @@ def teacher_logits(teachers: Sequence[Mapping[str, str]], train_ds: Any, output_
 
     Each teacher (a trained folder, e.g. models/efficientnet-lite2) reads the stem features its
     recipe cached (`cache`/train), so no image is decoded again. Written once to
-    `output_dir/teacher_logits.safetensors` (a resumed run reads it back). The teachers' melanoma
+    `output_dir/teacher_logits.safetensors` with the teacher list (a resumed run with the same
+    teachers reads it back; other teachers recompute it). The teachers' melanoma
     AUC on the training rows is logged per source: a cache whose rows are not this recipe's shows
     up as an AUC near 0.5, and a mismatched row count or geometry is refused.
     """
@@ -137,10 +139,11 @@ def teacher_logits(teachers: Sequence[Mapping[str, str]], train_ds: Any, output_
         return None
     path = output_dir / TEACHER_LOGITS
     n = len(train_ds)
+    teacher_list = json.dumps([dict(t) for t in teachers], sort_keys=True)
     if path.is_file():
-        cached = load_file(str(path))["logits"]
-        if len(cached) == n:
-            return cached
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("teachers") == teacher_list and f.get_slice("logits").get_shape()[0] == n:
+                return f.get_tensor("logits")
     dx = np.asarray(train_ds["label"])
     sources = np.asarray(train_ds["source"])
     total = torch.zeros(n, len(DX_CODES))
@@ -171,7 +174,7 @@ def teacher_logits(teachers: Sequence[Mapping[str, str]], train_ds: Any, output_
                             {s: round(a, 3) if a is not None else None for s, a in aucs.items()})
         del features
     logits = (total / count).clamp_min(1e-8).log()
-    save_file({"logits": logits.contiguous()}, str(path))
+    save_file({"logits": logits.contiguous()}, str(path), metadata={"teachers": teacher_list})
     return logits
 
 
