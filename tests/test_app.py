@@ -139,6 +139,73 @@ def test_gradio_predict_errors_and_exif(live, tmp_path, ham_image_paths):
     assert httpx.get(url + "public_models").status_code == 200
 
 
+def _raw_gradio_call(url: str, endpoint: str, data: list) -> tuple[int, str]:
+    """A Gradio call through the raw HTTP API, as an attacker sends it (gradio_client would upload
+    the files first): POST /gradio_api/call/<endpoint>, then read its event stream.
+    Returns (status of the POST, its body or the stream's text)."""
+    response = httpx.post(f"{url}gradio_api/call/{endpoint}", json={"data": data}, timeout=30)
+    if response.status_code != 200:
+        return response.status_code, response.text
+    event_id = response.json()["event_id"]
+    return 200, httpx.get(f"{url}gradio_api/call/{endpoint}/{event_id}", timeout=60).text
+
+
+def _file_ref(path) -> dict:
+    return {"path": path, "meta": {"_type": "gradio.FileData"}}
+
+
+def test_gradio_endpoints_read_only_files_uploaded_to_this_app(live, tmp_path, ham_image_paths):
+    """A raw Gradio call naming a server path is refused for every endpoint, before the file is
+    touched (/dev/zero used to pin a core), with one answer whatever exists there."""
+    from gradio.utils import get_upload_folder
+
+    url, _, _, _ = live
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(ham_image_paths[0], outside)
+    upload_dir = Path(get_upload_folder())
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    link_dir = Path(tempfile.mkdtemp(dir=upload_dir))  # a symlink inside the upload folder, to outside
+    (link_dir / "link.jpg").symlink_to(outside)
+    hostile = [
+        "/dev/zero",  # never-ending
+        str(outside),  # a real image on the server
+        str(tmp_path / "missing.jpg"),  # missing
+        str(tmp_path),  # a folder
+        str(upload_dir / ".." / outside.relative_to("/")),  # `..` out of the upload folder
+        str(link_dir / "link.jpg"),
+        f"{url}public_models",  # a URL: the server would fetch it
+        "",
+        123,
+    ]
+    answers = set()
+    try:
+        for path in hostile:
+            for endpoint, data in [
+                ("predict", [_file_ref(path), None, "mean", 0.9, 0]),
+                ("predict_batch", [[_file_ref(str(ham_image_paths[1])), _file_ref(path)], None]),
+            ]:
+                start = time.monotonic()
+                status, body = _raw_gradio_call(url, endpoint, data)
+                assert status == 403 and time.monotonic() - start < 10, (endpoint, path, status, body[:300])
+                answers.add(body)
+        # What a browser page sends (the queue), and a file reference nested anywhere in the body.
+        response = httpx.post(f"{url}gradio_api/queue/join", json={
+            "data": [_file_ref("/dev/zero"), None, "mean", 0.9, 0], "fn_index": 0, "session_hash": "x1"})
+        answers.add(response.text)
+        response = httpx.post(f"{url}gradio_api/call/predict", json={
+            "data": [None, None, "mean", 0.9, 0], "event_data": {"value": {"image": _file_ref(str(outside))}}})
+        answers.add(response.text)
+    finally:
+        shutil.rmtree(link_dir)
+    assert len(answers) == 1 and "uploaded to this app" in answers.pop()  # no existence oracle
+    # Gradio's own upload then the path it returns: scored as before; the server kept serving.
+    uploaded = httpx.post(f"{url}gradio_api/upload", files={"files": ("a.jpg", ham_image_paths[0].read_bytes())})
+    status, body = _raw_gradio_call(url, "predict", [_file_ref(uploaded.json()[0]), None, "mean", 0.9, 0])
+    assert status == 200 and "event: complete" in body and "Melanoma probability" in body
+    assert httpx.get(url + "public_models", timeout=5).status_code == 200
+    assert httpx.get(f"{url}gradio_api/file={outside}").status_code == 403  # and it was never cached
+
+
 def _overlay_array(heatmap) -> np.ndarray:
     return np.asarray(Image.open(heatmap["value"] if isinstance(heatmap, dict) else heatmap).convert("RGB"), np.float32)
 

@@ -4,7 +4,8 @@
 - `scoring`: the one service that decodes, scores, ranks, explains and builds rows, with typed results;
 - `formatting`: the page's words (verdicts, tables, captions) from typed results;
 - `ui`: the Gradio page, handlers at module level; `rest`: the REST routes; `tasks`: the REST task
-  store; `middleware`: request-size limits and the cross-site check for the whole app.
+  store; `middleware`: request-size limits, the cross-site check and "uploaded files only" for the
+  whole app.
 
 RESEARCH AND EDUCATION DEMO - NOT A MEDICAL DEVICE.
 """
@@ -19,12 +20,13 @@ from pathlib import Path
 
 import gradio as gr
 from fastapi import FastAPI
+from gradio.utils import get_upload_folder
 
 from model.imageio import MAX_BYTES
 from model.zoo import ModelZoo
 
 from .context import AppContext, AppSettings
-from .middleware import BodyLimitMiddleware, OriginCheckMiddleware
+from .middleware import BodyLimitMiddleware, OriginCheckMiddleware, UploadedFilesOnlyMiddleware
 from .rest import MULTIPART_OVERHEAD, build_api
 from .ui import PAGE_CSS, build_blocks, load_examples
 
@@ -71,6 +73,8 @@ def build_app(
         BodyLimitMiddleware,
         limits={"/predict": max_upload_bytes + MULTIPART_OVERHEAD, "/predict_bulk": settings.max_request_bytes},
     )
+    # Gradio calls name their input files by server path: only uploads to this app are read.
+    app.add_middleware(UploadedFilesOnlyMiddleware, upload_dir=get_upload_folder())
     app.add_middleware(OriginCheckMiddleware, allowed=settings.allowed_origins)
     return demo, app
 

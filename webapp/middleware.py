@@ -1,14 +1,26 @@
-"""ASGI middleware in front of the whole app (REST and Gradio): request-size limits and the
-cross-site (Origin) check."""
+"""ASGI middleware in front of the whole app (REST and Gradio): request-size limits, the
+cross-site (Origin) check, and the rule that Gradio endpoints only read files uploaded to this app."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model.imageio import format_bytes
+
+
+async def _answer(send: Send, status: int, detail: str, close: bool = False) -> None:
+    """A JSON error answer `{"detail": ...}` (the shape FastAPI gives the REST routes' errors)."""
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
@@ -25,11 +37,7 @@ class BodyLimitMiddleware:
 
     @staticmethod
     async def _refuse(send: Send, limit: int) -> None:
-        body = json.dumps({"detail": f"Request body is larger than the {format_bytes(limit)} limit."}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, 413, f"Request body is larger than the {format_bytes(limit)} limit.", close=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.limits.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -84,10 +92,85 @@ class OriginCheckMiddleware:
             host = headers.get(b"host", b"").decode("latin-1").lower()
             same_site = origin.split("://", 1)[-1] == host
             if origin and not same_site and origin not in self.allowed:
-                body = json.dumps({"detail": "Cross-site request refused: this page's origin is not allowed "
-                                             "(set MELANOMA_ALLOWED_ORIGINS to allow it)."}).encode()
-                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-                await send({"type": "http.response.start", "status": 403, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
+                return await _answer(send, 403, "Cross-site request refused: this page's origin is not allowed "
+                                                "(set MELANOMA_ALLOWED_ORIGINS to allow it).")
         await self.app(scope, receive, send)
+
+
+def _file_paths(value: Any) -> Iterator[Any]:
+    """Every `path` of a file reference (Gradio's FileData: a dict with a "path") anywhere in `value`."""
+    if isinstance(value, dict):
+        if "path" in value:
+            yield value["path"]
+        for item in value.values():
+            yield from _file_paths(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _file_paths(item)
+
+
+class UploadedFilesOnlyMiddleware:
+    """Gradio endpoints read only files that were uploaded to this app.
+
+    A Gradio call names its input files by server path (`{"path": ..., "meta": {"_type":
+    "gradio.FileData"}}`). `gr.mount_gradio_app` skips Gradio's own check that such a path was
+    uploaded (it runs only after `launch()`), so a raw `POST /gradio_api/call/predict` could make the
+    server read any file: `/dev/zero` pinned a core, any image was scored and served back, a missing
+    path and a folder answered differently. This refuses (403), before any file is touched, every
+    call that names a file outside the upload folder, a URL, or anything that is not a path string:
+    one answer for all of them, so it tells nothing about what exists on the server.
+
+    Args:
+        app: the ASGI app.
+        upload_dir: the folder Gradio keeps uploads in (`gradio.utils.get_upload_folder()`).
+        prefix: the Gradio API's path prefix; its upload route itself is not checked.
+        max_json_bytes: largest Gradio call body (file references are short: 1 MiB is thousands).
+    """
+
+    REFUSED = "Files must be uploaded to this app first (POST /gradio_api/upload); other paths are refused."
+
+    def __init__(self, app: ASGIApp, upload_dir: str, prefix: str = "/gradio_api/", max_json_bytes: int = 2**20):
+        self.app, self.prefix, self.max_json_bytes = app, prefix, max_json_bytes
+        self.upload_dir = os.path.realpath(upload_dir)
+        self.exempt = {prefix + "upload", prefix + "upload/"}
+
+    def uploaded(self, path: Any) -> bool:
+        """True for a path string whose real location (symlinks and `..` resolved) is in the upload folder."""
+        if not isinstance(path, str) or not path or "\0" in path or "://" in path:
+            return False
+        return os.path.commonpath([os.path.realpath(path), self.upload_dir]) == self.upload_dir
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if not (scope["type"] == "http" and scope["method"] == "POST" and path.startswith(self.prefix)
+                and path not in self.exempt):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_json_bytes:
+                return await _answer(send, 413, f"Request body is larger than the "
+                                                f"{format_bytes(self.max_json_bytes)} limit.", close=True)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            payload = json.loads(body) if body else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            payload = None  # not JSON: Gradio answers it (it names no file we would read)
+        if not all(self.uploaded(p) for p in _file_paths(payload)):
+            return await _answer(send, 403, self.REFUSED)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
