@@ -9,9 +9,9 @@ regression on the same EfficientNet-Lite0 features separates them (`model.ood.fi
 - dermoscopy to fit: 800 HAM10000 training images (the project's lesion-grouped split, the
   shipped models' `split_manifest.json`), 400 ISIC 2017 train, the Derm7pt train split;
 - thresholds: P(clinical) quantiles on held-out dermoscopy (400 HAM10000 validation images,
-  ISIC 2017 val, Derm7pt val): 1 % of them get a caution ("borderline"), 0.2 % a clear warning;
+  ISIC 2017 val, Derm7pt val): 1 % of them get a caution ("possibly_not_dermoscopy"), 0.2 % a warning ("not_dermoscopy");
 - measured: the held-out clinical half and every dermoscopy test set (HAM10000 test, ISIC 2017
-  test, Derm7pt test), as the share warned (borderline or clear, PPCA or clinical test) and
+  test, Derm7pt test), as the share warned (either level, PPCA or clinical test) and
   clearly warned. Targets: clinical warned >= 95 %, dermoscopy warned <= 3 %.
 
 Features are cached in one .npz (`--cache`, outside the repository); `--write` saves the detector
@@ -35,6 +35,8 @@ import torch
 from model.imageio import load_image
 from model.ood import (
     DEFAULT_OOD_PATH,
+    DERMOSCOPY,
+    NOT_DERMOSCOPY,
     create_feature_extractor,
     extract_features,
     fit_clinical_test,
@@ -161,8 +163,8 @@ def main() -> None:
         scores = detector.score_features(feats[name])
         clinical = detector.clinical_probability(feats[name])
         levels = [detector.result(float(s), float(p)).level for s, p in zip(scores, clinical)]
-        warned = float(np.mean([lv != "none" for lv in levels]))
-        clear = float(np.mean([lv == "clear" for lv in levels]))
+        warned = float(np.mean([lv != DERMOSCOPY for lv in levels]))
+        clear = float(np.mean([lv == NOT_DERMOSCOPY for lv in levels]))
         ppca = float((scores > detector.threshold).float().mean())
         target = ">= 95 %" if name.startswith("sd198") else "<= 3 %"
         ok = (warned >= 0.95) if name.startswith("sd198") else (warned <= 0.03)

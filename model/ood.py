@@ -27,10 +27,12 @@ Design (measured in ``bench/bench_ood.py``):
    clinical photographs (SD-198) against dermoscopy (HAM10000, ISIC 2017, Derm7pt training images),
    ``p_clinical = sigmoid(w . f + b)`` (``bench/bench_ood.py --fit-clinical``).
 
-The verdict is graded (``OODResult.level``): "clear" (PPCA score above ``clear_ratio`` x the
-threshold, or ``p_clinical >= clinical_clear``): the scores mean nothing for this image;
-"borderline" (just above the threshold, or ``p_clinical >= clinical_caution``): a caution next
-to scores that are still shown; "none": looks like dermoscopy.
+The verdict is graded (``OODResult.level``): "not_dermoscopy" (PPCA score above ``clear_ratio`` x
+the threshold, or ``p_clinical >= clinical_clear``): the scores mean nothing for this image, so it
+gets no melanoma flag and no rank; "possibly_not_dermoscopy" (just above the threshold, or
+``p_clinical >= clinical_caution``): a caution next to scores that still stand; "dermoscopy": looks
+like the dermoscopy the models were trained on. (The names say what was found, so that no value
+reads as "all clear".)
 
 The artifact is a folder with ``ood.safetensors`` (mean, components, variances) and
 ``config.json`` (threshold, input size, feature extractor, fitting command); no pickle.
@@ -60,7 +62,8 @@ WEIGHTS_NAME = "ood.safetensors"
 CONFIG_NAME = "config.json"
 FEATURE_EXTRACTOR = "tf_efficientnet_lite0"
 _TENSOR_KEYS = ("mean", "components", "explained_variance", "noise_variance")
-LEVELS = ("none", "borderline", "clear")
+DERMOSCOPY, POSSIBLY_NOT_DERMOSCOPY, NOT_DERMOSCOPY = "dermoscopy", "possibly_not_dermoscopy", "not_dermoscopy"
+LEVELS = (DERMOSCOPY, POSSIBLY_NOT_DERMOSCOPY, NOT_DERMOSCOPY)
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,12 @@ class OODResult:
     """Verdict for one image.
 
     Attributes:
-        is_ood: True when the image may not be dermoscopy (``level`` is "borderline" or "clear").
+        is_ood: True when the image may not be dermoscopy (``level`` is not "dermoscopy").
         score: PPCA Mahalanobis distance of the image's features (unitless, >= 0).
         threshold: the detector's decision threshold on ``score``.
         reason: one human-readable sentence for the user interface.
-        level: "none", "borderline" (a caution; scores still shown) or "clear" (scores not meaningful).
+        level: "dermoscopy", "possibly_not_dermoscopy" (a caution; scores still stand) or
+            "not_dermoscopy" (scores not meaningful: no melanoma flag, no rank).
         clinical_probability: P(clinical photograph) from the clinical test, None without one.
     """
 
@@ -80,18 +84,24 @@ class OODResult:
     score: float
     threshold: float
     reason: str
-    level: str | None = None  # None: "clear" when is_ood, else "none" (an ungraded verdict)
+    level: str | None = None  # None: "not_dermoscopy" when is_ood, else "dermoscopy" (an ungraded verdict)
     clinical_probability: float | None = None
 
     def __post_init__(self) -> None:
         if self.level is None:
-            object.__setattr__(self, "level", "clear" if self.is_ood else "none")
+            object.__setattr__(self, "level", NOT_DERMOSCOPY if self.is_ood else DERMOSCOPY)
         if self.level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
 
     @property
-    def clear(self) -> bool:
-        return self.level == "clear"
+    def not_dermoscopy(self) -> bool:
+        """The image is clearly not dermoscopy: its scores mean nothing."""
+        return self.level == NOT_DERMOSCOPY
+
+    @property
+    def possibly_not_dermoscopy(self) -> bool:
+        """The image may not be dermoscopy: its scores stand, with a caution."""
+        return self.level == POSSIBLY_NOT_DERMOSCOPY
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -249,22 +259,22 @@ class OODDetector:
         ``OODResult`` with a user-facing reason."""
         if not math.isfinite(score):
             reason = "The image could not be analysed (non-finite features)."
-            return OODResult(True, float("inf"), self.threshold, reason, "clear", clinical)
+            return OODResult(True, float("inf"), self.threshold, reason, NOT_DERMOSCOPY, clinical)
         ratio = score / self.threshold
         is_clinical = clinical is not None and clinical >= self.clinical_caution
         if ratio > self.clear_ratio or (clinical is not None and clinical >= self.clinical_clear):
-            level = "clear"
+            level = NOT_DERMOSCOPY
         elif ratio > 1.0 or is_clinical:
-            level = "borderline"
+            level = POSSIBLY_NOT_DERMOSCOPY
         else:
             reason = f"Looks like a dermoscopic image (OOD score {score:.0f} <= threshold {self.threshold:.0f})."
-            return OODResult(False, score, self.threshold, reason, "none", clinical)
+            return OODResult(False, score, self.threshold, reason, DERMOSCOPY, clinical)
         what = (
             f"a clinical photograph rather than dermoscopy (P(clinical photo) {clinical:.0%})"
             if is_clinical
             else f"unlike the dermoscopy the models were trained on (OOD score {ratio:.2f}x the threshold)"
         )
-        if level == "clear":
+        if level == NOT_DERMOSCOPY:
             reason = f"This does not look like a dermoscopic skin-lesion image: {what}. The melanoma score is not meaningful for it."
         else:
             reason = f"This image may not be dermoscopy: {what}. Read its scores with extra caution."

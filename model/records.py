@@ -32,7 +32,8 @@ def head_column(head: str, label: str) -> str:
 def result_columns(entry: ZooModel) -> list[str]:
     """The columns `result_row` fills for `entry`'s results, in order."""
     columns = [
-        "melanoma_probability", "above_threshold", "threshold", "top_class", "top_class_name", "top_probability",
+        "melanoma_probability", "above_threshold", "threshold", "above_balanced_threshold", "balanced_threshold",
+        "top_class", "top_class_name", "top_probability",
         "ood", "ood_level", "ood_score", "model_id",
     ]
     columns += [f"p_{entry.id2label[i]}" for i in range(entry.out_dim)]
@@ -50,6 +51,8 @@ def result_row(result: ImageResult) -> dict[str, Any]:
         "melanoma_probability": result.melanoma_probability,
         "above_threshold": result.melanoma,
         "threshold": result.melanoma_threshold,
+        "above_balanced_threshold": result.above_balanced,
+        "balanced_threshold": result.operating_points.balanced.threshold if result.operating_points else None,
         "top_class": result.label,
         "top_class_name": result.label_name,
         "top_probability": result.probability,

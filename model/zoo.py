@@ -130,6 +130,32 @@ class ModelMetadata:
     out_dim: int  # number of classes
 
 
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A threshold on P(mel) and what it gave on validation (fractions 0-1)."""
+
+    threshold: float
+    sensitivity: float
+    specificity: float
+
+
+@dataclass(frozen=True)
+class OperatingPoints:
+    """A model's two melanoma thresholds measured on its validation data (config.json
+    `melanoma_operating_points`, written by `train/operating_points.py`): `flag`, the model's own
+    threshold (95% sensitivity rule), and `balanced`, the highest sensitivity + specificity."""
+
+    flag: OperatingPoint
+    balanced: OperatingPoint
+    data: str  # what they were measured on, e.g. "validation: HAM10000 1498, ISIC 2017 150, Derm7pt 203"
+
+    @classmethod
+    def from_config(cls, value: dict[str, Any] | None) -> OperatingPoints | None:
+        if not value:
+            return None
+        return cls(OperatingPoint(**value["flag"]), OperatingPoint(**value["balanced"]), value["data"])
+
+
 @dataclass
 class ImageResult:
     """One image's result as it travels from the zoo through the app; JSON only via `to_json`
@@ -142,6 +168,7 @@ class ImageResult:
     melanoma_threshold: float  # decision threshold on P(mel)
     ood: OODResult | None = None  # None without an OOD detector
     explanation: str | None = None  # the explanation method, when one was computed
+    operating_points: OperatingPoints | None = None  # None for a model without them
 
     @property
     def probabilities(self) -> dict[str, float]:
@@ -167,27 +194,40 @@ class ImageResult:
         return self.probabilities.get(MELANOMA)
 
     @property
-    def melanoma(self) -> bool:
-        """`P(mel) >= melanoma_threshold` (False without a melanoma class)."""
+    def melanoma(self) -> bool | None:
+        """The melanoma flag, `P(mel) >= melanoma_threshold`; False without a melanoma class, and None
+        (no verdict at all) for an image that is clearly not dermoscopy."""
+        if self.warning:
+            return None
         p_mel = self.melanoma_probability
         return bool(p_mel is not None and p_mel >= self.melanoma_threshold)
 
     @property
+    def above_balanced(self) -> bool | None:
+        """P(mel) at or above the model's balanced operating point; None without one, without a
+        melanoma class, or for an image that is clearly not dermoscopy."""
+        p_mel = self.melanoma_probability
+        if self.warning or self.operating_points is None or p_mel is None:
+            return None
+        return bool(p_mel >= self.operating_points.balanced.threshold)
+
+    @property
     def warning(self) -> str | None:
         """Why the scores are not meaningful when the OOD detector clearly flags the image, else None."""
-        return self.ood.reason if self.ood is not None and self.ood.clear else None
+        return self.ood.reason if self.ood is not None and self.ood.not_dermoscopy else None
 
     @property
     def caution(self) -> str | None:
         """Why the scores need extra caution when the image is borderline out of distribution, else None
         (the scores and the melanoma flag still stand)."""
-        return self.ood.reason if self.ood is not None and self.ood.level == "borderline" else None
+        return self.ood.reason if self.ood is not None and self.ood.possibly_not_dermoscopy else None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON record (REST `from_task`, Gradio JSON output).
 
-        `warning`: the scores mean nothing for this image (clearly not dermoscopy); `caution`: it may not
-        be dermoscopy, the scores stand with a caution (both None for dermoscopy or without a detector).
+        `warning`: the scores mean nothing for this image (clearly not dermoscopy), so
+        `prediction.melanoma` is null (no flag either way); `caution`: it may not be dermoscopy, the
+        scores stand with a caution (both None for dermoscopy or without a detector).
         Models with extra heads add `heads` ({head: {label: probability}}) and, with every criterion
         head, `seven_point` (score, threshold, suggests_melanoma, criteria: {criterion: P(pattern)});
         other models' records have neither key. `explanation` only when one was computed.
@@ -203,6 +243,7 @@ class ImageResult:
                 "melanoma": self.melanoma,
                 "melanoma_probability": self.melanoma_probability,
                 "melanoma_threshold": self.melanoma_threshold,
+                "above_balanced_threshold": self.above_balanced,
             },
         }
         heads = self.heads
@@ -308,6 +349,7 @@ class ZooModel:
         self.folded_temperature = folded_temperature(self.config)
         threshold = getattr(self.config, "melanoma_threshold", None)
         self.melanoma_threshold = float(threshold) if threshold is not None else 0.5
+        self.operating_points = OperatingPoints.from_config(getattr(self.config, "melanoma_operating_points", None))
         self.has_melanoma_class = MELANOMA in self.id2label.values()
         self.extra_heads: dict[str, list[str]] = dict(getattr(self.config, "extra_heads", None) or {})
         # The checklist reads each criterion's scoring label by its `CRITERIA_LABELS` index.
@@ -340,6 +382,7 @@ class ZooModel:
             "temperature": self.temperature,
             "folded_temperature": self.folded_temperature,
             "melanoma_threshold": self.melanoma_threshold,
+            "operating_points": asdict(self.operating_points) if self.operating_points else None,
             "explanation": "attention rollout" if self.uses_rollout else "Grad-CAM",
             "extra_heads": self.extra_heads,
             "num_layers": self.num_layers,
@@ -368,6 +411,7 @@ class ZooModel:
             melanoma_threshold=self.melanoma_threshold,
             ood=ood,
             explanation=explanation,
+            operating_points=self.operating_points,
         )
 
     # ---------------------------------------------------------------------------- inference

@@ -541,6 +541,7 @@ def test_ood_warning_replaces_the_flag(live, tmp_path, ham_image_paths):
     detector.clear_ratio = 1.0  # every image above the threshold is clearly out of distribution here
     tmp = tmp_path / "checkerboard.png"
     checkerboard.save(tmp)
+    threshold = zoo.get(None).melanoma_threshold
     try:
         zoo.ood_detector = detector
         probs, verdict, _, _, record = client.predict(handle_file(str(tmp)), None, "mean", 0.9, 0, api_name="/predict")
@@ -554,8 +555,28 @@ def test_ood_warning_replaces_the_flag(live, tmp_path, ham_image_paths):
         response = httpx.post(url + "predict", files={"file": ("board.png", tmp.read_bytes())})
         result = _poll(url, response.json()["task_uuid"])["results"][0]
         assert result["ood"]["is_ood"] and "does not look like" in result["warning"]
+        # One verdict everywhere: no flag (REST), no rank, no "above threshold", no score on the page.
+        assert result["ood"]["level"] == "not_dermoscopy" and result["prediction"]["melanoma"] is None
+        # The board scores above every lesion here, so a rank by P(mel) alone would put it first.
+        zoo.get(None).melanoma_threshold = 0.0
+        gallery, table, csv_file, _ = client.predict(
+            [handle_file(str(tmp)), *(handle_file(str(p)) for p in ham_image_paths[:3])], None,
+            api_name="/predict_batch",
+        )
+        captions = [item["caption"] for item in gallery]
+        assert captions[-1] == "not ranked · not dermoscopy" and all(c.startswith("#") for c in captions[:-1])
+        assert all("above threshold" in c for c in captions[:-1])  # threshold 0: every lesion is flagged
+        shown = pd.DataFrame(table["data"], columns=table["headers"])
+        board = shown[shown["file"] == "checkerboard.png"].iloc[0]
+        blank = [v for v in (board["P(melanoma) %"], board["rank"], board["above_threshold"]) if v == "" or pd.isna(v)]
+        assert board["ood_level"] == "not_dermoscopy" and len(blank) == 3, board.to_dict()
+        rows = pd.read_csv(csv_file, dtype=str, keep_default_na=False)
+        board = rows[rows["file"] == "checkerboard.png"].iloc[0]
+        assert board["rank"] == "" and board["above_threshold"] == "" and board["ood_level"] == "not_dermoscopy"
+        assert list(rows["rank"][:3]) == ["1", "2", "3"] and set(rows["above_threshold"][:3]) == {"True"}
     finally:
         zoo.ood_detector = None
+        zoo.get(None).melanoma_threshold = threshold
 
 
 def _blocks_fn(demo, name: str):
@@ -591,13 +612,14 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     p_mel = [r.melanoma_probability for r in state.results]
     assert p_mel == sorted(p_mel, reverse=True)
     assert [c for _, c in gallery] == [gallery_caption(k, r) for k, r in enumerate(state.results, start=1)]
-    # A borderline image keeps its flag with a short caution; a clear OOD one loses it.
+    # A possibly-not-dermoscopy image keeps its flag with a short caution; one that is clearly not
+    # dermoscopy has neither rank nor score nor flag.
     top = state.results[0]
     flag = "above" if top.melanoma else "below"
-    borderline = dataclasses.replace(top, ood=OODResult(True, 1.1, 1.0, "may not be dermoscopy", "borderline"))
+    borderline = dataclasses.replace(top, ood=OODResult(True, 1.1, 1.0, "may not be dermoscopy", "possibly_not_dermoscopy"))
     assert gallery_caption(1, borderline) == f"#1 · {100 * p_mel[0]:.1f}% · {flag} threshold, caution"
-    clear = dataclasses.replace(top, ood=OODResult(True, 9.0, 1.0, "not a lesion", "clear"))
-    assert gallery_caption(3, clear) == f"#3 · {100 * p_mel[0]:.1f}% · not dermoscopy?"
+    clear = dataclasses.replace(top, ood=OODResult(True, 9.0, 1.0, "not a lesion", "not_dermoscopy"))
+    assert gallery_caption(None, clear) == "not ranked · not dermoscopy" and clear.melanoma is None
     twins = [i for i, r in enumerate(state.results) if r.name == twin.name]
     assert len(twins) == 2 and {state.paths[i] for i in twins} == {paths[0], str(twin)}
     assert state.results[twins[0]].probabilities != state.results[twins[1]].probabilities
@@ -626,6 +648,12 @@ def test_gallery_selection_and_model_switch(live, tmp_path, ham_image_paths):
     details, *_ = _blocks_fn(demo, "on_model_change")(MULTISOURCE)
     assert _details_rows(details)["Extra heads"].startswith("the seven-point checklist criteria, `derm7pt`, ")
     assert fusion.visible is True and start.maximum == 1
+    # A model change clears every result of the previous model, on both tabs.
+    from webapp.ui import cleared
+
+    clear_fn = next(f for f in demo.fns.values() if getattr(f.fn, "func", None) is cleared)
+    assert clear_fn.targets[0][1] == "change" and len(clear_fn.outputs) == 14
+    assert clear_fn.fn(MULTISOURCE) == (None,) * 14
 
 
 def test_model_details_headline_the_tables_metrics_of_a_rendered_card(tmp_path_factory, fixtures_dir, tmp_path):
@@ -712,7 +740,8 @@ def _raw_post(url: str, path: str, headers: dict[str, str], body: bytes = b"") -
     from urllib.parse import urlparse
 
     target = urlparse(url)
-    lines = [f"POST {path} HTTP/1.1", f"Host: {target.netloc}", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+    headers = {"Host": target.netloc, **headers}
+    lines = [f"POST {path} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
     with socket.create_connection((target.hostname, target.port), timeout=30) as sock:
         sock.sendall("\r\n".join(lines).encode() + body)
         reply = b""
@@ -732,7 +761,10 @@ def test_oversized_requests_get_413_before_the_body_is_read(live, ham_image_path
     # 300 MB declared, nothing sent: answered from the header alone (reading would hang for the body).
     start = time.monotonic()
     status, body = _raw_post(url, "/predict", {**multipart, "Content-Length": str(300 * 10**6)})
-    assert status == 413 and "limit" in body["detail"] and time.monotonic() - start < 10
+    assert status == 413 and body["detail"] == "File is larger than the 1 MB limit." and time.monotonic() - start < 10
+    # Gradio's upload route: its own limit is per file, ours bounds the whole request.
+    status, body = _raw_post(url, "/gradio_api/upload", {**multipart, "Content-Length": str(300 * 10**6)})
+    assert status == 413 and body["detail"] == "Request body is larger than the 3 MB limit."
     status, body = _raw_post(url, "/predict_bulk", {**multipart, "Content-Length": str(300 * 10**6)})
     assert status == 413 and body["detail"] == "Request body is larger than the 3 MB limit."
     # No Content-Length (chunked): cut off once the stream passes the limit.
@@ -772,6 +804,18 @@ def test_cross_site_posts_are_refused_unless_allowed(live, ham_image_paths):
     assert httpx.post(url + "predict", files=upload, headers=own).status_code == 200
     assert httpx.post(url + "predict", files=upload, headers={"Origin": PARTNER}).status_code == 200
     assert httpx.post(url + "predict", files=upload).status_code == 200  # no Origin: not a browser page
+    # DNS rebinding: a page of evil.example (resolving to 127.0.0.1) sends a Host that matches its
+    # Origin; the name is not one this server answers to. And the scheme must be the request's own.
+    host = url.split("://", 1)[1].rstrip("/")
+    port = host.rsplit(":", 1)[1]
+    status, body = _raw_post(url, "/predict", {"Origin": f"http://evil.example:{port}", "Host": f"evil.example:{port}",
+                                               "Content-Length": "0"})
+    assert status == 403 and "MELANOMA_ALLOWED_ORIGINS" in body["detail"]
+    response = httpx.post(url + "predict", files=upload, headers={"Origin": f"https://{host}"})
+    assert response.status_code == 403
+    # Every answer forbids content sniffing, REST and Gradio alike.
+    for response in (httpx.get(url + "public_models"), httpx.get(url), httpx.post(url + "predict", files=upload)):
+        assert response.headers["x-content-type-options"] == "nosniff"
 
 
 @pytest.mark.slow

@@ -184,14 +184,14 @@ def test_verdicts_are_graded() -> None:
     det, _ = _tiny_detector()
     det.clinical_weight, det.clinical_caution, det.clinical_clear = torch.zeros(20), 0.6, 0.9
     t = det.threshold
-    assert det.result(0.5 * t, 0.1).level == "none" and not det.result(0.5 * t, 0.1).is_ood
+    assert det.result(0.5 * t, 0.1).level == "dermoscopy" and not det.result(0.5 * t, 0.1).is_ood
     # Just above the threshold (a real dermoscopy image with a ruler scored 1.04x): a caution only.
     ruler = det.result(1.04 * t, 0.1)
-    assert ruler.level == "borderline" and ruler.is_ood and "caution" in ruler.reason
-    assert det.result(2.0 * t, 0.1).level == "clear"
-    assert det.result(0.5 * t, 0.7).level == "borderline" and "clinical photograph" in det.result(0.5 * t, 0.7).reason
-    assert det.result(0.5 * t, 0.95).level == "clear" and "not meaningful" in det.result(0.5 * t, 0.95).reason
-    assert OODResult(True, 1.0, 0.5, "x").level == "clear" and OODResult(False, 0.1, 0.5, "y").level == "none"
+    assert ruler.level == "possibly_not_dermoscopy" and ruler.is_ood and "caution" in ruler.reason
+    assert det.result(2.0 * t, 0.1).level == "not_dermoscopy"
+    assert det.result(0.5 * t, 0.7).level == "possibly_not_dermoscopy" and "clinical photograph" in det.result(0.5 * t, 0.7).reason
+    assert det.result(0.5 * t, 0.95).level == "not_dermoscopy" and "not meaningful" in det.result(0.5 * t, 0.95).reason
+    assert OODResult(True, 1.0, 0.5, "x").level == "not_dermoscopy" and OODResult(False, 0.1, 0.5, "y").level == "dermoscopy"
     with pytest.raises(ValueError, match="level must be one of"):
         OODResult(True, 1.0, 0.5, "x", "maybe")
 

@@ -86,6 +86,22 @@ def test_csv_safe_neutralises_formula_cells_only():
         assert csv_safe(value) == value
 
 
+def test_images_that_are_clearly_not_dermoscopy_are_not_ranked():
+    """Ranked: lesions by P(mel); then images clearly not dermoscopy (no rank, whatever their P(mel));
+    then unreadable files. A possibly-not-dermoscopy image keeps its rank (its score stands)."""
+    from train.predict import rank_predictions
+
+    parts = pd.DataFrame({
+        "index": ["0", "1", "2", "3", "4", "5"],
+        "melanoma_probability": ["0.2", "0.99", "0.5", "", "0.7", "0.9"],
+        "ood_level": ["dermoscopy", "not_dermoscopy", "possibly_not_dermoscopy", "", "dermoscopy", "not_dermoscopy"],
+        "error": ["", "", "", "unreadable", "", ""],
+    })
+    ranked = rank_predictions(parts)
+    assert list(ranked["index"]) == ["4", "2", "0", "1", "5", "3"]
+    assert list(ranked["rank"]) == ["1", "2", "3", "", "", ""]
+
+
 # --------------------------------------------------------------------------------- the command
 
 

@@ -357,22 +357,22 @@ def test_image_result_is_typed_and_becomes_json_only_in_to_json():
     assert at.warning is None and at.to_json()["ood"] is None and "explanation" not in at.to_json()
     flagged = OODResult(True, 9.5, 3.0, "Does not look like dermoscopy.")
     result = ImageResult("b.png", Prediction({"nv": 1.0}), meta, "Melanocytic nevi", 0.5, flagged, "Grad-CAM")
-    assert result.melanoma_probability is None and not result.melanoma
+    assert result.melanoma_probability is None and result.melanoma is None  # not dermoscopy: no flag either way
     assert result.warning == "Does not look like dermoscopy."
     record = result.to_json()
     assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning", "caution", "explanation"]
     assert record["ood"] == {
-        "is_ood": True, "level": "clear", "score": 9.5, "threshold": 3.0, "clinical_probability": None,
+        "is_ood": True, "level": "not_dermoscopy", "score": 9.5, "threshold": 3.0, "clinical_probability": None,
         "reason": "Does not look like dermoscopy.",
     }
     assert record["warning"] == "Does not look like dermoscopy." and record["caution"] is None
-    borderline = OODResult(True, 3.1, 3.0, "May not be dermoscopy.", "borderline")
+    borderline = OODResult(True, 3.1, 3.0, "May not be dermoscopy.", "possibly_not_dermoscopy")
     cautious = ImageResult("c.png", Prediction(probs), meta, "Melanoma", 0.4, borderline)
     assert cautious.warning is None and cautious.caution == "May not be dermoscopy." and cautious.melanoma
     assert record["metadata"] == {"model_id": "m", "net_type": "vit", "img_size": 32, "out_dim": 3}
     assert record["prediction"] == {
-        "label": "nv", "label_name": "Melanocytic nevi", "probability": 1.0, "melanoma": False,
-        "melanoma_probability": None, "melanoma_threshold": 0.5,
+        "label": "nv", "label_name": "Melanocytic nevi", "probability": 1.0, "melanoma": None,  # no verdict
+        "melanoma_probability": None, "melanoma_threshold": 0.5, "above_balanced_threshold": None,
     }
     assert json.loads(json.dumps(record)) == record
 

@@ -135,6 +135,18 @@ def threshold_for_sensitivity(
     return float(thresholds[i])
 
 
+def threshold_balanced(y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float]) -> float | None:
+    """The threshold on P(mel) with the highest sensitivity + specificity (Youden's J); of equal ones
+    the highest. None unless both classes are present."""
+    y, s = _as_binary(y_true, scores)
+    if y.all() or not y.any():
+        return None
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    j = tpr - fpr
+    i = int(np.argmax(j[1:] >= j[1:].max() - 1e-12)) + 1  # skip roc_curve's +inf point
+    return float(thresholds[i])
+
+
 # ------------------------------------------------------------------------- multiclass metrics
 
 

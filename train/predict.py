@@ -82,7 +82,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import model as _melanoma_models  # noqa: E402,F401  registers MelanomaViT with the Auto classes
 from model.imageio import load_image  # noqa: E402
-from model.ood import DEFAULT_OOD_PATH, OODDetector, create_feature_extractor, load_ood_detector  # noqa: E402
+from model.ood import (  # noqa: E402
+    DEFAULT_OOD_PATH, NOT_DERMOSCOPY, OODDetector, create_feature_extractor, load_ood_detector,
+)
 from model.ood import preprocess as ood_preprocess  # noqa: E402
 from model.records import csv_safe, result_columns, result_row  # noqa: E402
 from model.zoo import ZooModel  # noqa: E402
@@ -223,15 +225,22 @@ class PartWriter:
 
 
 def rank_predictions(parts: pd.DataFrame) -> pd.DataFrame:
-    """Scored rows by P(melanoma), highest first (ties: input order), ranked 1..n; error rows after."""
+    """Scored rows by P(melanoma), highest first (ties: input order), ranked 1..n; then the images
+    that are clearly not dermoscopy (their score means nothing: no rank); then the error rows."""
     p_mel = pd.to_numeric(parts["melanoma_probability"], errors="coerce")
+    failed = parts["error"] != ""
+    unranked = parts["ood_level"] == NOT_DERMOSCOPY if "ood_level" in parts else pd.Series(False, parts.index)
     order = pd.DataFrame({
-        "failed": parts["error"] != "", "p": -p_mel.fillna(float("-inf")), "index": parts["index"].astype(int),
-    }).sort_values(["failed", "p", "index"], kind="stable").index
+        "group": failed.astype(int) * 2 + (unranked & ~failed).astype(int),
+        "p": -p_mel.fillna(float("-inf")).where(~unranked, 0.0),
+        "index": parts["index"].astype(int),
+    }).sort_values(["group", "p", "index"], kind="stable").index
     ranked = parts.loc[order].reset_index(drop=True)
-    scored = ranked["error"] == ""
+    lesions = ranked["error"] == ""
+    if "ood_level" in ranked:
+        lesions &= ranked["ood_level"] != NOT_DERMOSCOPY
     ranked["rank"] = ""
-    ranked.loc[scored, "rank"] = [str(r) for r in range(1, int(scored.sum()) + 1)]
+    ranked.loc[lesions, "rank"] = [str(r) for r in range(1, int(lesions.sum()) + 1)]
     return ranked
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from model.imageio import load_image
 from model.labels import MELANOMA
+from model.ood import NOT_DERMOSCOPY, POSSIBLY_NOT_DERMOSCOPY
 from model.zoo import ZooModel
 from train.evaluate import DISCLAIMER, plot_roc
 from train.metrics import bootstrap_auc_ci, melanoma_auc
@@ -111,8 +112,11 @@ def roc_section(ranked: pd.DataFrame, threshold: float, folder: Path) -> str:
 
 
 def _figure(row: Any, image: Image.Image | None, overlay: tuple[np.ndarray, str] | None) -> str:
-    kind = "ood" if row.ood == "True" else "above" if row.above_threshold == "True" else "below"
-    tag = {"ood": "&#9888; not dermoscopy?", "above": "ABOVE threshold", "below": "below threshold"}[kind]
+    kind = "ood" if row.ood_level == NOT_DERMOSCOPY else "above" if row.above_threshold == "True" else "below"
+    tag = {"ood": "&#9888; not dermoscopy: no score", "above": "ABOVE threshold", "below": "below threshold"}[kind]
+    if row.ood_level == POSSIBLY_NOT_DERMOSCOPY:
+        tag += " (caution: may not be dermoscopy)"
+    score = "" if kind == "ood" else f"P(mel) {float(row.melanoma_probability):.1%}, "
     pictures = ""
     if image is not None:
         thumb = image.copy()
@@ -124,8 +128,8 @@ def _figure(row: Any, image: Image.Image | None, overlay: tuple[np.ndarray, str]
         pictures += f' <img class="overlay" alt="explanation" title="{html.escape(overlay[1])}" src="{_data_uri(view)}">'
     label = f", label {html.escape(row.label)}" if row.label else ""
     return (
-        f'<figure class="{kind}">{pictures}<figcaption>#{row.rank} <b>{html.escape(str(row.id))}</b>: '
-        f"P(mel) {float(row.melanoma_probability):.1%}, {tag}; top class {html.escape(row.top_class_name)}"
+        f'<figure class="{kind}">{pictures}<figcaption>{"#" + row.rank if row.rank else "not ranked"} '
+        f"<b>{html.escape(str(row.id))}</b>: {score}{tag}; top class {html.escape(row.top_class_name)}"
         f"{label}</figcaption></figure>"
     )
 
@@ -140,7 +144,8 @@ def render_report(ranked: pd.DataFrame, images: dict[int, Image.Image], overlays
         "Data": f"{args.data}" + (f" (split {args.split})" if args.split else ""),
         "Images scored": len(scored),
         "At or above the threshold": int((scored["above_threshold"] == "True").sum()),
-        "Flagged as maybe not dermoscopy": int((scored["ood"] == "True").sum()),
+        "Not dermoscopy (no score, not ranked)": int((scored["ood_level"] == NOT_DERMOSCOPY).sum()),
+        "Possibly not dermoscopy (scored, with a caution)": int((scored["ood_level"] == POSSIBLY_NOT_DERMOSCOPY).sum()),
         "Unreadable (error rows)": len(ranked) - len(scored),
         "Test-time views": args.tta,
         "Command": "predict.py " + shlex.join(sys.argv[1:]),

@@ -22,11 +22,11 @@ import gradio as gr
 from fastapi import FastAPI
 from gradio.utils import get_upload_folder
 
-from model.imageio import MAX_BYTES
+from model.imageio import MAX_BYTES, format_bytes
 from model.zoo import ModelZoo
 
 from .context import AppContext, AppSettings
-from .middleware import BodyLimitMiddleware, OriginCheckMiddleware, UploadedFilesOnlyMiddleware
+from .middleware import BodyLimitMiddleware, NoSniffMiddleware, OriginCheckMiddleware, UploadedFilesOnlyMiddleware
 from .rest import MULTIPART_OVERHEAD, build_api
 from .ui import PAGE_CSS, build_blocks, load_examples
 
@@ -71,11 +71,17 @@ def build_app(
     )
     app.add_middleware(
         BodyLimitMiddleware,
-        limits={"/predict": max_upload_bytes + MULTIPART_OVERHEAD, "/predict_bulk": settings.max_request_bytes},
+        limits={
+            "/predict": max_upload_bytes + MULTIPART_OVERHEAD,
+            "/predict_bulk": settings.max_request_bytes,
+            "/gradio_api/upload": settings.max_request_bytes,  # Gradio limits each file, not their sum
+        },
+        messages={"/predict": f"File is larger than the {format_bytes(max_upload_bytes)} limit."},
     )
     # Gradio calls name their input files by server path: only uploads to this app are read.
     app.add_middleware(UploadedFilesOnlyMiddleware, upload_dir=get_upload_folder())
     app.add_middleware(OriginCheckMiddleware, allowed=settings.allowed_origins)
+    app.add_middleware(NoSniffMiddleware)
     return demo, app
 
 

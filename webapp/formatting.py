@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import pandas as pd
@@ -15,6 +16,7 @@ import pandas as pd
 from hub_cards.render import SOURCE_INFO
 from model.metrics_schema import HEADLINE_TYPES, METRICS
 from model.sevenpoint import SEVEN_POINT
+from model.labels import MELANOMA
 from model.zoo import CardMetric, HeadResults, ImageResult, ZooModel
 
 MAX_ECHO = 120  # longest user-supplied text (file name, id) echoed back
@@ -44,12 +46,24 @@ def clip(text: str, limit: int = MAX_ECHO) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# How the page's numbers relate, said once wherever secondary numbers are shown.
+SECONDARY_NOTE = (
+    "The flag above comes from P(melanoma) and the model's threshold alone; the checklist score and "
+    "the other heads are separate estimates of the same model, shown for study, and do not change it."
+)
+
+
+def _model_line(result: ImageResult) -> str:
+    return f"Model: `{result.model.model_id}`."
+
+
 def _ood_markdown(result: ImageResult) -> str:
     return (
         "## Warning: this is probably not a dermoscopic skin-lesion image\n"
         f"{result.warning}\n\n"
         "The classifier was only trained on dermoscopy; its scores are **not meaningful** for "
-        "this image, so no melanoma flag is shown and the class scores are collapsed."
+        "this image, so no melanoma flag is shown and the class scores are collapsed.\n\n"
+        + _model_line(result)
     )
 
 
@@ -61,6 +75,22 @@ def percent(probability: float) -> str:
 def percent_value(probability: float | None) -> float | None:
     """`percent` as a number, for table columns that must sort numerically."""
     return None if probability is None or pd.isna(probability) else float(percent(probability)[:-1])
+
+
+def _operating_points_text(result: ImageResult) -> str:
+    """What the flag costs in false alarms, and the second (balanced) operating point, both as
+    measured on validation; "" for a model without them."""
+    points = result.operating_points
+    if points is None:
+        return ""
+    flag, balanced = points.flag, points.balanced
+    side = "above" if result.above_balanced else "below"
+    return (
+        f" On validation this threshold also flagged {percent(1 - flag.specificity)} of the non-melanomas "
+        f"(false alarms) and caught {percent(flag.sensitivity)} of the melanomas.\n\n"
+        f"Balanced threshold {percent(balanced.threshold)} (on validation: sensitivity {percent(balanced.sensitivity)}, "
+        f"false alarms {percent(1 - balanced.specificity)}): this image is **{side}** it."
+    )
 
 
 def verdict_markdown(result: ImageResult) -> str:
@@ -76,10 +106,14 @@ def verdict_markdown(result: ImageResult) -> str:
         flag = f"**Above** the model's melanoma threshold of {percent(threshold)} ({THRESHOLD_RULE}): this demo would flag it for a closer look."
     else:
         flag = f"**Below** the model's melanoma threshold of {percent(threshold)} ({THRESHOLD_RULE})."
+    flag += _operating_points_text(result)
+    top = f"Top class: {result.label_name} ({percent(result.probability)})."
+    if result.melanoma and result.label != MELANOMA:
+        # The one sentence that reconciles "flag it" with a benign top class.
+        top += " The threshold is set low so that few melanomas are missed: an image is flagged while another class is still the most likely."
     return (
         f"### Melanoma probability: {percent(p_mel)}\n{flag}{caution}\n\n"
-        f"Top class: {result.label_name} ({percent(result.probability)}). "
-        "_Research demo output, not a diagnosis._"
+        f"{top} {_model_line(result)} _Research demo output, not a diagnosis._"
     )
 
 
@@ -91,11 +125,11 @@ def criteria_markdown(heads: HeadResults) -> str:
     """One image's extra heads: the seven-point criteria table (with every criterion head), then the
     other heads' probabilities, framed as a model's estimates."""
     seven = heads.seven_point
-    lines = []
+    lines = ["#### Secondary estimates (they do not change the verdict)", f"<small>{SECONDARY_NOTE}</small>", ""]
     if seven is not None:
         side = "at or above" if seven.suggests_melanoma else "below"
         lines += [
-            "#### Dermoscopic criteria (seven-point checklist)",
+            "##### Dermoscopic criteria (seven-point checklist)",
             "| Criterion: melanoma-specific pattern | Probability | Points |",
             "|---|---|---|",
         ]
@@ -207,15 +241,34 @@ def model_label(model_id: str, source: str) -> str:
     return f"{model_id}: {what}"
 
 
-def gallery_caption(rank: int, result: ImageResult) -> str:
+def batch_summary(batch: Any) -> str:
+    """One batch (`webapp.scoring.BatchResult`) in a sentence: the lesions above the threshold, what
+    the threshold costs in false alarms on validation, those above the balanced threshold, the images
+    that are not dermoscopy."""
+    lesions = [r for r in batch.results if not r.warning]
+    text = f"{len(lesions)} lesion image{'s' if len(lesions) != 1 else ''} ranked by P(melanoma): " \
+           f"{sum(bool(r.melanoma) for r in lesions)} above the model's threshold"
+    points = lesions[0].operating_points if lesions else None
+    if points is not None:
+        text += (f" (which on validation also flagged {percent(1 - points.flag.specificity)} of the non-melanomas), "
+                 f"{sum(bool(r.above_balanced) for r in lesions)} above the balanced threshold "
+                 f"{percent(points.balanced.threshold)}")
+    text += "."
+    others = len(batch.results) - len(lesions)
+    if others:
+        text += f" {others} image{'s' if others != 1 else ''} not dermoscopy: not ranked, no score."
+    return text
+
+
+def gallery_caption(rank: int | None, result: ImageResult) -> str:
     """A thumbnail's one-line caption, short enough not to be cut off: rank, P(melanoma), the flag.
-    The file name is in the table and the selected image's detail (a long name would truncate it)."""
-    if result.warning:
-        tag = "not dermoscopy?"
-    else:
-        tag = "above threshold" if result.melanoma else "below threshold"
-        if result.caution:
-            tag += ", caution"
+    An image that is clearly not dermoscopy has neither rank nor score. The file name is in the table
+    and the selected image's detail (a long name would truncate it)."""
+    if result.warning or rank is None:
+        return "not ranked · not dermoscopy"
+    tag = "above threshold" if result.melanoma else "below threshold"
+    if result.caution:
+        tag += ", caution"
     return f"#{rank} · {percent(result.melanoma_probability or 0.0)} · {tag}"
 
 

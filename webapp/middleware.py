@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -30,14 +31,16 @@ class BodyLimitMiddleware:
     Args:
         app: the ASGI app.
         limits: path -> largest body in bytes for POSTs to that path.
+        messages: path -> the 413's text where the body limit is not what the user should read (a
+            single-file request says its file limit, "20 MiB", not the body's "21,037,056 bytes").
     """
 
-    def __init__(self, app: ASGIApp, limits: dict[str, int]):
-        self.app, self.limits = app, limits
+    def __init__(self, app: ASGIApp, limits: dict[str, int], messages: dict[str, str] | None = None):
+        self.app, self.limits, self.messages = app, limits, messages or {}
 
-    @staticmethod
-    async def _refuse(send: Send, limit: int) -> None:
-        await _answer(send, 413, f"Request body is larger than the {format_bytes(limit)} limit.", close=True)
+    async def _refuse(self, send: Send, path: str, limit: int) -> None:
+        detail = self.messages.get(path, f"Request body is larger than the {format_bytes(limit)} limit.")
+        await _answer(send, 413, detail, close=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.limits.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -46,7 +49,7 @@ class BodyLimitMiddleware:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._refuse(send, limit)
+            return await self._refuse(send, scope["path"], limit)
         received, exceeded, started = 0, False, False
 
         async def counted_receive():
@@ -72,26 +75,53 @@ class BodyLimitMiddleware:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await self._refuse(send, limit)
+            await self._refuse(send, scope["path"], limit)
+
+
+def local_host_names() -> set[str]:
+    """The names this machine answers to: loopback, its host name and addresses, and on Hugging Face
+    Spaces the Space's own host ($SPACE_HOST)."""
+    names = {"localhost", "127.0.0.1", "[::1]", "0.0.0.0"}
+    try:
+        hostname, aliases, addresses = socket.gethostbyname_ex(socket.gethostname())
+        names.update(n.lower() for n in (hostname, *aliases, *addresses))
+    except OSError:
+        pass
+    if os.environ.get("SPACE_HOST"):
+        names.add(os.environ["SPACE_HOST"].lower())
+    return names
 
 
 class OriginCheckMiddleware:
     """Refuses (403) state-changing browser requests sent from another site's page: a POST whose
     Origin is neither this server's own nor listed in `allowed`. Requests without an Origin header
     (curl, gradio_client, scripts) are not browser cross-site requests and pass.
+
+    "This server's own" is an origin equal to the request's scheme and Host whose host name is one
+    this server answers to (`trusted_hosts`): a page of a rebinding domain (evil.example resolving
+    to 127.0.0.1) sends a matching Host header, but its name is not trusted.
     """
 
-    def __init__(self, app: ASGIApp, allowed: Sequence[str] = ()):
+    def __init__(self, app: ASGIApp, allowed: Sequence[str] = (), trusted_hosts: set[str] | None = None):
         self.app = app
         self.allowed = {origin.strip().rstrip("/").lower() for origin in allowed if origin.strip()}
+        self.trusted_hosts = local_host_names() if trusted_hosts is None else trusted_hosts
+
+    def own_origin(self, origin: str, scope: Scope, host: str) -> bool:
+        scheme, _, origin_host = origin.partition("://")
+        request_schemes = {scope.get("scheme", "http")}
+        forwarded = dict(scope["headers"]).get(b"x-forwarded-proto")
+        if forwarded:  # behind the Spaces / a TLS proxy the app itself sees http
+            request_schemes.add(forwarded.decode("latin-1").split(",")[0].strip().lower())
+        name = origin_host.rsplit(":", 1)[0] if not origin_host.endswith("]") else origin_host
+        return scheme in request_schemes and origin_host == host and name in self.trusted_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
             headers = dict(scope["headers"])
             origin = headers.get(b"origin", b"").decode("latin-1").rstrip("/").lower()
             host = headers.get(b"host", b"").decode("latin-1").lower()
-            same_site = origin.split("://", 1)[-1] == host
-            if origin and not same_site and origin not in self.allowed:
+            if origin and not self.own_origin(origin, scope, host) and origin not in self.allowed:
                 return await _answer(send, 403, "Cross-site request refused: this page's origin is not allowed "
                                                 "(set MELANOMA_ALLOWED_ORIGINS to allow it).")
         await self.app(scope, receive, send)
@@ -174,3 +204,23 @@ class UploadedFilesOnlyMiddleware:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+class NoSniffMiddleware:
+    """Every response says `X-Content-Type-Options: nosniff`: a served upload or CSV is never run as
+    another type than the one it is served as (an HTML-looking "image" stays an image)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_header(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-content-type-options"]
+                message = {**message, "headers": [*headers, (b"x-content-type-options", b"nosniff")]}
+            await send(message)
+
+        await self.app(scope, receive, with_header)

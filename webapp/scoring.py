@@ -63,15 +63,23 @@ class BatchResult:
 
     @property
     def ranking(self) -> list[int]:
-        """Positions in `results`, highest P(melanoma) first (rank 1 = `ranking[0]`)."""
-        return sorted(range(len(self.results)), key=lambda i: -(self.results[i].melanoma_probability or 0.0))
+        """Positions in `results` in display order: the lesions by P(melanoma), highest first (rank 1 =
+        `ranking[0]`), then the images that are clearly not dermoscopy, unranked, in upload order."""
+        lesions = [i for i, result in enumerate(self.results) if not result.warning]
+        others = [i for i, result in enumerate(self.results) if result.warning]
+        return sorted(lesions, key=lambda i: -(self.results[i].melanoma_probability or 0.0)) + others
+
+    def ranks(self) -> list[tuple[int | None, int]]:
+        """(rank, position in `results`) in display order; rank None for an image that is clearly not
+        dermoscopy (its score means nothing, so it has no place among the lesions)."""
+        return [(None if self.results[i].warning else rank, i) for rank, i in enumerate(self.ranking, start=1)]
 
     def rows(self) -> pd.DataFrame:
-        """The batch table: one ranked row per result with the columns train/predict.py writes too
-        (model.records), then one row per unusable file."""
+        """The batch table: one row per result in display order with the columns train/predict.py
+        writes too (model.records), then one row per unusable file."""
         rows = [
             {"rank": rank, "file": self.results[i].name, **result_row(self.results[i]), "error": ""}
-            for rank, i in enumerate(self.ranking, start=1)
+            for rank, i in self.ranks()
         ]
         rows += [{"rank": None, "file": error.name, "error": error.error} for error in self.errors]
         table = pd.DataFrame(rows)

@@ -7,6 +7,7 @@ Named API endpoints: `/predict` (one image), `/predict_batch` (many) and `/expla
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import yaml
 from PIL import Image, ImageOps
 
 from model.imageio import InvalidImageError
+from model.ood import NOT_DERMOSCOPY
 from model.zoo import ImageResult, UnknownModelError, ZooModel
 
 from .context import AppContext
@@ -30,6 +32,7 @@ from .formatting import (
     gallery_caption,
     model_details_markdown,
     model_label,
+    batch_summary,
     percent_value,
     probabilities_markdown,
     verdict_markdown,
@@ -41,10 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_FILE = ROOT / "assets" / "examples.yaml"
 ABOVE_COLOUR, BELOW_COLOUR, OOD_COLOUR = (220, 30, 30), (30, 90, 220), (150, 150, 150)
 DEFAULT_OPACITY = 0.5
+# Bounded memory: a page's kept explanation / batch (a decoded image of up to 1024 px each) is let go
+# this long after its last use, and at most this many Gradio events wait (one runs at a time).
+STATE_TTL_S = 900
+GRADIO_QUEUE_SIZE = 64
 NO_MODEL = "No model found: add a model folder under models/."
 # The batch table's columns (the CSV has them all).
 SHOWN_COLUMNS = (
-    "rank", "file", "melanoma_probability", "above_threshold", "seven_point_score", "top_class_name", "ood", "error",
+    "rank", "file", "melanoma_probability", "above_threshold", "seven_point_score", "top_class_name", "ood_level", "error",
 )
 
 # Gallery captions wrap instead of ending in an ellipsis, and phones get two columns (six columns of
@@ -191,7 +198,7 @@ def predict_batch(ctx: AppContext, files: list[str] | None, model_id: str | None
     ranking = batch.ranking
     gallery = [
         (_marked_thumbnail(batch.thumbnails[i], batch.results[i]), gallery_caption(rank, batch.results[i]))
-        for rank, i in enumerate(ranking, start=1)
+        for rank, i in batch.ranks()
     ]
     rows = batch.rows()
     csv_path = ctx.scratch.new_file(f"melanoma_batch_{entry.id.replace('/', '_')}.csv")
@@ -202,17 +209,24 @@ def predict_batch(ctx: AppContext, files: list[str] | None, model_id: str | None
 
 def _shown_table(rows: Any) -> Any:
     """The page's table: fewer columns than the CSV, P(melanoma) in the page's unit (percent, one
-    decimal, numeric so that the column sorts, from the raw values); the CSV keeps 0-1."""
+    decimal, numeric so that the column sorts, from the raw values); the CSV keeps 0-1. An image that
+    is clearly not dermoscopy shows no P(melanoma), as on the single-image tab."""
     shown = rows[[c for c in SHOWN_COLUMNS if c in rows]].round(4)
     if "melanoma_probability" in rows:
-        shown["melanoma_probability"] = rows["melanoma_probability"].map(percent_value)
+        meaningless = rows["ood_level"] == NOT_DERMOSCOPY if "ood_level" in rows else False
+        shown["melanoma_probability"] = rows["melanoma_probability"].map(percent_value).mask(meaningless)
+        if "top_class_name" in shown:
+            shown["top_class_name"] = shown["top_class_name"].mask(meaningless, "")
     return shown.rename(columns={"melanoma_probability": "P(melanoma) %"})
 
 
 def _errors_markdown(batch: BatchResult) -> str:
+    """The batch in one line (how many are above each threshold, what the flag costs in false
+    alarms), then the files that could not be used."""
+    summary = batch_summary(batch)
     if not batch.errors:
-        return f"All {len(batch.results)} images processed."
-    return "**Files that could not be used** (the rest of the batch was processed):\n" + "\n".join(
+        return summary
+    return summary + "\n\n**Files that could not be used** (the rest of the batch was processed):\n" + "\n".join(
         f"- `{e.name}`: {e.error}" for e in batch.errors
     )
 
@@ -256,6 +270,12 @@ def on_model_change(ctx: AppContext, model_id: str | None):
     )
 
 
+def cleared(count: int, model_id: str | None = None) -> tuple[None, ...]:
+    """`count` empty outputs: a model change clears the previous model's results (its verdict would
+    otherwise stay on the page under the new model's name)."""
+    return (None,) * count
+
+
 def load_examples() -> tuple[list[str], list[str], str]:
     """assets/examples.yaml: (image paths, captions, attribution)."""
     if not EXAMPLES_FILE.is_file():
@@ -278,7 +298,8 @@ def example_batch() -> list[str]:
 # ---------------------------------------------------------------------------------- layout
 def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple[list[str], list[str], str]):
     """The single-image tab's components and events; returns the rollout controls (head fusion,
-    discard ratio, start layer) that the model choice shows or hides."""
+    discard ratio, start layer) that the model choice shows or hides, and the model's results (which
+    a model change clears)."""
     example_paths, example_captions, attribution = examples
     with gr.Row():
         with gr.Column():
@@ -311,7 +332,7 @@ def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple
             gr.HTML(colour_legend_html())
     with gr.Accordion("Raw result (JSON)", open=False):
         json_out = gr.JSON()
-    explained = gr.State()
+    explained = gr.State(time_to_live=STATE_TTL_S)
     image_in.change(
         bind(preview, ctx),
         inputs=[image_in],
@@ -343,11 +364,11 @@ def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple
         outputs=[heatmap_out, explained],
         api_visibility="private",
     )
-    return head_fusion, discard_ratio, start_layer
+    return (head_fusion, discard_ratio, start_layer), [probs_out, verdict, heatmap_out, json_out, explained]
 
 
-def batch_tab(ctx: AppContext, model_choice: gr.Dropdown, example_paths: list[str]) -> None:
-    """The batch tab's components and events."""
+def batch_tab(ctx: AppContext, model_choice: gr.Dropdown, example_paths: list[str]) -> list[gr.components.Component]:
+    """The batch tab's components and events; returns the model's results (which a model change clears)."""
     gr.Markdown(
         "Upload many images at once: results are ranked by melanoma probability, highest first. "
         "Captions: rank · P(melanoma) · threshold. Red border: above the model's threshold; blue: below; "
@@ -381,7 +402,7 @@ def batch_tab(ctx: AppContext, model_choice: gr.Dropdown, example_paths: list[st
         sel_heatmap = gr.Image(label="Explanation", interactive=False)
     table = gr.Dataframe(label="Results", interactive=False)
     csv_out = gr.File(label="All results (CSV)")
-    batch_state = gr.State()
+    batch_state = gr.State(time_to_live=STATE_TTL_S)
     files_in.change(fold_uploads, inputs=[files_in], outputs=[uploads], api_visibility="private")
     batch_button.click(
         bind(predict_batch, ctx),
@@ -396,6 +417,7 @@ def batch_tab(ctx: AppContext, model_choice: gr.Dropdown, example_paths: list[st
         outputs=[sel_probs, sel_verdict, sel_heatmap, sel_plain],
         api_visibility="private",
     )
+    return [gallery, table, csv_out, batch_errors, batch_state, sel_probs, sel_verdict, sel_heatmap, sel_plain]
 
 
 def build_blocks(ctx: AppContext) -> gr.Blocks:
@@ -421,9 +443,9 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
 
         examples = load_examples()
         with gr.Tab("Single image"):
-            head_fusion, discard_ratio, start_layer = single_image_tab(ctx, model_choice, examples)
+            (head_fusion, discard_ratio, start_layer), single_results = single_image_tab(ctx, model_choice, examples)
         with gr.Tab("Batch"):
-            batch_tab(ctx, model_choice, examples[0])
+            batch_results = batch_tab(ctx, model_choice, examples[0])
 
         gr.Markdown(
             f"<small>{DISCLAIMER} Models trained on HAM10000 inherit its CC BY-NC-SA 4.0 terms "
@@ -436,4 +458,7 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
             outputs=[details, head_fusion, discard_ratio, start_layer],
             api_visibility="private",
         )
-    return demo
+        results = single_results + batch_results
+        model_choice.change(functools.partial(cleared, len(results)), inputs=[model_choice], outputs=results,
+                            api_visibility="private")
+    return demo.queue(max_size=GRADIO_QUEUE_SIZE, default_concurrency_limit=1)
