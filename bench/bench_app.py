@@ -1,7 +1,7 @@
 """Serving benchmark of app.py (not a test): concurrency, failures and end-to-end latency.
 
     .venv/bin/python bench/bench_app.py [--clients 20] [--requests 5] [--single 20] [--bulk 200]
-        [--parts single,load,memory,bulk,breakdown]
+        [--parts single,load,memory,sessions,bulk,breakdown] [--sessions 40]
 
 Starts the real app (`python app.py`) in a subprocess on 127.0.0.1:<free port> with 2 torch
 threads, using the default model of `models/` (or, when `models/` holds no classifier, a
@@ -18,9 +18,11 @@ the shipped OOD detector. Then, on the real fixture images:
    /proc/<pid>/clear_refs) for the two small-file, big-image PNGs of issue 10, generated here:
    7000x7000 16-bit greyscale and 7000x7000 RGBA, each sent through REST and gradio_client;
    target <= 300 MB per upload;
-5. bulk throughput: one `POST /predict_bulk` of `--bulk` fixture copies, images/s until the task
+5. session memory: `--sessions` single-image predictions, each from a new page session (a new
+   gradio_client), after 5 warm-up ones: the server's RSS growth; target <= +150 MB for 40;
+6. bulk throughput: one `POST /predict_bulk` of `--bulk` fixture copies, images/s until the task
    is done (upload + admission + decode + scoring), and the server's peak RSS growth;
-6. an in-process breakdown (zoo predict, analyze = predict + rollout, OOD check).
+7. an in-process breakdown (zoo predict, analyze = predict + rollout, OOD check).
 Prints REST / gradio ratios side by side.
 """
 
@@ -222,6 +224,28 @@ def decode_memory(base: str, pid: int, tmp: Path) -> None:
     client.close()
 
 
+def session_memory(base: str, pid: int, images: list[Path], n: int, warm_up: int = 5) -> int:
+    """RSS growth (MiB) of the server over `n` single-image predictions from new sessions (one
+    gradio_client each, as n visitors), after `warm_up` of them; printed beside the target."""
+    from gradio_client import Client
+
+    def one(i: int) -> None:
+        client = Client(base, verbose=False)
+        gradio_request(client, images[i % len(images)])
+        client.close()
+
+    for i in range(warm_up):
+        one(i)
+    before = server_memory_mib(pid)[0]
+    for i in range(n):
+        one(i)
+    growth = server_memory_mib(pid)[0] - before
+    target = 150 * n / 40
+    print(f"{'RSS growth over ' + str(n) + ' new sessions':46s} {growth:+d} MiB (RSS {before} MiB before; "
+          f"target <= +{target:.0f} MiB) {'OK' if growth <= target else 'MISSED'}")
+    return growth
+
+
 def bulk_throughput(base: str, pid: int, images: list[Path], n: int) -> None:
     uploads = [("files", (f"copy{i:04d}_{images[i % len(images)].name}", images[i % len(images)].read_bytes(), "image/jpeg"))
                for i in range(n)]
@@ -271,7 +295,8 @@ def main() -> None:
     parser.add_argument("--fallback", choices=["deit-tiny", "tiny"], default="deit-tiny")
     parser.add_argument("--max-queued-images", type=int, default=None, help="MELANOMA_MAX_QUEUED_IMAGES (app default 2000)")
     parser.add_argument("--bulk", type=int, default=200, help="images in the bulk-throughput request")
-    parser.add_argument("--parts", default="single,load,memory,bulk,breakdown", help="comma-separated parts to run")
+    parser.add_argument("--sessions", type=int, default=40, help="new-session predictions of the sessions part")
+    parser.add_argument("--parts", default="single,load,memory,sessions,bulk,breakdown", help="comma-separated parts to run")
     args = parser.parse_args()
 
     import app as app_module
@@ -341,6 +366,9 @@ def main() -> None:
             print("\n-- decode memory: peak RSS growth of the server per upload")
             with tempfile.TemporaryDirectory(prefix="bench_app_png_") as png_dir:
                 decode_memory(base, proc.pid, Path(png_dir))
+        if "sessions" in parts:
+            print("\n-- session memory: single-image predictions from new page sessions")
+            session_memory(base, proc.pid, images, args.sessions)
         if "bulk" in parts:
             print("\n-- bulk throughput (REST)")
             bulk_throughput(base, proc.pid, images, args.bulk)

@@ -117,10 +117,8 @@ def test_single_image_shows_probabilities_and_heatmap(browser, live_app, page, h
 
     # The verdict appears with the melanoma probability, and the explanation image gets its new label.
     page.get_by_text("Melanoma probability:").wait_for()
-    explanation = page.locator(".block").filter(
-        has=page.locator("[data-testid=block-label]", has_text="Explanation: attention rollout")
-    )
-    heatmap = explanation.locator("img").first
+    expect(page.get_by_text(re.compile(r"Explanation: attention rollout"))).to_be_visible()  # in the verdict
+    heatmap = page.locator("#explanation-overlay img").first
     heatmap.scroll_into_view_if_needed()
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=heatmap.element_handle())
     # The browser shows a real overlay: the lesion, visibly recoloured by the heat map.

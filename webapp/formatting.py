@@ -54,7 +54,8 @@ SECONDARY_NOTE = (
 
 
 def _model_line(result: ImageResult) -> str:
-    return f"Model: `{result.model.model_id}`."
+    method = f" Explanation: {result.explanation}." if result.explanation else ""
+    return f"Model: `{result.model.model_id}`.{method}"
 
 
 def _ood_markdown(result: ImageResult) -> str:

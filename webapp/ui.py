@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 import yaml
 from PIL import Image, ImageOps
 
@@ -101,8 +102,11 @@ def _name_of(path: str) -> str:
     return clip(Path(path).name)
 
 
-def _overlay_image(ctx: AppContext, explained: Explained, opacity: float) -> gr.Image:
-    return gr.Image(value=ctx.scoring.overlay(explained, opacity), label=f"Explanation: {explained.method}")
+def _overlay_image(ctx: AppContext, explained: Explained, opacity: float) -> np.ndarray:
+    """The overlay as a plain value: a returned component (gr.Image(label=...)) would give the
+    session its own copy of the page's config, megabytes per visitor kept for hours. The method is
+    named in the verdict."""
+    return ctx.scoring.overlay(explained, opacity)
 
 
 def _marked_thumbnail(thumb: Image.Image, result: ImageResult) -> Image.Image:
@@ -115,7 +119,7 @@ def preview(ctx: AppContext, image_path: str | None):
     """A new upload: shown as the model will see it (or the decoder's message for a file it cannot
     read), the previous image's results cleared -> (image, overlay, verdict, classes, state)."""
     image = _read(ctx, image_path) if image_path else None
-    return image, gr.Image(value=None, label="Explanation"), "", "", None
+    return image, None, "", "", None
 
 
 def predict(
@@ -248,7 +252,7 @@ def show_selected(ctx: AppContext, state: BatchState | None, evt: gr.SelectData)
     explained = ctx.scoring.explain(entry, result.name, image)
     return (
         probabilities_markdown(entry, result.probabilities, f"Selected image: {result.name}"),
-        f"**{result.name}**\n\n" + verdict_markdown(result),
+        f"**{result.name}**\n\n" + verdict_markdown(explained.result),
         _overlay_image(ctx, explained, DEFAULT_OPACITY),
         image,
     )
