@@ -296,7 +296,7 @@ def test_gradio_batch_ranking_gallery_csv(live, tmp_path, fixtures_dir, ham_imag
             assert colour[2] > 180 and colour[0] < 80  # blue
         assert len(item["caption"]) <= 30
     # The table shows the page's unit (percent, one decimal, as the verdict); the CSV above keeps 0-1.
-    assert table["headers"][:3] == ["rank", "file", "P(melanoma) %"]
+    assert table["headers"][:4] == ["Rank", "File", "P(melanoma) %", "Flagged"]
     assert [row[2] for row in table["data"][: len(images)]] == [round(100 * p, 1) for p in ok["melanoma_probability"]]
 
 
@@ -568,9 +568,9 @@ def test_ood_warning_replaces_the_flag(live, tmp_path, ham_image_paths):
         assert captions[-1] == "not ranked · not dermoscopy" and all(c.startswith("#") for c in captions[:-1])
         assert all("above threshold" in c for c in captions[:-1])  # threshold 0: every lesion is flagged
         shown = pd.DataFrame(table["data"], columns=table["headers"])
-        board = shown[shown["file"] == "checkerboard.png"].iloc[0]
-        blank = [v for v in (board["P(melanoma) %"], board["rank"], board["above_threshold"]) if v == "" or pd.isna(v)]
-        assert board["ood_level"] == "not_dermoscopy" and len(blank) == 3, board.to_dict()
+        board = shown[shown["File"] == "checkerboard.png"].iloc[0]
+        blank = [v for v in (board["P(melanoma) %"], board["Rank"], board["Flagged"]) if v == "" or pd.isna(v)]
+        assert board["Dermoscopy check"] == "not_dermoscopy" and len(blank) == 3, board.to_dict()
         rows = pd.read_csv(csv_file, dtype=str, keep_default_na=False)
         board = rows[rows["file"] == "checkerboard.png"].iloc[0]
         assert board["rank"] == "" and board["above_threshold"] == "" and board["ood_level"] == "not_dermoscopy"

@@ -50,10 +50,12 @@ DEFAULT_OPACITY = 0.5
 STATE_TTL_S = 900
 GRADIO_QUEUE_SIZE = 64
 NO_MODEL = "No model found: add a model folder under models/."
-# The batch table's columns (the CSV has them all).
-SHOWN_COLUMNS = (
-    "rank", "file", "melanoma_probability", "above_threshold", "seven_point_score", "top_class_name", "ood_level", "error",
-)
+# The batch table's columns and their headers on the page (the CSV has every column, by its name).
+SHOWN_COLUMNS = {
+    "rank": "Rank", "file": "File", "melanoma_probability": "P(melanoma) %", "above_threshold": "Flagged",
+    "above_balanced_threshold": "Above balanced threshold", "seven_point_score": "Checklist score",
+    "top_class_name": "Top class", "ood_level": "Dermoscopy check", "error": "Error",
+}
 
 # Gallery captions wrap instead of ending in an ellipsis, and phones get two columns (six columns of
 # Gradio's 100 px minimum would scroll sideways and cut every caption). Table cells break between
@@ -221,7 +223,7 @@ def _shown_table(rows: Any) -> Any:
         shown["melanoma_probability"] = rows["melanoma_probability"].map(percent_value).mask(meaningless)
         if "top_class_name" in shown:
             shown["top_class_name"] = shown["top_class_name"].mask(meaningless, "")
-    return shown.rename(columns={"melanoma_probability": "P(melanoma) %"})
+    return shown.rename(columns=SHOWN_COLUMNS)
 
 
 def _errors_markdown(batch: BatchResult) -> str:
@@ -376,7 +378,7 @@ def batch_tab(ctx: AppContext, model_choice: gr.Dropdown, example_paths: list[st
     gr.Markdown(
         "Upload many images at once: results are ranked by melanoma probability, highest first. "
         "Captions: rank · P(melanoma) · threshold. Red border: above the model's threshold; blue: below; "
-        "grey: may not be dermoscopy. "
+        "grey: not dermoscopy (not ranked, no score). "
         "Click a thumbnail for details. " + DISCLAIMER
     )
     # Folded once files are there, and a fixed height when open: a long upload list never
