@@ -27,11 +27,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]  # as a script: train/train.py would shadow the `train` package (see evaluate.py)
 
-from model.labels import MELANOMA
-from train.metrics import sensitivity_specificity, threshold_balanced
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from model.labels import MELANOMA  # noqa: E402
+from train.metrics import sensitivity_specificity, threshold_balanced  # noqa: E402
 
 logger = logging.getLogger(__name__)
 CONFIG_KEY = "melanoma_operating_points"
