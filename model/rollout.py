@@ -134,12 +134,13 @@ def overlay_heatmap(
     alpha: float = 0.5,
     colormap: str = "jet",
 ) -> np.ndarray:
-    """Blend a colour-mapped [0, 1] mask over an RGB image.
+    """Blend a colour-mapped [0, 1] mask over an RGB image, each pixel in proportion to its weight:
+    where the mask is 0 the image shows through unchanged (no blue wash over the whole image).
 
     Args:
         image: PIL image (any mode, converted to RGB) or (H, W, 3) uint8 array.
         mask: (h, w) values in [0, 1]; resized to (H, W) bilinearly.
-        alpha: heat-map weight in [0, 1] (0 returns the image unchanged).
+        alpha: heat-map opacity in [0, 1] where the mask is 1 (0 returns the image unchanged).
         colormap: a matplotlib colormap name.
 
     Returns:
@@ -162,6 +163,8 @@ def overlay_heatmap(
 
     height, width = image.shape[:2]
     resized = F.interpolate(mask_t[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-    heat = matplotlib.colormaps[colormap](resized.clamp(0, 1).numpy())[..., :3] * 255.0  # (H, W, 3)
-    blended = (1.0 - alpha) * image.astype(np.float64) + alpha * heat
+    weight = np.round(resized.clamp(0, 1).numpy().astype(np.float64), 6)  # bilinear's 0.99999994 is 1
+    heat = matplotlib.colormaps[colormap](weight)[..., :3] * 255.0  # (H, W, 3)
+    opacity = alpha * weight[..., None]  # (H, W, 1)
+    blended = (1.0 - opacity) * image.astype(np.float64) + opacity * heat
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)

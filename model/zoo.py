@@ -351,6 +351,7 @@ class ZooModel:
         self.melanoma_threshold = float(threshold) if threshold is not None else 0.5
         self.operating_points = OperatingPoints.from_config(getattr(self.config, "melanoma_operating_points", None))
         self.has_melanoma_class = MELANOMA in self.id2label.values()
+        self.label2id: dict[str, int] = {code: i for i, code in self.id2label.items()}
         self.extra_heads: dict[str, list[str]] = dict(getattr(self.config, "extra_heads", None) or {})
         # The checklist reads each criterion's scoring label by its `CRITERIA_LABELS` index.
         self.has_seven_point = all(
@@ -486,7 +487,8 @@ class ZooModel:
 
         ViT-like models: one forward with `output_attentions=True` gives the logits, the extra heads'
         logits and the per-layer attentions (B, heads, N, N) for attention rollout. CNNs: a Grad-CAM
-        pass for the predicted class (which needs gradients) plus the probabilities from the same logits.
+        pass for the melanoma class (the verdict's number; the predicted class for a model without one),
+        which needs gradients, plus the probabilities from the same logits.
         """
         from .rollout import attention_rollout, overlay_heatmap
 
@@ -519,8 +521,15 @@ class ZooModel:
 
                 with torch.inference_mode():
                     out = self.model(pixel_values=pixel_values)
-                mask = grad_cam(self.model, pixel_values.clone(), target=int(out.logits.argmax(-1)[0]))[0]
-                method = "Grad-CAM (predicted class, last convolutional stage)"
+                # The class of the headline number: melanoma (the top class only without one).
+                if self.has_melanoma_class:
+                    target, what = self.label2id[MELANOMA], "melanoma class"
+                else:
+                    target, what = int(out.logits.argmax(-1)[0]), "predicted class"
+                mask = grad_cam(self.model, pixel_values.clone(), target=target)[0]
+                method = f"Grad-CAM ({what}, last convolutional stage)"
+                if not bool(mask.max() > 0):  # Grad-CAM keeps positive evidence only
+                    method += f": no region raises the {what.removesuffix(' class')} score"
         mask = mask.detach().float().cpu().numpy()
         heatmap = overlay_heatmap(self._model_view(pixel_values, image), mask)
         (prediction,) = self.predictions([out])

@@ -274,8 +274,14 @@ def test_analyze_gradcam_for_cnn(zoo, ham_image_paths):
     entry = zoo.get("resnet18-tiny")
     image = Image.open(ham_image_paths[1]).convert("RGB")
     result = entry.analyze(image)
-    assert "Grad-CAM" in result.method
+    assert result.method == "Grad-CAM (melanoma class, last convolutional stage)"
     assert result.heatmap.dtype == np.uint8 and result.heatmap.shape[2] == 3
+    # The map is the melanoma class's (the verdict's number), whatever the top class.
+    from model.gradcam import grad_cam
+
+    pixel_values = entry._pixel_values([image])
+    expected = grad_cam(entry.model, pixel_values, target=entry.label2id["mel"])[0].numpy()
+    np.testing.assert_allclose(result.mask, expected, atol=1e-5)
     assert result.probabilities == pytest.approx(entry.predict([image])[0].probabilities, abs=1e-5)
     assert all(p.grad is None for p in entry.model.parameters())  # no gradient left behind
 

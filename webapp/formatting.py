@@ -217,12 +217,14 @@ def model_details_markdown(entry: ZooModel) -> str:
     return f"| Model | **{info['model_id']}** |\n|---|---|\n{cells}{source}"
 
 
-TRANSFORMERS_NAMES = {"vit": "ViT", "deit": "DeiT"}
+TRANSFORMERS_NAMES = {"vit": "ViT", "deit": "ViT"}  # a DeiT export is the same ViT
 
 
 def model_label(model_id: str, source: str) -> str:
-    """A dropdown label that says what a model is, from its folder's config.json alone (nothing is
-    loaded): e.g. "melanoma-vit-hf: stock transformers DeiT export"."""
+    """A short dropdown label that says what a model is, from its folder's config.json alone (nothing
+    is loaded), short enough for the picker at phone width: e.g. "melanoma-vit-hybrid · CNN+ViT,
+    checklist". A stock transformers export is the "stock copy" of a ViT (no remote code); the
+    details table says more."""
     config_path = Path(source) / "config.json"
     try:
         config = json.loads(config_path.read_text())
@@ -230,16 +232,15 @@ def model_label(model_id: str, source: str) -> str:
         return model_id  # a Hub id or an unreadable folder: the id says it
     kind = config.get("model_type", "")
     if kind == "timm_wrapper":
-        what = f"timm {config.get('architecture', 'CNN')} (CNN)"
+        what = "CNN"
     elif kind == "melanoma_vit":
-        stem = "hybrid CNN-stem ViT" if config.get("patch_embedding_type") == "hybrid" else "ViT"
-        what = f"MelanomaViT, this project's {stem}"
+        what = "CNN+ViT" if config.get("patch_embedding_type") == "hybrid" else "ViT"
     else:
-        what = f"stock transformers {TRANSFORMERS_NAMES.get(kind, kind)} export (no remote code)"
+        what = f"{TRANSFORMERS_NAMES.get(kind, kind)} (stock copy)"
     extras = config.get("extra_heads") or {}
     if extras:
-        what += ", with seven-point criteria heads" if all(k in extras for k in SEVEN_POINT) else ", with extra heads"
-    return f"{model_id}: {what}"
+        what += ", checklist" if all(k in extras for k in SEVEN_POINT) else ", extra heads"
+    return f"{model_id} · {what}"
 
 
 def batch_summary(batch: Any) -> str:
@@ -281,7 +282,7 @@ def colour_legend_html(what: str = "explanation weight") -> str:
     )
     return (
         '<div id="explanation-legend" style="display:flex;align-items:center;gap:0.5em;font-size:0.9em">'
-        f'<span>low</span><div role="img" aria-label="colour bar: blue low, red high {what}" '
+        f'<span>low (transparent)</span><div role="img" aria-label="colour bar: low {what} transparent, blue to red high" '
         f'style="flex:1;height:12px;border-radius:3px;background:linear-gradient(to right, {stops})"></div>'
         f"<span>high {what}</span></div>"
     )

@@ -48,6 +48,10 @@ DEFAULT_OPACITY = 0.5
 # Bounded memory: a page's kept explanation / batch (a decoded image of up to 1024 px each) is let go
 # this long after its last use, and at most this many Gradio events wait (one runs at a time).
 STATE_TTL_S = 900
+# On a phone the verdict is a screen below the Classify button: bring it into view.
+SCROLL_TO_VERDICT = (
+    "() => { if (window.innerWidth < 700) document.getElementById('verdict')?.scrollIntoView({block: 'start'}); }"
+)
 GRADIO_QUEUE_SIZE = 64
 NO_MODEL = "No model found: add a model folder under models/."
 # The batch table's columns and their headers on the page (the CSV has every column, by its name).
@@ -262,15 +266,15 @@ def show_selected(ctx: AppContext, state: BatchState | None, evt: gr.SelectData)
 
 # ------------------------------------------------------------------------------ the model
 def on_model_change(ctx: AppContext, model_id: str | None):
-    """Model details, and the rollout controls shown for ViTs only (CNNs use Grad-CAM)."""
+    """Model details, and the rollout settings shown for ViTs only: a CNN's Grad-CAM has none, so
+    no empty panel either."""
     if not model_id:
-        return NO_MODEL, gr.Radio(), gr.Slider(), gr.Slider()
+        return NO_MODEL, gr.Accordion(visible=False), gr.Slider()
     entry = _entry(ctx, model_id)
     rollout = entry.uses_rollout
     return (
         model_details_markdown(entry),
-        gr.Radio(visible=rollout),
-        gr.Slider(visible=rollout),
+        gr.Accordion(visible=rollout),
         # Slider needs maximum > minimum; the scoring service clamps start_layer to the last layer.
         gr.Slider(maximum=max(entry.num_layers - 1, 1), value=0, visible=rollout and entry.num_layers > 1),
     )
@@ -303,8 +307,8 @@ def example_batch() -> list[str]:
 
 # ---------------------------------------------------------------------------------- layout
 def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple[list[str], list[str], str]):
-    """The single-image tab's components and events; returns the rollout controls (head fusion,
-    discard ratio, start layer) that the model choice shows or hides, and the model's results (which
+    """The single-image tab's components and events; returns the rollout settings panel and its
+    start-layer slider (which the model choice shows, hides or sets), and the model's results (which
     a model change clears)."""
     example_paths, example_captions, attribution = examples
     with gr.Row():
@@ -313,17 +317,28 @@ def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple
             # message (Gradio's image input would fail with a bare "Error" first).
             image_in = gr.File(label="Dermoscopic image", file_count="single", type="filepath", height=120)
             run_button = gr.Button("Classify", variant="primary")
-            with gr.Accordion("Explanation settings", open=False):
-                head_fusion = gr.Radio(["mean", "max", "min"], value="mean", label="Rollout head fusion")
-                discard_ratio = gr.Slider(0.0, 0.99, value=0.9, step=0.01, label="Rollout discard ratio")
-                start_layer = gr.Slider(0, 11, value=0, step=1, label="Rollout start layer")
+            with gr.Accordion("Attention rollout settings", open=False) as settings:
+                gr.Markdown("<small>How the ViT's attention maps are combined into the heat map "
+                            "(Abnar & Zuidema, 2020). The defaults suit most images.</small>")
+                head_fusion = gr.Radio(
+                    ["mean", "max", "min"], value="mean", label="Head fusion",
+                    info="How each layer's attention heads are combined: their mean, or the strongest (max) or weakest (min) head.",
+                )
+                discard_ratio = gr.Slider(
+                    0.0, 0.99, value=0.9, step=0.01, label="Discard ratio",
+                    info="Share of the weakest attention links dropped in each layer: higher gives a sharper, sparser map.",
+                )
+                start_layer = gr.Slider(
+                    0, 11, value=0, step=1, label="Start layer",
+                    info="First layer multiplied in: later layers show what the model attends to last.",
+                )
             if example_paths:
                 gr.Examples(
                     examples=[[p] for p in example_paths], inputs=[image_in], example_labels=example_captions
                 )
                 gr.Markdown(f"<small>{attribution}</small>")
         with gr.Column():
-            verdict = gr.Markdown()
+            verdict = gr.Markdown(elem_id="verdict")
             probs_out = gr.Markdown(elem_id="class-table")
     with gr.Row():
         plain_out = gr.Image(label="Image", type="pil", interactive=False)
@@ -355,7 +370,7 @@ def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple
     ).success(  # the page's opacity, if the slider was moved before the click
         bind(explanation_opacity, ctx), inputs=[explained, opacity], outputs=[heatmap_out],
         api_name="explanation_after_predict", api_visibility="private",
-    )
+    ).then(None, js=SCROLL_TO_VERDICT)
     opacity.change(
         bind(explanation_opacity, ctx),
         inputs=[explained, opacity],
@@ -370,7 +385,7 @@ def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple
         outputs=[heatmap_out, explained],
         api_visibility="private",
     )
-    return (head_fusion, discard_ratio, start_layer), [probs_out, verdict, heatmap_out, json_out, explained]
+    return (settings, start_layer), [probs_out, verdict, heatmap_out, json_out, explained]
 
 
 def batch_tab(ctx: AppContext, model_choice: gr.Dropdown, example_paths: list[str]) -> list[gr.components.Component]:
@@ -430,8 +445,8 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
     """The page: model choice and details, the single-image tab and the batch tab."""
     zoo = ctx.zoo
     cache_ttl = int(ctx.settings.cache_ttl_s)
-    with gr.Blocks(title="Melanoma ViT: research demo", delete_cache=(max(1, cache_ttl // 4), cache_ttl)) as demo:
-        gr.Markdown("# Melanoma ViT: dermoscopy classifier (research demo)\n\n> " + DISCLAIMER)
+    with gr.Blocks(title="Melanoma classifier: research demo", delete_cache=(max(1, cache_ttl // 4), cache_ttl)) as demo:
+        gr.Markdown("# Melanoma classifier for dermoscopy images (research demo)\n\n> " + DISCLAIMER)
         with gr.Row():  # columns with a minimum width: at phone width the details table goes below
             with gr.Column(min_width=320):
                 model_choice = gr.Dropdown(
@@ -449,7 +464,7 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
 
         examples = load_examples()
         with gr.Tab("Single image"):
-            (head_fusion, discard_ratio, start_layer), single_results = single_image_tab(ctx, model_choice, examples)
+            (settings, start_layer), single_results = single_image_tab(ctx, model_choice, examples)
         with gr.Tab("Batch"):
             batch_results = batch_tab(ctx, model_choice, examples[0])
 
@@ -461,7 +476,7 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
             [model_choice.change, demo.load],
             bind(on_model_change, ctx),
             inputs=[model_choice],
-            outputs=[details, head_fusion, discard_ratio, start_layer],
+            outputs=[details, settings, start_layer],
             api_visibility="private",
         )
         results = single_results + batch_results
