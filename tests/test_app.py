@@ -480,36 +480,102 @@ def test_rest_queue_is_bounded_in_images_and_admits_before_decoding(live, ham_im
     assert response.status_code == 200 and _poll(url, response.json()["task_uuid"])["status"] == "done"
     response = httpx.post(url + "predict", files={"file": truncated})
     assert response.status_code == 400 and tasks.queued_images == 0  # a refused file returns its claim
+    # Bounded in bytes too: a bulk that does not fit is refused whole, and returns every claim.
+    tasks.max_bytes = len(jpeg) + 10
+    try:
+        response = httpx.post(url + "predict_bulk", files=[("files", ("a.jpg", jpeg)), ("files", ("b.jpg", jpeg))])
+        assert response.status_code == 503 and "of images; retry" in response.json()["detail"]
+        assert tasks.queued_images == 0 and tasks.queued_bytes == 0
+        response = httpx.post(url + "predict", files={"file": ("a.jpg", jpeg)})
+        assert response.status_code == 200 and _poll(url, response.json()["task_uuid"])["status"] == "done"
+        assert tasks.queued_bytes == 0
+    finally:
+        tasks.max_bytes = 512 * 2**20
 
 
-def test_task_store_ttl_and_max_count():
+class FakeClock:
+    """Monotonic seconds that move only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _wait_done(store, task_uuid: str, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (result := store.get(task_uuid)) is not None and result["status"] == "pending":
+        assert time.monotonic() < deadline, f"task {task_uuid} still pending"
+        time.sleep(0.005)
+    return result
+
+
+def test_task_store_ttl_failures_and_bytes():
+    from webapp.tasks import QueueFullError, TaskStore
+
+    clock = FakeClock()
+    store = TaskStore(max_images=2, ttl_s=60, max_bytes=100, clock=clock)
+    try:
+        store.reserve(1)
+        store.reserve_bytes(60)
+        done = store.submit(lambda: {"i": 0}, 1, 60)
+        assert _wait_done(store, done) == {"status": "done", "i": 0}
+        assert store.queued_images == 0 and store.queued_bytes == 0  # the claim was returned
+        clock.now += 59
+        assert store.get(done) == {"status": "done", "i": 0}
+        clock.now += 2
+        assert store.get(done) is None  # expired: 61 s after it finished
+        store.reserve(1)
+        failing = store.submit(lambda: 1 / 0, 1)
+        assert _wait_done(store, failing) == {"status": "failed", "detail": "division by zero"}
+        # Bounded in bytes as well as images.
+        store.reserve_bytes(80)
+        with pytest.raises(QueueFullError, match="80 bytes of at most 100 bytes"):
+            store.reserve_bytes(30)
+        store.release(0, 80)
+    finally:
+        store.shutdown()
+
+
+def test_task_store_serves_clients_in_turn_and_evicts_only_a_clients_own_results():
     from webapp.tasks import TaskStore
 
-    store = TaskStore(max_images=2, ttl_s=0.2, max_tasks=3)
+    clock = FakeClock()
+    store = TaskStore(max_images=100, ttl_s=60, max_results_per_client=3, clock=clock)
+    order: list[str] = []
+    gate = threading.Event()
 
-    def submit(fn):
-        store.reserve(1)
-        return store.submit(fn, 1)
+    def chunks(name: str, n: int):
+        def work():
+            for i in range(n):
+                gate.wait(10)
+                order.append(f"{name}{i}")
+                yield i
+            return {"name": name}
+        return work
 
-    ids = [submit(lambda i=i: {"i": i}) for i in range(2)]
-    deadline = time.monotonic() + 10
-    while any(store.get(i)["status"] == "pending" for i in ids) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert [store.get(i)["i"] for i in ids] == [0, 1]
-    time.sleep(0.3)
-    assert store.get(ids[0]) is None  # expired
-    failing = submit(lambda: 1 / 0)
-    while store.get(failing)["status"] == "pending":
-        time.sleep(0.01)
-    assert store.get(failing) == {"status": "failed", "detail": "division by zero"}
-    store.ttl_s = 60
-    more = []
-    for i in range(5):
-        more.append(submit(lambda i=i: {"i": i}))
-        while store.get(more[-1])["status"] == "pending":
-            time.sleep(0.01)
-    assert store.get(more[0]) is None and store.get(more[-1])["i"] == 4  # at most 3 kept
-    store.shutdown()
+    try:
+        store.reserve(12)
+        big = store.submit(chunks("a", 10), 10, client="A")  # one client's big batch first
+        small = store.submit(chunks("b", 1), 1, client="B")  # then another's single image
+        other = store.submit(chunks("c", 1), 1, client="A")
+        gate.set()
+        assert _wait_done(store, big) == {"status": "done", "name": "a"}
+        assert _wait_done(store, small)["name"] == "b" and _wait_done(store, other)["name"] == "c"
+        # B waited one chunk of A's, not all ten; A's second task waits behind its first.
+        assert order.index("b0") <= 2 and order.index("c0") == len(order) - 1, order
+        # A's many quick results never evict B's unexpired one: A loses its own oldest.
+        quick = []
+        for i in range(4):
+            store.reserve(1)
+            quick.append(store.submit(lambda i=i: {"i": i}, 1, client="A"))
+            _wait_done(store, quick[-1])
+        assert store.get(small)["name"] == "b"
+        kept = [store.get(t) is not None for t in [big, other, *quick]]
+        assert kept == [False, False, False, True, True, True], kept  # A's newest 3
+    finally:
+        store.shutdown()
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from model.imageio import MAX_BYTES
 from model.zoo import ModelZoo
 
 from .scoring import ScoringService
-from .tasks import MAX_QUEUED_IMAGES, TaskStore
+from .tasks import MAX_QUEUED_BYTES, MAX_QUEUED_IMAGES, TaskStore
 
 MAX_REQUEST_BYTES = 256 * 2**20  # largest bulk request body
 
@@ -24,13 +24,15 @@ MAX_REQUEST_BYTES = 256 * 2**20  # largest bulk request body
 class AppSettings:
     """Limits and lifetimes of one app; `from_env` fills what is not given from the environment.
 
-    max_queued_images: REST queue size in images. task_ttl_s: seconds REST results are kept.
+    max_queued_images: REST queue size in images; max_queued_bytes: in bytes of the files it holds
+    ($MELANOMA_MAX_QUEUED_BYTES, default 512 MiB). task_ttl_s: seconds REST results are kept.
     max_upload_bytes: largest accepted file. max_request_bytes: largest bulk request body.
     cache_ttl_s: seconds uploads, thumbnails and batch CSVs are kept. allowed_origins: other sites
     whose pages may POST here.
     """
 
     max_queued_images: int = MAX_QUEUED_IMAGES
+    max_queued_bytes: int = MAX_QUEUED_BYTES
     task_ttl_s: float = 3600.0
     max_upload_bytes: int = MAX_BYTES
     max_request_bytes: int = MAX_REQUEST_BYTES
@@ -54,6 +56,7 @@ class AppSettings:
             allowed_origins = env("MELANOMA_ALLOWED_ORIGINS", "").split(",")
         return cls(
             max_queued_images=max_queued_images or int(env("MELANOMA_MAX_QUEUED_IMAGES", MAX_QUEUED_IMAGES)),
+            max_queued_bytes=int(env("MELANOMA_MAX_QUEUED_BYTES", MAX_QUEUED_BYTES)),
             task_ttl_s=task_ttl_s or float(env("MELANOMA_TASK_TTL_S", 3600)),
             max_upload_bytes=max_upload_bytes,
             max_request_bytes=max_request_bytes or int(env("MELANOMA_MAX_REQUEST_BYTES", MAX_REQUEST_BYTES)),
@@ -94,7 +97,8 @@ class AppContext:
     def __init__(self, zoo: ModelZoo, settings: AppSettings):
         self.zoo, self.settings = zoo, settings
         self.scoring = ScoringService(zoo, settings.max_upload_bytes)
-        self.tasks = TaskStore(max_images=settings.max_queued_images, ttl_s=settings.task_ttl_s)
+        self.tasks = TaskStore(max_images=settings.max_queued_images, ttl_s=settings.task_ttl_s,
+                               max_bytes=settings.max_queued_bytes)
         self.scratch = ScratchDir(settings.cache_ttl_s)
 
     def close(self) -> None:

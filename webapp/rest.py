@@ -8,7 +8,7 @@ which the worker scores through the scoring service. Results become JSON here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import asdict
 from typing import Any
 
@@ -47,8 +47,21 @@ def batch_json(batch: BatchResult, errors: list[FileError]) -> dict[str, Any]:
 
 
 def scoring_task(ctx: AppContext, entry: ZooModel, named: list[tuple[str, bytes]], errors: list[FileError]) -> Callable:
-    """The task store's work for one request: score the admitted files, return the JSON body."""
-    return lambda: batch_json(ctx.scoring.score(entry, named), errors)
+    """The task store's work for one request: score the admitted files a chunk per step (so other
+    clients get turns in between), return the JSON body."""
+
+    def work() -> Generator[int, None, dict[str, Any]]:
+        batch = yield from ctx.scoring.score_chunks(entry, named)
+        return batch_json(batch, errors)
+
+    return work
+
+
+def client_of(request: Request) -> str:
+    """Who a request is from, for fair turns: the first forwarded address behind a proxy (Spaces),
+    else the peer's address."""
+    forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
+    return forwarded or (request.client.host if request.client else "")
 
 
 # -------------------------------------------------------------------------------- uploads
@@ -61,14 +74,16 @@ def model_entry(ctx: AppContext, model_id: str | None) -> ZooModel:
 
 
 def checked_upload(ctx: AppContext, upload: UploadFile) -> bytes:
-    """The upload's bytes once they decode (bounded memory); the decoded image is dropped: the
-    queue holds compressed files, the worker decodes them again a chunk at a time."""
+    """The upload's bytes once they decode (bounded memory), counted against the queue's bytes
+    (`QueueFullError` when it is full); the decoded image is dropped: the queue holds compressed
+    files, the worker decodes them again a chunk at a time."""
     limit = ctx.settings.max_upload_bytes
     data = upload.file.read(limit + 1)
     if len(data) > limit:
         name = clip(upload.filename or "image")
         raise HTTPException(status_code=413, detail=f"{name}: file is larger than the {format_bytes(limit)} limit.")
     ctx.scoring.read(data)
+    ctx.tasks.reserve_bytes(len(data))
     return data
 
 
@@ -87,6 +102,7 @@ def public_models(ctx: AppContext = Depends(get_context)) -> dict[str, Any]:
 
 @router.post("/predict", summary="Classify one image (async task)", tags=["predict"])
 def predict(
+    request: Request,
     file: UploadFile = File(..., description="One image (JPEG, PNG, ...)"),
     model_id: str | None = Query(None, description="Zoo model id; default model when omitted"),
     ctx: AppContext = Depends(get_context),
@@ -99,11 +115,13 @@ def predict(
     except BaseException:
         ctx.tasks.release(1)
         raise
-    return {"task_uuid": ctx.tasks.submit(scoring_task(ctx, entry, named, []), 1)}
+    size = len(named[0][1])
+    return {"task_uuid": ctx.tasks.submit(scoring_task(ctx, entry, named, []), 1, size, client_of(request))}
 
 
 @router.post("/predict_bulk", summary="Classify many images (async task)", tags=["predict"])
 def predict_bulk(
+    request: Request,
     files: list[UploadFile] = File(..., description="Images; unreadable ones are listed in `errors`"),
     model_id: str | None = Query(None, description="Zoo model id; default model when omitted"),
     ctx: AppContext = Depends(get_context),
@@ -126,6 +144,10 @@ def predict_bulk(
                 named.append((name, checked_upload(ctx, upload)))
             except (InvalidImageError, HTTPException) as err:
                 errors.append(FileError(name, getattr(err, "detail", None) or str(err)))
+    except QueueFullError:
+        tasks.release(0, sum(len(data) for _, data in named))  # the whole request is refused: its bytes,
+        named = []  # and (below) all its images
+        raise
     finally:
         tasks.release(len(files) - len(named))
     error_json = [asdict(e) for e in errors]
@@ -133,7 +155,8 @@ def predict_bulk(
         summary = "; ".join(f"{e.name}: {e.error}" for e in errors)
         content = {"detail": f"No usable image in the request. {summary}", "errors": error_json}
         return JSONResponse(status_code=400, content=content)
-    task_uuid = tasks.submit(scoring_task(ctx, entry, named, errors), len(named))
+    size = sum(len(data) for _, data in named)
+    task_uuid = tasks.submit(scoring_task(ctx, entry, named, errors), len(named), size, client_of(request))
     return {"task_uuid": task_uuid, "num_images": len(named), "errors": error_json}
 
 

@@ -7,7 +7,7 @@ JSON only at the boundary (REST responses, the Gradio JSON output) and CSV cells
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +134,20 @@ class ScoringService:
     ) -> BatchResult:
         """(name, path or bytes) pairs scored `BATCH_CHUNK` at a time, so a batch never holds more
         than one chunk of decoded images. `on_chunk(done)` reports progress."""
+        chunks = self.score_chunks(entry, sources, thumbnails)
+        while True:
+            try:
+                done = next(chunks)
+            except StopIteration as stop:
+                return stop.value
+            if on_chunk is not None:
+                on_chunk(done)
+
+    def score_chunks(
+        self, entry: ZooModel, sources: Sequence[tuple[str, Any]], thumbnails: bool = False
+    ) -> Generator[int, None, BatchResult]:
+        """`score` one chunk per step: yields the number of files done after each chunk and returns
+        the `BatchResult` (the REST worker takes one step per client's turn)."""
         batch = BatchResult(entry.id, [], [], [])
         for start in range(0, len(sources), BATCH_CHUNK):
             chunk: list[tuple[int, str, Image.Image]] = []
@@ -154,8 +168,7 @@ class ScoringService:
                         thumb = image.copy()
                         thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
                         batch.thumbnails.append(thumb)
-            if on_chunk is not None:
-                on_chunk(len(batch.results) + len(batch.errors))
+            yield len(batch.results) + len(batch.errors)
         return batch
 
     def explain(
