@@ -100,6 +100,29 @@ def page(browser):
     page.close()
 
 
+# The element's text colour and the first opaque background behind it, as [r, g, b] lists.
+CONTRAST_JS = """el => {
+  const rgb = c => c.match(/[\\d.]+/g).map(Number);
+  let bg = el, colour = null;
+  while (bg) {
+    const c = rgb(getComputedStyle(bg).backgroundColor);
+    if (c.length < 4 || c[3] > 0.9) { colour = c.slice(0, 3); break; }
+    bg = bg.parentElement;
+  }
+  return [rgb(getComputedStyle(el).color).slice(0, 3), colour || [255, 255, 255]];
+}"""
+
+
+def _contrast(fg: list[float], bg: list[float]) -> float:
+    """WCAG 2 contrast ratio of two sRGB colours (0-255)."""
+    def luminance(rgb: list[float]) -> float:
+        c = [v / 255 for v in rgb]
+        c = [v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4 for v in c]
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+    high, low = sorted((luminance(fg), luminance(bg)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
 def _shot(page, name: str) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
@@ -131,6 +154,12 @@ def test_single_image_shows_probabilities_and_heatmap(browser, live_app, page, h
     diff = np.abs(np.asarray(overlay, np.float32) - np.asarray(original, np.float32)).sum(-1)
     assert diff.mean() > 3.0 and np.percentile(diff, 95) > 30.0, (diff.mean(), np.percentile(diff, 95))
     expect(page.locator("#explanation-legend")).to_be_visible()  # the colour bar: low -> high
+    # The first screen at 1400 px holds the result: the image, its explanation and the verdict.
+    page.evaluate("window.scrollTo(0, 0)")
+    for locator in (page.locator("#verdict"), heatmap, page.locator("img").filter(has_not=page.locator("#explanation-overlay")).first):
+        box = locator.bounding_box()
+        assert box is not None and box["y"] + min(box["height"], 100) <= 1000, box
+    assert page.locator("#explanation-overlay").bounding_box()["y"] + 200 <= 1000
     # Moving the opacity slider redraws the overlay without another click on Classify.
     old_src = heatmap.get_attribute("src")
     opacity = page.locator("#overlay-opacity input[type=number]")
@@ -163,6 +192,16 @@ def test_single_image_shows_probabilities_and_heatmap(browser, live_app, page, h
     threshold_row = details.locator("tr", has=page.get_by_text("Melanoma threshold")).locator("td").all_inner_texts()
     assert threshold_row[1].startswith(f"{verdict_threshold.group(1)} on P(mel)"), threshold_row
     assert details.locator("tr", has=page.get_by_text("Architecture")).locator("td").all_inner_texts()[1] == "melanoma_vit"
+    # WCAG AA contrast: the primary button and the small grey texts at least 4.5:1.
+    for selector in ("button.primary", "[data-testid=block-label]", "#explanation-legend span"):
+        colours = page.locator(selector).first.evaluate(CONTRAST_JS)
+        assert _contrast(*colours) >= 4.5, (selector, colours, _contrast(*colours))
+    # Headings never skip a level on the way down (h1 title, h2 verdict, h3 class table).
+    levels = page.evaluate(
+        "() => [...document.querySelectorAll('h1,h2,h3,h4,h5,h6')].filter(h => h.offsetParent)"
+        ".map(h => +h.tagName[1])"
+    )
+    assert levels[0] == 1 and all(b <= a + 1 for a, b in zip(levels, levels[1:])), levels
     _shot(page, "single_image")
     # Phone width: the same result, readable without sideways scrolling of the page.
     page.set_viewport_size({"width": 390, "height": 844})

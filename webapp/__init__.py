@@ -29,7 +29,7 @@ from model.zoo import ModelZoo
 from .context import AppContext, AppSettings
 from .middleware import BodyLimitMiddleware, NoSniffMiddleware, OriginCheckMiddleware, UploadedFilesOnlyMiddleware
 from .rest import MULTIPART_OVERHEAD, build_api
-from .ui import PAGE_CSS, build_blocks, load_examples
+from .ui import PAGE_CSS, THEME, build_blocks, load_examples
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 
@@ -86,7 +86,7 @@ def build_app(
     # show_error=False: only our own gr.Error messages reach the page, never an exception's text
     # (which can name server paths); Gradio shows a generic "Error" for anything else.
     app = gr.mount_gradio_app(
-        api, demo, path="/", max_file_size=max_upload_bytes, allowed_paths=example_dirs, show_error=False, css=PAGE_CSS
+        api, demo, path="/", max_file_size=max_upload_bytes, allowed_paths=example_dirs, show_error=False, css=PAGE_CSS, theme=THEME
     )
     app.add_middleware(
         BodyLimitMiddleware,

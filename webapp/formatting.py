@@ -113,7 +113,7 @@ def verdict_markdown(result: ImageResult) -> str:
         # The one sentence that reconciles "flag it" with a benign top class.
         top += " The threshold is set low so that few melanomas are missed: an image is flagged while another class is still the most likely."
     return (
-        f"### Melanoma probability: {percent(p_mel)}\n{flag}{caution}\n\n"
+        f"## Melanoma probability: {percent(p_mel)}\n{flag}{caution}\n\n"
         f"{top} {_model_line(result)} _Research demo output, not a diagnosis._"
     )
 
@@ -126,11 +126,11 @@ def criteria_markdown(heads: HeadResults) -> str:
     """One image's extra heads: the seven-point criteria table (with every criterion head), then the
     other heads' probabilities, framed as a model's estimates."""
     seven = heads.seven_point
-    lines = ["#### Secondary estimates (they do not change the verdict)", f"<small>{SECONDARY_NOTE}</small>", ""]
+    lines = ["### Secondary estimates (they do not change the verdict)", f"<small>{SECONDARY_NOTE}</small>", ""]
     if seven is not None:
         side = "at or above" if seven.suggests_melanoma else "below"
         lines += [
-            "##### Dermoscopic criteria (seven-point checklist)",
+            "#### Dermoscopic criteria (seven-point checklist)",
             "| Criterion: melanoma-specific pattern | Probability | Points |",
             "|---|---|---|",
         ]
@@ -161,7 +161,7 @@ def probabilities_markdown(entry: ZooModel, probabilities: dict[str, float], tit
     """Every class, highest first, in the page's one unit (gr.Label would round to whole percents)."""
     ranked = sorted(readable_probabilities(entry, probabilities).items(), key=lambda item: -item[1])
     rows = "\n".join(f"| {name} | {percent(p)} |" for name, p in ranked)
-    return f"#### {title}\n| Class | P |\n|---|---:|\n{rows}"  # a short header: one line at phone width
+    return f"### {title}\n| Class | P |\n|---|---:|\n{rows}"  # a short header: one line at phone width
 
 
 def _temperature_text(info: dict) -> str:

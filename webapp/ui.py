@@ -45,6 +45,17 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_FILE = ROOT / "assets" / "examples.yaml"
 ABOVE_COLOUR, BELOW_COLOUR, OOD_COLOUR = (220, 30, 30), (30, 90, 220), (150, 150, 150)
 DEFAULT_OPACITY = 0.5
+IMAGE_HEIGHT = 260  # px: the upload and its explanation side by side, above the fold at 1400 px
+# WCAG AA: white on the primary button and the small grey texts reach 4.5:1 (Gradio's defaults:
+# white on orange-500 2.8:1, grey-400 labels 2.5:1).
+THEME = gr.themes.Default(primary_hue="blue").set(
+    button_primary_background_fill="*primary_700",
+    button_primary_background_fill_hover="*primary_800",
+    button_primary_text_color="white",
+    body_text_color_subdued="*neutral_600",
+    block_label_text_color="*neutral_700",
+    block_info_text_color="*neutral_600",
+)
 # Bounded memory: a page's kept explanation / batch (a decoded image of up to 1024 px each) is let go
 # this long after its last use, and at most this many Gradio events wait (one runs at a time).
 STATE_TTL_S = 900
@@ -332,25 +343,25 @@ def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple
                     0, 11, value=0, step=1, label="Start layer",
                     info="First layer multiplied in: later layers show what the model attends to last.",
                 )
-            if example_paths:
-                gr.Examples(
-                    examples=[[p] for p in example_paths], inputs=[image_in], example_labels=example_captions
+            # The image and its explanation right under the button: with the verdict beside them,
+            # the whole result is in the first screen at 1400 px.
+            with gr.Row():
+                plain_out = gr.Image(label="Image", type="pil", interactive=False, height=IMAGE_HEIGHT)
+                # PNG: lossless, so that opacity 0 shows the decoded upload exactly.
+                heatmap_out = gr.Image(
+                    label="Explanation", interactive=False, format="png", elem_id="explanation-overlay",
+                    height=IMAGE_HEIGHT,
                 )
-                gr.Markdown(f"<small>{attribution}</small>")
-        with gr.Column():
-            verdict = gr.Markdown(elem_id="verdict")
-            probs_out = gr.Markdown(elem_id="class-table")
-    with gr.Row():
-        plain_out = gr.Image(label="Image", type="pil", interactive=False)
-        with gr.Column():
-            # PNG: lossless, so that opacity 0 shows the decoded upload exactly.
-            heatmap_out = gr.Image(
-                label="Explanation", interactive=False, format="png", elem_id="explanation-overlay"
-            )
             opacity = gr.Slider(
                 0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Overlay opacity", elem_id="overlay-opacity"
             )
             gr.HTML(colour_legend_html())
+        with gr.Column():
+            verdict = gr.Markdown(elem_id="verdict")
+            probs_out = gr.Markdown(elem_id="class-table")
+    if example_paths:
+        gr.Examples(examples=[[p] for p in example_paths], inputs=[image_in], example_labels=example_captions)
+        gr.Markdown(f"<small>{attribution}</small>")
     with gr.Accordion("Raw result (JSON)", open=False):
         json_out = gr.JSON()
     explained = gr.State(time_to_live=STATE_TTL_S)
@@ -415,11 +426,11 @@ def batch_tab(ctx: AppContext, model_choice: gr.Dropdown, example_paths: list[st
         allow_preview=False,
         object_fit="contain",
     )
-    with gr.Row():
-        sel_probs = gr.Markdown()
+    with gr.Row():  # the verdict (a level-2 heading) before its class table (level 3)
         with gr.Column():
             sel_verdict = gr.Markdown()
             sel_plain = gr.Image(label="Image", type="pil", interactive=False)
+        sel_probs = gr.Markdown()
         sel_heatmap = gr.Image(label="Explanation", interactive=False)
     table = gr.Dataframe(label="Results", interactive=False)
     csv_out = gr.File(label="All results (CSV)")
