@@ -110,6 +110,17 @@ def test_gradio_predict_endpoint(live, ham_image_paths):
     assert "Grad-CAM" in cnn_record["explanation"] and cnn_record["metadata"]["net_type"] == "timm/resnet18"
 
 
+def test_one_oversize_file_does_not_drop_the_batch(live, tmp_path, ham_image_paths):
+    url, client, _, _ = live
+    big = tmp_path / "big.jpg"
+    big.write_bytes(ham_image_paths[0].read_bytes() + b"\0" * MAX_UPLOAD)  # over the 1 MB file limit
+    uploads = [handle_file(str(p)) for p in (ham_image_paths[1], big, ham_image_paths[2])]
+    gallery, _, csv_path, errors_md = client.predict(uploads, None, api_name="/predict_batch")
+    assert len(gallery) == 2 and "big.jpg" in errors_md and "the limit is 1 MB" in errors_md
+    with pytest.raises(AppError, match="the limit is 1 MB"):  # one image alone: the same message
+        client.predict(handle_file(str(big)), None, "mean", 0.9, 0, api_name="/predict")
+
+
 def test_gradio_predict_errors_and_exif(live, tmp_path, ham_image_paths):
     url, client, zoo, _ = live
     files = bad_image_files(tmp_path, ham_image_paths[0])

@@ -85,8 +85,11 @@ def build_app(
     example_dirs = sorted({str(Path(p).parent) for p in load_examples()[0]})
     # show_error=False: only our own gr.Error messages reach the page, never an exception's text
     # (which can name server paths); Gradio shows a generic "Error" for anything else.
+    # Gradio's own per-file limit refuses a whole multi-file upload for one oversize file; the app's
+    # decoder refuses that file alone (a listed error, the rest of the batch scored), so Gradio
+    # only bounds a file by the request limit (what /gradio_api/upload accepts in all).
     app = gr.mount_gradio_app(
-        api, demo, path="/", max_file_size=max_upload_bytes, allowed_paths=example_dirs, show_error=False, css=PAGE_CSS, theme=THEME
+        api, demo, path="/", max_file_size=settings.max_request_bytes, allowed_paths=example_dirs, show_error=False, css=PAGE_CSS, theme=THEME
     )
     app.add_middleware(
         BodyLimitMiddleware,
