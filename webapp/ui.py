@@ -74,9 +74,10 @@ SHOWN_COLUMNS = {
 
 # Gallery captions wrap instead of ending in an ellipsis, and phones get two columns (six columns of
 # Gradio's 100 px minimum would scroll sideways and cut every caption). Table cells break between
-# words only (Gradio's prose breaks "Architecture" mid-word at phone width); a percentage never wraps.
+# words only (Gradio's prose breaks "Architecture" or a checklist criterion mid-word at phone width); a
+# percentage never wraps.
 PAGE_CSS = """
-#model-details td, #model-details th { word-break: normal; overflow-wrap: normal; }
+#model-details td, #model-details th, #verdict td, #verdict th { word-break: normal; overflow-wrap: normal; }
 #class-table td:last-child { white-space: nowrap; }
 #ranked-gallery .caption-label { white-space: normal; max-width: calc(100% - 8px); }
 @media (max-width: 600px) {
