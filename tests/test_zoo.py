@@ -274,7 +274,7 @@ def test_analyze_gradcam_for_cnn(zoo, ham_image_paths):
     entry = zoo.get("resnet18-tiny")
     image = Image.open(ham_image_paths[1]).convert("RGB")
     result = entry.analyze(image)
-    assert result.method == "Grad-CAM (melanoma class, last convolutional stage)"
+    assert result.method.startswith("Grad-CAM (melanoma class, last convolutional stage)")
     assert result.heatmap.dtype == np.uint8 and result.heatmap.shape[2] == 3
     # The map is the melanoma class's (the verdict's number), whatever the top class.
     from model.gradcam import grad_cam
