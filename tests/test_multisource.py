@@ -432,3 +432,34 @@ def test_pure_vit_distilled_from_a_teacher_on_its_cached_features(tmp_path: Path
         main(["--config", str(tmp_path / "bad.yaml"), "--output_dir", str(tmp_path / "bad"), "--num_workers", "0"])
     with pytest.raises(ValueError, match="does not fit"):  # not the old targets of the same folder either
         main(["--config", str(tmp_path / "bad.yaml"), "--output_dir", str(out), "--num_workers", "0"])
+
+
+def test_resnet_trains_whole_on_a_pixel_cache(tmp_path: Path, specs: list[SourceSpec]) -> None:
+    """A ResNet (no ImageNet weights, so nothing frozen) caches processor-sized pixels, trains every
+    layer from conv1 up, and ships as a stock TimmWrapper whose processor makes the cached view 0."""
+    from model.loading import load_classifier
+
+    recipe = {
+        "model": {"name": "resnet18", "image_size": 32, "pretrained": False},
+        "sources": [{k: v for k, v in vars(s).items() if k != "kind"} for s in specs],
+        "feature_cache": {"dir": str(tmp_path / "pixels"), "views": 2, "dihedral": True},
+        "batch_size": 4, "eval_batch_size": 8, "epochs": 1, "learning_rate": 1e-2, "report_to": "none",
+    }
+    (tmp_path / "resnet.yaml").write_text(json.dumps(recipe))
+    out = tmp_path / "run"
+    torch.manual_seed(42)  # train.py seeds with cfg.seed (42) before creating the model: same init
+    from train.train import ModelArgs, create_model
+
+    initial, _ = create_model(ModelArgs(name="resnet18", image_size=32, pretrained=False), dict(enumerate(DX_CODES)))
+    main(["--config", str(tmp_path / "resnet.yaml"), "--output_dir", str(out), "--num_workers", "0"])
+
+    net, processor = load_classifier(out)
+    assert isinstance(net, TimmWrapperForImageClassification) and net.config.architecture == "resnet18"
+    assert MultiHeadNet(net, {}).stem_names() == ()
+    assert not torch.equal(net.timm_model.conv1.weight, initial.timm_model.conv1.weight)  # the stem trained
+    train_ds = load_sources(specs)["train"]
+    pixels = load_cache(tmp_path / "pixels" / "train")
+    assert pixels.shape[:3] == (2, len(train_ds), 3) and pixels.shape[-2:] == (32, 32)
+    view0 = processor(images=[img.convert("RGB") for img in train_ds["image"]], return_tensors="pt")["pixel_values"]
+    diff = (pixels[0].float() - view0).abs()
+    assert float(diff.mean()) < 1e-3 and float(diff.max()) < 0.05, (float(diff.mean()), float(diff.max()))

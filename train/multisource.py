@@ -13,9 +13,9 @@ HAM10000 does not drown the smaller archives. The frozen stride-16 stem of the n
   training-only auxiliaries on the pooled features, so the shipped folder stays a stock
   `TimmWrapperForImageClassification` that the Hub inference API and `pipeline` load as is.
 - hybrid MelanomaViT: projection + transformer + every head (`config.extra_heads`, shipped).
-- pure MelanomaViT (linear patches): nothing is frozen, so the "stem" is the identity and the cache
-  holds the processor-sized pixels of each view (fp16); `feature_cache.dihedral` adds a random
-  flip / 90-degree rotation per sample and step. `distillation.teachers` distil it from trained
+- pure MelanomaViT (linear patches) and ResNet (TimmWrapper, no ImageNet weights here): nothing is
+  frozen, so the "stem" is the identity and the cache holds the processor-sized pixels of each view
+  (fp16); `feature_cache.dihedral` adds a random flip / 90-degree rotation per sample and step. `distillation.teachers` distil it from trained
   models that read their own caches once (`teacher_logits`): the DeiT recipe at cached-view cost.
 
 Export: the weights of the epoch with the best mean validation melanoma AUC over the sources,
@@ -49,6 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import TimmWrapperForImageClassification
 
+from model.baselines import EFFICIENTNET_LITE_ARCHS
 from model.calibration import fold_temperature, store_temperature
 from model.labels import DX_CODES, MELANOMA
 from model.modeling_melanoma_vit import IGNORE_INDEX
@@ -90,7 +91,9 @@ class MultiHeadNet(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.is_timm:
             timm_model = self.model.timm_model
-            pooled = timm_model.forward_head(timm_model.forward_features(pixel_values), pre_logits=True)  # (B, F)
+            # channels_last: CPU convolutions ~20% faster (ResNet-18 at 128 px, batch 64: 20.5 -> 24.3 img/s)
+            x = pixel_values.contiguous(memory_format=torch.channels_last)
+            pooled = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)  # (B, F)
             return {MAIN_HEAD: timm_model.get_classifier()(pooled), **{n: h(pooled) for n, h in self.aux_heads.items()}}
         outputs = self.model(pixel_values=pixel_values)
         logits = {MAIN_HEAD: outputs.logits, **(outputs.head_logits or {})}
@@ -100,8 +103,10 @@ class MultiHeadNet(nn.Module):
 
     def stem_names(self) -> tuple[str, ...]:
         """Names (relative to this module) of the frozen stem that cached features replace
-        (none for a pure ViT: its cache holds pixels)."""
+        (none for a pure ViT or a CNN without ImageNet weights, e.g. ResNet: their caches hold pixels)."""
         if self.is_timm:
+            if self.model.config.architecture not in EFFICIENTNET_LITE_ARCHS.values():
+                return ()
             return tuple(f"model.timm_model.{n}" for n in efficientnet_stem_names(self.model))
         if getattr(self.model.config, "patch_embedding_type", "linear") != "hybrid":
             return ()
