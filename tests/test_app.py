@@ -313,8 +313,8 @@ def test_gradio_batch_ranking_gallery_csv(live, tmp_path, fixtures_dir, ham_imag
             assert colour[2] > 180 and colour[0] < 80  # blue
         assert len(item["caption"]) <= 30
     # The table shows the page's unit (percent, one decimal, as the verdict); the CSV above keeps 0-1.
-    assert table["headers"][:4] == ["Rank", "File", "P(melanoma) %", "Flagged"]
-    assert [row[2] for row in table["data"][: len(images)]] == [round(100 * p, 1) for p in ok["melanoma_probability"]]
+    assert table["headers"][:4] == ["P(melanoma) %", "Rank", "File", "Flagged"]
+    assert [row[0] for row in table["data"][: len(images)]] == [round(100 * p, 1) for p in ok["melanoma_probability"]]
 
 
 # ------------------------------------------------------------------------------------ REST

@@ -255,9 +255,10 @@ def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_im
     table = page.locator(".block", has=page.locator("th[title='P(melanoma) %']")).first
     # gr.Dataframe's body is a virtual grid: cell r, c is [data-testid=cell-r-c].
     rows = [[table.get_by_test_id(f"cell-{r}-{c}").inner_text().strip() for c in range(4)] for r in range(len(files))]
-    names = [row[1] for row in rows[:-1]]
-    assert [float(row[2]) for row in rows[:-1]] == probs
-    assert rows[-1][1] == GRACE_HOPPER.name and rows[-1][0] in ("", "NaN", "<NA>") and rows[-1][2] in ("", "NaN")
+    # P(melanoma) % first, then Rank and File.
+    names = [row[2] for row in rows[:-1]]
+    assert [float(row[0]) for row in rows[:-1]] == probs
+    assert rows[-1][2] == GRACE_HOPPER.name and rows[-1][1] in ("", "NaN", "<NA>") and rows[-1][0] in ("", "NaN")
 
     # Same order as ranking the zoo's own P(mel) (the app ranks records by it, highest first).
     entry = zoo.get(None)

@@ -65,9 +65,10 @@ SCROLL_TO_VERDICT = (
 )
 GRADIO_QUEUE_SIZE = 64
 NO_MODEL = "No model found: add a model folder under models/."
-# The batch table's columns and their headers on the page (the CSV has every column, by its name).
+# The batch table's columns and their headers on the page, the score first (the CSV has every
+# column, by its name).
 SHOWN_COLUMNS = {
-    "rank": "Rank", "file": "File", "melanoma_probability": "P(melanoma) %", "above_threshold": "Flagged",
+    "melanoma_probability": "P(melanoma) %", "rank": "Rank", "file": "File", "above_threshold": "Flagged",
     "above_balanced_threshold": "Above balanced threshold", "seven_point_score": "Checklist score",
     "top_class_name": "Top class", "ood_level": "Dermoscopy check", "error": "Error",
 }
