@@ -9,6 +9,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from gradio.utils import is_in_or_equal
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model.imageio import format_bytes
@@ -148,7 +149,8 @@ class UploadedFilesOnlyMiddleware:
     server read any file: `/dev/zero` pinned a core, any image was scored and served back, a missing
     path and a folder answered differently. This refuses (403), before any file is touched, every
     call that names a file outside the upload folder, a URL, or anything that is not a path string:
-    one answer for all of them, so it tells nothing about what exists on the server.
+    one answer for all of them, so it tells nothing about what exists on the server. (Gradio's own
+    check, were it on, would still download a URL; so the rule is applied here, for every endpoint.)
 
     Args:
         app: the ASGI app.
@@ -168,7 +170,7 @@ class UploadedFilesOnlyMiddleware:
         """True for a path string whose real location (symlinks and `..` resolved) is in the upload folder."""
         if not isinstance(path, str) or not path or "\0" in path or "://" in path:
             return False
-        return os.path.commonpath([os.path.realpath(path), self.upload_dir]) == self.upload_dir
+        return is_in_or_equal(path, self.upload_dir)  # Gradio's own rule (resolves `..` and symlinks)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
