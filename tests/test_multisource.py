@@ -25,7 +25,7 @@ from train.data import load_image_dataset
 from train.features import build_cache, efficientnet_stem, load_cache, stem_bypassed
 from train.multisource import MultiHeadNet, sampler_weights
 from train.sources import SourceSpec, derm7pt_diagnosis, head_labels, load_sources
-from train.train import main
+from train.train import complete_checkpoints, main
 
 # Criteria values in Derm7pt's raw vocabulary (grouped by train.sources), one row per image.
 DERM7PT_ROWS = [
@@ -189,7 +189,7 @@ def test_multisource_run_resume_and_export(tmp_path: Path, specs: list[SourceSpe
         "model": {"name": "efficientnet_lite0", "image_size": 64, "pretrained": False},
         "sources": [{k: v for k, v in vars(s).items() if k not in ("kind",)} for s in specs],
         "feature_cache": {"dir": str(tmp_path / "cache"), "views": 2},
-        "head_loss_weights": {"derm7pt": 0.5},
+        "head_loss_weights": {"derm7pt": 0.5}, "metric_for_best_model": "melanoma_auc_mean",
         "batch_size": 4, "eval_batch_size": 8, "epochs": 2, "learning_rate": 1e-3, "report_to": "none",
     }
     config = tmp_path / "ms.yaml"
@@ -197,7 +197,7 @@ def test_multisource_run_resume_and_export(tmp_path: Path, specs: list[SourceSpe
     out = tmp_path / "run"
     args = ["--config", str(config), "--output_dir", str(out), "--num_workers", "0"]
     main([*args, "--max_steps", "2"])  # stops after 2 steps: one (short) epoch of 2
-    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    state = json.loads((complete_checkpoints(out)[-1] / "trainer_state.json").read_text())
     assert state["completed_steps"] == 2 and state["epoch"] == 1
     main([*args, "--resume_from_checkpoint", "latest"])
     result = json.loads((out / "val_metrics.json").read_text())
@@ -319,6 +319,7 @@ def test_multisource_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp
         "sources": [{k: v for k, v in vars(s).items() if k != "kind"} for s in specs],
         "feature_cache": {"dir": str(tmp_path / "cache"), "views": 2},
         "batch_size": 2, "eval_batch_size": 8, "epochs": 2, "learning_rate": 1e-3, "checkpointing_steps": 1,
+        "metric_for_best_model": "melanoma_auc_mean", "report_to": "none",
     }
     config = tmp_path / "ms.yaml"
     config.write_text(json.dumps(recipe))
@@ -334,10 +335,10 @@ def test_multisource_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp
     deadline = time.monotonic() + 300
     try:
         while True:
-            state_file = out / "checkpoint" / "trainer_state.json"
-            if state_file.is_file():
-                state = json.loads(state_file.read_text())
-                if state["epoch"] == 0 and state["step_in_epoch"] >= 2:
+            done = complete_checkpoints(out)
+            if done:
+                state = json.loads((done[-1] / "trainer_state.json").read_text())
+                if state["epoch"] == 0 and state["batches_in_epoch"] >= 2:
                     break
             assert proc.poll() is None, "training ended before it could be killed"
             assert time.monotonic() < deadline, "no mid-epoch checkpoint"
@@ -353,6 +354,7 @@ def test_multisource_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp
     for ref_epoch, got_epoch in zip(ref["history"], got["history"]):
         assert got_epoch["melanoma_auc_mean"] == pytest.approx(ref_epoch["melanoma_auc_mean"], abs=1e-6)
     ref_w, got_w = load_file(reference / "best.safetensors"), load_file(out / "best.safetensors")
+    assert got["best"] == ref["best"]
     assert ref_w.keys() == got_w.keys()
     for name in ref_w:
         torch.testing.assert_close(got_w[name], ref_w[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -1,5 +1,6 @@
-"""The training losses, defined once: train.py (single-head runs, DeiT distillation) and
-multisource.py (several heads, each sample labelled for some) use these on the logits a model returns.
+"""The training losses, defined once: train.py's one loop calls `multihead_loss` on the logits of
+every head a model returns (single-source runs have the dx head only; multi-source runs add a head
+per source and the seven-point criteria, each sample labelled for some).
 
 The model's own `forward(labels=...)` only keeps transformers' standard loss contract (cross-entropy
 of `logits` by `problem_type`), for `Trainer` and quick checks; nothing here calls it.
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.modeling_melanoma_vit import IGNORE_INDEX
+from train.sources import MAIN_HEAD  # the 7-class diagnosis head every recipe trains (labels in batch["labels"])
 
 DISTILLATION_KINDS = ("hard", "soft")
 
@@ -128,3 +130,48 @@ def masked_head_loss(
             ce = F.cross_entropy(logits[name][keep].float(), y[keep], label_smoothing=label_smoothing)
             total = total + weights.get(name, 1.0) * ce
     return total, counts
+
+
+DISTILLATION = "_distillation"  # a DeiT model's distillation-head logits (training only)
+
+
+def multihead_loss(
+    criterion: nn.Module,
+    logits: Mapping[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
+    head_weights: Mapping[str, float],
+    label_smoothing: float = 0.0,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    kind: str = "hard",
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The loss of one training batch, for every recipe.
+
+    Args:
+        criterion: `make_criterion`'s loss for the dx head (focal / class-weighted / smoothed).
+        logits: {MAIN_HEAD: (B, C), extra head: (B, C_head), ..., DISTILLATION: (B, C) for DeiT models}.
+        batch: `labels` (B,) dx indices (IGNORE_INDEX = unlabelled) or (B, C) soft targets
+            (mixup/cutmix), and (B,) indices for every extra head in `logits`.
+        head_weights: head -> loss weight (default 1).
+        teacher_logits: (B, C) distillation targets, or None.
+
+    Returns:
+        weight(dx) * `classification_loss` of the dx head(s) (0 when no row of the batch has a dx
+        label and there is no teacher) + `masked_head_loss` of the extra heads.
+    """
+    logits = dict(logits)
+    student = logits.pop(DISTILLATION, None)
+    main, labels = logits.pop(MAIN_HEAD), batch["labels"]
+    if labels.ndim == 1 and not (labels != IGNORE_INDEX).any():
+        dx = main.sum() * 0.0  # keeps the graph; no label to learn from
+        if teacher_logits is not None:
+            dx = dx + alpha * distillation_loss(student if student is not None else main, teacher_logits, kind, temperature)
+    else:
+        dx = classification_loss(criterion, main, labels, student, teacher_logits, kind=kind, alpha=alpha,
+                                 temperature=temperature)
+    loss = head_weights.get(MAIN_HEAD, 1.0) * dx
+    if logits:
+        loss = loss + masked_head_loss(logits, {h: batch[h] for h in logits}, head_weights, label_smoothing)[0]
+    return loss

@@ -19,6 +19,7 @@ holds `accelerator.save_state` folders for `--resume_from_checkpoint`, `runs/` t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -103,21 +104,36 @@ from model.baselines import (  # noqa: E402
 )
 from model.convert import load_hybrid_stem_from_timm  # noqa: E402
 from model.geometry import processor_geometry  # noqa: E402
-from model.labels import MELANOMA  # noqa: E402
+from model.calibration import fold_temperature, store_temperature  # noqa: E402
+from model.labels import DX_CODES, MELANOMA  # noqa: E402
 from model.modeling_melanoma_vit import IGNORE_INDEX  # noqa: E402
-from train.balance import balanced_sampler_weights, class_counts, class_weights  # noqa: E402
+from train.balance import balanced_sampler_weights, class_weights  # noqa: E402
 from train.data import load_image_dataset  # noqa: E402
-from train.losses import DISTILLATION_KINDS, classification_loss, make_criterion  # noqa: E402
+from train.features import build_cache, load_cache, stem_bypassed  # noqa: E402
+from train.losses import DISTILLATION_KINDS, make_criterion, multihead_loss  # noqa: E402
+from train.metrics import fit_temperature, threshold_for_sensitivity  # noqa: E402
+from train.multisource import (  # noqa: E402
+    CachedFeatures,
+    MultiHeadNet,
+    RowTargets,
+    head_metrics,
+    sampler_weights,
+    teacher_logits,
+)
+from train.sources import MAIN_HEAD, SourceSpec, head_labels, load_sources, source_manifest  # noqa: E402
 from train.splits import split_by_lesion, write_manifest  # noqa: E402
 from train.transforms import AugmentConfig, build_batch_mixer, build_transforms, with_image_transform  # noqa: E402
 
 logger = logging.getLogger("train")
+ranks = logging.getLogger("train.ranks")  # one line per process, also from the non-main ones
 
 CNN_BASELINES = ("resnet18", "resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_restarts", "cosine_with_min_lr", "step")
 IMBALANCE = ("sampler", "class_weights", "none")
 TRAINER_STATE = "trainer_state.json"
 EMA_WEIGHTS = "ema.safetensors"
+BEST_WEIGHTS = "best.safetensors"  # the weights of the best validation epoch (metric_for_best_model)
+CHECKPOINT_MINUTES = 10  # at most this long between checkpoints
 # Parameters that never get weight decay besides biases and norm weights (every 1-D tensor).
 NO_DECAY_NAMES = ("cls_token", "dist_token", "pos_embed", "position_embedding", "distillation_token", "mask_token")
 
@@ -169,7 +185,9 @@ class TrainConfig:
     # multi-source recipes (train/multisource.py): list of train.sources.SourceSpec fields; when set,
     # `data`/`val_size`/`test_size` are per source and training runs on cached stem features
     sources: list[dict[str, Any]] | None = None
-    feature_cache: dict[str, Any] | None = None  # {"dir": shared cache folder, "views": 1 eval + augmented views}
+    # multi-source batches from cached stem features (none: image batches, the whole network trains):
+    # {"dir": shared cache folder, "views": augmented views (+ 1 eval view), "dihedral": random flips/turns}
+    feature_cache: dict[str, Any] | None = None
     head_loss_weights: dict[str, float] = field(default_factory=dict)  # extra head -> loss weight (default 1)
     # optimisation
     epochs: int = 10
@@ -204,7 +222,14 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 2
     logging_steps: int = 10
     report_to: str = "tensorboard"  # tensorboard | none
+    # the exported weights: those of the epoch with the highest value of this validation metric
+    # (e.g. melanoma_auc_mean, the mean over sources), or the last epoch's when null
+    metric_for_best_model: str | None = None
     seed: int = 42
+
+
+SINGLE_SOURCE_KEYS = ("data", "label_scheme", "val_size", "test_size", "split_seed", "max_train_samples", "max_eval_samples")
+FEATURE_CACHE_KEYS = ("dir", "views", "dihedral")
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -288,9 +313,6 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.report_to in ("tensorboard", "none"), f"report_to must be 'tensorboard' or 'none', got {cfg.report_to!r}"),
         (all(n is None or n >= 1 for n in (cfg.max_train_samples, cfg.max_eval_samples)),
          "max_train_samples and max_eval_samples must be >= 1 or null"),
-        (not cfg.sources or (cfg.max_train_samples, cfg.max_eval_samples) == (None, None),
-         "max_train_samples / max_eval_samples are for single-source recipes (a `sources:` recipe caches features "
-         "of whole splits); use --max_steps for a short multi-source run"),
         (bool(cfg.sources) or not cfg.distillation.teachers,
          "distillation.teachers (teachers on cached features) is for multi-source recipes; use distillation.teacher"),
         (not (cfg.sources and cfg.distillation.teacher),
@@ -301,6 +323,28 @@ def _validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    _validate_mode(cfg)
+
+
+def _validate_mode(cfg: TrainConfig) -> None:
+    """Refuse every key the recipe's mode would ignore, naming it (a silent no-op is a wrong experiment)."""
+    defaults = TrainConfig()
+    if cfg.sources:
+        ignored = [k for k in SINGLE_SOURCE_KEYS if getattr(cfg, k) != getattr(defaults, k)]
+        if ignored:
+            raise ValueError(f"{ignored} are single-source keys: a `sources:` recipe sets data and splits per source "
+                             "(use --max_steps for a short multi-source run)")
+        augment = AugmentConfig.from_any(cfg.augmentation)
+        if augment.mixup_alpha > 0 or augment.cutmix_alpha > 0:
+            raise ValueError("augmentation.mixup_alpha / cutmix_alpha mix labels of one head; a `sources:` recipe "
+                             "has several heads per image: set them to 0")
+        unknown = sorted(set(cfg.feature_cache or {}) - set(FEATURE_CACHE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown feature_cache key(s) {unknown}; valid: {list(FEATURE_CACHE_KEYS)}")
+    else:
+        for key in ("feature_cache", "head_loss_weights"):
+            if getattr(cfg, key):
+                raise ValueError(f"{key} is for multi-source recipes (`sources:`); remove it from this recipe")
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,49 +594,66 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """[{"pixel_values": (3, H, W), "labels": int}] -> {"pixel_values": (B, 3, H, W), "labels": (B,)}."""
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
-    }
+    """[{"pixel_values": (3, H, W) or (C, h, w), "labels": int, other per-row targets}] -> a batch of
+    stacked tensors ("labels" and integer targets as int64)."""
+    batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+             "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)}
+    for key in examples[0].keys() - batch.keys():
+        batch[key] = torch.stack([torch.as_tensor(e[key]) for e in examples])
+    return batch
 
 
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate_model(
-    model: nn.Module, dataloader: DataLoader, accelerator: Accelerator, label_names: Sequence[str]
-) -> dict[str, float | None]:
-    """Validation loss, accuracy, balanced accuracy and melanoma one-vs-rest AUC (None if undefined)."""
+def predict_heads(
+    model: nn.Module, dataloader: DataLoader, accelerator: Accelerator
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({head: logits (N, C_head) float32}, {head: labels (N,)}) over `dataloader`, gathered from
+    every process in dataset order (the padding of the last batch dropped). `model` maps pixels
+    (or cached features) to {head: logits}, as `MultiHeadNet`; label keys are those of the batches
+    (`labels` is the dx head's)."""
     was_training = model.training
     model.eval()
-    all_logits, all_labels = [], []
+    logits: dict[str, list[torch.Tensor]] = {}
+    labels: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
-        logits = model(pixel_values=batch["pixel_values"]).logits
-        logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
+        out = {k: v.float() for k, v in model(batch["pixel_values"]).items()}
+        y = {h: batch["labels" if h == MAIN_HEAD else h] for h in out}
+        out, y = accelerator.gather_for_metrics((out, y))
+        for h in out:
+            logits.setdefault(h, []).append(out[h].cpu())
+            labels.setdefault(h, []).append(y[h].cpu())
     model.train(was_training)
-    logits = torch.cat(all_logits)
-    labels = torch.cat(all_labels)
-    keep = labels != IGNORE_INDEX  # images that failed to decode
-    logits, labels = logits[keep], labels[keep]
-    preds = logits.argmax(-1).numpy()
-    y = labels.numpy()
-    metrics: dict[str, float | None] = {
-        "loss": float(F.cross_entropy(logits, labels)),
-        "accuracy": float(accuracy_score(y, preds)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, preds)),
+    return {h: torch.cat(v) for h, v in logits.items()}, {h: torch.cat(v) for h, v in labels.items()}
+
+
+def validation_metrics(
+    logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], label_names: Sequence[str],
+    sources: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Loss, accuracy, balanced accuracy and melanoma one-vs-rest AUC (None if undefined) of the dx
+    head; with `sources` (one per row), also the per-source melanoma AUCs, their mean and each
+    extra head's AUC (`head_metrics`)."""
+    z, y = logits[MAIN_HEAD], labels[MAIN_HEAD]
+    keep = y != IGNORE_INDEX  # unlabelled rows, images that failed to decode
+    z, y = z[keep], y[keep]
+    preds = z.argmax(-1).numpy()
+    metrics: dict[str, Any] = {
+        "loss": float(F.cross_entropy(z, y)),
+        "accuracy": float(accuracy_score(y.numpy(), preds)),
+        "balanced_accuracy": float(balanced_accuracy_score(y.numpy(), preds)),
         "melanoma_auc": None,
         "n": int(len(y)),
     }
     if MELANOMA in label_names:
         mel = list(label_names).index(MELANOMA)
-        is_mel = y == mel
+        is_mel = (y == mel).numpy()
         if 0 < is_mel.sum() < len(y):
-            p_mel = torch.softmax(logits, -1)[:, mel].numpy()
-            metrics["melanoma_auc"] = float(roc_auc_score(is_mel, p_mel))
+            metrics["melanoma_auc"] = float(roc_auc_score(is_mel, torch.softmax(z, -1)[:, mel].numpy()))
+    if sources is not None:
+        metrics.update(head_metrics(logits, labels, sources))
     return metrics
 
 
@@ -679,12 +740,32 @@ class TeacherAdapter:
 
 
 @dataclass
+class Batches:
+    """One batch source of the training loop: the datasets it reads and what the loss needs.
+
+    Image batches decode and augment images; cached-feature batches read a stem's fp16 output
+    (`feature_cache`), with `stem` naming the modules the features replace. Both yield
+    {"pixel_values", "labels", extra head labels, "teacher" (cached-teacher logits)}.
+    """
+
+    train: torch.utils.data.Dataset
+    validation: torch.utils.data.Dataset
+    label_names: list[str]
+    heads: dict[str, list[str]]  # extra heads (name -> labels), none for a single-source recipe
+    sample_weights: torch.Tensor | None  # sampler draw weights (N,), or None for a uniform shuffle
+    class_weights: torch.Tensor | None  # dx loss weights (C,), or None
+    val_sources: list[str] | None  # the validation rows' sources (multi-source recipes)
+    cached: bool = False  # cached-feature batches
+    stem: tuple[str, ...] = ()  # modules of `MultiHeadNet` that cached features replace (none: cached pixels)
+
+
+@dataclass
 class TrainingRun:
     """Everything one training run holds once `accelerator.prepare` is done."""
 
     cfg: TrainConfig
     accelerator: Accelerator
-    model: nn.Module  # prepared (possibly DDP-wrapped)
+    model: nn.Module  # prepared MultiHeadNet (possibly DDP-wrapped): pixels or features -> {head: logits}
     processor: Any
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
@@ -692,26 +773,38 @@ class TrainingRun:
     eval_dataloader: DataLoader
     loader_generator: torch.Generator
     criterion: nn.Module
-    label_names: list[str]
+    batches: Batches
     max_steps: int
     mixer: Callable | None = None
     teacher: TeacherAdapter | None = None
     ema: ModelEmaV3 | None = None
     blocks: list[list[str]] = field(default_factory=list)
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # holds the stem bypass
     # Progress, saved in every checkpoint's trainer_state.json.
-    state: dict[str, Any] = field(default_factory=lambda: {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "history": []})
+    state: dict[str, Any] = field(default_factory=lambda: {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0,
+                                                           "history": [], "best": None})
     # Training throughput (data loading + step, evaluation and checkpointing excluded), after 2 warm-up steps.
-    speed: dict[str, Any] = field(default_factory=lambda: {"images": 0, "seconds": 0.0, "warmup": 2})
+    speed: dict[str, Any] = field(default_factory=lambda: {"images": 0, "steps": 0, "seconds": 0.0, "warmup": 2})
     running_loss: torch.Tensor | None = None
     running_count: int = 0
+    last_save: float = field(default_factory=time.monotonic)
 
     @property
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
     @property
+    def label_names(self) -> list[str]:
+        return self.batches.label_names
+
+    @property
     def images_per_s(self) -> float | None:
         return self.speed["images"] / self.speed["seconds"] if self.speed["seconds"] else None
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return self.speed["seconds"] / self.speed["steps"] if self.speed["steps"] else None
+
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -737,12 +830,14 @@ def create_accelerator(cfg: TrainConfig, args: argparse.Namespace) -> Accelerato
             automatic_checkpoint_naming=True,
             total_limit=cfg.checkpoints_total_limit,
         ),
-        # Frozen blocks get no gradient; DDP must be told they are unused.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.freeze_backbone > 0 else None,
+        # Frozen blocks, and the heads of sources absent from a batch, get no gradient; DDP must be told.
+        kwargs_handlers=([DistributedDataParallelKwargs(find_unused_parameters=True)]
+                         if cfg.freeze_backbone > 0 or cfg.sources else None),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         logger.setLevel(logging.WARNING)
+        ranks.setLevel(logging.INFO)
     return accelerator
 
 
@@ -762,35 +857,6 @@ def load_splits(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) ->
     return splits
 
 
-def create_dataloaders(
-    cfg: TrainConfig, splits: datasets.DatasetDict, processor: Any, sample_weights: torch.Tensor | None, num_workers: int
-) -> tuple[DataLoader, DataLoader, torch.Generator]:
-    """(train loader, validation loader, the train loader's generator, re-seeded every epoch)."""
-    augmentation = AugmentConfig.from_any(cfg.augmentation)
-    train_ds = with_image_transform(splits["train"], build_transforms(processor, True, augmentation))
-    val_ds = with_image_transform(splits["validation"], build_transforms(processor, False))
-    # Own generator: DataLoader workers' base seed must not consume the global RNG (exact resume).
-    loader_generator = torch.Generator()
-    train_dataloader = DataLoader(
-        SeededAugmentation(train_ds, cfg.seed),
-        batch_size=cfg.batch_size,
-        sampler=EpochSeededSampler(len(train_ds), cfg.seed, sample_weights),
-        collate_fn=collate,
-        num_workers=num_workers,
-        drop_last=len(train_ds) > cfg.batch_size,  # a size-1 last batch breaks BatchNorm
-        generator=loader_generator,
-    )
-    eval_dataloader = DataLoader(
-        val_ds,
-        batch_size=cfg.eval_batch_size,
-        shuffle=False,
-        collate_fn=collate,
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    return train_dataloader, eval_dataloader, loader_generator
-
-
 def create_optimizer(
     cfg: TrainConfig, model: nn.Module, train_dataloader: DataLoader, num_processes: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, int]:
@@ -804,36 +870,157 @@ def create_optimizer(
     return optimizer, create_scheduler(cfg, optimizer, max_steps, updates_per_epoch, num_processes), max_steps
 
 
+def load_data(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) -> tuple[datasets.DatasetDict, list[str], dict[str, list[str]]]:
+    """(train/validation/test splits, dx label names, extra heads); the split manifest written to `output_dir`.
+
+    Multi-source recipes: every source's splits in one DatasetDict (`train.sources.load_sources`),
+    with a `source` column and one label column per extra head.
+    """
+    if not cfg.sources:
+        splits = load_splits(cfg, accelerator, output_dir)
+        return splits, list(splits["train"].features["label"].names), {}
+    specs = [SourceSpec(**s) for s in cfg.sources]
+    dd = load_sources(specs)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = output_dir / "split_manifest.json.tmp"
+        tmp.write_text(json.dumps(source_manifest(dd, specs), indent=1))
+        os.replace(tmp, output_dir / "split_manifest.json")
+    return dd, list(DX_CODES), head_labels(specs)
+
+
+def draw_weights(cfg: TrainConfig, splits: datasets.DatasetDict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`imbalance` for the recipe's data: (sampler draw weights (N,), dx loss weights (C,)), at most one per role.
+
+    Single-source: "sampler" draws every class equally often, "class_weights" weighs the loss by
+    inverse frequency. Multi-source: the sampler always gives every source its recipe share; within a
+    source "sampler" weighs dx classes by count^-1/2 (square-root balancing; full balancing
+    over-draws the few melanomas of the small archives), "class_weights" adds inverse-frequency
+    loss weights over the labelled rows, "none" neither.
+    """
+    if not cfg.sources:
+        loss_weights, draws = imbalance_weights(cfg.imbalance, splits["train"])
+        return draws, loss_weights
+    train = splits["train"].select_columns(["source", "label"]).with_format(None)
+    sources, dx = train["source"], np.asarray(train["label"])
+    specs = [SourceSpec(**s) for s in cfg.sources]
+    draws = sampler_weights(sources, dx, specs, power=0.5 if cfg.imbalance == "sampler" else 0.0)
+    loss_weights = None
+    if cfg.imbalance == "class_weights":
+        loss_weights = class_weights(np.bincount(dx[dx != IGNORE_INDEX], minlength=len(DX_CODES)).tolist())
+    return draws, loss_weights
+
+
+def make_batches(
+    cfg: TrainConfig, accelerator: Accelerator, splits: datasets.DatasetDict, label_names: list[str],
+    heads: dict[str, list[str]], net: MultiHeadNet, processor: Any, output_dir: Path, num_workers: int,
+) -> Batches:
+    """The recipe's batch source: cached features when `feature_cache` is set, image batches otherwise."""
+    sample_weights, loss_weights = draw_weights(cfg, splits)
+    sources = list(splits["validation"]["source"]) if cfg.sources else None
+    train_targets = {h: torch.as_tensor(splits["train"][h]) for h in heads}
+    val_targets = {h: torch.as_tensor(splits["validation"][h]) for h in heads}
+    if cfg.distillation.teachers:
+        with accelerator.main_process_first():
+            train_targets["teacher"] = teacher_logits(cfg.distillation.teachers, splits["train"], output_dir,
+                                                      cfg.eval_batch_size)
+    common = dict(label_names=label_names, heads=heads, sample_weights=sample_weights, class_weights=loss_weights,
+                  val_sources=sources)
+    if not cfg.feature_cache:
+        augmentation = AugmentConfig.from_any(cfg.augmentation)
+        train = with_image_transform(splits["train"], build_transforms(processor, True, augmentation))
+        val = with_image_transform(splits["validation"], build_transforms(processor, False))
+        if train_targets:
+            train, val = RowTargets(train, train_targets), RowTargets(val, val_targets)
+        return Batches(train=train, validation=val, **common)
+
+    cache_dir = Path(cfg.feature_cache.get("dir", output_dir / "feature_cache"))
+    views = int(cfg.feature_cache.get("views", 4))
+    stem = nn.Sequential(*(net.get_submodule(n) for n in net.stem_names())).eval()  # empty: the cache holds pixels
+    # The main process builds what is missing (the others then find it); the cache's own seeds
+    # must not move the training RNG.
+    with accelerator.main_process_first(), torch.random.fork_rng(devices=[]):
+        for split, n_views, seed in (("validation", 1, 0), ("train", views, cfg.seed)):
+            build_cache(splits[split], stem, processor, cache_dir / split, views=n_views, augment=cfg.augmentation,
+                        batch_size=cfg.eval_batch_size, seed=seed, num_workers=num_workers)
+    train_x = load_cache(cache_dir / "train")[:views]  # (V, N, C, h, w) fp16
+    val_x = load_cache(cache_dir / "validation")[:1]
+    if train_x.shape[1] != len(splits["train"]) or val_x.shape[1] != len(splits["validation"]):
+        raise ValueError(f"feature cache {cache_dir} does not match the sources' splits; delete it or set feature_cache.dir")
+    dihedral = bool(cfg.feature_cache.get("dihedral", False))
+    train = CachedFeatures(train_x, torch.as_tensor(splits["train"]["label"]), augment=True, dihedral=dihedral)
+    val = CachedFeatures(val_x, torch.as_tensor(splits["validation"]["label"]))
+    return Batches(train=RowTargets(train, train_targets), validation=RowTargets(val, val_targets),
+                   cached=True, stem=net.stem_names(), **common)
+
+
+def create_dataloaders(cfg: TrainConfig, batches: Batches, num_workers: int) -> tuple[DataLoader, DataLoader, torch.Generator]:
+    """(train loader, validation loader, the train loader's generator, re-seeded every epoch)."""
+    # Own generator: DataLoader workers' base seed must not consume the global RNG (exact resume).
+    loader_generator = torch.Generator()
+    workers = 0 if batches.cached else num_workers  # cached features are in memory already
+    train_dataloader = DataLoader(
+        SeededAugmentation(batches.train, cfg.seed),
+        batch_size=cfg.batch_size,
+        sampler=EpochSeededSampler(len(batches.train), cfg.seed, batches.sample_weights),
+        collate_fn=collate,
+        num_workers=workers,
+        drop_last=len(batches.train) > cfg.batch_size,  # a size-1 last batch breaks BatchNorm
+        generator=loader_generator,
+    )
+    eval_dataloader = DataLoader(
+        batches.validation,
+        batch_size=cfg.eval_batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    return train_dataloader, eval_dataloader, loader_generator
+
+
+def model_blocks(net: MultiHeadNet) -> list[list[str]]:
+    """`parameter_blocks` of the classifier inside `net` (head first), named as in `net`; the
+    training-only auxiliary heads unfreeze with the head."""
+    blocks = [[f"model.{n}" for n in block] for block in parameter_blocks(net.model)]
+    blocks[0] += [n for n, _ in net.aux_heads.named_parameters(prefix="aux_heads")]
+    return blocks
+
+
 def setup(cfg: TrainConfig, args: argparse.Namespace, accelerator: Accelerator) -> TrainingRun:
-    """set_seed -> data -> model (+ teacher) -> optimizer/scheduler -> the one `accelerator.prepare`."""
+    """set_seed -> data -> model (+ teacher) -> batches -> optimizer/scheduler -> the one `accelerator.prepare`."""
     set_seed(cfg.seed)
-    splits = load_splits(cfg, accelerator, Path(args.output_dir))
-    label_names = list(splits["train"].features["label"].names)
-    model, processor = create_model(cfg.model, dict(enumerate(label_names)))
+    output_dir = Path(args.output_dir)
+    splits, label_names, heads = load_data(cfg, accelerator, output_dir)
+    model, processor = create_model(cfg.model, dict(enumerate(label_names)), extra_heads=heads)
+    net = MultiHeadNet(model, heads)
+    blocks = model_blocks(net)
     teacher = None
     if cfg.distillation.teacher:
         teacher = TeacherAdapter(cfg.distillation.teacher, label_names, processor, accelerator.device)
-    counts = class_counts(splits["train"])
-    loss_weights, sample_weights = imbalance_weights(cfg.imbalance, splits["train"])
-    logger.info("train %d images, class counts %s", len(splits["train"]), dict(zip(label_names, counts)))
+    batches = make_batches(cfg, accelerator, splits, label_names, heads, net, processor, output_dir, args.num_workers)
+    stack = contextlib.ExitStack()
+    stack.enter_context(stem_bypassed(net, batches.stem))  # cached features replace the stem's output
+    labels = np.asarray(splits["train"].select_columns(["label"]).with_format(None)["label"])
+    logger.info("train %d images, dx counts %s, heads %s, %s batches", len(splits["train"]),
+                dict(zip(label_names, np.bincount(labels[labels != IGNORE_INDEX], minlength=len(label_names)).tolist())),
+                [MAIN_HEAD, *heads], "cached-feature" if batches.cached else "image")
     mixer = build_batch_mixer(AugmentConfig.from_any(cfg.augmentation), len(label_names))
     if mixer is not None and cfg.focal_gamma > 0:
         raise ValueError("focal loss needs hard labels: set focal_gamma: 0 or turn off mixup/cutmix")
-    train_dataloader, eval_dataloader, loader_generator = create_dataloaders(
-        cfg, splits, processor, sample_weights, args.num_workers
+    train_dataloader, eval_dataloader, loader_generator = create_dataloaders(cfg, batches, args.num_workers)
+    optimizer, lr_scheduler, max_steps = create_optimizer(cfg, net, train_dataloader, accelerator.num_processes)
+    net, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+        net, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
-    optimizer, lr_scheduler, max_steps = create_optimizer(cfg, model, train_dataloader, accelerator.num_processes)
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
-    )
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(net)
     return TrainingRun(
-        cfg=cfg, accelerator=accelerator, model=model, processor=processor, optimizer=optimizer,
+        cfg=cfg, accelerator=accelerator, model=net, processor=processor, optimizer=optimizer,
         lr_scheduler=lr_scheduler, train_dataloader=train_dataloader, eval_dataloader=eval_dataloader,
         loader_generator=loader_generator,
-        criterion=make_criterion(cfg.focal_gamma, cfg.label_smoothing, loss_weights).to(accelerator.device),
-        label_names=label_names, max_steps=max_steps, mixer=mixer, teacher=teacher,
-        blocks=parameter_blocks(unwrapped), ema=ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema else None,
+        criterion=make_criterion(cfg.focal_gamma, cfg.label_smoothing, batches.class_weights).to(accelerator.device),
+        batches=batches, max_steps=max_steps, mixer=mixer, teacher=teacher, blocks=blocks, stack=stack,
+        ema=ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema else None,
         running_loss=torch.zeros((), device=accelerator.device),
     )
 
@@ -857,6 +1044,7 @@ def save_checkpoint(run: TrainingRun) -> None:
             save_file({k: v.contiguous() for k, v in run.ema.state_dict().items()}, location / EMA_WEIGHTS)
         # Written last: marks the checkpoint complete for --resume_from_checkpoint latest.
         write_trainer_state(location, run.state)
+    run.last_save = time.monotonic()
 
 
 def refresh_freezing(run: TrainingRun) -> None:
@@ -872,16 +1060,14 @@ def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> torch.Tensor
     """Forward, loss, backward and (at the end of an accumulation window) the optimizer update."""
     cfg, accelerator = run.cfg, run.accelerator
     with accelerator.accumulate(run.model):
-        outputs = run.model(pixel_values=batch["pixel_values"])
-        teacher_logits = None
+        logits = run.model(batch["pixel_values"])
+        teacher_logits = batch.get("teacher")
         if run.teacher is not None:
             with accelerator.autocast():
                 teacher_logits = run.teacher(batch["pixel_values"])
-        loss = classification_loss(
-            run.criterion, outputs.logits, batch["labels"], getattr(outputs, "distillation_logits", None),
-            teacher_logits, kind=cfg.distillation.kind, alpha=cfg.distillation.alpha,
-            temperature=cfg.distillation.temperature,
-        )
+        d = cfg.distillation
+        loss = multihead_loss(run.criterion, logits, batch, cfg.head_loss_weights, cfg.label_smoothing, teacher_logits,
+                              kind=d.kind, alpha=d.alpha, temperature=d.temperature)
         accelerator.backward(loss)
         if accelerator.sync_gradients and cfg.max_grad_norm:
             accelerator.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], cfg.max_grad_norm)
@@ -899,6 +1085,7 @@ def after_update(run: TrainingRun, batch: dict[str, torch.Tensor], seconds: floa
         run.speed["warmup"] -= 1
     else:
         run.speed["images"] += len(batch["pixel_values"]) * cfg.gradient_accumulation_steps * accelerator.num_processes
+        run.speed["steps"] += 1
         run.speed["seconds"] += seconds
     progress.update(1)
     if run.ema is not None:
@@ -913,7 +1100,11 @@ def after_update(run: TrainingRun, batch: dict[str, torch.Tensor], seconds: floa
         progress.set_postfix(loss=f"{mean_loss:.4f}")
         run.running_loss.zero_()
         run.running_count = 0
-    if cfg.checkpointing_steps and state["completed_steps"] % cfg.checkpointing_steps == 0:
+    due = cfg.checkpointing_steps and state["completed_steps"] % cfg.checkpointing_steps == 0
+    # Long epochs (a CPU, a big cache) also checkpoint every CHECKPOINT_MINUTES; every process
+    # must agree to save, so the main process's clock decides.
+    overdue = torch.tensor(float(time.monotonic() - run.last_save > CHECKPOINT_MINUTES * 60), device=accelerator.device)
+    if due or accelerator.reduce(overdue, reduction="sum").item() > 0:
         save_checkpoint(run)
 
 
@@ -944,34 +1135,79 @@ def train_epoch(run: TrainingRun, progress: tqdm) -> None:
         tick = time.perf_counter()
 
 
-def validate(run: TrainingRun) -> dict[str, Any]:
-    """Evaluate (the EMA weights when kept), record in the history, log, then checkpoint."""
-    state = run.state
-    model = run.ema.module if run.ema is not None else run.model
-    metrics = evaluate_model(model, run.eval_dataloader, run.accelerator, run.label_names)
+def _eval_model(run: TrainingRun) -> nn.Module:
+    return run.ema.module if run.ema is not None else run.model
+
+
+def validate(run: TrainingRun, output_dir: Path) -> dict[str, Any]:
+    """Evaluate (the EMA weights when kept), record in the history, keep the best weights, log, then checkpoint."""
+    cfg, state, accelerator = run.cfg, run.state, run.accelerator
+    logits, labels = predict_heads(_eval_model(run), run.eval_dataloader, accelerator)
+    metrics = validation_metrics(logits, labels, run.label_names, run.batches.val_sources)
     metrics.update(epoch=state["epoch"], step=state["completed_steps"])
     state["history"].append(metrics)
-    run.accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state["completed_steps"])
+    accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state["completed_steps"])
     logger.info("epoch %d step %d: %s", state["epoch"], state["completed_steps"], _fmt(metrics))
+    key = cfg.metric_for_best_model
+    if key is not None:
+        if key not in metrics:
+            raise ValueError(f"metric_for_best_model {key!r} is not a validation metric: {sorted(metrics)}")
+        best = state["best"]
+        if best is None or (metrics[key] is not None and (best[key] is None or metrics[key] > best[key])):
+            state["best"] = {"epoch": state["epoch"], key: metrics[key]}
+            if accelerator.is_main_process:
+                weights = accelerator.unwrap_model(_eval_model(run)).state_dict()
+                save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(output_dir / BEST_WEIGHTS))
     state["epoch"] += 1
     state["batches_in_epoch"] = 0
     save_checkpoint(run)
     return metrics
 
 
-def export(run: TrainingRun, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
-    """save_pretrained model + processor, train_config.yaml, training_args.json, command.txt, val_metrics.json."""
+def calibrate(model: PreTrainedModel, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
+              label_names: Sequence[str]) -> dict[str, Any]:
+    """Fit each head's temperature on the validation logits and fold it into the head (the one stored
+    form, `model.calibration`); the melanoma threshold of 95% validation sensitivity into the config."""
+    temps = {}
+    for name, z in logits.items():
+        keep = labels[name] != IGNORE_INDEX
+        if keep.any():
+            temps[name] = fit_temperature(z[keep], labels[name][keep])
+    threshold = None
+    keep = labels[MAIN_HEAD] != IGNORE_INDEX
+    if MELANOMA in label_names and MAIN_HEAD in temps:
+        p_mel = torch.softmax(logits[MAIN_HEAD][keep] / temps[MAIN_HEAD], -1)[:, list(label_names).index(MELANOMA)]
+        is_mel = (labels[MAIN_HEAD][keep] == list(label_names).index(MELANOMA)).int().numpy()
+        threshold = threshold_for_sensitivity(is_mel, p_mel.numpy(), 0.95)
+    model.config.melanoma_threshold = threshold
+    if MAIN_HEAD in temps:
+        store_temperature(model.config, temps[MAIN_HEAD])
+    extra = {k: v for k, v in temps.items() if k != MAIN_HEAD}
+    if extra and not isinstance(model, TimmWrapperForImageClassification):  # timm's extra heads are not shipped
+        model.config.head_temperatures = extra
+    fold_temperature(model)
+    return {"temperatures": temps, "melanoma_threshold": threshold,
+            "threshold_rule": "95% melanoma sensitivity on the validation split"}
+
+
+def export(run: TrainingRun, args: argparse.Namespace, output_dir: Path, minutes: float) -> dict[str, Any]:
+    """The exported weights (best epoch, else EMA, else last) calibrated on the validation split, then
+    save_pretrained model + processor, train_config.yaml, training_args.json, command.txt, val_metrics.json."""
     cfg, accelerator, unwrapped = run.cfg, run.accelerator, run.unwrapped
     accelerator.wait_for_everyone()
-    if run.ema is not None:
+    if run.state["best"] is not None:
+        unwrapped.load_state_dict(load_file(output_dir / BEST_WEIGHTS))
+    elif run.ema is not None:
         unwrapped.load_state_dict(run.ema.module.state_dict())
-    unwrapped.eval()
-    history = run.state["history"]
-    final = history[-1] if history else evaluate_model(run.model, run.eval_dataloader, accelerator, run.label_names)
+    logits, labels = predict_heads(run.model, run.eval_dataloader, accelerator)
+    final = validation_metrics(logits, labels, run.label_names, run.batches.val_sources)
+    run.stack.close()  # the stem is back: the model takes pixels again
     if not accelerator.is_main_process:
         return final
-    unwrapped.save_pretrained(output_dir, safe_serialization=True)
-    if not isinstance(unwrapped, TimmWrapperForImageClassification):  # timm keeps it in config.json
+    model = unwrapped.model.eval()
+    calibration = calibrate(model, logits, labels, run.label_names)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    if not isinstance(model, TimmWrapperForImageClassification):  # timm keeps it in config.json
         run.processor.save_pretrained(output_dir)
     cfg_dict = dataclasses.asdict(cfg)
     cfg_dict["adam_betas"] = list(cfg.adam_betas)
@@ -983,25 +1219,24 @@ def export(run: TrainingRun, args: argparse.Namespace, output_dir: Path) -> dict
     )
     launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
     (output_dir / "command.txt").write_text(f"{launcher} {shlex.join(sys.argv)}\n")
-    result = {"final": final, "history": history, "labels": run.label_names, "ema": cfg.ema,
-              "steps": run.state["completed_steps"], "train_images_per_s": run.images_per_s}
+    result = {"final": final, "best": run.state["best"], "history": run.state["history"], "labels": run.label_names,
+              "heads": {MAIN_HEAD: run.label_names, **run.batches.heads}, "calibration": calibration, "ema": cfg.ema,
+              "steps": run.state["completed_steps"], "num_processes": accelerator.num_processes,
+              "train_images_per_s": run.images_per_s, "seconds_per_step": run.seconds_per_step, "minutes": minutes}
     (output_dir / "val_metrics.json").write_text(json.dumps(result, indent=2))
     logger.info("saved %s to %s (validation: %s)", cfg.model.name, output_dir, _fmt(final))
     return final
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run training; returns the final validation metrics (also written to val_metrics.json)."""
+    """Run training; returns the validation metrics of the exported weights (also in val_metrics.json)."""
     args = parse_args(argv)
     cfg = config_from_args(args)
     output_dir = Path(args.output_dir)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    if cfg.sources:
-        from train.multisource import train_multisource
-
-        return train_multisource(cfg, args, create_model, weight_decay_groups, create_scheduler)
     accelerator = create_accelerator(cfg, args)
+    start = time.perf_counter()
     run = setup(cfg, args, accelerator)
     updates_per_epoch = math.ceil(len(run.train_dataloader) / cfg.gradient_accumulation_steps)
     num_epochs = math.ceil(run.max_steps / updates_per_epoch)
@@ -1009,6 +1244,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         resume(run, args.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("runs", config=_flat_hparams(cfg))
+    ranks.info("process %d of %d: %d training batches of %d per epoch", accelerator.process_index,
+               accelerator.num_processes, len(run.train_dataloader), cfg.batch_size)
     logger.info(
         "%s: %d epochs x %d updates (max_steps %d), batch %d x accumulation %d x %d processes",
         cfg.model.name, num_epochs, updates_per_epoch, run.max_steps, cfg.batch_size,
@@ -1020,11 +1257,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if run.state["completed_steps"] >= run.max_steps and run.state["batches_in_epoch"] == 0:
             break  # resumed from the checkpoint written after the last evaluation
         train_epoch(run, progress)
-        validate(run)
+        validate(run, output_dir)
         if run.state["completed_steps"] >= run.max_steps:
             break
     progress.close()
-    final = export(run, args, output_dir)
+    final = export(run, args, output_dir, (time.perf_counter() - start) / 60)
     accelerator.end_training()
     return final
 
