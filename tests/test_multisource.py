@@ -465,3 +465,43 @@ def test_resnet_trains_whole_on_a_pixel_cache(tmp_path: Path, specs: list[Source
     view0 = processor(images=[img.convert("RGB") for img in train_ds["image"]], return_tensors="pt")["pixel_values"]
     diff = (pixels[0].float() - view0).abs()
     assert float(diff.mean()) < 1e-3 and float(diff.max()) < 0.05, (float(diff.mean()), float(diff.max()))
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_give_the_metrics_of_one(tmp_path: Path, specs: list[SourceSpec], script_env: dict[str, str]) -> None:
+    """The same multi-source recipe on cached features in 2 processes (batch 2 each) and in 1 process
+    (batch 2, 2 accumulation steps): the same images per update, so the same validation metrics up to
+    BatchNorm running statistics (1 process updates them with both micro-batches, DDP keeps rank 0's)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = {
+        "model": {"name": "efficientnet_lite0", "image_size": 64, "pretrained": False},
+        "sources": [{k: v for k, v in vars(s).items() if k != "kind"} for s in specs],
+        "feature_cache": {"dir": str(tmp_path / "cache"), "views": 2},
+        "batch_size": 2, "eval_batch_size": 4, "epochs": 3, "learning_rate": 1e-3, "report_to": "none",
+    }
+    config = tmp_path / "ms.yaml"
+    config.write_text(json.dumps(recipe))
+    runs = {}
+    for processes, accumulation in ((1, 2), (2, 1)):
+        out = tmp_path / f"p{processes}"
+        launch = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", str(root / "train" / "train.py"), "--config", str(config),
+               "--output_dir", str(out), "--num_workers", "0", "--num_threads", "1",
+               "--set", f"gradient_accumulation_steps={accumulation}"]
+        proc = subprocess.run(cmd, cwd=root, env={**script_env, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for rank in range(processes):  # every rank ran and read its share of the batches
+            assert f"process {rank} of {processes}:" in proc.stderr, proc.stderr[-3000:]
+        runs[processes] = json.loads((out / "val_metrics.json").read_text())
+        assert runs[processes]["num_processes"] == processes
+    one, two = runs[1], runs[2]
+    assert [h["step"] for h in one["history"]] == [h["step"] for h in two["history"]]
+    for a, b in zip(one["history"], two["history"]):
+        assert b["n"] == a["n"]  # every validation image once, none doubled by the padding of a shard
+        assert b["loss"] == pytest.approx(a["loss"], abs=0.05), (a, b)
+        assert b["melanoma_auc_mean"] == pytest.approx(a["melanoma_auc_mean"], abs=0.15), (a, b)
