@@ -2,7 +2,8 @@
 multisource.py (several heads, each sample labelled for some) use these on the logits a model returns.
 
 The model's own `forward(labels=...)` only keeps transformers' standard loss contract (cross-entropy
-of `logits` by `problem_type`), for `Trainer` and quick checks; nothing here calls it.
+of `logits` by `problem_type`; a distilled MelanomaViT in training averages it over both heads, as
+`classification_loss` does without a teacher), for `Trainer` and quick checks; nothing here calls it.
 """
 
 from __future__ import annotations
