@@ -272,6 +272,29 @@ def test_training_step_with_labels_reaches_every_parameter(pixels, variant, chec
     assert model_.head_dist.weight.grad.abs().sum() > 0 and model_.vit.embeddings.dist_token.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("variant", [{}, HYBRID], ids=["linear", "hybrid"])
+def test_no_weight_decay_and_group_matcher_follow_timm(variant):
+    from timm.models import group_parameters
+
+    model_ = tiny_model(use_distillation_token=True, extra_heads={"streaks": ["absent", "present"]}, **variant)
+    plain = tiny_model(**variant)
+    for module, prefix in ((model_, "vit."), (model_.vit, "")):
+        names = [n for n, _ in module.named_parameters()]
+        assert module.no_weight_decay() == {f"{prefix}embeddings.{t}" for t in ("cls_token", "dist_token", "pos_embed")}
+        assert module.no_weight_decay() <= set(names)
+        groups = group_parameters(module, module.group_matcher(coarse=True))
+        assert sorted(n for g in groups.values() for n in g) == sorted(names)  # each parameter exactly once
+        ordered = [groups[k] for k in sorted(groups)]  # timm's order: stem first
+        assert len(ordered) == 1 + TINY["num_hidden_layers"] + 1
+        assert all(n.startswith(f"{prefix}embeddings.") for n in ordered[0])  # tokens, pos_embed, patch/CNN stem
+        assert f"{prefix}embeddings.patch_embed.{'stem.conv_stem' if variant else 'proj'}.weight" in ordered[0]
+        for i in range(TINY["num_hidden_layers"]):
+            assert all(n.startswith(f"{prefix}encoder.blocks.{i}.") for n in ordered[1 + i])
+        heads = {"head.weight", "head_dist.weight", "extra_heads.streaks.weight"} if prefix else set()
+        assert {f"{prefix}norm.weight"} | heads <= set(ordered[-1])  # unmatched: timm's last group
+    assert plain.no_weight_decay() == {"vit.embeddings.cls_token", "vit.embeddings.pos_embed"}  # only what exists
+
+
 def test_builds_on_the_meta_device():
     with torch.device("meta"):
         model_ = MelanomaViTForImageClassification(tiny_config(drop_path_rate=0.2, num_hidden_layers=3))

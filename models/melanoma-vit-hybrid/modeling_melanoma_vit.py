@@ -14,8 +14,10 @@ Research/education tool only: never use its outputs for diagnosis.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -428,6 +430,29 @@ class MelanomaViTPreTrainedModel(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         """The patch embeddings (as transformers' ViT), so `enable_input_require_grads()` hooks their output."""
         return self.base_model.embeddings.patch_embed
+
+    def _base_model_prefix(self) -> str:
+        """"" on the base model, "vit." on a model that wraps it: what parameter names start with."""
+        return "" if self.base_model is self else f"{self.base_model_prefix}."
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of the parameters that get no weight decay besides biases and norm
+        weights: the CLS (and DIST) token and the position embeddings, as timm's `VisionTransformer.no_weight_decay`.
+        Only parameters this model has (no `dist_token` without a distillation token)."""
+        prefix = f"{self._base_model_prefix()}embeddings."
+        return {prefix + name for name, _ in self.base_model.embeddings.named_parameters(recurse=False)}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's layer grouping spec (for `timm.models.group_parameters`: layer-wise freezing or LR decay), names
+        relative to this module.
+
+        "stem": the embeddings (tokens, position embeddings, patch projection or hybrid CNN stem); "blocks": one
+        group per transformer block. The final norm and the heads match neither, so timm gives them the last group
+        (unlike timm's ViT, which merges the final norm into the last block): a head-only warm-up trains the final
+        norm with the heads. `coarse` is timm's signature; a ViT has no finer grouping (as in timm).
+        """
+        prefix = re.escape(self._base_model_prefix())
+        return {"stem": rf"^{prefix}embeddings\.", "blocks": [(rf"^{prefix}encoder\.blocks\.(\d+)\.", None)]}
 
 
 class MelanomaViTModel(MelanomaViTPreTrainedModel):
