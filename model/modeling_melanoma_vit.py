@@ -14,8 +14,10 @@ Research/education tool only: never use its outputs for diagnosis.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -429,6 +431,29 @@ class MelanomaViTPreTrainedModel(PreTrainedModel):
         """The patch embeddings (as transformers' ViT), so `enable_input_require_grads()` hooks their output."""
         return self.base_model.embeddings.patch_embed
 
+    def _base_model_prefix(self) -> str:
+        """"" on the base model, "vit." on a model that wraps it: what parameter names start with."""
+        return "" if self.base_model is self else f"{self.base_model_prefix}."
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of the parameters that get no weight decay besides biases and norm
+        weights: the CLS (and DIST) token and the position embeddings, as timm's `VisionTransformer.no_weight_decay`.
+        Only parameters this model has (no `dist_token` without a distillation token)."""
+        prefix = f"{self._base_model_prefix()}embeddings."
+        return {prefix + name for name, _ in self.base_model.embeddings.named_parameters(recurse=False)}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's layer grouping spec (for `timm.models.group_parameters`: layer-wise freezing or LR decay), names
+        relative to this module.
+
+        "stem": the embeddings (tokens, position embeddings, patch projection or hybrid CNN stem); "blocks": one
+        group per transformer block. The final norm and the heads match neither, so timm gives them the last group
+        (unlike timm's ViT, which merges the final norm into the last block): a head-only warm-up trains the final
+        norm with the heads. `coarse` is timm's signature; a ViT has no finer grouping (as in timm).
+        """
+        prefix = re.escape(self._base_model_prefix())
+        return {"stem": rf"^{prefix}embeddings\.", "blocks": [(rf"^{prefix}encoder\.blocks\.(\d+)\.", None)]}
+
 
 class MelanomaViTModel(MelanomaViTPreTrainedModel):
     """The ViT backbone: embeddings -> encoder -> final LayerNorm."""
@@ -489,9 +514,11 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
     folded into the heads (`config.folded_temperature`, `temperature` 1.0), so the logits are already
     temperature-scaled and transformers' `pipeline` (a plain softmax) gives the same calibrated numbers.
 
-    `labels` give transformers' standard `loss` on `logits` (for `Trainer` and quick checks). The project's
-    training losses (focal loss, class weights, label smoothing, DeiT distillation and the distillation
-    head, the extra heads' masked losses) are defined once, in train/losses.py, on the logits returned here.
+    `labels` give transformers' standard `loss` (for `Trainer` and quick checks): that of `logits` by
+    `problem_type`, and for a distilled model in training the mean of the CLS and distillation heads' losses,
+    so a `labels` step trains every parameter but the extra heads (see `forward`). The project's training
+    losses (focal loss, class weights, label smoothing, DeiT distillation from a teacher, the extra heads'
+    masked losses) are defined once, in train/losses.py, on the logits returned here.
     """
 
     def __init__(self, config: MelanomaViTConfig) -> None:
@@ -526,11 +553,17 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
                 out of the loss), or (B, num_labels) soft targets (mixup/cutmix); cross-entropy.
                 "multi_label_classification": (B, num_labels) 0/1 floats; BCE with logits.
                 "regression": (B,) or (B, num_labels) floats; mean squared error.
+                A distilled model in training mode learns them with both heads: the loss is the mean of the
+                CLS and distillation heads' losses (train/losses.py's rule without a teacher); in eval mode
+                `logits` is already the two heads' mean. The extra heads take no part: their labels are
+                per head and sparse (-100 where a sample's source has none), so they train through
+                train/losses.py's `masked_head_loss` on `head_logits`, and a `labels` step leaves their
+                gradients None.
             output_attentions / output_hidden_states / interpolate_pos_encoding: see `MelanomaViTModel`.
 
         Returns:
-            `MelanomaViTImageClassifierOutput`: loss (of `logits` against `labels`, transformers' standard
-            contract; when every label is masked, a zero that still backpropagates), logits (B, num_labels) (not
+            `MelanomaViTImageClassifierOutput`: loss (of `logits`, and in training of `distillation_logits`,
+            against `labels`; when every label is masked, a zero that still backpropagates), logits (B, num_labels) (not
             divided by `config.temperature`; a folded temperature is in the head weights), distillation_logits
             (B, num_labels) or None, head_logits
             {name: (B, n_labels)} or None, hidden_states, attentions.
@@ -554,9 +587,12 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = self._main_loss(logits, labels)
-            if loss is None:  # every label masked: a zero that keeps the graph, so `loss.backward()` still works
-                loss = logits.sum() * 0.0
+            trained = [logits] if distillation_logits is None or not self.training else [logits, distillation_logits]
+            losses = [self._main_loss(head_output, labels) for head_output in trained]
+            if losses[0] is None:  # every label masked: a zero that keeps the graph, so `loss.backward()` still works
+                loss = sum(head_output.sum() for head_output in trained) * 0.0
+            else:
+                loss = torch.stack(losses).mean()
 
         output = MelanomaViTImageClassifierOutput(
             loss=loss,

@@ -97,6 +97,8 @@ def test_every_parameter_gets_a_gradient(pixels):
         out = model_(pixels)
         loss = classification_loss(torch.nn.CrossEntropyLoss(), out.logits, torch.tensor([0, 4, 6]), out.distillation_logits)
         assert loss.ndim == 0 and torch.isfinite(loss)
+        # forward(labels=...) follows the same rule (no dropout configured: the same logits)
+        torch.testing.assert_close(model_(pixels, labels=torch.tensor([0, 4, 6])).loss, loss)
         loss.backward()
         missing = [n for n, p in model_.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
         assert not missing, f"no gradient for {missing}"
@@ -179,8 +181,12 @@ def test_distillation_heads_train_vs_eval(pixels):
     train_out = model_(pixels, labels=labels)
     torch.testing.assert_close(train_out.logits, cls_logits)
     torch.testing.assert_close(train_out.distillation_logits, dist_logits)
-    # transformers' standard contract: the loss of `logits`; distillation is train/losses.py's.
-    torch.testing.assert_close(train_out.loss, F.cross_entropy(cls_logits, labels))
+    # In training both heads learn the labels (train/losses.py's rule without a teacher); in eval the loss is
+    # that of the averaged logits.
+    both = (F.cross_entropy(cls_logits, labels) + F.cross_entropy(dist_logits, labels)) / 2
+    torch.testing.assert_close(train_out.loss, both)
+    model_.eval()
+    torch.testing.assert_close(model_(pixels, labels=labels).loss, F.cross_entropy(eval_out.logits, labels))
 
 
 def test_drop_path_only_active_in_training(pixels):
@@ -232,6 +238,61 @@ def test_gradient_checkpointing_same_loss_and_gradients(pixels):
     calls.clear()
     model_(pixels, labels=labels).loss.backward()
     assert len(calls) == layers
+
+
+# The hybrid variant of test_hybrid_vit.py: tiny transformer on tf_efficientnet_lite0's stride-16 stage (2x2 grid).
+HYBRID = dict(patch_size=16, patch_embedding_type="hybrid", backbone="tf_efficientnet_lite0", backbone_stage=4,
+              backbone_channels=112)  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": False}, {"use_reentrant": True}],
+                         ids=["no-checkpointing", "checkpointing", "checkpointing-reentrant"])  # fmt: skip
+@pytest.mark.parametrize("variant", [{}, HYBRID], ids=["linear", "hybrid"])
+def test_training_step_with_labels_reaches_every_parameter(pixels, variant, checkpointing):
+    """transformers' common `test_training` / `test_training_gradient_checkpointing`: `loss.backward()` of a
+    `labels` step gives every trainable parameter a finite gradient, the distillation head included. The extra
+    heads (trained by train/losses.py's `masked_head_loss` on `head_logits`) are the documented exception."""
+    model_ = heads_model(use_distillation_token=True, drop_path_rate=0.1, **variant).train()
+    assert model_.supports_gradient_checkpointing
+    calls = _count_block_starts(model_)
+    if checkpointing is not None:
+        model_.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        assert all(block.gradient_checkpointing for block in model_.vit.encoder.blocks)
+    loss = model_(pixels, labels=torch.tensor([0, 4, 6])).loss
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    layers = TINY["num_hidden_layers"]
+    assert len(calls) == (layers if checkpointing is None else 2 * layers)  # checkpointed blocks rerun in backward
+    grads = {n: p.grad for n, p in model_.named_parameters() if p.requires_grad}
+    extra = {n for n in grads if n.startswith("extra_heads.")}
+    assert extra and all(grads[n] is None for n in extra)
+    missing = [n for n, g in grads.items() if n not in extra and (g is None or not torch.isfinite(g).all())]
+    assert not missing, f"no finite gradient for {missing}"
+    assert model_.head_dist.weight.grad.abs().sum() > 0 and model_.vit.embeddings.dist_token.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", [{}, HYBRID], ids=["linear", "hybrid"])
+def test_no_weight_decay_and_group_matcher_follow_timm(variant):
+    from timm.models import group_parameters
+
+    model_ = tiny_model(use_distillation_token=True, extra_heads={"streaks": ["absent", "present"]}, **variant)
+    plain = tiny_model(**variant)
+    for module, prefix in ((model_, "vit."), (model_.vit, "")):
+        names = [n for n, _ in module.named_parameters()]
+        assert module.no_weight_decay() == {f"{prefix}embeddings.{t}" for t in ("cls_token", "dist_token", "pos_embed")}
+        assert module.no_weight_decay() <= set(names)
+        groups = group_parameters(module, module.group_matcher(coarse=True))
+        assert sorted(n for g in groups.values() for n in g) == sorted(names)  # each parameter exactly once
+        ordered = [groups[k] for k in sorted(groups)]  # timm's order: stem first
+        assert len(ordered) == 1 + TINY["num_hidden_layers"] + 1
+        assert all(n.startswith(f"{prefix}embeddings.") for n in ordered[0])  # tokens, pos_embed, patch/CNN stem
+        assert f"{prefix}embeddings.patch_embed.{'stem.conv_stem' if variant else 'proj'}.weight" in ordered[0]
+        for i in range(TINY["num_hidden_layers"]):
+            assert all(n.startswith(f"{prefix}encoder.blocks.{i}.") for n in ordered[1 + i])
+        heads = {"head.weight", "head_dist.weight", "extra_heads.streaks.weight"} if prefix else set()
+        assert {f"{prefix}norm.weight"} | heads <= set(ordered[-1])  # unmatched: timm's last group
+    assert plain.no_weight_decay() == {"vit.embeddings.cls_token", "vit.embeddings.pos_embed"}  # only what exists
 
 
 def test_builds_on_the_meta_device():

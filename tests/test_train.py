@@ -133,19 +133,43 @@ def test_create_model_dispatches_efficientnet_lite_names(variant: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ optimizer
+def _group_names(model: torch.nn.Module, groups: list[dict]) -> list[set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [{names[id(p)] for p in g["params"]} for g in groups]
+
+
 def test_weight_decay_groups() -> None:
     model = tiny_vit(use_distillation_token=True)
+    model.vit.embeddings.requires_grad_(False)  # frozen parameters are grouped too (unfreezing keeps the optimizer)
     decay, no_decay = weight_decay_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    names = {id(p): n for n, p in model.named_parameters()}
-    decay_names = {names[id(p)] for p in decay["params"]}
-    no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    assert decay_names.isdisjoint(no_decay_names) and decay_names | no_decay_names == set(names.values())
-    for token in ("vit.embeddings.cls_token", "vit.embeddings.dist_token", "vit.embeddings.pos_embed", "vit.norm.weight", "head.bias"):
-        assert token in no_decay_names
+    decay_names, no_decay_names = _group_names(model, [decay, no_decay])
+    every = {n for n, _ in model.named_parameters()}
+    assert decay_names.isdisjoint(no_decay_names) and decay_names | no_decay_names == every
+    # Exactly the model's no_weight_decay() (cls/dist tokens, position embeddings) and 1-D tensors.
+    one_d = {n for n, p in model.named_parameters() if p.ndim <= 1}
+    assert no_decay_names == one_d | model.no_weight_decay()
+    assert model.no_weight_decay() == {"vit.embeddings.cls_token", "vit.embeddings.dist_token", "vit.embeddings.pos_embed"}
+    assert {"vit.norm.weight", "head.bias"} <= no_decay_names
     assert "vit.encoder.blocks.0.attn.qkv.weight" in decay_names and "head.weight" in decay_names
     assert "vit.embeddings.patch_embed.proj.weight" in decay_names
-    assert all(p.ndim >= 2 for p in decay["params"])
+
+    # Wrapped (multi-source training's MultiHeadNet): the same parameters under the wrapper's prefix.
+    wrapper = torch.nn.ModuleDict({"model": model, "aux": torch.nn.Linear(4, 2)})
+    wrapped_decay, wrapped_no_decay = _group_names(wrapper, weight_decay_groups(wrapper, 0.05))
+    assert wrapped_no_decay == {f"model.{n}" for n in no_decay_names} | {"aux.bias"}
+    assert wrapped_decay == {f"model.{n}" for n in decay_names} | {"aux.weight"}
+
+
+def test_weight_decay_groups_use_timm_no_weight_decay() -> None:
+    resnet = create_resnet("resnet18", pretrained=False)  # timm ResNet: no no_weight_decay(), 1-D tensors only
+    decay, no_decay = _group_names(resnet, weight_decay_groups(resnet, 0.05))
+    assert no_decay == {n for n, p in resnet.named_parameters() if p.ndim <= 1} and "timm_model.conv1.weight" in decay
+    # A timm model with its own no_weight_decay() (e.g. a ViT): its patterns under TimmWrapper's prefix.
+    resnet.timm_model.no_weight_decay = lambda: {"conv1.weight", "layer4.*.conv2.weight"}  # fnmatch, as timm reads them
+    decay, no_decay = _group_names(resnet, weight_decay_groups(resnet, 0.05))
+    assert {"timm_model.conv1.weight", "timm_model.layer4.0.conv2.weight", "timm_model.layer4.1.conv2.weight"} <= no_decay
+    assert "timm_model.layer4.0.conv1.weight" in decay and "timm_model.layer3.0.conv2.weight" in decay
 
 
 def test_schedulers() -> None:
@@ -170,14 +194,22 @@ def test_schedulers() -> None:
 
 
 # ------------------------------------------------------------------------------------ freezing
-def test_parameter_blocks_order() -> None:
-    vit = tiny_vit()
+HYBRID = dict(patch_size=16, patch_embedding_type="hybrid", backbone="tf_efficientnet_lite0", backbone_stage=4,
+              backbone_channels=112)  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", [{}, HYBRID], ids=["linear", "hybrid"])
+def test_parameter_blocks_order(variant: dict) -> None:
+    vit = tiny_vit(use_distillation_token=True, extra_heads={"streaks": ["absent", "present"]}, **variant)
     blocks = parameter_blocks(vit)
+    names = [n for b in blocks for n in b]
+    assert sorted(names) == sorted(n for n, _ in vit.named_parameters()) and len(set(names)) == len(names)
     assert [len(b) > 0 for b in blocks] == [True] * 4  # head, block 1, block 0, stem
-    assert "head.weight" in blocks[0] and "vit.norm.weight" in blocks[0]
-    assert all(".blocks.1." in n for n in blocks[1]) and all(".blocks.0." in n for n in blocks[2])
-    assert "vit.embeddings.cls_token" in blocks[3] and "vit.embeddings.patch_embed.proj.weight" in blocks[3]
-    assert sorted(n for b in blocks for n in b) == sorted(n for n, _ in vit.named_parameters())
+    assert set(blocks[0]) == {n for n, _ in vit.named_parameters() if n.startswith(("head", "extra_heads.", "vit.norm."))}
+    assert all(n.startswith("vit.encoder.blocks.1.") for n in blocks[1])
+    assert all(n.startswith("vit.encoder.blocks.0.") for n in blocks[2])
+    assert all(n.startswith("vit.embeddings.") for n in blocks[3])  # the hybrid CNN stem's blocks.N too
+    assert {"vit.embeddings.cls_token", "vit.embeddings.dist_token", "vit.embeddings.pos_embed"} <= set(blocks[3])
 
     resnet = create_resnet("resnet18", pretrained=False)
     blocks = parameter_blocks(resnet)

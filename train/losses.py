@@ -3,7 +3,8 @@ every head a model returns (single-source runs have the dx head only; multi-sour
 per source and the seven-point criteria, each sample labelled for some).
 
 The model's own `forward(labels=...)` only keeps transformers' standard loss contract (cross-entropy
-of `logits` by `problem_type`), for `Trainer` and quick checks; nothing here calls it.
+of `logits` by `problem_type`; a distilled MelanomaViT in training averages it over both heads, as
+`classification_loss` does without a teacher), for `Trainer` and quick checks; nothing here calls it.
 """
 
 from __future__ import annotations

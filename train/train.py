@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import logging
 import math
@@ -134,8 +135,6 @@ TRAINER_STATE = "trainer_state.json"
 EMA_WEIGHTS = "ema.safetensors"
 BEST_WEIGHTS = "best.safetensors"  # the weights of the best validation epoch (metric_for_best_model)
 CHECKPOINT_MINUTES = 10  # at most this long between checkpoints
-# Parameters that never get weight decay besides biases and norm weights (every 1-D tensor).
-NO_DECAY_NAMES = ("cls_token", "dist_token", "pos_embed", "position_embedding", "distillation_token", "mask_token")
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,31 +420,21 @@ def load_hybrid_stem_imagenet(model: PreTrainedModel) -> tuple[tuple[float, ...]
 
 
 def parameter_blocks(model: nn.Module) -> list[list[str]]:
-    """Parameter names grouped into blocks ordered from the head down to the stem.
+    """Parameter names grouped into blocks ordered from the head down to the stem, by the model's own timm-style
+    `group_matcher` (timm's `group_parameters`).
 
-    [head (+ final norm), last block, ..., first block, stem]. timm models (TimmWrapper) use timm's
-    own `group_matcher(coarse=True)` (ResNet stages, EfficientNet stages); transformer-style models
-    are split on `blocks.N` / `layer.N` / `layers.N` in their names, everything before the first
-    block (embeddings, tokens) is the stem and everything after the last one the head.
+    MelanomaViT: [heads + final norm, last block, ..., first block, embeddings (tokens, position embeddings, patch
+    projection or hybrid CNN stem)]; timm models (TimmWrapper): `group_matcher(coarse=True)` reversed (ResNet and
+    EfficientNet stages). Any other model is one block, frozen or trained as a whole.
     """
     if isinstance(model, TimmWrapperForImageClassification):
-        timm_model = model.timm_model
-        groups = group_parameters(timm_model, timm_model.group_matcher(coarse=True))
-        ordered = [[f"timm_model.{n}" for n in groups[k]] for k in sorted(groups)]
-        return ordered[::-1]
-    pattern = re.compile(r"(?:^|\.)(?:blocks|layer|layers)\.(\d+)\.")
-    stem: list[str] = []
-    head: list[str] = []
-    blocks: dict[int, list[str]] = {}
-    for name, _ in model.named_parameters():
-        match = pattern.search(name)
-        if match:
-            blocks.setdefault(int(match.group(1)), []).append(name)
-        else:
-            (head if blocks else stem).append(name)
-    if not blocks:  # no recognisable blocks: one group, frozen/unfrozen as a whole
-        return [stem]
-    return [head] + [blocks[i] for i in sorted(blocks, reverse=True)] + ([stem] if stem else [])
+        module, prefix = model.timm_model, "timm_model."
+    elif isinstance(model, melanoma_models.MelanomaViTPreTrainedModel):
+        module, prefix = model, ""
+    else:
+        return [[name for name, _ in model.named_parameters()]]
+    groups = group_parameters(module, module.group_matcher(coarse=True))
+    return [[prefix + name for name in groups[k]] for k in sorted(groups, reverse=True)]
 
 
 def trainable_block_count(progress: int, n_blocks: int, freeze_backbone: int, unfreeze_every: int) -> int:
@@ -470,14 +459,32 @@ def apply_freezing(model: nn.Module, blocks: list[list[str]], n_trainable: int) 
             module.train(model.training and (not params or any(p.requires_grad for p in params)))
 
 
+def no_weight_decay_patterns(model: nn.Module) -> set[str]:
+    """Full names (fnmatch patterns, as timm's optimizer factory reads them) of the parameters that the models in
+    `model` (itself or wrapped, e.g. by multi-source training) exempt from weight decay: MelanomaViT's and timm's
+    `no_weight_decay()` (timm models without one exempt nothing beyond 1-D tensors)."""
+    patterns = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, melanoma_models.MelanomaViTPreTrainedModel):
+            patterns |= {prefix + name for name in module.no_weight_decay()}
+        elif isinstance(module, TimmWrapperForImageClassification):
+            no_weight_decay = getattr(module.timm_model, "no_weight_decay", set)  # timm's own optional-method rule
+            patterns |= {f"{prefix}timm_model.{name}" for name in no_weight_decay()}
+    return patterns
+
+
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: no decay for biases, norm weights (all 1-D tensors) and cls/dist/pos tokens.
+    """AdamW parameter groups [decay, no decay]: no decay for biases, norm weights (all 1-D tensors) and the
+    model's `no_weight_decay()` parameters (cls/dist tokens, position embeddings), as timm's
+    `param_groups_weight_decay`.
 
     Every parameter is included (also currently frozen ones) so that unfreezing needs no new optimizer.
     """
+    patterns = no_weight_decay_patterns(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if param.ndim <= 1 or name.endswith(".bias") or any(t in name for t in NO_DECAY_NAMES):
+        if param.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, p) for p in patterns):
             no_decay.append(param)
         else:
             decay.append(param)
