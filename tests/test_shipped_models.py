@@ -172,3 +172,27 @@ def test_app_default_is_the_best_measured_model(monkeypatch):
     assert evaluated, "no shipped model is evaluated on all three test sets"
     best = max(evaluated, key=mean_auc)
     assert ModelZoo(MODELS, hub_ids=[]).default_id == best.name
+
+
+TRAINED = sorted(p.name for p in MODELS.iterdir() if (p / "train_config.yaml").is_file())
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_shipped_recipe_is_a_config_file_run_without_overrides(name: str) -> None:
+    """Each trained folder's command.txt is `accelerate launch train/train.py --config
+    train/configs/<file> --output_dir ...` (infrastructure flags only, no --set or hyperparameter
+    flags), and its train_config.yaml is that file, key for key."""
+    import dataclasses
+    import shlex
+
+    from train.train import load_config, parse_args
+
+    folder = MODELS / name
+    argv = shlex.split((folder / "command.txt").read_text())
+    assert argv[:3] == ["accelerate", "launch", "train/train.py"], argv
+    args = parse_args(argv[3:])
+    assert args.overrides == [], f"{name}: --set {args.overrides}"
+    hyper = {k: getattr(args, k) for k in ("data", "max_steps", "max_train_samples", "max_eval_samples", "seed")}
+    assert all(v is None for v in hyper.values()), hyper
+    assert args.config.startswith("train/configs/") and (ROOT / args.config).is_file(), args.config
+    assert dataclasses.asdict(load_config(folder / "train_config.yaml")) == dataclasses.asdict(load_config(ROOT / args.config))
