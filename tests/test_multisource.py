@@ -505,3 +505,51 @@ def test_two_cpu_processes_give_the_metrics_of_one(tmp_path: Path, specs: list[S
         assert b["n"] == a["n"]  # every validation image once, none doubled by the padding of a shard
         assert b["loss"] == pytest.approx(a["loss"], abs=0.05), (a, b)
         assert b["melanoma_auc_mean"] == pytest.approx(a["melanoma_auc_mean"], abs=0.15), (a, b)
+
+
+def test_full_fine_tuning_on_image_batches_unfreezes_the_backbone(tmp_path: Path, specs: list[SourceSpec]) -> None:
+    """No feature_cache: image batches, every head, the whole network trained after a head-only
+    warm-up (freeze_backbone, unfreeze_every in steps); no cache is written."""
+    from train.train import ModelArgs, create_model
+
+    recipe = {
+        "model": {"name": "efficientnet_lite0", "image_size": 64, "pretrained": False},
+        "sources": [{k: v for k, v in vars(s).items() if k != "kind"} for s in specs],
+        "augmentation": {"crop_scale": [0.5, 1.0]},
+        "freeze_backbone": 2, "unfreeze_every": 0, "freeze_unit": "steps",  # head only for 2 steps, then all
+        "batch_size": 4, "eval_batch_size": 8, "max_steps": 8, "learning_rate": 1e-2, "report_to": "none",
+    }
+    (tmp_path / "full.yaml").write_text(json.dumps(recipe))
+    out = tmp_path / "full"
+    torch.manual_seed(42)  # train.py seeds with cfg.seed (42) before creating the model: same init
+    initial, _ = create_model(ModelArgs(name="efficientnet_lite0", image_size=64, pretrained=False), dict(enumerate(DX_CODES)))
+    main(["--config", str(tmp_path / "full.yaml"), "--output_dir", str(out), "--num_workers", "0"])
+    assert not list(out.rglob("view_*.safetensors"))
+    result = json.loads((out / "val_metrics.json").read_text())
+    assert result["steps"] == 8 and set(result["heads"]) == {"dx", "isic2017", "derm7pt", *CRITERIA}
+    trained = load_file(out / "model.safetensors")
+    assert not torch.equal(trained["timm_model.conv_stem.weight"], initial.timm_model.conv_stem.weight)  # the stem trained
+    assert not any(k.startswith("aux_heads") for k in trained)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"data": "../shared/data/isic2017"}, r"\['data'\] are single-source keys"),
+    ({"max_train_samples": 10}, r"max_train_samples'\] are single-source keys"),
+    ({"augmentation": {"mixup_alpha": 0.2}}, "mixup_alpha / cutmix_alpha"),
+    ({"feature_cache": {"dir": "x", "view": 2}}, r"unknown feature_cache key\(s\) \['view'\]"),
+    ({"distillation": {"teacher": "models/efficientnet-lite2"}}, "distillation.teachers"),
+])
+def test_multisource_recipe_refuses_keys_it_would_ignore(change: dict, message: str, specs: list[SourceSpec]) -> None:
+    from train.train import _build, _validate, TrainConfig
+
+    raw = {"sources": [{k: v for k, v in vars(s).items() if k != "kind"} for s in specs], **change}
+    with pytest.raises(ValueError, match=message):
+        _validate(_build(TrainConfig, raw, "recipe"))
+
+
+@pytest.mark.parametrize("key", ["feature_cache", "head_loss_weights"])
+def test_single_source_recipe_refuses_multisource_keys(key: str) -> None:
+    from train.train import _build, _validate, TrainConfig
+
+    with pytest.raises(ValueError, match=f"{key} is for multi-source recipes"):
+        _validate(_build(TrainConfig, {key: {"dir": "x"} if key == "feature_cache" else {"dx": 1.0}}, "recipe"))
