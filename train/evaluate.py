@@ -48,15 +48,10 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
     del sys.path[0]
 
 import datasets  # noqa: E402
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import model as _melanoma_models  # noqa: E402,F401  registers MelanomaViT with the Auto classes
@@ -77,6 +72,8 @@ from model.rollout import attention_rollout  # noqa: E402
 from model.sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score  # noqa: E402
 from train.data import label_names, load_image_dataset  # noqa: E402
 from train.metrics import (  # noqa: E402
+    DISCLAIMER,
+    ECE_BINS,
     apply_view,
     bootstrap_auc_ci,
     expected_calibration_error,
@@ -84,11 +81,11 @@ from train.metrics import (  # noqa: E402
     mask_share,
     melanoma_auc,
     multiclass_metrics,
-    reliability_bins,
     sensitivity_specificity,
     tempered_probabilities,
     threshold_for_sensitivity,
 )
+from train.plots import plot_confidence_hist, plot_confusion, plot_reliability, plot_roc  # noqa: E402
 from train.sources import derm7pt_criteria, subject_metadata  # noqa: E402
 from train.splits import apply_manifest, check_no_leakage, read_manifest  # noqa: E402
 
@@ -96,8 +93,6 @@ logger = logging.getLogger("evaluate")
 
 DEFAULT_THRESHOLD = 0.5
 TARGET_SENSITIVITY = 0.95
-ECE_BINS = 15
-DISCLAIMER = "Research/education tool, not a medical device: these metrics do not support any diagnosis."
 
 
 # ------------------------------------------------------------------------------ model + labels
@@ -394,79 +389,6 @@ def subgroup_metrics(
             }
         result[column] = groups
     return result
-
-
-# -------------------------------------------------------------------------------------- plots
-
-
-def plot_roc(y_mel: np.ndarray, p_mel: np.ndarray, points: dict[str, float], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    if y_mel.min() != y_mel.max():
-        RocCurveDisplay.from_predictions(y_mel, p_mel, name="melanoma vs rest", ax=ax, plot_chance_level=True)
-        for label, t in points.items():
-            sens, spec = sensitivity_specificity(y_mel, p_mel, t)
-            ax.plot(1 - spec, sens, "o", label=f"{label} (P(mel) >= {t:.3f})")
-        ax.legend(loc="lower right", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "ROC undefined: one class only", ha="center")
-    ax.set_title("Melanoma ROC (research use only)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_confusion(y: np.ndarray, predicted: np.ndarray, data_names: list[str], path: Path) -> None:
-    present = sorted(set(y.tolist()) | set(predicted.tolist()))
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(present), 1.0 + 0.8 * len(present)))
-    ConfusionMatrixDisplay.from_predictions(
-        y, predicted, labels=present, display_labels=[data_names[i] for i in present], ax=ax, colorbar=False
-    )
-    ax.set_title("Confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_reliability(y: np.ndarray, curves: dict[str, np.ndarray], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    for label, probs in curves.items():
-        conf, acc, counts = reliability_bins(probs.max(axis=1), probs.argmax(axis=1) == y, ECE_BINS)
-        keep = counts > 0
-        ece = expected_calibration_error(probs, y, ECE_BINS)
-        ax.plot(conf[keep], acc[keep], "o-", label=f"{label} (ECE {ece:.3f})")
-    ax.set_xlabel("top-label confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(f"Reliability ({ECE_BINS} bins)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_confidence_hist(y_mel: np.ndarray, p_mel: np.ndarray, threshold: float, path: Path) -> None:
-    positive = p_mel >= threshold
-    groups = {
-        "TP": (y_mel == 1) & positive,
-        "FN": (y_mel == 1) & ~positive,
-        "FP": (y_mel == 0) & positive,
-        "TN": (y_mel == 0) & ~positive,
-    }
-    fig, axes = plt.subplots(2, 2, figsize=(8, 6), sharex=True)
-    bins = np.linspace(0, 1, 21)
-    for ax, (name, sel) in zip(axes.ravel(), groups.items()):
-        ax.hist(p_mel[sel], bins=bins, color="tab:red" if name in ("TP", "FN") else "tab:blue")
-        ax.axvline(threshold, color="k", ls="--", lw=1)
-        ax.set_title(f"{name} (n={int(sel.sum())})")
-        ax.set_ylabel("images")
-    for ax in axes[1]:
-        ax.set_xlabel("P(mel)")
-    fig.suptitle(f"P(mel) by outcome at threshold {threshold:.3f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------ writing
