@@ -41,11 +41,47 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # Run as a script, Python puts train/ first on sys.path, where train/train.py shadows the `train`
-    # package: drop that entry (what `python -P` does); `model` and `train` come from the installed
-    # project (`pip install -e .`).
-    del sys.path[0]
+# --------------------------------------------------------------------------------------------
+# Command line, parsed before the heavy imports below
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder (save_pretrained) or Hub id")
+    parser.add_argument("--data", required=True, help="anything train.data.load_image_dataset accepts (folder, CSV with path,dx, Hub id)")
+    # --output_dir as an alias: train.py spells its flags with underscores.
+    parser.add_argument("--output-dir", "--output_dir", required=True, help="where metrics.json, predictions.csv and the plots go")
+    parser.add_argument("--split", default=None,
+                        help="split of --data to evaluate (default: 'test' with --manifest, else every row; 'all': every row)")
+    parser.add_argument("--manifest", default=None,
+                        help="split_manifest.json of the training run: --split picks its image_ids, its validation "
+                             "split is used for calibration/threshold, and the splits are checked for leakage")
+    parser.add_argument("--val-data", default=None, help="validation data for temperature and the 95%%-sensitivity threshold")
+    parser.add_argument("--val-split", default="validation", help="split of --val-data (default: validation; 'all': every row)")
+    parser.add_argument("--masks", default=None, help="folder of <image_id>_segmentation.png lesion masks (default: masks/ beside --data)")
+    parser.add_argument("--tta", type=int, default=1, help="dihedral test-time views, 1 (none) to 8")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--label-scheme", choices=("auto", "dx", "binary"), default="auto",
+                        help="labels of the data: dx codes or melanoma-vs-rest (auto: binary for binary models)")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit a temperature on the validation data (default: on)")
+    parser.add_argument("--write-config", action="store_true",
+                        help="store the fitted temperature (folded into the classifier head) and the validation "
+                             "threshold in the model folder")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    return parser
+
+
+if __name__ == "__main__":
+    # --help and flag errors answer at once instead of after the torch/transformers/datasets imports.
+    build_parser().parse_args()
+    if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        # Run as a script, Python puts train/ first on sys.path, where train/train.py shadows the
+        # `train` package: drop that entry (what `python -P` does); `model` and `train` come from the
+        # installed project (`pip install -e .`).
+        del sys.path[0]
 
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
@@ -433,34 +469,6 @@ def write_predictions(pred: dict[str, Any], arrays: dict[str, np.ndarray], names
 # --------------------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (save_pretrained) or Hub id")
-    parser.add_argument("--data", required=True, help="anything train.data.load_image_dataset accepts (folder, CSV with path,dx, Hub id)")
-    # --output_dir as an alias: train.py spells its flags with underscores.
-    parser.add_argument("--output-dir", "--output_dir", required=True, help="where metrics.json, predictions.csv and the plots go")
-    parser.add_argument("--split", default=None,
-                        help="split of --data to evaluate (default: 'test' with --manifest, else every row; 'all': every row)")
-    parser.add_argument("--manifest", default=None,
-                        help="split_manifest.json of the training run: --split picks its image_ids, its validation "
-                             "split is used for calibration/threshold, and the splits are checked for leakage")
-    parser.add_argument("--val-data", default=None, help="validation data for temperature and the 95%%-sensitivity threshold")
-    parser.add_argument("--val-split", default="validation", help="split of --val-data (default: validation; 'all': every row)")
-    parser.add_argument("--masks", default=None, help="folder of <image_id>_segmentation.png lesion masks (default: masks/ beside --data)")
-    parser.add_argument("--tta", type=int, default=1, help="dihedral test-time views, 1 (none) to 8")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--label-scheme", choices=("auto", "dx", "binary"), default="auto",
-                        help="labels of the data: dx codes or melanoma-vs-rest (auto: binary for binary models)")
-    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
-                        help="fit a temperature on the validation data (default: on)")
-    parser.add_argument("--write-config", action="store_true",
-                        help="store the fitted temperature (folded into the classifier head) and the validation "
-                             "threshold in the model folder")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser
-
-
 def _all_rows(split: str | None) -> str | None:
     # "all" (or "") selects every row of a source that has splits of its own.
     return None if (split or "").lower() in ("", "all") else split
@@ -497,7 +505,9 @@ class EvalArgs:
     @classmethod
     def from_cli(cls, namespace: argparse.Namespace) -> EvalArgs:
         values = vars(namespace)
-        return cls(**{**values, "split": _all_rows(values["split"]), "val_split": _all_rows(values["val_split"])})
+        device = values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(**{**values, "split": _all_rows(values["split"]), "val_split": _all_rows(values["val_split"]),
+                      "device": device})
 
 
 def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
