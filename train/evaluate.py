@@ -6,6 +6,12 @@
 
 Research/education tool: the numbers describe a model on a data set, not a diagnosis.
 
+Which images: the model folder's split_manifest.json (or --manifest) picks the --split images (default
+test) of the data it split, e.g. the `ham10000/`-prefixed ids of a multi-source manifest for
+`--data ../shared/data/ham10000`; any other data (a `path,dx` CSV, a folder) is evaluated whole and
+checked against the manifest's train and validation images (`leakage_check` in metrics.json).
+`--limit N` evaluates a seeded sample of N of them, stratified by dx.
+
 What is computed (probabilities are softmax(logits / T) averaged over the TTA views, with T the
 temperature fitted on validation data, or the one stored in the model config, or 1; logits are the
 raw ones: a temperature folded into the model's head is multiplied back first):
@@ -53,10 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     # --output_dir as an alias: train.py spells its flags with underscores.
     parser.add_argument("--output-dir", "--output_dir", required=True, help="where metrics.json, predictions.csv and the plots go")
     parser.add_argument("--split", default=None,
-                        help="split of --data to evaluate (default: 'test' with --manifest, else every row; 'all': every row)")
+                        help="split of --data to evaluate (default: 'test' when the manifest split --data, else "
+                             "every row; 'all': every row)")
     parser.add_argument("--manifest", default=None,
-                        help="split_manifest.json of the training run: --split picks its image_ids, its validation "
-                             "split is used for calibration/threshold, and the splits are checked for leakage")
+                        help="split_manifest.json of the training run (default: the model folder's own; 'none': "
+                             "no manifest). When it split --data, --split picks its image_ids and its splits are "
+                             "checked for shared images/lesions; otherwise the evaluated images are checked against "
+                             "its train/validation splits. Named here, its validation split also fits the "
+                             "temperature and threshold")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate a random N images of the split, stratified by dx (seeded by --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
     parser.add_argument("--val-data", default=None, help="validation data for temperature and the 95%%-sensitivity threshold")
     parser.add_argument("--val-split", default="validation", help="split of --val-data (default: validation; 'all': every row)")
     parser.add_argument("--masks", default=None, help="folder of <image_id>_segmentation.png lesion masks (default: masks/ beside --data)")
@@ -106,7 +119,7 @@ from model.loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_token
 from model.metrics_schema import METRIC_KEYS  # noqa: E402
 from model.rollout import attention_rollout  # noqa: E402
 from model.sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score  # noqa: E402
-from train.data import label_names, load_image_dataset  # noqa: E402
+from train.data import label_names, load_image_dataset, unlabelled_image_ids  # noqa: E402
 from train.metrics import (  # noqa: E402
     DISCLAIMER,
     ECE_BINS,
@@ -123,12 +136,21 @@ from train.metrics import (  # noqa: E402
 )
 from train.plots import plot_confidence_hist, plot_confusion, plot_reliability, plot_roc  # noqa: E402
 from train.sources import derm7pt_criteria, subject_metadata  # noqa: E402
-from train.splits import apply_manifest, check_no_leakage, read_manifest  # noqa: E402
+from train.splits import (  # noqa: E402
+    apply_manifest,
+    check_no_leakage,
+    manifest_image_ids,
+    manifest_splits_of,
+    read_manifest,
+    stratified_sample,
+)
 
 logger = logging.getLogger("evaluate")
 
 DEFAULT_THRESHOLD = 0.5
 TARGET_SENSITIVITY = 0.95
+#: The split manifest a training run writes into its model folder (train.py, multisource.py).
+MANIFEST = "split_manifest.json"
 
 
 # ------------------------------------------------------------------------------ model + labels
@@ -161,35 +183,84 @@ def label_groups(model_names: list[str], data_names: list[str]) -> np.ndarray:
 # --------------------------------------------------------------------------------------- data
 
 
+def _manifest_path(args: EvalArgs) -> tuple[Path | None, bool]:
+    """(split manifest, whether --manifest named it): --manifest, else the model folder's own."""
+    if args.manifest is not None:
+        return (None, True) if args.manifest.lower() == "none" else (Path(args.manifest), True)
+    own = Path(args.model) / MANIFEST
+    return (own, False) if own.is_file() else (None, False)
+
+
+def _overlap_check(test: datasets.Dataset, manifest: dict, path: Path) -> dict[str, Any]:
+    """Leakage check of data the manifest did not split: which evaluated images the model was trained
+    or validated on (by image_id, source prefixes removed)."""
+    evaluated = set(rows_all(test, "image_id"))
+    overlap = {name: len(evaluated & manifest_image_ids(manifest, name)) for name in ("train", "validation")}
+    if not any(overlap.values()):
+        check = f"passed: none of the {len(test)} evaluated images is in the train or validation split of {path}"
+    else:
+        where = " and ".join(f"{k} in its {name} split" for name, k in overlap.items() if k)
+        check = (f"FAILED: of the {len(test)} evaluated images, {where} ({path}): metrics on images the model was "
+                 "trained or validated on are optimistic")
+        logger.warning("leakage check %s", check)
+    return {"leakage_check": check, "leakage_overlap": overlap}
+
+
 def _select_data(args: EvalArgs) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
-    """Test (and validation) datasets per the CLI, with leakage checks. Returns (test, val, info)."""
+    """Test (and validation) datasets per the CLI, with leakage checks. Returns (test, val, info).
+
+    The split manifest (--manifest, else the model folder's own split_manifest.json) picks the
+    --split images (default test) when it split --data (a multi-source manifest: one of its source
+    folders), and its splits are checked for shared images or lesions. Other data, and --split all,
+    is evaluated whole and checked for images of the manifest's train and validation splits.
+    Only a --manifest given by name also supplies the validation split (temperature, threshold);
+    by default the model's stored calibration is evaluated.
+    """
     info: dict[str, Any] = {}
-    split = args.split
     val = None
-    if args.manifest:
-        manifest = read_manifest(args.manifest)
+    path, explicit = _manifest_path(args)
+    manifest = read_manifest(path) if path is not None else None
+    mine = None
+    if manifest is not None:
+        # Recorded data paths are relative to the training run's working directory: the project
+        # root, two folders above models/<name>/split_manifest.json.
+        mine = manifest_splits_of(manifest, args.data, roots=(Path.cwd(), *path.resolve().parents[2:3]))
+        if explicit and mine is None:
+            sources = [s["data"] for s in manifest.get("sources") or []] or [manifest.get("data")]
+            raise ValueError(f"--manifest {path} does not split --data {args.data} (it splits {sources})")
+        if not explicit and not ({"sources", "data"} & set(manifest)):
+            mine = None  # a manifest that records no data path could describe any data: check overlap only
+        info.update(manifest=str(path))
+    if mine is not None and args.split != "all":
+        source, splits = mine
         full = load_image_dataset(args.data, label_scheme=args.label_scheme, split=None)
-        dd = apply_manifest(full, manifest)
+        dd = apply_manifest(full, splits, unlabelled=unlabelled_image_ids(args.data))
         # A manifest whose splits share an image or a lesion would leak training images.
         check_no_leakage(dd)
-        split = split or "test"
+        split = args.split or "test"
         if split not in dd:
-            raise ValueError(f"--split {split!r} is not in the manifest {args.manifest} (splits: {list(dd)})")
+            raise ValueError(f"--split {split!r} is not in the manifest {path} (splits: {list(dd)})")
         test = dd[split]
-        if args.val_data is None and "validation" in dd and split != "validation":
+        if explicit and args.val_data is None and "validation" in dd and split != "validation":
             val = dd["validation"]
-        info.update(manifest=str(args.manifest), manifest_sizes={k: len(v) for k, v in dd.items()})
+        of = f" of source {source!r}" if source else ""
+        info.update(manifest_source=source, manifest_sizes={k: len(v) for k, v in dd.items()},
+                    leakage_check=f"passed: no image_id or lesion_id shared by the splits{of} of {path}")
     else:
+        split = _all_rows(args.split)
         test = load_image_dataset(args.data, label_scheme=args.label_scheme, split=split)
+        if manifest is not None:
+            info.update(_overlap_check(test, manifest, path))
+        else:
+            info["leakage_check"] = "not checked: no split manifest (pass --manifest split_manifest.json)"
     if args.val_data is not None:
         val = load_image_dataset(args.val_data, label_scheme=args.label_scheme, split=args.val_split)
-    if val is not None:
         check_no_leakage({"validation": val, "test": test})
-        info["leakage_check"] = "passed: no image_id or lesion_id shared by the validation and test images"
-        if args.manifest:
-            info["leakage_check"] = "passed: no image_id or lesion_id shared by the manifest's splits"
-    elif args.manifest:
-        info["leakage_check"] = "passed: no image_id or lesion_id shared by the manifest's splits"
+        passed = "passed: no image_id or lesion_id shared by the validation and test images"
+        info["leakage_check"] = passed if manifest is None else f"{info['leakage_check']}; {passed}"
+    if args.limit is not None and args.limit < len(test):
+        info["sample"] = {"n": args.limit, "of": len(test), "seed": args.seed, "stratified_by": "dx"}
+        test = stratified_sample(test, args.limit, args.seed)
     info["split"] = split
     return test, val, info
 
@@ -349,8 +420,10 @@ def criteria_metrics(pred: dict[str, Any], y_mel: np.ndarray, config: Any, data:
     sensitivity/specificity of score >= 3. None when the model or the data has no criteria.
     """
     heads = dict(getattr(config, "extra_heads", None) or {})
+    if not set(SEVEN_POINT) <= set(heads):
+        return None
     truth = derm7pt_criteria(data)
-    if truth is None or not set(SEVEN_POINT) <= set(heads) or not set(pred["image_ids"]) <= set(truth):
+    if truth is None or not set(pred["image_ids"]) <= set(truth):
         return None
     temperatures = dict(getattr(config, "head_temperatures", None) or {})
     probs = {h: tempered_probabilities(pred["head_logits"][h], temperatures.get(h, 1.0)) for h in SEVEN_POINT}
@@ -481,8 +554,10 @@ class EvalArgs:
     model: str  # model folder (save_pretrained) or Hub id
     data: str  # anything train.data.load_image_dataset accepts
     output_dir: str
-    split: str | None = None  # None: the manifest's test split with a manifest, else every row
-    manifest: str | None = None  # split_manifest.json of the training run
+    split: str | None = None  # None: the manifest's test split when it split `data`, else every row; "all"
+    manifest: str | None = None  # split_manifest.json of the training run; None: the model folder's; "none"
+    limit: int | None = None  # a stratified (by dx) random sample of this many images
+    seed: int = 0  # of the `limit` sample
     val_data: str | None = None
     val_split: str | None = "validation"  # None: every row of val_data
     masks: str | None = None
@@ -499,15 +574,17 @@ class EvalArgs:
             raise ValueError(f"--tta must be between 1 and 8 (dihedral views), got {self.tta}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.write_config and self.val_data is None and self.manifest is None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.write_config and self.val_data is None and self.manifest in (None, "none"):
             raise ValueError("--write-config needs validation data: pass --val-data (or --manifest with a validation split)")
 
     @classmethod
     def from_cli(cls, namespace: argparse.Namespace) -> EvalArgs:
         values = vars(namespace)
         device = values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(**{**values, "split": _all_rows(values["split"]), "val_split": _all_rows(values["val_split"]),
-                      "device": device})
+        split = "all" if values["split"] is not None and _all_rows(values["split"]) is None else values["split"]
+        return cls(**{**values, "split": split, "val_split": _all_rows(values["val_split"]), "device": device})
 
 
 def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
@@ -593,6 +670,10 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
             "heads": "melanoma AUC of each extra head's own 'melanoma' class (per-dataset heads), same bootstrap",
             "subgroups": "melanoma AUC (same bootstrap) and sensitivity/specificity at threshold_val95 per sex, "
                          "age band and anatomical site from the data's metadata; small groups have wide CIs",
+            "leakage_check": "the split manifest's splits share no image or lesion when it split this data (the "
+                             "evaluated images are its split's); other data: evaluated image_ids found in its train "
+                             "and validation splits (leakage_overlap)",
+            **({"sample": "stratified by dx: each class its share of n (largest remainder), seeded"} if "sample" in info else {}),
             "metrics_library": "scikit-learn (evaluate.load needs the Hub)",
             "disclaimer": DISCLAIMER,
         },
