@@ -524,3 +524,142 @@ def test_rollout_mask_share_equal_for_distilled_model_and_its_stock_deit_export(
     assert len(a["mask_shares"]) == 4
     np.testing.assert_allclose(a["mask_shares"], b["mask_shares"], atol=1e-5)
     torch.testing.assert_close(a["logits"], b["logits"], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------- any data, manifests, --limit
+
+
+def _fixture_csv(ham_dir: Path, isic2017_dir: Path, path: Path) -> Path:
+    """A plain `path,dx` CSV of the 16 fixture images (12 HAM10000, 4 ISIC 2017)."""
+    ham = pd.read_csv(ham_dir / "HAM10000_metadata.csv")
+    isic = pd.read_csv(isic2017_dir / "labels.csv")
+    rows = [(ham_dir / "images" / f"{i}.jpg", dx) for i, dx in zip(ham["image_id"], ham["dx"])]
+    rows += [(isic2017_dir / p, {"melanoma": "mel", "nevus": "nv", "seborrheic_keratosis": "bkl"}[label])
+             for p, label in zip(isic["path"], isic["label"])]
+    pd.DataFrame(rows, columns=["path", "dx"]).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny", "efficientnet-lite2", "melanoma-vit"])
+def test_a_path_dx_csv_evaluates_with_any_model(name, tiny_vit_dir, ham_dir, isic2017_dir, tmp_path):
+    """No Derm7pt labels.csv beside the CSV, no criteria columns: the criteria are skipped, not looked up.
+    A shipped model's own split_manifest.json did not split this CSV: the evaluated images are checked
+    against its train and validation splits (all 12 HAM10000 fixtures are training images of the
+    shipped models, the 4 ISIC 2017 ones test images)."""
+    from train.evaluate import main
+
+    model_dir = tiny_vit_dir if name == "tiny" else ROOT / "models" / name
+    csv = _fixture_csv(ham_dir, isic2017_dir, tmp_path / "my.csv")
+    out = tmp_path / "eval"
+    metrics = main(["--model", str(model_dir), "--data", str(csv), "--output-dir", str(out), "--bootstrap", "20",
+                    "--device", "cpu"])
+    _assert_outputs(out, 16)
+    assert metrics["split"] is None and "seven_point" not in metrics
+    if name == "tiny":
+        assert metrics["leakage_check"].startswith("not checked: no split manifest")
+    else:
+        assert metrics["manifest"] == str(model_dir / "split_manifest.json") and "manifest_source" not in metrics
+        assert metrics["leakage_overlap"] == {"train": 12, "validation": 0}
+        assert metrics["leakage_check"].startswith("FAILED: of the 16 evaluated images, 12 in its train split")
+
+
+def _multisource_manifest(ham_dir: Path, model_dir: Path, **splits: list[str]) -> None:
+    """The model folder's split_manifest.json as train/sources.py writes it: ids prefixed by source."""
+    manifest = {"method": "multi_source", "splits": list(splits),
+                "sources": [{"name": "ham10000", "kind": "ham10000", "data": str(ham_dir)},
+                            {"name": "isic2017", "kind": "isic2017", "data": "elsewhere/isic2017"}]}
+    manifest.update({k: [f"ham10000/{i}" for i in ids] + ["isic2017/ISIC_0000000"] for k, ids in splits.items()})
+    (model_dir / "split_manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+def test_the_model_folders_manifest_picks_the_test_images_and_a_missing_id_is_an_error(tiny_vit_dir, ham_dir, tmp_path):
+    import shutil
+
+    from train.evaluate import main
+
+    model_dir = Path(shutil.copytree(tiny_vit_dir, tmp_path / "model"))
+    ids = list(pd.read_csv(ham_dir / "HAM10000_metadata.csv")["image_id"])
+    # ids[0] and ids[1] are one lesion, as are ids[3] and ids[4]: kept within a split
+    _multisource_manifest(ham_dir, model_dir, train=ids[5:], validation=ids[2:5], test=ids[:2])
+    metrics = main(["--model", str(model_dir), "--data", str(ham_dir), "--output-dir", str(tmp_path / "eval"),
+                    "--bootstrap", "20"])
+    assert list(pd.read_csv(tmp_path / "eval" / "predictions.csv")["image_id"]) == ids[:2]
+    assert metrics["split"] == "test" and metrics["manifest_source"] == "ham10000"
+    assert metrics["manifest_sizes"] == {"train": 7, "validation": 3, "test": 2}
+    assert metrics["leakage_check"].startswith("passed: no image_id or lesion_id shared by the splits of source 'ham10000'")
+    # the default manifest gives no validation split: the model's own calibration is evaluated
+    assert metrics["n_validation"] is None
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["leakage_check"] == metrics["leakage_check"]
+
+    _multisource_manifest(ham_dir, model_dir, train=ids[5:], validation=ids[2:5], test=ids[:2] + ["ISIC_9999999"])
+    with pytest.raises(ValueError, match=r"split 'test': 1 of its 3 image_ids are not in the data, e\.g\. \['ISIC_9999999'\]"):
+        main(["--model", str(model_dir), "--data", str(ham_dir), "--output-dir", str(tmp_path / "missing")])
+    # --manifest none: every row, nothing checked
+    metrics = main(["--model", str(model_dir), "--data", str(ham_dir), "--manifest", "none",
+                    "--output-dir", str(tmp_path / "none"), "--bootstrap", "20"])
+    assert metrics["n"] == 12 and metrics["leakage_check"].startswith("not checked")
+
+
+def test_unlabelled_rows_of_the_data_are_not_missing_ids(tmp_path, ham_image_paths):
+    """Derm7pt lists cases without a dx code; load_image_dataset skips them, the manifest still names them."""
+    from train.data import load_image_dataset, unlabelled_image_ids
+    from train.splits import apply_manifest
+
+    table = pd.DataFrame({"case_id": ["a", "b", "c"], "path": [str(p) for p in ham_image_paths[:3]],
+                          "dx": ["mel", "", "nv"]})
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    assert unlabelled_image_ids(tmp_path) == unlabelled_image_ids(tmp_path / "labels.csv") == {"b"}
+    ds = load_image_dataset(tmp_path)
+    dd = apply_manifest(ds, {"splits": ["test"], "test": ["a", "b", "c"]}, unlabelled={"b"})
+    assert list(dd["test"]["image_id"]) == ["a", "c"]
+    with pytest.raises(ValueError, match="not in the data"):
+        apply_manifest(ds, {"splits": ["test"], "test": ["a", "b", "c"]})
+
+
+def test_stratified_sample_keeps_each_class_share():
+    import datasets
+
+    from train.splits import stratified_sample
+
+    dx = ["nv"] * 70 + ["mel"] * 20 + ["bcc"] * 10
+    ds = datasets.Dataset.from_dict({"image_id": [f"i{k}" for k in range(100)], "dx": dx, "label": [0] * 100})
+    sample = stratified_sample(ds, 10, seed=3)
+    assert len(sample) == 10
+    assert pd.Series(sample["dx"]).value_counts().to_dict() == {"nv": 7, "mel": 2, "bcc": 1}
+    ids = [int(i[1:]) for i in sample["image_id"]]
+    assert ids == sorted(ids)  # data order kept
+    assert stratified_sample(ds, 10, seed=3)["image_id"] == sample["image_id"]
+    assert stratified_sample(ds, 10, seed=4)["image_id"] != sample["image_id"]
+    # shares 3.5 / 1 / 0.5: remainders go to the largest fractions, ties to the larger class
+    assert pd.Series(stratified_sample(ds, 5, seed=0)["dx"]).value_counts().to_dict() == {"nv": 4, "mel": 1}
+    assert stratified_sample(ds, 500) is ds
+    with pytest.raises(ValueError, match="n >= 1"):
+        stratified_sample(ds, 0)
+
+
+@pytest.mark.slow
+def test_limit_evaluates_a_stratified_sample_of_the_asked_size(tiny_vit_dir, ham_dir, tmp_path):
+    from train.evaluate import main
+
+    metrics = main(["--model", str(tiny_vit_dir), "--data", str(ham_dir), "--limit", "6", "--seed", "1",
+                    "--output-dir", str(tmp_path / "eval"), "--bootstrap", "20"])
+    preds = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    assert metrics["n"] == len(preds) == 6
+    assert metrics["sample"] == {"n": 6, "of": 12, "seed": 1, "stratified_by": "dx"}
+    # 12 images: nv 4, mel 3, five classes of 1 -> shares nv 2, mel 1.5, 0.5 each: nv 2, mel 2, two singles
+    counts = preds["label"].value_counts()
+    assert counts["nv"] == 2 and counts["mel"] == 2 and len(counts) == 4
+
+
+def test_help_answers_without_the_heavy_imports(script_env):
+    import time
+
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "train/evaluate.py", "--help"], cwd=ROOT, env=script_env,
+                          capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0 and "--limit" in proc.stdout
+    # 0.07 s measured (python startup + argparse); the torch/transformers imports took ~9 s
+    assert elapsed < 3.0, f"--help took {elapsed:.2f} s"

@@ -227,8 +227,8 @@ def _pick_split_rows(table: pd.DataFrame, split: str | None, source: str) -> pd.
     return rows
 
 
-def _load_csv(csv_path: Path, label_scheme: str, split: str | None) -> tuple[datasets.Dataset, bool]:
-    """CSV with `path` and `dx`/`label` columns. Returns (dataset, whether `split` was applied)."""
+def _read_label_csv(csv_path: Path) -> tuple[pd.DataFrame, str]:
+    """A CSV spec's rows, with the paths made absolute and an `image_id` column; returns (table, label column)."""
     table = pd.read_csv(csv_path, dtype=str)
     label_col = next((c for c in ("dx", "label", "labels", "diagnosis") if c in table.columns), None)
     if "path" not in table.columns or label_col is None:
@@ -236,6 +236,27 @@ def _load_csv(csv_path: Path, label_scheme: str, split: str | None) -> tuple[dat
             f"{csv_path}: a CSV spec needs a 'path' column and a 'dx' (or 'label') column; "
             f"found columns {list(table.columns)}"
         )
+    root = csv_path.parent
+    table["path"] = [str(p if Path(p).is_absolute() else root / p) for p in table["path"]]
+    id_col = next((c for c in ("image_id", "case_id") if c in table.columns), None)
+    table["image_id"] = table[id_col] if id_col else [Path(p).stem for p in table["path"]]
+    return table, label_col
+
+
+def unlabelled_image_ids(spec: str | Path) -> set[str]:
+    """Image ids of the rows a CSV source (a CSV file, or a folder's labels.csv) lists without a label,
+    which `load_image_dataset` skips (e.g. Derm7pt's melanosis cases); empty for other sources."""
+    path = Path(spec).expanduser()
+    csv = path if path.is_file() and path.suffix.lower() == ".csv" else path / "labels.csv"
+    if not csv.is_file() or (path.is_dir() and ((path / HAM_METADATA).is_file() or _is_saved_dataset(path))):
+        return set()
+    table, label_col = _read_label_csv(csv)
+    return set(table.loc[table[label_col].map(_missing), "image_id"])
+
+
+def _load_csv(csv_path: Path, label_scheme: str, split: str | None) -> tuple[datasets.Dataset, bool]:
+    """CSV with `path` and `dx`/`label` columns. Returns (dataset, whether `split` was applied)."""
+    table, label_col = _read_label_csv(csv_path)
     has_split = split is not None and "split" in table.columns
     table = _pick_split_rows(table, split, str(csv_path))
     unlabelled = table[label_col].map(_missing)
@@ -243,10 +264,8 @@ def _load_csv(csv_path: Path, label_scheme: str, split: str | None) -> tuple[dat
         # e.g. Derm7pt's melanosis / miscellaneous rows have no dx code: left out, never guessed
         logger.warning("%s: %d row(s) without a %r label skipped", csv_path, int(unlabelled.sum()), label_col)
         table = table[~unlabelled]
-    root = csv_path.parent
-    paths = [str(p if Path(p).is_absolute() else root / p) for p in table["path"]]
-    id_col = next((c for c in ("image_id", "case_id") if c in table.columns), None)
-    image_ids = table[id_col] if id_col else [Path(p).stem for p in paths]
+    paths = list(table["path"])
+    image_ids = table["image_id"]
     lesion_col = next((c for c in ("lesion_id", "lesion_group") if c in table.columns), None)
     lesions = table[lesion_col] if lesion_col else [None] * len(table)
     ds = _from_records(paths, list(table[label_col]), list(image_ids), list(lesions), label_scheme, str(csv_path))

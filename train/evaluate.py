@@ -6,6 +6,12 @@
 
 Research/education tool: the numbers describe a model on a data set, not a diagnosis.
 
+Which images: the model folder's split_manifest.json (or --manifest) picks the --split images (default
+test) of the data it split, e.g. the `ham10000/`-prefixed ids of a multi-source manifest for
+`--data ../shared/data/ham10000`; any other data (a `path,dx` CSV, a folder) is evaluated whole and
+checked against the manifest's train and validation images (`leakage_check` in metrics.json).
+`--limit N` evaluates a seeded sample of N of them, stratified by dx.
+
 What is computed (probabilities are softmax(logits / T) averaged over the TTA views, with T the
 temperature fitted on validation data, or the one stored in the model config, or 1; logits are the
 raw ones: a temperature folded into the model's head is multiplied back first):
@@ -41,22 +47,60 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # Run as a script, Python puts train/ first on sys.path, where train/train.py shadows the `train`
-    # package: drop that entry (what `python -P` does); `model` and `train` come from the installed
-    # project (`pip install -e .`).
-    del sys.path[0]
+# --------------------------------------------------------------------------------------------
+# Command line, parsed before the heavy imports below
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder (save_pretrained) or Hub id")
+    parser.add_argument("--data", required=True, help="anything train.data.load_image_dataset accepts (folder, CSV with path,dx, Hub id)")
+    # --output_dir as an alias: train.py spells its flags with underscores.
+    parser.add_argument("--output-dir", "--output_dir", required=True, help="where metrics.json, predictions.csv and the plots go")
+    parser.add_argument("--split", default=None,
+                        help="split of --data to evaluate (default: 'test' when the manifest split --data, else "
+                             "every row; 'all': every row)")
+    parser.add_argument("--manifest", default=None,
+                        help="split_manifest.json of the training run (default: the model folder's own; 'none': "
+                             "no manifest). When it split --data, --split picks its image_ids and its splits are "
+                             "checked for shared images/lesions; otherwise the evaluated images are checked against "
+                             "its train/validation splits. Named here, its validation split also fits the "
+                             "temperature and threshold")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate a random N images of the split, stratified by dx (seeded by --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
+    parser.add_argument("--val-data", default=None, help="validation data for temperature and the 95%%-sensitivity threshold")
+    parser.add_argument("--val-split", default="validation", help="split of --val-data (default: validation; 'all': every row)")
+    parser.add_argument("--masks", default=None, help="folder of <image_id>_segmentation.png lesion masks (default: masks/ beside --data)")
+    parser.add_argument("--tta", type=int, default=1, help="dihedral test-time views, 1 (none) to 8")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--label-scheme", choices=("auto", "dx", "binary"), default="auto",
+                        help="labels of the data: dx codes or melanoma-vs-rest (auto: binary for binary models)")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit a temperature on the validation data (default: on)")
+    parser.add_argument("--write-config", action="store_true",
+                        help="store the fitted temperature (folded into the classifier head) and the validation "
+                             "threshold in the model folder")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    return parser
+
+
+if __name__ == "__main__":
+    # --help and flag errors answer at once instead of after the torch/transformers/datasets imports.
+    build_parser().parse_args()
+    if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        # Run as a script, Python puts train/ first on sys.path, where train/train.py shadows the
+        # `train` package: drop that entry (what `python -P` does); `model` and `train` come from the
+        # installed project (`pip install -e .`).
+        del sys.path[0]
 
 import datasets  # noqa: E402
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import model as _melanoma_models  # noqa: E402,F401  registers MelanomaViT with the Auto classes
@@ -75,8 +119,10 @@ from model.loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_token
 from model.metrics_schema import METRIC_KEYS  # noqa: E402
 from model.rollout import attention_rollout  # noqa: E402
 from model.sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score  # noqa: E402
-from train.data import label_names, load_image_dataset  # noqa: E402
+from train.data import label_names, load_image_dataset, unlabelled_image_ids  # noqa: E402
 from train.metrics import (  # noqa: E402
+    DISCLAIMER,
+    ECE_BINS,
     apply_view,
     bootstrap_auc_ci,
     expected_calibration_error,
@@ -84,20 +130,27 @@ from train.metrics import (  # noqa: E402
     mask_share,
     melanoma_auc,
     multiclass_metrics,
-    reliability_bins,
     sensitivity_specificity,
     tempered_probabilities,
     threshold_for_sensitivity,
 )
+from train.plots import plot_confidence_hist, plot_confusion, plot_reliability, plot_roc  # noqa: E402
 from train.sources import derm7pt_criteria, subject_metadata  # noqa: E402
-from train.splits import apply_manifest, check_no_leakage, read_manifest  # noqa: E402
+from train.splits import (  # noqa: E402
+    apply_manifest,
+    check_no_leakage,
+    manifest_image_ids,
+    manifest_splits_of,
+    read_manifest,
+    stratified_sample,
+)
 
 logger = logging.getLogger("evaluate")
 
 DEFAULT_THRESHOLD = 0.5
 TARGET_SENSITIVITY = 0.95
-ECE_BINS = 15
-DISCLAIMER = "Research/education tool, not a medical device: these metrics do not support any diagnosis."
+#: The split manifest a training run writes into its model folder (train.py, multisource.py).
+MANIFEST = "split_manifest.json"
 
 
 # ------------------------------------------------------------------------------ model + labels
@@ -130,35 +183,84 @@ def label_groups(model_names: list[str], data_names: list[str]) -> np.ndarray:
 # --------------------------------------------------------------------------------------- data
 
 
+def _manifest_path(args: EvalArgs) -> tuple[Path | None, bool]:
+    """(split manifest, whether --manifest named it): --manifest, else the model folder's own."""
+    if args.manifest is not None:
+        return (None, True) if args.manifest.lower() == "none" else (Path(args.manifest), True)
+    own = Path(args.model) / MANIFEST
+    return (own, False) if own.is_file() else (None, False)
+
+
+def _overlap_check(test: datasets.Dataset, manifest: dict, path: Path) -> dict[str, Any]:
+    """Leakage check of data the manifest did not split: which evaluated images the model was trained
+    or validated on (by image_id, source prefixes removed)."""
+    evaluated = set(rows_all(test, "image_id"))
+    overlap = {name: len(evaluated & manifest_image_ids(manifest, name)) for name in ("train", "validation")}
+    if not any(overlap.values()):
+        check = f"passed: none of the {len(test)} evaluated images is in the train or validation split of {path}"
+    else:
+        where = " and ".join(f"{k} in its {name} split" for name, k in overlap.items() if k)
+        check = (f"FAILED: of the {len(test)} evaluated images, {where} ({path}): metrics on images the model was "
+                 "trained or validated on are optimistic")
+        logger.warning("leakage check %s", check)
+    return {"leakage_check": check, "leakage_overlap": overlap}
+
+
 def _select_data(args: EvalArgs) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
-    """Test (and validation) datasets per the CLI, with leakage checks. Returns (test, val, info)."""
+    """Test (and validation) datasets per the CLI, with leakage checks. Returns (test, val, info).
+
+    The split manifest (--manifest, else the model folder's own split_manifest.json) picks the
+    --split images (default test) when it split --data (a multi-source manifest: one of its source
+    folders), and its splits are checked for shared images or lesions. Other data, and --split all,
+    is evaluated whole and checked for images of the manifest's train and validation splits.
+    Only a --manifest given by name also supplies the validation split (temperature, threshold);
+    by default the model's stored calibration is evaluated.
+    """
     info: dict[str, Any] = {}
-    split = args.split
     val = None
-    if args.manifest:
-        manifest = read_manifest(args.manifest)
+    path, explicit = _manifest_path(args)
+    manifest = read_manifest(path) if path is not None else None
+    mine = None
+    if manifest is not None:
+        # Recorded data paths are relative to the training run's working directory: the project
+        # root, two folders above models/<name>/split_manifest.json.
+        mine = manifest_splits_of(manifest, args.data, roots=(Path.cwd(), *path.resolve().parents[2:3]))
+        if explicit and mine is None:
+            sources = [s["data"] for s in manifest.get("sources") or []] or [manifest.get("data")]
+            raise ValueError(f"--manifest {path} does not split --data {args.data} (it splits {sources})")
+        if not explicit and not ({"sources", "data"} & set(manifest)):
+            mine = None  # a manifest that records no data path could describe any data: check overlap only
+        info.update(manifest=str(path))
+    if mine is not None and args.split != "all":
+        source, splits = mine
         full = load_image_dataset(args.data, label_scheme=args.label_scheme, split=None)
-        dd = apply_manifest(full, manifest)
+        dd = apply_manifest(full, splits, unlabelled=unlabelled_image_ids(args.data))
         # A manifest whose splits share an image or a lesion would leak training images.
         check_no_leakage(dd)
-        split = split or "test"
+        split = args.split or "test"
         if split not in dd:
-            raise ValueError(f"--split {split!r} is not in the manifest {args.manifest} (splits: {list(dd)})")
+            raise ValueError(f"--split {split!r} is not in the manifest {path} (splits: {list(dd)})")
         test = dd[split]
-        if args.val_data is None and "validation" in dd and split != "validation":
+        if explicit and args.val_data is None and "validation" in dd and split != "validation":
             val = dd["validation"]
-        info.update(manifest=str(args.manifest), manifest_sizes={k: len(v) for k, v in dd.items()})
+        of = f" of source {source!r}" if source else ""
+        info.update(manifest_source=source, manifest_sizes={k: len(v) for k, v in dd.items()},
+                    leakage_check=f"passed: no image_id or lesion_id shared by the splits{of} of {path}")
     else:
+        split = _all_rows(args.split)
         test = load_image_dataset(args.data, label_scheme=args.label_scheme, split=split)
+        if manifest is not None:
+            info.update(_overlap_check(test, manifest, path))
+        else:
+            info["leakage_check"] = "not checked: no split manifest (pass --manifest split_manifest.json)"
     if args.val_data is not None:
         val = load_image_dataset(args.val_data, label_scheme=args.label_scheme, split=args.val_split)
-    if val is not None:
         check_no_leakage({"validation": val, "test": test})
-        info["leakage_check"] = "passed: no image_id or lesion_id shared by the validation and test images"
-        if args.manifest:
-            info["leakage_check"] = "passed: no image_id or lesion_id shared by the manifest's splits"
-    elif args.manifest:
-        info["leakage_check"] = "passed: no image_id or lesion_id shared by the manifest's splits"
+        passed = "passed: no image_id or lesion_id shared by the validation and test images"
+        info["leakage_check"] = passed if manifest is None else f"{info['leakage_check']}; {passed}"
+    if args.limit is not None and args.limit < len(test):
+        info["sample"] = {"n": args.limit, "of": len(test), "seed": args.seed, "stratified_by": "dx"}
+        test = stratified_sample(test, args.limit, args.seed)
     info["split"] = split
     return test, val, info
 
@@ -318,8 +420,10 @@ def criteria_metrics(pred: dict[str, Any], y_mel: np.ndarray, config: Any, data:
     sensitivity/specificity of score >= 3. None when the model or the data has no criteria.
     """
     heads = dict(getattr(config, "extra_heads", None) or {})
+    if not set(SEVEN_POINT) <= set(heads):
+        return None
     truth = derm7pt_criteria(data)
-    if truth is None or not set(SEVEN_POINT) <= set(heads) or not set(pred["image_ids"]) <= set(truth):
+    if truth is None or not set(pred["image_ids"]) <= set(truth):
         return None
     temperatures = dict(getattr(config, "head_temperatures", None) or {})
     probs = {h: tempered_probabilities(pred["head_logits"][h], temperatures.get(h, 1.0)) for h in SEVEN_POINT}
@@ -396,79 +500,6 @@ def subgroup_metrics(
     return result
 
 
-# -------------------------------------------------------------------------------------- plots
-
-
-def plot_roc(y_mel: np.ndarray, p_mel: np.ndarray, points: dict[str, float], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    if y_mel.min() != y_mel.max():
-        RocCurveDisplay.from_predictions(y_mel, p_mel, name="melanoma vs rest", ax=ax, plot_chance_level=True)
-        for label, t in points.items():
-            sens, spec = sensitivity_specificity(y_mel, p_mel, t)
-            ax.plot(1 - spec, sens, "o", label=f"{label} (P(mel) >= {t:.3f})")
-        ax.legend(loc="lower right", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "ROC undefined: one class only", ha="center")
-    ax.set_title("Melanoma ROC (research use only)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_confusion(y: np.ndarray, predicted: np.ndarray, data_names: list[str], path: Path) -> None:
-    present = sorted(set(y.tolist()) | set(predicted.tolist()))
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(present), 1.0 + 0.8 * len(present)))
-    ConfusionMatrixDisplay.from_predictions(
-        y, predicted, labels=present, display_labels=[data_names[i] for i in present], ax=ax, colorbar=False
-    )
-    ax.set_title("Confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_reliability(y: np.ndarray, curves: dict[str, np.ndarray], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    for label, probs in curves.items():
-        conf, acc, counts = reliability_bins(probs.max(axis=1), probs.argmax(axis=1) == y, ECE_BINS)
-        keep = counts > 0
-        ece = expected_calibration_error(probs, y, ECE_BINS)
-        ax.plot(conf[keep], acc[keep], "o-", label=f"{label} (ECE {ece:.3f})")
-    ax.set_xlabel("top-label confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(f"Reliability ({ECE_BINS} bins)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_confidence_hist(y_mel: np.ndarray, p_mel: np.ndarray, threshold: float, path: Path) -> None:
-    positive = p_mel >= threshold
-    groups = {
-        "TP": (y_mel == 1) & positive,
-        "FN": (y_mel == 1) & ~positive,
-        "FP": (y_mel == 0) & positive,
-        "TN": (y_mel == 0) & ~positive,
-    }
-    fig, axes = plt.subplots(2, 2, figsize=(8, 6), sharex=True)
-    bins = np.linspace(0, 1, 21)
-    for ax, (name, sel) in zip(axes.ravel(), groups.items()):
-        ax.hist(p_mel[sel], bins=bins, color="tab:red" if name in ("TP", "FN") else "tab:blue")
-        ax.axvline(threshold, color="k", ls="--", lw=1)
-        ax.set_title(f"{name} (n={int(sel.sum())})")
-        ax.set_ylabel("images")
-    for ax in axes[1]:
-        ax.set_xlabel("P(mel)")
-    fig.suptitle(f"P(mel) by outcome at threshold {threshold:.3f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------------ writing
 
 
@@ -511,34 +542,6 @@ def write_predictions(pred: dict[str, Any], arrays: dict[str, np.ndarray], names
 # --------------------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (save_pretrained) or Hub id")
-    parser.add_argument("--data", required=True, help="anything train.data.load_image_dataset accepts (folder, CSV with path,dx, Hub id)")
-    # --output_dir as an alias: train.py spells its flags with underscores.
-    parser.add_argument("--output-dir", "--output_dir", required=True, help="where metrics.json, predictions.csv and the plots go")
-    parser.add_argument("--split", default=None,
-                        help="split of --data to evaluate (default: 'test' with --manifest, else every row; 'all': every row)")
-    parser.add_argument("--manifest", default=None,
-                        help="split_manifest.json of the training run: --split picks its image_ids, its validation "
-                             "split is used for calibration/threshold, and the splits are checked for leakage")
-    parser.add_argument("--val-data", default=None, help="validation data for temperature and the 95%%-sensitivity threshold")
-    parser.add_argument("--val-split", default="validation", help="split of --val-data (default: validation; 'all': every row)")
-    parser.add_argument("--masks", default=None, help="folder of <image_id>_segmentation.png lesion masks (default: masks/ beside --data)")
-    parser.add_argument("--tta", type=int, default=1, help="dihedral test-time views, 1 (none) to 8")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--label-scheme", choices=("auto", "dx", "binary"), default="auto",
-                        help="labels of the data: dx codes or melanoma-vs-rest (auto: binary for binary models)")
-    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
-                        help="fit a temperature on the validation data (default: on)")
-    parser.add_argument("--write-config", action="store_true",
-                        help="store the fitted temperature (folded into the classifier head) and the validation "
-                             "threshold in the model folder")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser
-
-
 def _all_rows(split: str | None) -> str | None:
     # "all" (or "") selects every row of a source that has splits of its own.
     return None if (split or "").lower() in ("", "all") else split
@@ -551,8 +554,10 @@ class EvalArgs:
     model: str  # model folder (save_pretrained) or Hub id
     data: str  # anything train.data.load_image_dataset accepts
     output_dir: str
-    split: str | None = None  # None: the manifest's test split with a manifest, else every row
-    manifest: str | None = None  # split_manifest.json of the training run
+    split: str | None = None  # None: the manifest's test split when it split `data`, else every row; "all"
+    manifest: str | None = None  # split_manifest.json of the training run; None: the model folder's; "none"
+    limit: int | None = None  # a stratified (by dx) random sample of this many images
+    seed: int = 0  # of the `limit` sample
     val_data: str | None = None
     val_split: str | None = "validation"  # None: every row of val_data
     masks: str | None = None
@@ -569,13 +574,17 @@ class EvalArgs:
             raise ValueError(f"--tta must be between 1 and 8 (dihedral views), got {self.tta}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.write_config and self.val_data is None and self.manifest is None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.write_config and self.val_data is None and self.manifest in (None, "none"):
             raise ValueError("--write-config needs validation data: pass --val-data (or --manifest with a validation split)")
 
     @classmethod
     def from_cli(cls, namespace: argparse.Namespace) -> EvalArgs:
         values = vars(namespace)
-        return cls(**{**values, "split": _all_rows(values["split"]), "val_split": _all_rows(values["val_split"])})
+        device = values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+        split = "all" if values["split"] is not None and _all_rows(values["split"]) is None else values["split"]
+        return cls(**{**values, "split": split, "val_split": _all_rows(values["val_split"]), "device": device})
 
 
 def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
@@ -661,6 +670,10 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
             "heads": "melanoma AUC of each extra head's own 'melanoma' class (per-dataset heads), same bootstrap",
             "subgroups": "melanoma AUC (same bootstrap) and sensitivity/specificity at threshold_val95 per sex, "
                          "age band and anatomical site from the data's metadata; small groups have wide CIs",
+            "leakage_check": "the split manifest's splits share no image or lesion when it split this data (the "
+                             "evaluated images are its split's); other data: evaluated image_ids found in its train "
+                             "and validation splits (leakage_overlap)",
+            **({"sample": "stratified by dx: each class its share of n (largest remainder), seeded"} if "sample" in info else {}),
             "metrics_library": "scikit-learn (evaluate.load needs the Hub)",
             "disclaimer": DISCLAIMER,
         },

@@ -31,6 +31,8 @@ from sklearn.metrics import (
 
 __all__ = [
     "DIHEDRAL_VIEWS",
+    "DISCLAIMER",
+    "ECE_BINS",
     "apply_view",
     "bootstrap_auc_ci",
     "expected_calibration_error",
@@ -43,6 +45,11 @@ __all__ = [
     "tempered_probabilities",
     "threshold_for_sensitivity",
 ]
+
+#: What every evaluation output (metrics.json, the batch report) says of its numbers.
+DISCLAIMER = "Research/education tool, not a medical device: these metrics do not support any diagnosis."
+#: Equal-width confidence bins of the reported top-label ECE and of the reliability diagram.
+ECE_BINS = 15
 
 
 # ----------------------------------------------------------------------------- binary metrics
@@ -212,7 +219,7 @@ def reliability_bins(
     return mean_conf, acc, counts
 
 
-def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> float:
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = ECE_BINS) -> float:
     """Top-label expected calibration error (Guo et al. 2017), in [0, 1].
 
     ECE = sum_b (n_b / N) * |accuracy_b - mean confidence_b| over `n_bins` equal-width bins of

@@ -5,8 +5,8 @@ base64 data URIs, inline CSS, no script, no network), so it opens offline and ca
 summary counts, the top-k images ranked and bordered red (P(mel) at or above the model's
 threshold) / blue (below) / grey (may not be dermoscopy) as in the app's batch gallery, their
 explanation overlays (`ZooModel.analyze`: attention rollout for ViTs, Grad-CAM for CNNs), and,
-when the data has labels, the melanoma ROC curve and AUC with its 95% bootstrap CI (evaluate.py's
-`plot_roc`, train.metrics' `melanoma_auc` / `bootstrap_auc_ci`).
+when the data has labels, the melanoma ROC curve and AUC with its 95% bootstrap CI (train.plots'
+`plot_roc`, train.metrics' `melanoma_auc` / `bootstrap_auc_ci`), the plot evaluate.py writes too.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from model.imageio import load_image
 from model.labels import MELANOMA
 from model.ood import NOT_DERMOSCOPY, POSSIBLY_NOT_DERMOSCOPY
 from model.zoo import ZooModel
-from train.evaluate import DISCLAIMER, plot_roc
-from train.metrics import bootstrap_auc_ci, melanoma_auc
+from train.metrics import DISCLAIMER, bootstrap_auc_ci, melanoma_auc
+from train.plots import plot_roc
 from train.stream import ImageRecord, RecordSource
 
 logger = logging.getLogger(__name__)

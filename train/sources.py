@@ -157,10 +157,17 @@ def _from_project_dataset(ds: datasets.Dataset, spec: SourceSpec) -> pd.DataFram
     return frame
 
 
+#: The columns of a Derm7pt labels.csv (../shared/data/README.md).
+DERM7PT_COLUMNS = ("case_id", "split", "path", "diagnosis", "dx", *_CRITERIA_GROUPS)
+
+
 def _load_derm7pt(spec: SourceSpec) -> dict[str, pd.DataFrame]:
-    csv = Path(spec.data) / "labels.csv"
+    return _derm7pt_frames(Path(spec.data) / "labels.csv")
+
+
+def _derm7pt_frames(csv: Path) -> dict[str, pd.DataFrame]:
     table = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    missing = {"case_id", "split", "path", "diagnosis", "dx", *_CRITERIA_GROUPS} - set(table.columns)
+    missing = set(DERM7PT_COLUMNS) - set(table.columns)
     if missing:
         raise ValueError(f"{csv} lacks Derm7pt columns {sorted(missing)}")
     frame = pd.DataFrame(
@@ -183,13 +190,13 @@ def _load_derm7pt(spec: SourceSpec) -> dict[str, pd.DataFrame]:
 
 def derm7pt_criteria(data: str | Path) -> dict[str, dict[str, int]] | None:
     """case_id -> {criterion: index into CRITERIA_LABELS} of a Derm7pt folder (or its labels.csv);
-    None when `data` is not a Derm7pt layout."""
+    None when `data` is not a Derm7pt layout (e.g. a plain `path,dx` CSV has no criteria columns)."""
     path = Path(data)
     csv = path if path.suffix == ".csv" else path / "labels.csv"
-    if not csv.is_file():
+    if not csv.is_file() or not set(DERM7PT_COLUMNS) <= set(pd.read_csv(csv, nrows=0).columns):
         return None
     try:
-        parts = _load_derm7pt(SourceSpec(name="derm7pt", data=str(csv.parent)))
+        parts = _derm7pt_frames(csv)
     except ValueError:
         return None
     frame = pd.concat(parts.values())

@@ -1,15 +1,16 @@
-"""Lesion-grouped train/validation/test splits, the leakage check and split manifests."""
+"""Lesion-grouped train/validation/test splits, the leakage check, split manifests and stratified samples."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 from sklearn.model_selection import train_test_split
 
 from .balance import class_counts, column
@@ -129,24 +130,96 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def apply_manifest(ds: datasets.Dataset, manifest: Mapping[str, Any] | str | Path) -> datasets.DatasetDict:
+def apply_manifest(
+    ds: datasets.Dataset, manifest: Mapping[str, Any] | str | Path, unlabelled: Collection[str] = ()
+) -> datasets.DatasetDict:
     """Rebuild the splits of a manifest from `ds` (rows in manifest order).
 
-    Image ids of the manifest that `ds` lacks (e.g. images dropped as unreadable) are logged
-    and skipped; rows of `ds` in no split are left out.
+    An image id of the manifest that `ds` lacks is an error (the manifest describes other data, or
+    images went missing), except those in `unlabelled`: rows the data lists without a label, which
+    `load_image_dataset` skips (`train.data.unlabelled_image_ids`). Rows of `ds` in no split are
+    left out.
     """
     if not isinstance(manifest, Mapping):
         manifest = read_manifest(manifest)
     where: dict[str, list[int]] = {}
     for i, image_id in enumerate(column(ds, "image_id")):
         where.setdefault(image_id, []).append(i)
+    skipped = set(unlabelled)
     out = {}
     for name in manifest.get("splits", [s for s in SPLIT_NAMES if s in manifest]):
         ids = manifest[name]
-        missing = [i for i in ids if i not in where]
+        missing = [i for i in ids if i not in where and i not in skipped]
         if missing:
-            logger.warning(
-                "manifest split %r: %d image_id(s) not in the dataset, e.g. %s", name, len(missing), missing[:3]
+            raise ValueError(
+                f"manifest split {name!r}: {len(missing)} of its {len(ids)} image_ids are not in the data, "
+                f"e.g. {missing[:3]}; is the data the one the manifest was written for?"
             )
         out[name] = ds.select([row for i in ids for row in where.get(i, [])])
     return datasets.DatasetDict(out)
+
+
+def _same_folder(recorded: str | Path, data: str | Path, roots: Sequence[Path]) -> bool:
+    """Whether a manifest's recorded data path (relative to the run's working directory, tried
+    against each of `roots`) is the folder `data` names (a layout's labels CSV names its folder)."""
+    target = Path(data).expanduser()
+    if target.name in ("labels.csv", "HAM10000_metadata.csv"):
+        target = target.parent
+    target = target.resolve()
+    recorded = Path(recorded).expanduser()
+    candidates = [recorded] if recorded.is_absolute() else [root / recorded for root in roots]
+    return any(c.resolve() == target for c in candidates)
+
+
+def manifest_splits_of(
+    manifest: Mapping[str, Any], data: str | Path, roots: Sequence[Path] = ()
+) -> tuple[str | None, dict[str, list[str]]] | None:
+    """The splits a manifest made of `data`: (source name, {split: image ids as `data` names them}).
+
+    A multi-source manifest (train/sources.py `source_manifest`) records each source's folder and
+    prefixes its image ids with `<source name>/`: the source whose folder is `data` gives its ids,
+    prefix removed. A single-source manifest gives all its ids (source None), unless it records a
+    `data` path that is another folder. None when the manifest split other data.
+    """
+    names = manifest.get("splits", [s for s in SPLIT_NAMES if s in manifest])
+    sources = manifest.get("sources") or []
+    if not sources:
+        if "data" in manifest and not _same_folder(manifest["data"], data, roots):
+            return None
+        return None, {name: list(manifest[name]) for name in names}
+    for source in sources:
+        if _same_folder(source["data"], data, roots):
+            prefix = f"{source['name']}/"
+            return source["name"], {name: [i[len(prefix):] for i in manifest[name] if i.startswith(prefix)] for name in names}
+    return None
+
+
+def manifest_image_ids(manifest: Mapping[str, Any], split: str) -> set[str]:
+    """Image ids of one split of a manifest, without the `<source name>/` prefixes of a multi-source one."""
+    prefixes = tuple(f"{source['name']}/" for source in manifest.get("sources") or [])
+    return {next((i[len(p):] for p in prefixes if i.startswith(p)), i) for i in manifest.get(split) or []}
+
+
+def stratified_sample(ds: datasets.Dataset, n: int, seed: int = 0) -> datasets.Dataset:
+    """A seeded random `n` rows of `ds`, stratified by dx (the label where dx is None), in `ds` order.
+
+    Each class gets its share of `n` by largest remainder (ties to the larger class), so a class
+    as rare as one image in a hundred can still be drawn; sklearn's stratified splitters refuse
+    classes with fewer than two members. All of `ds` when `n >= len(ds)`.
+    """
+    if n < 1:
+        raise ValueError(f"a sample needs n >= 1, got {n}")
+    if n >= len(ds):
+        return ds
+    strata = [dx if dx is not None else str(y) for dx, y in zip(column(ds, "dx"), column(ds, "label"))]
+    rows: dict[str, list[int]] = {}
+    for i, stratum in enumerate(strata):
+        rows.setdefault(stratum, []).append(i)
+    shares = {k: n * len(v) / len(ds) for k, v in rows.items()}
+    quota = {k: int(share) for k, share in shares.items()}
+    by_remainder = sorted(rows, key=lambda k: (-(shares[k] - quota[k]), -len(rows[k]), k))
+    for k in by_remainder[: n - sum(quota.values())]:
+        quota[k] += 1
+    rng = np.random.default_rng(seed)
+    picked = [int(i) for k in sorted(rows) for i in rng.choice(rows[k], size=quota[k], replace=False)]
+    return ds.select(sorted(picked))
