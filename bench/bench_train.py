@@ -6,7 +6,7 @@ Prints images/s for each, the ratio ours / plain (target >= 0.9) and the share o
 the loader alone would take (loader-bound when it nears 1). CPU numbers; on a shared machine run it
 when the machine is quiet and quote the load average printed with the result.
 
-Multi-source recipes (`sources:`, train/multisource.py) train on cached stem features instead; for
+Multi-source recipes with a `feature_cache:` train on cached stem features instead; for
 them it prints (1) the plain timm full fine-tuning loop on images, (2) stem feature caching
 (build_cache's loop), (3) one training step on cached features (stem bypassed, every head
 labelled), the ratio (3)/(1) and what a full run costs once the cache is built.
@@ -148,7 +148,7 @@ def stem_caching(net: MultiHeadNet, loader: DataLoader, steps: int) -> tuple[flo
 
 
 def cached_step(cfg, net: MultiHeadNet, extra: dict[str, list[str]], features: torch.Tensor, steps: int) -> float:
-    """train_multisource's step: fp16 cache -> float, stem bypassed, masked per-head loss with a label for
+    """A cached-feature step (as train.py's loop takes it): fp16 cache -> float, stem bypassed, masked per-head loss with a label for
     every head (the most a batch costs), backward, AdamW over the non-stem parameters. Images/s."""
     stem_params = {id(p) for n in net.stem_names() for p in net.get_submodule(n).parameters()}
     for p in net.parameters():

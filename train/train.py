@@ -7,6 +7,15 @@ Research/education tool, not a diagnostic device.
     python train/train.py --config train/configs/efficientnet_lite0.yaml --output_dir runs/effnet \
         --set epochs=5 --set learning_rate=3e-4
     accelerate launch train/train.py --config ... --output_dir runs/vit --resume_from_checkpoint latest
+    accelerate launch --multi_gpu --num_processes 8 train/train.py --config train/configs/multisource_lite2.yaml --output_dir runs/ms
+
+One loop for every recipe: set_seed -> data -> model -> batches -> one `accelerator.prepare` ->
+epochs of `train_step` (backward, accumulation, clipping) -> `validate` (gather_for_metrics,
+save_state) -> `export` (calibrated, save_pretrained). The model is always a `MultiHeadNet`
+(pixels or cached features -> {head: logits}); a single-source recipe has the dx head only, a
+`sources:` recipe (train/multisource.py) one head per source and criterion. The batches come from
+images (decoded and augmented per step) or, with `feature_cache:`, from a stem's cached output
+with the stem bypassed (train/features.py).
 
 Hyperparameters live in a YAML file (`TrainConfig`, overridable with `--set key=value`, dotted keys for
 the `model:` / `distillation:` sections); argparse only carries infrastructure (paths, precision,
@@ -855,7 +864,7 @@ def load_splits(cfg: TrainConfig, accelerator: Accelerator, output_dir: Path) ->
     splits = split_by_lesion(dataset, val_size=cfg.val_size, test_size=cfg.test_size, seed=cfg.split_seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_manifest(splits, output_dir / "split_manifest.json")
+        write_manifest(splits, output_dir / "split_manifest.json", data=cfg.data)
     for name, limit in (("train", cfg.max_train_samples), ("validation", cfg.max_eval_samples)):
         if limit is not None and limit < len(splits[name]):
             logger.info("%s split: a random %d of its %d images (max_%s_samples)", name, limit, len(splits[name]),
