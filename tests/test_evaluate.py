@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
@@ -12,8 +11,6 @@ from sklearn.metrics import roc_auc_score
 from model.calibration import config_temperature
 from model.metrics_schema import METRIC_KEYS
 from train.metrics import (
-    DIHEDRAL_VIEWS,
-    apply_view,
     bootstrap_auc_ci,
     expected_calibration_error,
     fit_temperature,
@@ -151,54 +148,6 @@ def test_temperature_with_views_and_grouped_labels():
     groups[0, [0, 1, 2, 3, 5, 6]] = 1
     y_bin = (y == 4).long()
     assert fit_temperature(z * 3.0, y_bin, groups=groups) == pytest.approx(3.0, rel=0.2)
-
-
-# ------------------------------------------------------------------ test-time augmentation
-
-
-def test_dihedral_views_are_the_eight_distinct_symmetries():
-    x = torch.arange(16.0).reshape(1, 1, 4, 4)
-    views = [apply_view(x, i) for i in range(len(DIHEDRAL_VIEWS))]
-    assert len(views) == 8
-    for a, b in itertools.combinations(views, 2):
-        assert not torch.equal(a, b)
-    for v in views:  # pixel permutations, nothing interpolated
-        assert torch.equal(v.flatten().sort().values, x.flatten())
-    # closed under composition: a group (D4)
-    for i, j in itertools.product(range(8), repeat=2):
-        assert any(torch.equal(apply_view(views[i], j), v) for v in views)
-    with pytest.raises(ValueError):
-        apply_view(x, 8)
-
-
-def _tta_probabilities(logits_fn, pixel_values: torch.Tensor, n_views: int) -> np.ndarray:
-    """evaluate.predict's views (apply_view) averaged by tempered_probabilities, as evaluate does."""
-    with torch.no_grad():
-        logits = torch.stack([logits_fn(apply_view(pixel_values, v)) for v in range(n_views)], dim=1)  # (B, V, C)
-    return tempered_probabilities(logits, 1.0)
-
-
-def test_tta_of_invariant_model_equals_no_tta():
-    torch.manual_seed(0)
-    head = torch.nn.Linear(3, 4)
-
-    def pooled_model(px: torch.Tensor) -> torch.Tensor:  # global average pool: flip/rotation invariant
-        return head(px.mean(dim=(-2, -1)))
-
-    px = torch.randn(2, 3, 8, 8)
-    no_tta = _tta_probabilities(pooled_model, px, 1)
-    np.testing.assert_allclose(_tta_probabilities(pooled_model, px, 8), no_tta, atol=1e-6)
-    np.testing.assert_allclose(no_tta, torch.softmax(pooled_model(px), -1).detach().numpy(), atol=1e-6)
-
-
-def test_full_tta_is_invariant_for_any_model():
-    torch.manual_seed(0)
-    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
-    px = torch.randn(2, 3, 8, 8)
-    ref = _tta_probabilities(conv, px, 8)
-    assert not np.allclose(_tta_probabilities(conv, px, 1), ref)  # the model itself is not invariant
-    for k in range(8):
-        np.testing.assert_allclose(_tta_probabilities(conv, apply_view(px, k), 8), ref, atol=1e-6)
 
 
 # --------------------------------------------------------------------- explanation quality

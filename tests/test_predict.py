@@ -23,7 +23,7 @@ from test_zoo import MULTISOURCE, bad_image_files, shared_tiny_models
 from model.imageio import InvalidImageError, load_image
 from model.records import csv_safe, result_columns
 from model.zoo import ZooModel
-from train.metrics import apply_view
+from model.tta import tta_views
 from train.predict import PARTS, PREDICTIONS, main
 from train.stream import RecordSource
 
@@ -176,8 +176,8 @@ def test_layouts_labels_split_limit_and_tta(models_dir, isic2017_dir, tmp_path, 
     path = isic2017_dir / "test" / "ISIC_0012086.jpg"
     pixel_values = entry.processor(images=[load_image(path, max_side=1024)], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        views = [torch.softmax(entry.model(pixel_values=apply_view(pixel_values, v)).logits / entry.temperature, -1)
-                 for v in (0, 1)]
+        views = [torch.softmax(entry.model(pixel_values=view).logits / entry.temperature, -1)
+                 for view in tta_views(pixel_values, 2)]
     mean = torch.stack(views).mean(0)[0]
     row = table.set_index("id").loc["ISIC_0012086"]
     assert row["p_mel"] == pytest.approx(float(mean[entry.config.label2id["mel"]]), abs=1e-6)

@@ -74,10 +74,10 @@ from model.labels import CRITERIA_LABELS  # noqa: E402
 from model.loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens  # noqa: E402
 from model.metrics_schema import METRIC_KEYS  # noqa: E402
 from model.rollout import attention_rollout  # noqa: E402
+from model.tta import tta_views  # noqa: E402
 from model.sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score  # noqa: E402
 from train.data import label_names, load_image_dataset  # noqa: E402
 from train.metrics import (  # noqa: E402
-    apply_view,
     bootstrap_auc_ci,
     expected_calibration_error,
     fit_temperature,
@@ -215,10 +215,10 @@ def predict(
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
         views = []
         with torch.inference_mode():
-            for v in range(tta):
+            for v, view in enumerate(tta_views(pixel_values, tta)):
                 want_attn = do_rollout and v == 0
                 kwargs = {"output_attentions": True} if want_attn else {}
-                out = net(pixel_values=apply_view(pixel_values, v), **kwargs)
+                out = net(pixel_values=view, **kwargs)
                 views.append(out.logits.float().cpu())
                 for name, z in (getattr(out, "head_logits", None) or {}).items():
                     head_views.setdefault(name, []).append(z.float().cpu())

@@ -88,7 +88,7 @@ from model.ood import (  # noqa: E402
 from model.ood import preprocess as ood_preprocess  # noqa: E402
 from model.records import csv_safe, result_columns, result_row  # noqa: E402
 from model.zoo import ZooModel  # noqa: E402
-from train.metrics import apply_view  # noqa: E402
+from model.tta import tta_views  # noqa: E402
 from train.stream import ImageRecord, RecordSource  # noqa: E402
 
 logger = logging.getLogger("predict")
@@ -254,7 +254,7 @@ def score_batch(entry: ZooModel, detector: OODDetector | None, batch: Batch, tta
         return rows
     pixel_values = batch.pixel_values.to(entry.device)
     with torch.inference_mode():
-        outputs = [entry.model(pixel_values=apply_view(pixel_values, v)) for v in range(tta)]
+        outputs = [entry.model(pixel_values=view) for view in tta_views(pixel_values, tta)]
     predictions = entry.predictions(outputs)
     oods = detector.score_pixel_values(batch.ood_pixel_values) if detector is not None else [None] * len(predictions)
     for record, prediction, ood in zip(batch.scored, predictions, oods):
