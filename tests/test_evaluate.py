@@ -54,7 +54,7 @@ def test_threshold_for_sensitivity():
     s = [0.9, 0.8, 0.7, 0.2, 0.6, 0.3, 0.1]
     # 95% of 4 melanomas needs all 4: highest threshold catching 0.2
     t95 = threshold_for_sensitivity(y, s, 0.95)
-    assert t95 == pytest.approx(0.2)
+    assert t95 == pytest.approx(0.2) and threshold_for_sensitivity(y, s) == t95  # the project's rule: 95%
     assert sensitivity_specificity(y, s, t95) == (pytest.approx(1.0), pytest.approx(1 / 3))
     assert threshold_for_sensitivity(y, s, 0.75) == pytest.approx(0.7)
     assert threshold_for_sensitivity(y, s, 0.5) == pytest.approx(0.8)

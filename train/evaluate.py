@@ -72,7 +72,7 @@ from model.imageio import load_image  # noqa: E402
 from model.labels import BINARY_LABELS, MELANOMA  # noqa: E402
 from model.labels import CRITERIA_LABELS  # noqa: E402
 from model.loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens  # noqa: E402
-from model.metrics_schema import METRIC_KEYS  # noqa: E402
+from model.metrics_schema import METRIC_KEYS, TARGET_SENSITIVITY  # noqa: E402
 from model.rollout import attention_rollout  # noqa: E402
 from model.tta import tta_views  # noqa: E402
 from model.sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score  # noqa: E402
@@ -95,7 +95,6 @@ from train.splits import apply_manifest, check_no_leakage, read_manifest  # noqa
 logger = logging.getLogger("evaluate")
 
 DEFAULT_THRESHOLD = 0.5
-TARGET_SENSITIVITY = 0.95
 ECE_BINS = 15
 DISCLAIMER = "Research/education tool, not a medical device: these metrics do not support any diagnosis."
 

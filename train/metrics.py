@@ -28,6 +28,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from model.metrics_schema import TARGET_SENSITIVITY
+
 
 __all__ = [
     "bootstrap_auc_ci",
@@ -111,9 +113,10 @@ def sensitivity_specificity(
 
 
 def threshold_for_sensitivity(
-    y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float], target: float = 0.95
+    y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float], target: float = TARGET_SENSITIVITY
 ) -> float | None:
-    """Highest threshold on P(mel) whose sensitivity is at least `target`.
+    """Highest threshold on P(mel) whose sensitivity is at least `target` (the project's melanoma
+    threshold rule with the default target, `model.metrics_schema.TARGET_SENSITIVITY`).
 
     The highest such threshold gives the best specificity among thresholds meeting the
     target. The threshold is one of the scores (positive means `score >= threshold`), so it

@@ -14,14 +14,12 @@ import matplotlib
 import pandas as pd
 
 from hub_cards.render import SOURCE_INFO
-from model.metrics_schema import HEADLINE_TYPES, METRICS
+from model.metrics_schema import HEADLINE_TYPES, METRICS, THRESHOLD_RULE
 from model.sevenpoint import SEVEN_POINT
 from model.labels import MELANOMA
 from model.zoo import CardMetric, HeadResults, ImageResult, ZooModel
 
 MAX_ECHO = 120  # longest user-supplied text (file name, id) echoed back
-# How every shipped threshold was set (train/evaluate.py, TARGET_SENSITIVITY).
-THRESHOLD_RULE = "chosen on validation for 95% melanoma sensitivity"
 DISCLAIMER = (
     "**Research and education demo, not a medical device.** It does not diagnose, screen for "
     "or rule out skin cancer, and its scores are not validated for clinical use. Anyone worried "
