@@ -1,6 +1,6 @@
 """The real app in a real browser: headless Chromium (Debian's /usr/bin/chromium) via Playwright.
 
-Serves app.py in-process on 127.0.0.1 with tiny real models (built by test_zoo's
+Serves app.py in-process on 127.0.0.1 with tiny real models (built by test_classifier's
 `make_tiny_model_folders`, found through MELANOMA_MODELS_DIR) and the shipped OOD detector, then:
 single image -> class probabilities + explanation heat map; batch of 5 -> ranked gallery whose
 order matches the zoo's P(mel), with the natural photo marked "not dermoscopy?".
@@ -65,7 +65,7 @@ def browser():
 @pytest.fixture(scope="module")
 def live_app(tmp_path_factory, fixtures_dir):
     """app.build_app() from the environment (MELANOMA_MODELS_DIR), served on a free local port."""
-    from test_zoo import make_tiny_model_folders
+    from test_classifier import make_tiny_model_folders
 
     import app as app_module
 

@@ -274,12 +274,10 @@ def _model_p_mel(folder: Path, image_paths: list[Path], temperature: float) -> n
 def test_evaluate_and_the_app_give_the_same_p_mel_for_unusual_files(tiny_vit_dir, ham_image_paths, tmp_path):
     """One decoder (model.imageio) and one loading rule (model.loading): for an RGBA PNG with
     transparent pixels, a 16-bit greyscale PNG and a JPEG with an EXIF rotation, evaluate.py's
-    prediction path and the app's (its decoder, then ZooModel.predict) give the same P(mel)."""
+    prediction path and the app's (its decoder, then Classifier.predict) give the same P(mel)."""
     from webapp.scoring import WORKING_SIDE
-    from model.calibration import config_temperature
+    from model.classifier import Classifier
     from model.imageio import MAX_BYTES, load_image
-    from model.loading import load_classifier
-    from model.zoo import ZooModel
     from train.data import load_image_dataset
     from train.evaluate import predict
 
@@ -297,12 +295,11 @@ def test_evaluate_and_the_app_give_the_same_p_mel_for_unusual_files(tiny_vit_dir
     Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif.tobytes())
     files = {p.stem: p for p in folder.iterdir()}
 
-    net, processor = load_classifier(tiny_vit_dir)
-    pred = predict(net, processor, load_image_dataset(str(tmp_path / "data")), 1, 8, "cpu")
-    mel = net.config.label2id["mel"]
-    p_eval = dict(zip(pred["image_ids"], tempered_probabilities(pred["logits"], config_temperature(net.config) or 1.0)[:, mel]))
+    entry = Classifier(tiny_vit_dir, model_id="tiny")
+    pred = predict(entry, load_image_dataset(str(tmp_path / "data")), 1, 8)
+    mel = entry.label2id["mel"]
+    p_eval = dict(zip(pred["image_ids"], tempered_probabilities(pred["logits"], entry.folded_temperature or 1.0)[:, mel]))
 
-    entry = ZooModel("tiny", tiny_vit_dir)
     p_app = {name: entry.predict([load_image(path, max_bytes=MAX_BYTES, max_side=WORKING_SIDE)])[0].probabilities["mel"]
              for name, path in files.items()}
     assert set(p_eval) == set(p_app) == {"rgba", "grey16", "rotated"}
@@ -453,7 +450,7 @@ def test_rollout_mask_share_equal_for_distilled_model_and_its_stock_deit_export(
     from model.convert import save_vit_export
     from model.labels import dx_id2label
     from train.data import load_image_dataset
-    from model.loading import load_classifier
+    from model.classifier import Classifier
     from train.evaluate import predict
 
     torch.manual_seed(0)
@@ -462,14 +459,16 @@ def test_rollout_mask_share_equal_for_distilled_model_and_its_stock_deit_export(
                                use_distillation_token=True)
     ours = MelanomaViTForImageClassification(config).eval()
     save_vit_export(ours, tmp_path / "export")
+    ours.save_pretrained(tmp_path / "ours")
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
-    processor.save_pretrained(tmp_path / "export")
-    export, export_processor = load_classifier(str(tmp_path / "export"), "cpu")
+    for name in ("export", "ours"):
+        processor.save_pretrained(tmp_path / name)  # the same pixels for both
+    export = Classifier(tmp_path / "export")
     assert export.config.model_type == "deit"
 
     ds = load_image_dataset(str(ham_dir))
-    a = predict(ours, export_processor, ds, 1, 8, "cpu", ham_dir / "masks")  # the same pixels for both
-    b = predict(export, export_processor, ds, 1, 8, "cpu", ham_dir / "masks")
+    a = predict(Classifier(tmp_path / "ours"), ds, 1, 8, ham_dir / "masks")
+    b = predict(export, ds, 1, 8, ham_dir / "masks")
     assert len(a["mask_shares"]) == 4
     np.testing.assert_allclose(a["mask_shares"], b["mask_shares"], atol=1e-5)
     torch.testing.assert_close(a["logits"], b["logits"], atol=1e-4, rtol=1e-4)

@@ -4,7 +4,7 @@ The report is one self-contained HTML file (thumbnails, overlays and the ROC plo
 base64 data URIs, inline CSS, no script, no network), so it opens offline and can be mailed:
 summary counts, the top-k images ranked and bordered red (P(mel) at or above the model's
 threshold) / blue (below) / grey (may not be dermoscopy) as in the app's batch gallery, their
-explanation overlays (`ZooModel.analyze`: attention rollout for ViTs, Grad-CAM for CNNs), and,
+explanation overlays (`Classifier.analyze`: attention rollout for ViTs, Grad-CAM for CNNs), and,
 when the data has labels, the melanoma ROC curve and AUC with its 95% bootstrap CI (evaluate.py's
 `plot_roc`, train.metrics' `melanoma_auc` / `bootstrap_auc_ci`).
 """
@@ -29,7 +29,7 @@ from PIL import Image
 from model.imageio import load_image
 from model.labels import MELANOMA
 from model.ood import NOT_DERMOSCOPY, POSSIBLY_NOT_DERMOSCOPY
-from model.zoo import ZooModel
+from model.classifier import Classifier
 from train.evaluate import DISCLAIMER, plot_roc
 from train.metrics import bootstrap_auc_ci, melanoma_auc
 from train.stream import ImageRecord, RecordSource
@@ -78,7 +78,7 @@ def _file_stem(rank: int, image_id: str) -> str:
     return f"rank{rank:05d}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', image_id)[:80]}"
 
 
-def write_explanations(top: pd.DataFrame, images: dict[int, Image.Image], entry: ZooModel, folder: Path) -> dict[int, tuple[np.ndarray, str]]:
+def write_explanations(top: pd.DataFrame, images: dict[int, Image.Image], entry: Classifier, folder: Path) -> dict[int, tuple[np.ndarray, str]]:
     """Overlay PNGs of `top`'s images in `folder` (rank<r>_<id>.png); returns index -> (overlay, method)."""
     folder.mkdir(parents=True, exist_ok=True)
     overlays: dict[int, tuple[np.ndarray, str]] = {}
@@ -135,7 +135,7 @@ def _figure(row: Any, image: Image.Image | None, overlay: tuple[np.ndarray, str]
 
 
 def render_report(ranked: pd.DataFrame, images: dict[int, Image.Image], overlays: dict[int, tuple[np.ndarray, str]],
-                  entry: ZooModel, args: argparse.Namespace, folder: Path) -> str:
+                  entry: Classifier, args: argparse.Namespace, folder: Path) -> str:
     """The report's HTML (see the module docstring)."""
     scored = ranked[ranked["error"] == ""]
     top = scored.head(args.top_k)
@@ -161,7 +161,7 @@ def render_report(ranked: pd.DataFrame, images: dict[int, Image.Image], overlays
     )
 
 
-def write_outputs(ranked: pd.DataFrame, source: RecordSource, entry: ZooModel, args: argparse.Namespace, folder: Path) -> None:
+def write_outputs(ranked: pd.DataFrame, source: RecordSource, entry: Classifier, args: argparse.Namespace, folder: Path) -> None:
     """`--explain K`: overlays of the K top-ranked images; `--report`: report.html (top_k images)."""
     scored = ranked[ranked["error"] == ""]
     shown = scored.head(max(args.top_k if args.report else 0, args.explain))

@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from gradio.utils import get_upload_folder
 
 from model.imageio import MAX_BYTES, format_bytes
-from model.zoo import ModelZoo
+from model.catalogue import ModelCatalogue
 
 from .context import AppContext, AppSettings
 from .middleware import BodyLimitMiddleware, NoSniffMiddleware, OriginCheckMiddleware, UploadedFilesOnlyMiddleware
@@ -50,7 +50,7 @@ def limit_malloc_arenas(count: int = 2) -> bool:
 
 
 def build_app(
-    zoo: ModelZoo | None = None,
+    zoo: ModelCatalogue | None = None,
     max_queued_images: int | None = None,
     task_ttl_s: float | None = None,
     max_upload_bytes: int = MAX_BYTES,
@@ -61,7 +61,7 @@ def build_app(
     """Build the Gradio Blocks and the FastAPI app (REST routes + the UI mounted at `/`).
 
     Args:
-        zoo: the model zoo (default: `ModelZoo()` from the environment).
+        zoo: the model zoo (default: `ModelCatalogue()` from the environment).
         max_queued_images: REST queue size in images (default `$MELANOMA_MAX_QUEUED_IMAGES` or 2000).
         task_ttl_s: seconds REST results are kept (default `$MELANOMA_TASK_TTL_S` or 3600).
         max_upload_bytes: largest accepted file (default 20 MiB).
@@ -77,7 +77,7 @@ def build_app(
     settings = AppSettings.from_env(
         max_queued_images, task_ttl_s, max_upload_bytes, max_request_bytes, cache_ttl_s, allowed_origins
     )
-    ctx = AppContext(zoo or ModelZoo(), settings)
+    ctx = AppContext(zoo or ModelCatalogue(), settings)
     _ = ctx.zoo.ood_detector  # loads the small OOD artifact (or records why there is none) up front
     demo = build_blocks(ctx)
     api = build_api(ctx)
