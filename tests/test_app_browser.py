@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import expect
+from servers import serve_in_thread
 
 from model.imageio import load_image
 from model.labels import DX_NAMES
@@ -80,7 +81,7 @@ def live_app(tmp_path_factory, fixtures_dir):
         zoo = fastapi_app.state.zoo
         assert zoo.ood_detector is not None, zoo.ood_note  # the shipped models/ood-detector
         port = app_module.free_port()
-        server, thread = app_module.serve(fastapi_app, port=port, block=False)
+        server, thread = serve_in_thread(fastapi_app, port=port)
         yield f"http://127.0.0.1:{port}/", zoo
         server.should_exit = True
         thread.join(timeout=30)

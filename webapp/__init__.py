@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import socket
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,27 +110,12 @@ def create_app() -> FastAPI:
     return build_app()[1]
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Serve `app` with uvicorn; with `block=False` returns (server, thread) once it accepts connections.
-
-    Stop a non-blocking server with `server.should_exit = True; thread.join()`.
-    """
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Serve `app` with uvicorn until interrupted (tests serve it on a thread: tests/servers.py)."""
     import uvicorn
 
     # Graceful-shutdown timeout: open Gradio heartbeat streams would otherwise block exit.
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    if block:
-        server.run()
-        return server, None
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"Server did not start on {host}:{port}.")
-        time.sleep(0.05)
-    return server, thread
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
