@@ -12,7 +12,7 @@ The app itself lives in `webapp/` (see its package docstring); the ML in `model/
 - REST (OpenAPI docs at `/docs`): `GET /public_models`, `POST /predict?model_id=`,
   `POST /predict_bulk?model_id=`, `GET /from_task/{task_uuid}`.
 
-Environment: MELANOMA_MODELS_DIR, MELANOMA_HUB_MODELS, MELANOMA_DEFAULT_MODEL (see model/zoo.py),
+Environment: MELANOMA_MODELS_DIR, MELANOMA_HUB_MODELS, MELANOMA_DEFAULT_MODEL (see model/catalogue.py),
 MELANOMA_OOD_PATH (out-of-distribution detector folder; "none" disables it),
 MELANOMA_MAX_QUEUED_IMAGES (REST queue size in images, default 2000), MELANOMA_MAX_QUEUED_BYTES
 (REST queue size in bytes of the files it holds, default 512 MiB), MELANOMA_TASK_TTL_S (default

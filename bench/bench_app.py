@@ -267,10 +267,10 @@ def in_process_breakdown(models_dir: str, model_id: str, images: list[Path], n: 
     import torch
     from PIL import Image
 
-    from model.zoo import ModelZoo
+    from model.catalogue import ModelCatalogue
 
     torch.set_num_threads(2)
-    zoo = ModelZoo(models_dir=models_dir, hub_ids=[])
+    zoo = ModelCatalogue(models_dir=models_dir, hub_ids=[])
     entry = zoo.get(model_id)
     pil = [Image.open(p).convert("RGB") for p in images]
     zoo.check_ood(pil[:1]), entry.analyze(pil[0]), entry.predict(pil[:1])  # warm-up
@@ -302,11 +302,11 @@ def main() -> None:
     import app as app_module
     from gradio_client import Client
 
-    from model.zoo import ModelZoo
+    from model.catalogue import ModelCatalogue
 
     images = fixture_images()
     models_dir = os.environ.get("MELANOMA_MODELS_DIR") or str(ROOT / "models")
-    zoo = ModelZoo(models_dir=models_dir, hub_ids=[])
+    zoo = ModelCatalogue(models_dir=models_dir, hub_ids=[])
     tmp = None
     if zoo.default_id is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench_app_models_")

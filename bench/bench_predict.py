@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from model.imageio import load_image
-from model.zoo import ZooModel
+from model.classifier import Classifier
 from train.stream import RecordSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ LOOP_LINE = re.compile(r"scoring loop: (\d+) rows in ([\d.]+) s = ([\d.]+) img/s
 
 def raw_forward(model: str, data: str, batch_size: int, repeats: int) -> float:
     """img/s of the bare forward pass on one preprocessed batch of real images."""
-    entry = ZooModel(Path(model).name, model)
+    entry = Classifier(Path(model).name, model)
     records = []
     for record in RecordSource(data):
         records.append(record)

@@ -24,7 +24,7 @@ from huggingface_hub import SpaceCard, SpaceCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hub_cards.render import DEFAULT_OWNER, LICENSE, TEMPLATE_DIR
-from model.zoo import is_classifier_folder
+from model.catalogue import is_classifier_folder
 
 logger = logging.getLogger(__name__)
 

@@ -1,18 +1,18 @@
-"""A model folder's calibration: where its temperature lives, and the one rule that folds it into the head.
+"""A model folder's calibration: one stored form, and the one rule that folds a fitted temperature into the head.
 
-The rule: a fitted temperature T is folded into the classifier head(s) when it is stored
-(`train/evaluate.py --write-config`, `train/multisource.py` export, the stock ViT export).
-`softmax((W x + b) / T) == softmax((W / T) x + b / T)`, so after `fold_temperature` the model's own
-logits are calibrated and every consumer that applies a plain softmax (`pipeline`, the Hub widget and
-inference API, the model card snippet, the app) gives the same calibrated probabilities without
-remote code. The config keeps the fitted value for the record under `folded_temperature` (and
-`folded_head_temperatures` for a multi-source MelanomaViT's extra heads), while the temperature still
-to apply (`config_temperature`) becomes 1 / absent, so nothing divides twice.
+The form: the classifier head(s) are calibrated in their weights. A temperature T fitted on the raw
+logits (`train/evaluate.py --write-config`, `train/multisource.py` export, the stock ViT export) is
+folded in by `fold_temperature`: `softmax((W x + b) / T) == softmax((W / T) x + b / T)`, so the
+model's own logits are calibrated and every consumer that applies a plain softmax (`pipeline`, the Hub
+widget and inference API, the model card snippet, `model.classifier`) gives the same calibrated
+probabilities without remote code. config.json records the fitted value under `folded_temperature`
+(and `folded_head_temperatures` for a multi-source MelanomaViT's extra heads), for the record only.
 
-Unfolded configs (older folders) keep working: MelanomaViTConfig declares `temperature`;
-transformers 5 drops an undeclared config key named `temperature` (it takes it for a generation
-setting), so configs that do not declare it (TimmWrapper baselines, stock ViT/DeiT) store the
-temperature to apply as `calibration_temperature`.
+Older folders stored a temperature still to apply, under `temperature` (MelanomaViTConfig),
+`calibration_temperature` (configs that do not declare `temperature`: transformers 5 drops an
+undeclared key of that name) or `head_temperatures`. Nothing applies those any more: the classifier
+refuses such a folder (`unfolded_temperatures`), and `fold_temperature(model)` migrates it once.
+Every folder under models/ is in the one form (no temperature left to apply).
 """
 
 from __future__ import annotations
@@ -66,6 +66,22 @@ def folded_temperature(config: Any) -> float | None:
     return None if t is None else float(t)
 
 
+def folded_head_temperatures(config: Any) -> dict[str, float]:
+    """The fitted temperatures already folded into the extra heads, by head name ({} when none)."""
+    return {name: float(t) for name, t in (_get(config, FOLDED_HEADS_KEY) or {}).items()}
+
+
+def unfolded_temperatures(config: Any) -> dict[str, Any]:
+    """The temperatures an older config still asks to apply, {key: value} ({} for the one stored form)."""
+    found: dict[str, Any] = {}
+    key = config_temperature_key(config)
+    if key is not None:
+        found[key] = float(_get(config, key))
+    if _get(config, "head_temperatures"):
+        found["head_temperatures"] = dict(_get(config, "head_temperatures"))
+    return found
+
+
 def temperature_key(config: Any) -> str:
     """The config key a temperature to apply is stored under: `temperature` where the config class declares
     it (MelanomaViTConfig), else `calibration_temperature`."""
@@ -74,7 +90,10 @@ def temperature_key(config: Any) -> str:
 
 
 def store_temperature(config: Any, temperature: float) -> None:
-    """Store a fitted temperature to apply (not yet folded) under `temperature_key(config)`, in place."""
+    """Store a fitted temperature to apply (not yet folded) under `temperature_key(config)`, in place.
+
+    Transitional, for train/multisource.py's export (store, then `fold_temperature(model)`): pass the
+    temperature to `fold_temperature` instead; nothing applies a stored temperature any more."""
     setattr(config, temperature_key(config), float(temperature))
 
 
@@ -115,20 +134,63 @@ def _scale(layers: list[nn.Linear], temperature: float, fold: bool) -> None:
                 tensor.div_(temperature) if fold else tensor.mul_(temperature)
 
 
-def fold_temperature(model: PreTrainedModel) -> PreTrainedModel:
-    """Fold the config's temperature(s) to apply into the classifier head(s), in place; returns `model`.
+def fold_temperature(
+    model: PreTrainedModel,
+    temperature: float | None = None,
+    head_temperatures: Mapping[str, float] | None = None,
+) -> PreTrainedModel:
+    """Fold fitted temperatures into the classifier head(s), in place; returns `model`.
 
-    Main head(s) W, b -> W / T, b / T with T = `config_temperature(config)`; a MelanomaViT's extra heads
-    by their `head_temperatures`. The config then records `folded_temperature` (and
-    `folded_head_temperatures`) and no temperature to apply (`temperature` = 1.0, `calibration_temperature`
-    and `head_temperatures` removed), so softmax over the logits is calibrated and the predicted class
-    is unchanged. A model with nothing to fold (uncalibrated, or folded already) is returned as is.
+    Args:
+        model: a classifier with a linear head (`classifier_heads`).
+        temperature: T fitted on the main head's raw logits (an earlier fold already undone, as
+            train/evaluate.py's logits are): W, b -> W / T, b / T, replacing any earlier fold of the
+            main head. None: fold what an older config still stores to apply (`temperature` /
+            `calibration_temperature` / `head_temperatures`), the one-time migration of such a folder
+            and what `store_temperature` callers rely on.
+        head_temperatures: a MelanomaViT's extra heads by name, each fitted on that head's raw logits
+            and replacing its earlier fold; heads not named keep theirs.
+
+    The config then records `folded_temperature` (and `folded_head_temperatures`) and no temperature to
+    apply (`temperature` = 1.0, `calibration_temperature` and `head_temperatures` removed), so softmax over
+    the logits is calibrated and the predicted class is unchanged. With nothing to fold the model is
+    returned as is.
 
     Raises:
-        ValueError: when the config records a folded temperature and also has one to apply: was it
-            fitted on the raw or on the folded logits? Call `unfold_temperature` before storing a
-            temperature fitted on raw logits.
+        ValueError: with `temperature` None, when the config records a folded temperature and also has one
+            to apply: was it fitted on the raw or on the folded logits? Pass the temperature instead.
     """
+    config = model.config
+    if temperature is None and head_temperatures is None:
+        return _fold_stored(model)
+    if _get(config, "head_temperatures") or config_temperature(config) is not None:
+        raise ValueError(f"The config still stores temperatures to apply ({unfolded_temperatures(config)}): "
+                         "fold those first (fold_temperature(model)), then pass the new ones.")
+    main, extra = classifier_heads(model)
+    if temperature is not None:
+        _check_positive("temperature", temperature)
+        previous = folded_temperature(config)
+        _scale(main, float(temperature) / (previous or 1.0), fold=True)
+        setattr(config, FOLDED_KEY, float(temperature))
+    if head_temperatures:
+        folded = folded_head_temperatures(config)
+        for name, head_t in head_temperatures.items():
+            if name not in extra:
+                raise ValueError(f"No extra head {name!r} to fold a temperature into; heads: {sorted(extra)}.")
+            _check_positive(f"head_temperatures[{name!r}]", head_t)
+            _scale([extra[name]], float(head_t) / folded.get(name, 1.0), fold=True)
+            folded[name] = float(head_t)
+        setattr(config, FOLDED_HEADS_KEY, folded)
+    return model
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not float(value) > 0:
+        raise ValueError(f"{name} must be a float > 0, got {value!r}.")
+
+
+def _fold_stored(model: PreTrainedModel) -> PreTrainedModel:
+    """Fold the temperatures an older config stores to apply (see `fold_temperature`)."""
     config = model.config
     t = config_temperature(config)
     head_ts = dict(_get(config, "head_temperatures") or {})

@@ -14,6 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# The one melanoma threshold rule (`train.metrics.threshold_for_sensitivity`): the highest threshold on
+# P(mel) whose melanoma sensitivity on validation data is at least TARGET_SENSITIVITY. evaluate.py's
+# `threshold_val95`, the shipped `melanoma_threshold`s and the app's flag all follow it.
+TARGET_SENSITIVITY = 0.95
+THRESHOLD_RULE = f"chosen on validation for {TARGET_SENSITIVITY:.0%} melanoma sensitivity"
+
+
 @dataclass(frozen=True)
 class Metric:
     """One metrics.json value.

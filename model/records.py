@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .zoo import ImageResult, ZooModel
+from .classifier import Classifier
+
+from .results import ImageResult
 
 # Cells a spreadsheet would run as a formula (OWASP CSV injection): = + - @ tab CR.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -29,7 +31,7 @@ def head_column(head: str, label: str) -> str:
     return f"p_{head}_{label}"
 
 
-def result_columns(entry: ZooModel) -> list[str]:
+def result_columns(entry: Classifier) -> list[str]:
     """The columns `result_row` fills for `entry`'s results, in order."""
     columns = [
         "melanoma_probability", "above_threshold", "threshold", "above_balanced_threshold", "balanced_threshold",

@@ -27,7 +27,8 @@ from bench.bench_app import big_pngs, reset_peak, server_memory_mib
 from model.imageio import load_image
 from model.ood import OODResult
 from model.sevenpoint import SEVEN_POINT
-from test_zoo import MULTISOURCE, _png_bytes, bad_image_files, shared_tiny_models
+from servers import serve_in_thread
+from test_classifier import MULTISOURCE, _png_bytes, bad_image_files, shared_tiny_models
 
 MAX_UPLOAD = 1_000_000  # small limit so the over-size test uploads little
 MAX_REQUEST = 3_000_000  # bulk request body limit, small for the same reason
@@ -39,15 +40,15 @@ QUEUE = 120  # REST queue size in images (the slow bulk test sends 104)
 def live(tmp_path_factory, fixtures_dir):
     """The app served on 127.0.0.1:<free port>; yields (base url, gradio client, zoo, fastapi app)."""
     import app as app_module
-    from model.zoo import ModelZoo
+    from model.catalogue import ModelCatalogue
 
     models_dir = shared_tiny_models(tmp_path_factory, fixtures_dir)
-    zoo = ModelZoo(models_dir=models_dir, hub_ids=["nobody/unreachable-model"], ood_path="none")
+    zoo = ModelCatalogue(models_dir=models_dir, hub_ids=["nobody/unreachable-model"], ood_path="none")
     demo, fastapi_app = app_module.build_app(
         zoo, max_queued_images=QUEUE, max_upload_bytes=MAX_UPLOAD, max_request_bytes=MAX_REQUEST, allowed_origins=[PARTNER]
     )
     port = app_module.free_port()
-    server, thread = app_module.serve(fastapi_app, port=port, block=False)
+    server, thread = serve_in_thread(fastapi_app, port=port)
     url = f"http://127.0.0.1:{port}/"
     client = Client(url, verbose=False)
     yield url, client, zoo, fastapi_app
@@ -746,7 +747,8 @@ def test_model_details_headline_the_tables_metrics_of_a_rendered_card(tmp_path_f
     page's unit, not the card's 0-1 value); not the rest."""
     from webapp.formatting import model_details_markdown
     from hub_cards.render import render_model_card
-    from model.zoo import ZooModel
+    from model.catalogue import parse_card
+    from model.classifier import Classifier
     from test_hub_cards import SYNTHETIC_METRICS
 
     folder = tmp_path / "tiny"
@@ -755,7 +757,7 @@ def test_model_details_headline_the_tables_metrics_of_a_rendered_card(tmp_path_f
     (folder / "eval" / "ham10000_test" / "metrics.json").write_text(json.dumps(SYNTHETIC_METRICS))
     render_model_card(folder, model_name="tiny").save(folder / "README.md")
 
-    rows = _details_rows(model_details_markdown(ZooModel("tiny", folder)))
+    rows = _details_rows(model_details_markdown(Classifier(folder, model_id="tiny", card=parse_card(folder))))
     headline = {name: value for name, value in rows.items() if name.endswith("(HAM10000)")}
     assert headline == {
         "Melanoma ROC AUC (mel vs rest) (HAM10000)": "0.812",
@@ -767,15 +769,16 @@ def test_model_details_headline_the_tables_metrics_of_a_rendered_card(tmp_path_f
 def test_model_details_list_a_multisource_models_training_sources(tmp_path_factory, fixtures_dir, tmp_path):
     """A multi-source model without card datasets: "Training data" names its train_config.yaml's
     sources (as models/efficientnet-lite2 and melanoma-vit-hybrid ship), not "see the model card"."""
-    from model.zoo import ZooModel
+    from model.catalogue import parse_card
+    from model.classifier import Classifier
     from webapp.formatting import model_details_markdown
 
     folder = shutil.copytree(shared_tiny_models(tmp_path_factory, fixtures_dir) / MULTISOURCE, tmp_path / "multi")
     sources = [{"name": name, "data": f"../shared/data/{name}", "weight": w} for name, w in
                [("ham10000", 0.45), ("isic2017", 0.35), ("derm7pt", 0.2)]]
     (folder / "train_config.yaml").write_text(yaml.safe_dump({"sources": sources}))
-    entry = ZooModel("multi", folder)
-    assert entry.training_sources == ["ham10000", "isic2017", "derm7pt"]
+    entry = Classifier(folder, model_id="multi", card=parse_card(folder))
+    assert entry.card.training_sources == ["ham10000", "isic2017", "derm7pt"]
     assert _details_rows(model_details_markdown(entry))["Training data"] == "HAM10000 + ISIC 2017 Part 3 + Derm7pt"
 
 
@@ -933,13 +936,13 @@ def test_cross_site_posts_are_refused_unless_allowed(live, ham_image_paths):
 @pytest.mark.slow
 def test_disk_use_stays_flat_over_many_batches(tmp_path_factory, fixtures_dir, ham_image_paths):
     import app as app_module
-    from model.zoo import ModelZoo
+    from model.catalogue import ModelCatalogue
 
-    zoo = ModelZoo(models_dir=shared_tiny_models(tmp_path_factory, fixtures_dir), hub_ids=[], ood_path="none")
+    zoo = ModelCatalogue(models_dir=shared_tiny_models(tmp_path_factory, fixtures_dir), hub_ids=[], ood_path="none")
     # 4 s: long enough for gradio_client to fetch a batch's outputs on a busy machine before the
     # cleaner deletes them (at 1 s they were sometimes gone first: a 403 on the download).
     demo, fastapi_app = app_module.build_app(zoo, cache_ttl_s=4)
-    server, thread = app_module.serve(fastapi_app, port=app_module.free_port(), block=False)
+    server, thread = serve_in_thread(fastapi_app, port=app_module.free_port())
     url = f"http://127.0.0.1:{server.config.port}/"
     scratch = fastapi_app.state.scratch.path
     old_batch_dirs = set(Path(tempfile.gettempdir()).glob("melanoma_batch_*"))

@@ -1,6 +1,6 @@
 """The real app in a real browser: headless Chromium (Debian's /usr/bin/chromium) via Playwright.
 
-Serves app.py in-process on 127.0.0.1 with tiny real models (built by test_zoo's
+Serves app.py in-process on 127.0.0.1 with tiny real models (built by test_classifier's
 `make_tiny_model_folders`, found through MELANOMA_MODELS_DIR) and the shipped OOD detector, then:
 single image -> class probabilities + explanation heat map; batch of 5 -> ranked gallery whose
 order matches the zoo's P(mel), with the natural photo marked "not dermoscopy?".
@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import expect
+from servers import serve_in_thread
 
 from model.imageio import load_image
 from model.labels import DX_NAMES
@@ -65,7 +66,7 @@ def browser():
 @pytest.fixture(scope="module")
 def live_app(tmp_path_factory, fixtures_dir):
     """app.build_app() from the environment (MELANOMA_MODELS_DIR), served on a free local port."""
-    from test_zoo import make_tiny_model_folders
+    from test_classifier import make_tiny_model_folders
 
     import app as app_module
 
@@ -80,7 +81,7 @@ def live_app(tmp_path_factory, fixtures_dir):
         zoo = fastapi_app.state.zoo
         assert zoo.ood_detector is not None, zoo.ood_note  # the shipped models/ood-detector
         port = app_module.free_port()
-        server, thread = app_module.serve(fastapi_app, port=port, block=False)
+        server, thread = serve_in_thread(fastapi_app, port=port)
         yield f"http://127.0.0.1:{port}/", zoo
         server.should_exit = True
         thread.join(timeout=30)

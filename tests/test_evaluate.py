@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
@@ -12,8 +11,6 @@ from sklearn.metrics import roc_auc_score
 from model.calibration import config_temperature
 from model.metrics_schema import METRIC_KEYS
 from train.metrics import (
-    DIHEDRAL_VIEWS,
-    apply_view,
     bootstrap_auc_ci,
     expected_calibration_error,
     fit_temperature,
@@ -57,7 +54,7 @@ def test_threshold_for_sensitivity():
     s = [0.9, 0.8, 0.7, 0.2, 0.6, 0.3, 0.1]
     # 95% of 4 melanomas needs all 4: highest threshold catching 0.2
     t95 = threshold_for_sensitivity(y, s, 0.95)
-    assert t95 == pytest.approx(0.2)
+    assert t95 == pytest.approx(0.2) and threshold_for_sensitivity(y, s) == t95  # the project's rule: 95%
     assert sensitivity_specificity(y, s, t95) == (pytest.approx(1.0), pytest.approx(1 / 3))
     assert threshold_for_sensitivity(y, s, 0.75) == pytest.approx(0.7)
     assert threshold_for_sensitivity(y, s, 0.5) == pytest.approx(0.8)
@@ -151,54 +148,6 @@ def test_temperature_with_views_and_grouped_labels():
     groups[0, [0, 1, 2, 3, 5, 6]] = 1
     y_bin = (y == 4).long()
     assert fit_temperature(z * 3.0, y_bin, groups=groups) == pytest.approx(3.0, rel=0.2)
-
-
-# ------------------------------------------------------------------ test-time augmentation
-
-
-def test_dihedral_views_are_the_eight_distinct_symmetries():
-    x = torch.arange(16.0).reshape(1, 1, 4, 4)
-    views = [apply_view(x, i) for i in range(len(DIHEDRAL_VIEWS))]
-    assert len(views) == 8
-    for a, b in itertools.combinations(views, 2):
-        assert not torch.equal(a, b)
-    for v in views:  # pixel permutations, nothing interpolated
-        assert torch.equal(v.flatten().sort().values, x.flatten())
-    # closed under composition: a group (D4)
-    for i, j in itertools.product(range(8), repeat=2):
-        assert any(torch.equal(apply_view(views[i], j), v) for v in views)
-    with pytest.raises(ValueError):
-        apply_view(x, 8)
-
-
-def _tta_probabilities(logits_fn, pixel_values: torch.Tensor, n_views: int) -> np.ndarray:
-    """evaluate.predict's views (apply_view) averaged by tempered_probabilities, as evaluate does."""
-    with torch.no_grad():
-        logits = torch.stack([logits_fn(apply_view(pixel_values, v)) for v in range(n_views)], dim=1)  # (B, V, C)
-    return tempered_probabilities(logits, 1.0)
-
-
-def test_tta_of_invariant_model_equals_no_tta():
-    torch.manual_seed(0)
-    head = torch.nn.Linear(3, 4)
-
-    def pooled_model(px: torch.Tensor) -> torch.Tensor:  # global average pool: flip/rotation invariant
-        return head(px.mean(dim=(-2, -1)))
-
-    px = torch.randn(2, 3, 8, 8)
-    no_tta = _tta_probabilities(pooled_model, px, 1)
-    np.testing.assert_allclose(_tta_probabilities(pooled_model, px, 8), no_tta, atol=1e-6)
-    np.testing.assert_allclose(no_tta, torch.softmax(pooled_model(px), -1).detach().numpy(), atol=1e-6)
-
-
-def test_full_tta_is_invariant_for_any_model():
-    torch.manual_seed(0)
-    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
-    px = torch.randn(2, 3, 8, 8)
-    ref = _tta_probabilities(conv, px, 8)
-    assert not np.allclose(_tta_probabilities(conv, px, 1), ref)  # the model itself is not invariant
-    for k in range(8):
-        np.testing.assert_allclose(_tta_probabilities(conv, apply_view(px, k), 8), ref, atol=1e-6)
 
 
 # --------------------------------------------------------------------- explanation quality
@@ -325,12 +274,10 @@ def _model_p_mel(folder: Path, image_paths: list[Path], temperature: float) -> n
 def test_evaluate_and_the_app_give_the_same_p_mel_for_unusual_files(tiny_vit_dir, ham_image_paths, tmp_path):
     """One decoder (model.imageio) and one loading rule (model.loading): for an RGBA PNG with
     transparent pixels, a 16-bit greyscale PNG and a JPEG with an EXIF rotation, evaluate.py's
-    prediction path and the app's (its decoder, then ZooModel.predict) give the same P(mel)."""
+    prediction path and the app's (its decoder, then Classifier.predict) give the same P(mel)."""
     from webapp.scoring import WORKING_SIDE
-    from model.calibration import config_temperature
+    from model.classifier import Classifier
     from model.imageio import MAX_BYTES, load_image
-    from model.loading import load_classifier
-    from model.zoo import ZooModel
     from train.data import load_image_dataset
     from train.evaluate import predict
 
@@ -348,12 +295,11 @@ def test_evaluate_and_the_app_give_the_same_p_mel_for_unusual_files(tiny_vit_dir
     Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif.tobytes())
     files = {p.stem: p for p in folder.iterdir()}
 
-    net, processor = load_classifier(tiny_vit_dir)
-    pred = predict(net, processor, load_image_dataset(str(tmp_path / "data")), 1, 8, "cpu")
-    mel = net.config.label2id["mel"]
-    p_eval = dict(zip(pred["image_ids"], tempered_probabilities(pred["logits"], config_temperature(net.config) or 1.0)[:, mel]))
+    entry = Classifier(tiny_vit_dir, model_id="tiny")
+    pred = predict(entry, load_image_dataset(str(tmp_path / "data")), 1, 8)
+    mel = entry.label2id["mel"]
+    p_eval = dict(zip(pred["image_ids"], tempered_probabilities(pred["logits"], entry.folded_temperature or 1.0)[:, mel]))
 
-    entry = ZooModel("tiny", tiny_vit_dir)
     p_app = {name: entry.predict([load_image(path, max_bytes=MAX_BYTES, max_side=WORKING_SIDE)])[0].probabilities["mel"]
              for name, path in files.items()}
     assert set(p_eval) == set(p_app) == {"rgba", "grey16", "rotated"}
@@ -504,7 +450,7 @@ def test_rollout_mask_share_equal_for_distilled_model_and_its_stock_deit_export(
     from model.convert import save_vit_export
     from model.labels import dx_id2label
     from train.data import load_image_dataset
-    from model.loading import load_classifier
+    from model.classifier import Classifier
     from train.evaluate import predict
 
     torch.manual_seed(0)
@@ -513,14 +459,16 @@ def test_rollout_mask_share_equal_for_distilled_model_and_its_stock_deit_export(
                                use_distillation_token=True)
     ours = MelanomaViTForImageClassification(config).eval()
     save_vit_export(ours, tmp_path / "export")
+    ours.save_pretrained(tmp_path / "ours")
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
-    processor.save_pretrained(tmp_path / "export")
-    export, export_processor = load_classifier(str(tmp_path / "export"), "cpu")
+    for name in ("export", "ours"):
+        processor.save_pretrained(tmp_path / name)  # the same pixels for both
+    export = Classifier(tmp_path / "export")
     assert export.config.model_type == "deit"
 
     ds = load_image_dataset(str(ham_dir))
-    a = predict(ours, export_processor, ds, 1, 8, "cpu", ham_dir / "masks")  # the same pixels for both
-    b = predict(export, export_processor, ds, 1, 8, "cpu", ham_dir / "masks")
+    a = predict(Classifier(tmp_path / "ours"), ds, 1, 8, ham_dir / "masks")
+    b = predict(export, ds, 1, 8, ham_dir / "masks")
     assert len(a["mask_shares"]) == 4
     np.testing.assert_allclose(a["mask_shares"], b["mask_shares"], atol=1e-5)
     torch.testing.assert_close(a["logits"], b["logits"], atol=1e-4, rtol=1e-4)

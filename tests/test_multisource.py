@@ -360,20 +360,6 @@ def test_multisource_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp
         torch.testing.assert_close(got_w[name], ref_w[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_dihedral_gives_the_eight_symmetries_of_a_square() -> None:
-    from train.multisource import dihedral
-
-    x = torch.arange(2 * 3 * 3, dtype=torch.float32).view(1, 2, 3, 3).repeat(8, 1, 1, 1)
-    out = dihedral(x.clone(), torch.arange(8))
-    for op in range(8):
-        expected = x[op].flip(-1) if op >= 4 else x[op]
-        expected = torch.rot90(expected, op % 4, (-2, -1))
-        assert torch.equal(out[op], expected)
-    assert len({tuple(o.flatten().tolist()) for o in out}) == 8  # all distinct
-    with pytest.raises(ValueError, match="square"):
-        dihedral(torch.zeros(1, 3, 4, 5), torch.zeros(1, dtype=torch.long))
-
-
 @pytest.mark.slow
 def test_pure_vit_distilled_from_a_teacher_on_its_cached_features(tmp_path: Path, specs: list[SourceSpec]) -> None:
     """A tiny pure MelanomaViT on a pixel cache, distilled from a Lite0 that reads its own stem cache:

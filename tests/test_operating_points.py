@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_zoo import shared_tiny_models
+from test_classifier import shared_tiny_models
 
 from model.imageio import load_image
 from model.records import result_row
@@ -39,7 +39,7 @@ def _validation_folder(root: Path, source: str, split: str, labels: list[str], p
 
 def test_points_are_pooled_over_validation_sources_and_reach_the_verdict(tmp_path_factory, fixtures_dir, tmp_path,
                                                                           ham_image_paths):
-    from model.zoo import ZooModel
+    from model.classifier import Classifier
     from webapp.formatting import verdict_markdown
 
     model = Path(shutil.copytree(shared_tiny_models(tmp_path_factory, fixtures_dir) / "vit-tiny", tmp_path / "vit"))
@@ -61,7 +61,7 @@ def test_points_are_pooled_over_validation_sources_and_reach_the_verdict(tmp_pat
     stored = json.loads((model / "config.json").read_text())["melanoma_operating_points"]
     assert stored["command"].startswith("python train/operating_points.py --model ")
 
-    entry = ZooModel("vit", model)
+    entry = Classifier(model, model_id="vit")
     assert entry.operating_points.balanced.threshold == pytest.approx(0.7)
     image = load_image(ham_image_paths[0], max_side=1024)
     result = entry.result("a.jpg", entry.predict([image])[0])

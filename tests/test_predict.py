@@ -1,6 +1,6 @@
 """train/predict.py (with train/stream.py, train/report.py, model/records.py): folder, CSV, save_to_disk
 and load_dataset inputs, error rows, ranking, TTA, extra heads, resume, the HTML report and
-2-process == 1-process, on the fixture images with the tiny real models of test_zoo.py."""
+2-process == 1-process, on the fixture images with the tiny real models of test_classifier.py."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from test_zoo import MULTISOURCE, bad_image_files, shared_tiny_models
+from test_classifier import MULTISOURCE, bad_image_files, shared_tiny_models
 
 from model.imageio import InvalidImageError, load_image
 from model.records import csv_safe, result_columns
-from model.zoo import ZooModel
-from train.metrics import apply_view
+from model.classifier import Classifier
+from model.tta import tta_views
 from train.predict import PARTS, PREDICTIONS, main
 from train.stream import RecordSource
 
@@ -63,8 +63,8 @@ def read(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / PREDICTIONS, dtype=dict.fromkeys(text, str)).fillna(text)
 
 
-def expected_probabilities(entry: ZooModel, paths: list[Path]) -> dict[str, dict[str, float]]:
-    """What the app's path gives: load_image(max_side=1024) -> ZooModel.predict, by file stem."""
+def expected_probabilities(entry: Classifier, paths: list[Path]) -> dict[str, dict[str, float]]:
+    """What the app's path gives: load_image(max_side=1024) -> Classifier.predict, by file stem."""
     predictions = entry.predict([load_image(p, max_side=1024) for p in paths])
     return {p.stem: prediction.probabilities for p, prediction in zip(paths, predictions)}
 
@@ -125,7 +125,7 @@ def test_folder_with_bad_images_gives_ranked_rows_and_the_decoders_errors(models
         assert errors[csv_safe(str(path))] == str(raised.value)  # the app's own message
     assert table.loc[table["path"] == csv_safe(str(formula)), "id"].item() == "'=cmd()+1"
 
-    entry = ZooModel(VIT, models_dir / VIT)
+    entry = Classifier(models_dir / VIT, model_id=VIT)
     expected = expected_probabilities(entry, images)
     scored = table[table["error"] == ""].set_index("id")
     for image_id, probabilities in expected.items():
@@ -172,12 +172,12 @@ def test_layouts_labels_split_limit_and_tta(models_dir, isic2017_dir, tmp_path, 
         i: {"melanoma": "mel", "nevus": "nv", "seborrheic_keratosis": "bkl"}[name] for i, name in labels.items()
     }
     # TTA: the mean of the calibrated probabilities of the identity and horizontal-flip views.
-    entry = ZooModel(VIT, models_dir / VIT)
+    entry = Classifier(models_dir / VIT, model_id=VIT)
     path = isic2017_dir / "test" / "ISIC_0012086.jpg"
     pixel_values = entry.processor(images=[load_image(path, max_side=1024)], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        views = [torch.softmax(entry.model(pixel_values=apply_view(pixel_values, v)).logits / entry.temperature, -1)
-                 for v in (0, 1)]
+        views = [torch.softmax(entry.model(pixel_values=view).logits, -1)
+                 for view in tta_views(pixel_values, 2)]
     mean = torch.stack(views).mean(0)[0]
     row = table.set_index("id").loc["ISIC_0012086"]
     assert row["p_mel"] == pytest.approx(float(mean[entry.config.label2id["mel"]]), abs=1e-6)
@@ -191,7 +191,7 @@ def test_layouts_labels_split_limit_and_tta(models_dir, isic2017_dir, tmp_path, 
 
 def test_extra_heads_become_columns(models_dir, ham_image_paths, tmp_path, one_thread):
     table = run(models_dir / MULTISOURCE, ham_image_paths[0].parent, tmp_path / "ms", "--limit", "4")
-    entry = ZooModel(MULTISOURCE, models_dir / MULTISOURCE)
+    entry = Classifier(models_dir / MULTISOURCE, model_id=MULTISOURCE)
     assert list(table.columns)[5:-1] == result_columns(entry)
     assert {"p_isic2017_melanoma", "p_pigment_network_atypical", "seven_point_score"} <= set(table.columns)
     (expected,) = entry.predict([load_image(ham_image_paths[0], max_side=1024)])

@@ -20,7 +20,7 @@ from PIL import Image
 from hub_cards.render import PLACEHOLDER_REPO_ID, render_model_card
 from model.calibration import config_temperature, folded_temperature
 from model.labels import DX_CODES
-from model.zoo import ZooModel
+from model.classifier import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -99,7 +99,7 @@ def test_pipeline_card_snippet_and_app_give_the_same_calibrated_probabilities(fo
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["labels"] == list(DX_CODES)
     assert result["leaked"] == [], "the folder must not need this project's code"
-    app = ZooModel(folder.name, folder).predict([Image.open(image).convert("RGB")])[0].probabilities
+    app = Classifier(folder, model_id=folder.name).predict([Image.open(image).convert("RGB")])[0].probabilities
     assert abs(sum(app.values()) - 1.0) < 1e-5
     for code in DX_CODES:
         # same preprocessing: pipeline == the app (calibrated, temperature folded) and pipeline == the card
@@ -160,7 +160,7 @@ def test_readme_results_table_is_rendered_from_the_kept_metrics():
 def test_app_default_is_the_best_measured_model(monkeypatch):
     """The app serves the folder with the highest mean melanoma AUC over the three kept test sets."""
     from hub_cards.results_table import SETS
-    from model.zoo import ModelZoo
+    from model.catalogue import ModelCatalogue
 
     monkeypatch.delenv("MELANOMA_DEFAULT_MODEL", raising=False)
 
@@ -171,7 +171,7 @@ def test_app_default_is_the_best_measured_model(monkeypatch):
     evaluated = [f for f in CLASSIFIERS if all((f / "eval" / key / "metrics.json").is_file() for key in SETS)]
     assert evaluated, "no shipped model is evaluated on all three test sets"
     best = max(evaluated, key=mean_auc)
-    assert ModelZoo(MODELS, hub_ids=[]).default_id == best.name
+    assert ModelCatalogue(MODELS, hub_ids=[]).default_id == best.name
 
 
 TRAINED = sorted(p.name for p in MODELS.iterdir() if (p / "train_config.yaml").is_file())

@@ -13,8 +13,8 @@ checked against the manifest's train and validation images (`leakage_check` in m
 `--limit N` evaluates a seeded sample of N of them, stratified by dx.
 
 What is computed (probabilities are softmax(logits / T) averaged over the TTA views, with T the
-temperature fitted on validation data, or the one stored in the model config, or 1; logits are the
-raw ones: a temperature folded into the model's head is multiplied back first):
+temperature fitted on validation data, or the one folded into the model's head (`folded_temperature`),
+or 1; logits are the raw ones: the folded temperature is multiplied back first):
 - melanoma-vs-rest on P(mel): ROC AUC with a 95% stratified percentile bootstrap CI (melanomas
   and others resampled separately, `--bootstrap` resamples, seed 0); sensitivity/specificity at
   0.5 and at the threshold giving 95% sensitivity on validation data (or the model config's
@@ -104,26 +104,20 @@ from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import model as _melanoma_models  # noqa: E402,F401  registers MelanomaViT with the Auto classes
-from model.calibration import (  # noqa: E402
-    config_temperature,
-    fold_temperature,
-    folded_temperature,
-    store_temperature,
-    unfold_temperature,
-)
+from model.calibration import fold_temperature, folded_temperature  # noqa: E402
 from model.geometry import processor_geometry  # noqa: E402
 from model.imageio import load_image  # noqa: E402
 from model.labels import BINARY_LABELS, MELANOMA  # noqa: E402
 from model.labels import CRITERIA_LABELS  # noqa: E402
-from model.loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens  # noqa: E402
-from model.metrics_schema import METRIC_KEYS  # noqa: E402
+from model.classifier import Classifier  # noqa: E402
+from model.loading import ROLLOUT_MODEL_TYPES, num_prefix_tokens  # noqa: E402
+from model.metrics_schema import METRIC_KEYS, TARGET_SENSITIVITY  # noqa: E402
 from model.rollout import attention_rollout  # noqa: E402
 from model.sevenpoint import MELANOMA_SCORE_THRESHOLD, SEVEN_POINT, criterion_probability, seven_point_score  # noqa: E402
 from train.data import label_names, load_image_dataset, unlabelled_image_ids  # noqa: E402
 from train.metrics import (  # noqa: E402
     DISCLAIMER,
     ECE_BINS,
-    apply_view,
     bootstrap_auc_ci,
     expected_calibration_error,
     fit_temperature,
@@ -148,8 +142,7 @@ from train.splits import (  # noqa: E402
 logger = logging.getLogger("evaluate")
 
 DEFAULT_THRESHOLD = 0.5
-TARGET_SENSITIVITY = 0.95
-#: The split manifest a training run writes into its model folder (train.py, multisource.py).
+#: The split manifest a training run writes into its model folder (train.py).
 MANIFEST = "split_manifest.json"
 
 
@@ -287,16 +280,14 @@ def _load_mask(path: Path) -> np.ndarray:
 
 
 def predict(
-    net: torch.nn.Module,
-    processor: Any,
+    classifier: Classifier,
     ds: datasets.Dataset,
     tta: int,
     batch_size: int,
-    device: str,
     mask_dir: Path | None = None,
     desc: str = "evaluate",
 ) -> dict[str, Any]:
-    """Logits of every TTA view, plus rollout mask shares where masks exist.
+    """Logits of every TTA view (`Classifier.forward_views`), plus rollout mask shares where masks exist.
 
     Returns:
         {"logits": (N, tta, C) float32 raw logits (times the config's `folded_temperature`, so that
@@ -305,7 +296,7 @@ def predict(
          "image_ids": [N], "lesion_ids": [N], "mask_shares": [float], "mask_areas": [float]}
          (mask lists over images with masks).
     """
-    config = net.config
+    config = classifier.config
     do_rollout = mask_dir is not None and config.model_type in ROLLOUT_MODEL_TYPES
     raw = ds.cast_column("image", datasets.Image(decode=False)).with_format(None)
     logits, shares, areas = [], [], []
@@ -314,29 +305,26 @@ def predict(
     for start in tqdm(range(0, len(raw), batch_size), desc=desc, unit="batch"):
         rows = raw[start : start + batch_size]
         images = [load_image(v) for v in rows["image"]]
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        pixel_values = classifier.pixel_values(images)
         views = []
-        with torch.inference_mode():
-            for v in range(tta):
-                want_attn = do_rollout and v == 0
-                kwargs = {"output_attentions": True} if want_attn else {}
-                out = net(pixel_values=apply_view(pixel_values, v), **kwargs)
-                views.append(out.logits.float().cpu())
-                for name, z in (getattr(out, "head_logits", None) or {}).items():
-                    head_views.setdefault(name, []).append(z.float().cpu())
-                if want_attn:
-                    grid = (pixel_values.shape[-2] // _patch(config)[0], pixel_values.shape[-1] // _patch(config)[1])
-                    num_prefix = num_prefix_tokens(config)
-                    token_rows = ("cls", "dist") if num_prefix == 2 else ("cls",)
-                    maps = attention_rollout(out.attentions, num_prefix_tokens=num_prefix, token_rows=token_rows, grid_size=grid)
-                    for image_id, saliency in zip(rows["image_id"], maps.float().cpu()):
-                        mask_path = mask_dir / f"{image_id}_segmentation.png"
-                        if mask_path.is_file():
-                            mask = _load_mask(mask_path)
-                            share = mask_share(saliency, mask)
-                            if share is not None:
-                                shares.append(share)
-                                areas.append(float(mask.mean()))
+        for v, out in enumerate(classifier.forward_views(pixel_values, tta, attentions=do_rollout)):
+            want_attn = do_rollout and v == 0
+            views.append(out.logits.float().cpu())
+            for name, z in (getattr(out, "head_logits", None) or {}).items():
+                head_views.setdefault(name, []).append(z.float().cpu())
+            if want_attn:
+                grid = (pixel_values.shape[-2] // _patch(config)[0], pixel_values.shape[-1] // _patch(config)[1])
+                num_prefix = num_prefix_tokens(config)
+                token_rows = ("cls", "dist") if num_prefix == 2 else ("cls",)
+                maps = attention_rollout(out.attentions, num_prefix_tokens=num_prefix, token_rows=token_rows, grid_size=grid)
+                for image_id, saliency in zip(rows["image_id"], maps.float().cpu()):
+                    mask_path = mask_dir / f"{image_id}_segmentation.png"
+                    if mask_path.is_file():
+                        mask = _load_mask(mask_path)
+                        share = mask_share(saliency, mask)
+                        if share is not None:
+                            shares.append(share)
+                            areas.append(float(mask.mean()))
         logits.append(torch.stack(views, dim=1))  # (B, V, C)
         for name, zs in head_views.items():
             head_logits.setdefault(name, []).append(torch.stack(zs, dim=1))  # (B, V, C_head)
@@ -425,8 +413,7 @@ def criteria_metrics(pred: dict[str, Any], y_mel: np.ndarray, config: Any, data:
     truth = derm7pt_criteria(data)
     if truth is None or not set(pred["image_ids"]) <= set(truth):
         return None
-    temperatures = dict(getattr(config, "head_temperatures", None) or {})
-    probs = {h: tempered_probabilities(pred["head_logits"][h], temperatures.get(h, 1.0)) for h in SEVEN_POINT}
+    probs = {h: tempered_probabilities(pred["head_logits"][h]) for h in SEVEN_POINT}  # calibrated (folded) heads
     rows = [truth[i] for i in pred["image_ids"]]
     result: dict[str, Any] = {"criteria": {}}
     for name, (label, points) in SEVEN_POINT.items():
@@ -461,10 +448,9 @@ def head_metrics(pred: dict[str, Any], y_mel: np.ndarray, config: Any, n_bootstr
              if HEAD_MELANOMA in labels and h in pred["head_logits"]}
     if not heads:
         return None
-    temperatures = dict(getattr(config, "head_temperatures", None) or {})
     result = {}
     for name, labels in heads.items():
-        p = tempered_probabilities(pred["head_logits"][name], temperatures.get(name, 1.0))[:, labels.index(HEAD_MELANOMA)]
+        p = tempered_probabilities(pred["head_logits"][name])[:, labels.index(HEAD_MELANOMA)]  # calibrated (folded) head
         ci = bootstrap_auc_ci(y_mel, p, n_resamples=n_bootstrap, seed=0)
         result[name] = {"melanoma_auc": melanoma_auc(y_mel, p), "melanoma_auc_ci95": None if ci is None else list(ci)}
     return result
@@ -519,9 +505,7 @@ def write_calibration(folder: str | Path, net: Any, temperature: float | None, t
     if temperature is None:
         net.config.save_pretrained(folder)
     else:
-        unfold_temperature(net)
-        store_temperature(net.config, temperature)
-        fold_temperature(net).save_pretrained(folder)
+        fold_temperature(net, temperature).save_pretrained(folder)
     logger.info("wrote temperature=%s (folded) melanoma_threshold=%s to %s", temperature, threshold, folder)
 
 
@@ -592,7 +576,8 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    net, processor = load_classifier(args.model, args.device)
+    classifier = Classifier(args.model, args.device)
+    net, processor = classifier.model, classifier.processor
     names = model_labels(net.config)
     if MELANOMA not in names:
         raise ValueError(f"the model's classes {names} have no {MELANOMA!r}: melanoma metrics need P(mel)")
@@ -611,17 +596,17 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
     if mask_dir is not None and net.config.model_type in ROLLOUT_MODEL_TYPES and processor_geometry(processor).crops:
         logger.warning("the image processor crops: rollout maps would not align with the masks; rollout_mask_share skipped")
         mask_dir = None
-    pred = predict(net, processor, test, args.tta, args.batch_size, args.device, mask_dir, desc=f"evaluate {info['split'] or 'all'}")
+    pred = predict(classifier, test, args.tta, args.batch_size, mask_dir, desc=f"evaluate {info['split'] or 'all'}")
 
     # Temperature and threshold: from validation data when given, else from the model config.
     temperature_fitted = threshold = None
     temperature_source = threshold_source = None
     if val is not None:
-        val_pred = predict(net, processor, val, args.tta, args.batch_size, args.device, desc="validation")
+        val_pred = predict(classifier, val, args.tta, args.batch_size, desc="validation")
         if args.calibrate:
             temperature_fitted = fit_temperature(val_pred["logits"], val_pred["labels"], groups)
             temperature_source = "validation"
-    stored = config_temperature(net.config) or folded_temperature(net.config)
+    stored = folded_temperature(net.config)
     if temperature_fitted is None and stored is not None:
         temperature_fitted, temperature_source = stored, "model_config"
     temperature = temperature_fitted or 1.0

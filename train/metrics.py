@@ -4,7 +4,7 @@ Ranking and confusion-matrix metrics come from scikit-learn. `evaluate.load("roc
 friends wrap the same scikit-learn functions but fetch their scripts from the Hugging Face
 Hub, which is unreachable offline (HF_HUB_OFFLINE=1), so scikit-learn is called directly.
 What neither library offers (stratified bootstrap CI of the AUC, top-label ECE, temperature
-scaling, dihedral test-time augmentation, mask share of an explanation map) is written here.
+scaling, mask share of an explanation map) is written here.
 
 Conventions: `y_true` are integer class ids, `scores`/`p_mel` are probabilities of melanoma,
 a sample is called positive when `score >= threshold` (the convention of `roc_curve`).
@@ -13,7 +13,7 @@ a sample is called positive when `score >= threshold` (the convention of `roc_cu
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,12 +28,12 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from model.metrics_schema import TARGET_SENSITIVITY
+
 
 __all__ = [
-    "DIHEDRAL_VIEWS",
     "DISCLAIMER",
     "ECE_BINS",
-    "apply_view",
     "bootstrap_auc_ci",
     "expected_calibration_error",
     "fit_temperature",
@@ -120,9 +120,10 @@ def sensitivity_specificity(
 
 
 def threshold_for_sensitivity(
-    y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float], target: float = 0.95
+    y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float], target: float = TARGET_SENSITIVITY
 ) -> float | None:
-    """Highest threshold on P(mel) whose sensitivity is at least `target`.
+    """Highest threshold on P(mel) whose sensitivity is at least `target` (the project's melanoma
+    threshold rule with the default target, `model.metrics_schema.TARGET_SENSITIVITY`).
 
     The highest such threshold gives the best specificity among thresholds meeting the
     target. The threshold is one of the scores (positive means `score >= threshold`), so it
@@ -301,34 +302,6 @@ def fit_temperature(
 
     optimizer.step(closure)
     return float(log_t.exp().item())
-
-
-# ------------------------------------------------------------------ test-time augmentation
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-# The dihedral group D4 acting on the last two (H, W) dims: exact, deterministic pixel
-# permutations, so TTA needs no interpolation and dermoscopy has no canonical orientation.
-DIHEDRAL_VIEWS: tuple[tuple[str, Callable[[torch.Tensor], torch.Tensor]], ...] = (
-    ("identity", _identity),
-    ("hflip", lambda x: torch.flip(x, dims=(-1,))),
-    ("vflip", lambda x: torch.flip(x, dims=(-2,))),
-    ("rot90", lambda x: torch.rot90(x, 1, dims=(-2, -1))),
-    ("rot180", lambda x: torch.rot90(x, 2, dims=(-2, -1))),
-    ("rot270", lambda x: torch.rot90(x, 3, dims=(-2, -1))),
-    ("transpose", lambda x: x.transpose(-2, -1)),
-    ("anti_transpose", lambda x: torch.rot90(x, 2, dims=(-2, -1)).transpose(-2, -1)),
-)
-
-
-def apply_view(pixel_values: torch.Tensor, index: int) -> torch.Tensor:
-    """The `index`-th dihedral view (0 = identity) of (B, C, H, W) pixel values."""
-    if not 0 <= index < len(DIHEDRAL_VIEWS):
-        raise ValueError(f"view index must be in 0..{len(DIHEDRAL_VIEWS) - 1}, got {index}.")
-    return DIHEDRAL_VIEWS[index][1](pixel_values).contiguous()
 
 
 # --------------------------------------------------------------------- explanation quality

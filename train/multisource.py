@@ -47,6 +47,7 @@ from model.geometry import processor_geometry
 from model.labels import DX_CODES, MELANOMA
 from model.loading import load_classifier
 from model.modeling_melanoma_vit import IGNORE_INDEX
+from model.tta import dihedral
 
 from .features import efficientnet_stem_names, load_cache, stem_bypassed
 from .losses import DISTILLATION
@@ -99,21 +100,6 @@ class MultiHeadNet(nn.Module):
         if getattr(self.model.config, "patch_embedding_type", "linear") != "hybrid":
             return ()
         return tuple(f"model.{n}" for n in HYBRID_STEM)
-
-
-def dihedral(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
-    """Sample i of the square batch x (B, C, H, H) flipped left-right when ops[i] >= 4, then turned
-    by (ops[i] % 4) quarter turns: the 8 symmetries of a square, which a dermoscopy image has no
-    preferred one of."""
-    if x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"dihedral augmentation needs square inputs, got {tuple(x.shape[-2:])}")
-    x = torch.where((ops >= 4).view(-1, 1, 1, 1), x.flip(-1), x)
-    turns = ops % 4
-    for k in (1, 2, 3):
-        rows = turns == k
-        if rows.any():
-            x[rows] = torch.rot90(x[rows], k, (-2, -1))
-    return x
 
 
 @torch.no_grad()

@@ -87,8 +87,7 @@ from model.ood import (  # noqa: E402
 )
 from model.ood import preprocess as ood_preprocess  # noqa: E402
 from model.records import csv_safe, result_columns, result_row  # noqa: E402
-from model.zoo import ZooModel  # noqa: E402
-from train.metrics import apply_view  # noqa: E402
+from model.classifier import Classifier  # noqa: E402
 from train.stream import ImageRecord, RecordSource  # noqa: E402
 
 logger = logging.getLogger("predict")
@@ -166,7 +165,7 @@ def _worker_init(_: int) -> None:
 # ------------------------------------------------------------------------------------ output
 
 
-def columns_for(entry: ZooModel) -> list[str]:
+def columns_for(entry: Classifier) -> list[str]:
     """predictions.csv's header for `entry`."""
     return [*ROW_COLUMNS, *result_columns(entry), "error"]
 
@@ -247,15 +246,12 @@ def rank_predictions(parts: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------- scoring
 
 
-def score_batch(entry: ZooModel, detector: OODDetector | None, batch: Batch, tta: int) -> list[dict[str, Any]]:
+def score_batch(entry: Classifier, detector: OODDetector | None, batch: Batch, tta: int) -> list[dict[str, Any]]:
     """The CSV rows of one batch: calibrated probabilities averaged over `tta` dihedral views."""
     rows = [{**_record_cells(record), "error": csv_safe(error)} for record, error in batch.failed]
     if not batch.scored:
         return rows
-    pixel_values = batch.pixel_values.to(entry.device)
-    with torch.inference_mode():
-        outputs = [entry.model(pixel_values=apply_view(pixel_values, v)) for v in range(tta)]
-    predictions = entry.predictions(outputs)
+    predictions = entry.predict_pixel_values(batch.pixel_values, tta)
     oods = detector.score_pixel_values(batch.ood_pixel_values) if detector is not None else [None] * len(predictions)
     for record, prediction, ood in zip(batch.scored, predictions, oods):
         result = entry.result(record.id, prediction, ood)
@@ -284,7 +280,7 @@ def predict(args: argparse.Namespace, accelerator: Accelerator) -> pd.DataFrame 
     table (also written to predictions.csv), elsewhere None."""
     output_dir = Path(args.output_dir)
     source = RecordSource(args.data, args.split)
-    entry = ZooModel(model_id(args.model), args.model, device=accelerator.device)
+    entry = Classifier(args.model, accelerator.device, model_id=model_id(args.model))
     detector = load_detector(args.ood, accelerator.device)
     columns = columns_for(entry)
     if not args.resume and (output_dir / PARTS).is_dir() and any((output_dir / PARTS).iterdir()):

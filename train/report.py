@@ -4,7 +4,7 @@ The report is one self-contained HTML file (thumbnails, overlays and the ROC plo
 base64 data URIs, inline CSS, no script, no network), so it opens offline and can be mailed:
 summary counts, the top-k images ranked and bordered red (P(mel) at or above the model's
 threshold) / blue (below) / grey (may not be dermoscopy) as in the app's batch gallery, their
-explanation overlays (`ZooModel.analyze`: attention rollout for ViTs, Grad-CAM for CNNs), and,
+explanation overlays (`Classifier.analyze`: attention rollout for ViTs, Grad-CAM for CNNs), and,
 when the data has labels, the melanoma ROC curve and AUC with its 95% bootstrap CI (train.plots'
 `plot_roc`, train.metrics' `melanoma_auc` / `bootstrap_auc_ci`), the plot evaluate.py writes too.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import html
 import io
 import logging
 import re
@@ -24,12 +23,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
 from model.imageio import load_image
 from model.labels import MELANOMA
 from model.ood import NOT_DERMOSCOPY, POSSIBLY_NOT_DERMOSCOPY
-from model.zoo import ZooModel
+from model.classifier import Classifier
 from train.metrics import DISCLAIMER, bootstrap_auc_ci, melanoma_auc
 from train.plots import plot_roc
 from train.stream import ImageRecord, RecordSource
@@ -42,18 +42,7 @@ THUMB_SIDE = 160
 N_BOOTSTRAP = 1000
 # The app's batch-gallery border colours (red above threshold, blue below, grey: not dermoscopy?).
 COLOURS = {"above": "rgb(220,30,30)", "below": "rgb(30,90,220)", "ood": "rgb(150,150,150)"}
-
-CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-.note{background:#fff4e5;border:1px solid #f0b060;padding:.6em 1em}
-table.summary td{padding:.15em 1em .15em 0}
-.grid{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;width:340px;font-size:13px}
-figure img{border:8px solid;max-width:160px;vertical-align:top}
-figure img.overlay{border-color:#ddd}
-.above img.thumb{border-color:%(above)s}.below img.thumb{border-color:%(below)s}.ood img.thumb{border-color:%(ood)s}
-""" % COLOURS
-
+TEMPLATES = Environment(loader=PackageLoader("train", "templates"), autoescape=select_autoescape(["html", "j2"]))
 
 def _data_uri(image: Image.Image | np.ndarray, fmt: str = "JPEG") -> str:
     if isinstance(image, np.ndarray):
@@ -78,7 +67,7 @@ def _file_stem(rank: int, image_id: str) -> str:
     return f"rank{rank:05d}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', image_id)[:80]}"
 
 
-def write_explanations(top: pd.DataFrame, images: dict[int, Image.Image], entry: ZooModel, folder: Path) -> dict[int, tuple[np.ndarray, str]]:
+def write_explanations(top: pd.DataFrame, images: dict[int, Image.Image], entry: Classifier, folder: Path) -> dict[int, tuple[np.ndarray, str]]:
     """Overlay PNGs of `top`'s images in `folder` (rank<r>_<id>.png); returns index -> (overlay, method)."""
     folder.mkdir(parents=True, exist_ok=True)
     overlays: dict[int, tuple[np.ndarray, str]] = {}
@@ -90,53 +79,48 @@ def write_explanations(top: pd.DataFrame, images: dict[int, Image.Image], entry:
     return overlays
 
 
-def roc_section(ranked: pd.DataFrame, threshold: float, folder: Path) -> str:
-    """ROC plot + AUC (95% CI) over the scored rows that have a label; "" when none or one class only."""
+def roc_summary(ranked: pd.DataFrame, threshold: float, folder: Path) -> dict[str, Any] | None:
+    """ROC plot + AUC (95% CI) over the scored rows that have a label; None when none has one.
+
+    Returns {counts, auc (None with one class only), low, high, n_bootstrap, image (data URI)}."""
     labelled = ranked[(ranked["error"] == "") & (ranked["label"] != "") & (ranked["melanoma_probability"] != "")]
     if labelled.empty:
-        return ""
+        return None
     y_mel = (labelled["label"] == MELANOMA).to_numpy(dtype=int)
     p_mel = labelled["melanoma_probability"].astype(float).to_numpy()
     auc = melanoma_auc(y_mel, p_mel)
-    counts = f"{len(labelled)} labelled images, {int(y_mel.sum())} melanomas"
+    summary: dict[str, Any] = {"counts": f"{len(labelled)} labelled images, {int(y_mel.sum())} melanomas", "auc": auc}
     if auc is None:
-        return f"<h2>Labels</h2><p>{counts}: ROC undefined (one class only).</p>"
+        return summary
     low, high = bootstrap_auc_ci(y_mel, p_mel, n_resamples=N_BOOTSTRAP, seed=0)
     path = folder / "roc.png"
     plot_roc(y_mel, p_mel, {"model threshold": threshold}, path)
-    return (
-        f"<h2>Labels: melanoma vs rest</h2><p>{counts}. ROC AUC <b>{auc:.3f}</b> (95% stratified bootstrap CI "
-        f"{low:.3f}&ndash;{high:.3f}, {N_BOOTSTRAP} resamples).</p>"
-        f'<img alt="ROC curve" src="{_data_uri(Image.open(path), "PNG")}">'
-    )
+    return {**summary, "low": low, "high": high, "n_bootstrap": N_BOOTSTRAP, "image": _data_uri(Image.open(path), "PNG")}
 
 
-def _figure(row: Any, image: Image.Image | None, overlay: tuple[np.ndarray, str] | None) -> str:
+def _figure(row: Any, image: Image.Image | None, overlay: tuple[np.ndarray, str] | None) -> dict[str, Any]:
+    """One top-k image's entry in the report's grid (the template escapes every text)."""
     kind = "ood" if row.ood_level == NOT_DERMOSCOPY else "above" if row.above_threshold == "True" else "below"
-    tag = {"ood": "&#9888; not dermoscopy: no score", "above": "ABOVE threshold", "below": "below threshold"}[kind]
+    tag = {"ood": "\u26a0 not dermoscopy: no score", "above": "ABOVE threshold", "below": "below threshold"}[kind]
     if row.ood_level == POSSIBLY_NOT_DERMOSCOPY:
         tag += " (caution: may not be dermoscopy)"
-    score = "" if kind == "ood" else f"P(mel) {float(row.melanoma_probability):.1%}, "
-    pictures = ""
+    figure = {"kind": kind, "tag": tag, "rank": row.rank, "id": str(row.id), "label": row.label,
+              "score": "" if kind == "ood" else f"P(mel) {float(row.melanoma_probability):.1%}, ",
+              "top_class": row.top_class_name, "thumb": None, "overlay": None, "method": None}
     if image is not None:
         thumb = image.copy()
         thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
-        pictures += f'<img class="thumb" alt="image" src="{_data_uri(thumb)}">'
+        figure["thumb"] = _data_uri(thumb)
     if overlay is not None:
         view = Image.fromarray(overlay[0])
         view.thumbnail((THUMB_SIDE, THUMB_SIDE))
-        pictures += f' <img class="overlay" alt="explanation" title="{html.escape(overlay[1])}" src="{_data_uri(view)}">'
-    label = f", label {html.escape(row.label)}" if row.label else ""
-    return (
-        f'<figure class="{kind}">{pictures}<figcaption>{"#" + row.rank if row.rank else "not ranked"} '
-        f"<b>{html.escape(str(row.id))}</b>: {score}{tag}; top class {html.escape(row.top_class_name)}"
-        f"{label}</figcaption></figure>"
-    )
+        figure["overlay"], figure["method"] = _data_uri(view), overlay[1]
+    return figure
 
 
 def render_report(ranked: pd.DataFrame, images: dict[int, Image.Image], overlays: dict[int, tuple[np.ndarray, str]],
-                  entry: ZooModel, args: argparse.Namespace, folder: Path) -> str:
-    """The report's HTML (see the module docstring)."""
+                  entry: Classifier, args: argparse.Namespace, folder: Path) -> str:
+    """The report's HTML (see the module docstring), from templates/report.html.j2."""
     scored = ranked[ranked["error"] == ""]
     top = scored.head(args.top_k)
     summary = {
@@ -150,18 +134,14 @@ def render_report(ranked: pd.DataFrame, images: dict[int, Image.Image], overlays
         "Test-time views": args.tta,
         "Command": "predict.py " + shlex.join(sys.argv[1:]),
     }
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
-    figures = "".join(_figure(r, images.get(int(r.index)), overlays.get(int(r.index))) for r in top.itertuples(index=False))
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Melanoma ranking report</title>'
-        f"<style>{CSS}</style></head><body><h1>Ranking by P(melanoma)</h1>"
-        f'<p class="note">{html.escape(DISCLAIMER)} A ranking by a model\'s score, not a diagnosis.</p>'
-        f'<table class="summary">{rows}</table>{roc_section(ranked, entry.melanoma_threshold, folder)}'
-        f"<h2>Top {len(top)} of {len(scored)}</h2><div class=\"grid\">{figures}</div></body></html>"
+    figures = [_figure(r, images.get(int(r.index)), overlays.get(int(r.index))) for r in top.itertuples(index=False)]
+    return TEMPLATES.get_template("report.html.j2").render(
+        colours=COLOURS, disclaimer=DISCLAIMER, summary=summary, roc=roc_summary(ranked, entry.melanoma_threshold, folder),
+        figures=figures, n_scored=len(scored),
     )
 
 
-def write_outputs(ranked: pd.DataFrame, source: RecordSource, entry: ZooModel, args: argparse.Namespace, folder: Path) -> None:
+def write_outputs(ranked: pd.DataFrame, source: RecordSource, entry: Classifier, args: argparse.Namespace, folder: Path) -> None:
     """`--explain K`: overlays of the K top-ranked images; `--report`: report.html (top_k images)."""
     scored = ranked[ranked["error"] == ""]
     shown = scored.head(max(args.top_k if args.report else 0, args.explain))

@@ -114,7 +114,8 @@ from model.baselines import (  # noqa: E402
 )
 from model.convert import load_hybrid_stem_from_timm  # noqa: E402
 from model.geometry import processor_geometry  # noqa: E402
-from model.calibration import fold_temperature, store_temperature  # noqa: E402
+from model.calibration import fold_temperature  # noqa: E402
+from model.metrics_schema import TARGET_SENSITIVITY, THRESHOLD_RULE  # noqa: E402
 from model.labels import DX_CODES, MELANOMA  # noqa: E402
 from model.modeling_melanoma_vit import IGNORE_INDEX  # noqa: E402
 from train.balance import balanced_sampler_weights, class_weights  # noqa: E402
@@ -1183,7 +1184,8 @@ def validate(run: TrainingRun, output_dir: Path) -> dict[str, Any]:
 def calibrate(model: PreTrainedModel, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
               label_names: Sequence[str]) -> dict[str, Any]:
     """Fit each head's temperature on the validation logits and fold it into the head (the one stored
-    form, `model.calibration`); the melanoma threshold of 95% validation sensitivity into the config."""
+    form, `model.calibration.fold_temperature`); the melanoma threshold of the project's one rule
+    (`TARGET_SENSITIVITY` on validation) into the config."""
     temps = {}
     for name, z in logits.items():
         keep = labels[name] != IGNORE_INDEX
@@ -1192,18 +1194,14 @@ def calibrate(model: PreTrainedModel, logits: dict[str, torch.Tensor], labels: d
     threshold = None
     keep = labels[MAIN_HEAD] != IGNORE_INDEX
     if MELANOMA in label_names and MAIN_HEAD in temps:
-        p_mel = torch.softmax(logits[MAIN_HEAD][keep] / temps[MAIN_HEAD], -1)[:, list(label_names).index(MELANOMA)]
-        is_mel = (labels[MAIN_HEAD][keep] == list(label_names).index(MELANOMA)).int().numpy()
-        threshold = threshold_for_sensitivity(is_mel, p_mel.numpy(), 0.95)
+        mel = list(label_names).index(MELANOMA)
+        p_mel = torch.softmax(logits[MAIN_HEAD][keep] / temps[MAIN_HEAD], -1)[:, mel]
+        threshold = threshold_for_sensitivity((labels[MAIN_HEAD][keep] == mel).int().numpy(), p_mel.numpy(), TARGET_SENSITIVITY)
     model.config.melanoma_threshold = threshold
-    if MAIN_HEAD in temps:
-        store_temperature(model.config, temps[MAIN_HEAD])
-    extra = {k: v for k, v in temps.items() if k != MAIN_HEAD}
-    if extra and not isinstance(model, TimmWrapperForImageClassification):  # timm's extra heads are not shipped
-        model.config.head_temperatures = extra
-    fold_temperature(model)
-    return {"temperatures": temps, "melanoma_threshold": threshold,
-            "threshold_rule": "95% melanoma sensitivity on the validation split"}
+    # A TimmWrapper's extra heads are training-only auxiliaries: nothing to fold them into.
+    extra = {k: v for k, v in temps.items() if k != MAIN_HEAD} if not isinstance(model, TimmWrapperForImageClassification) else {}
+    fold_temperature(model, temps.get(MAIN_HEAD), extra or None)
+    return {"temperatures": temps, "melanoma_threshold": threshold, "threshold_rule": THRESHOLD_RULE}
 
 
 def export(run: TrainingRun, args: argparse.Namespace, output_dir: Path, minutes: float) -> dict[str, Any]:

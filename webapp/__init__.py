@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import socket
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from fastapi import FastAPI
 from gradio.utils import get_upload_folder
 
 from model.imageio import MAX_BYTES, format_bytes
-from model.zoo import ModelZoo
+from model.catalogue import ModelCatalogue
 
 from .context import AppContext, AppSettings
 from .middleware import BodyLimitMiddleware, NoSniffMiddleware, OriginCheckMiddleware, UploadedFilesOnlyMiddleware
@@ -50,7 +48,7 @@ def limit_malloc_arenas(count: int = 2) -> bool:
 
 
 def build_app(
-    zoo: ModelZoo | None = None,
+    zoo: ModelCatalogue | None = None,
     max_queued_images: int | None = None,
     task_ttl_s: float | None = None,
     max_upload_bytes: int = MAX_BYTES,
@@ -61,7 +59,7 @@ def build_app(
     """Build the Gradio Blocks and the FastAPI app (REST routes + the UI mounted at `/`).
 
     Args:
-        zoo: the model zoo (default: `ModelZoo()` from the environment).
+        zoo: the model zoo (default: `ModelCatalogue()` from the environment).
         max_queued_images: REST queue size in images (default `$MELANOMA_MAX_QUEUED_IMAGES` or 2000).
         task_ttl_s: seconds REST results are kept (default `$MELANOMA_TASK_TTL_S` or 3600).
         max_upload_bytes: largest accepted file (default 20 MiB).
@@ -77,7 +75,7 @@ def build_app(
     settings = AppSettings.from_env(
         max_queued_images, task_ttl_s, max_upload_bytes, max_request_bytes, cache_ttl_s, allowed_origins
     )
-    ctx = AppContext(zoo or ModelZoo(), settings)
+    ctx = AppContext(zoo or ModelCatalogue(), settings)
     _ = ctx.zoo.ood_detector  # loads the small OOD artifact (or records why there is none) up front
     demo = build_blocks(ctx)
     api = build_api(ctx)
@@ -112,27 +110,12 @@ def create_app() -> FastAPI:
     return build_app()[1]
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Serve `app` with uvicorn; with `block=False` returns (server, thread) once it accepts connections.
-
-    Stop a non-blocking server with `server.should_exit = True; thread.join()`.
-    """
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Serve `app` with uvicorn until interrupted (tests serve it on a thread: tests/servers.py)."""
     import uvicorn
 
     # Graceful-shutdown timeout: open Gradio heartbeat streams would otherwise block exit.
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    if block:
-        server.run()
-        return server, None
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"Server did not start on {host}:{port}.")
-        time.sleep(0.05)
-    return server, thread
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

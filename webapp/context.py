@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.imageio import MAX_BYTES
-from model.zoo import ModelZoo
+from model.catalogue import ModelCatalogue
 
 from .scoring import ScoringService
 from .tasks import MAX_QUEUED_BYTES, MAX_QUEUED_IMAGES, TaskStore
@@ -94,7 +94,7 @@ class AppContext:
         zoo: the model zoo. settings: the app's limits (`AppSettings.from_env()` by default).
     """
 
-    def __init__(self, zoo: ModelZoo, settings: AppSettings):
+    def __init__(self, zoo: ModelCatalogue, settings: AppSettings):
         self.zoo, self.settings = zoo, settings
         self.scoring = ScoringService(zoo, settings.max_upload_bytes)
         self.tasks = TaskStore(max_images=settings.max_queued_images, ttl_s=settings.task_ttl_s,

@@ -1,6 +1,6 @@
 """The page's words: verdicts, class tables, model details and captions, in one unit (percent).
 
-Pure functions of typed results (`model.zoo.ImageResult`, `ZooModel`): no Gradio, no I/O
+Pure functions of typed results (`model.results.ImageResult`, `model.classifier.Classifier`): no Gradio, no I/O
 beyond reading a model folder's config.json.
 """
 
@@ -14,14 +14,13 @@ import matplotlib
 import pandas as pd
 
 from hub_cards.render import SOURCE_INFO
-from model.metrics_schema import HEADLINE_TYPES, METRICS
+from model.metrics_schema import HEADLINE_TYPES, METRICS, THRESHOLD_RULE
 from model.sevenpoint import SEVEN_POINT
 from model.labels import MELANOMA
-from model.zoo import CardMetric, HeadResults, ImageResult, ZooModel
+from model.classifier import Classifier
+from model.results import CardMetric, HeadResults, ImageResult
 
 MAX_ECHO = 120  # longest user-supplied text (file name, id) echoed back
-# How every shipped threshold was set (train/evaluate.py, TARGET_SENSITIVITY).
-THRESHOLD_RULE = "chosen on validation for 95% melanoma sensitivity"
 DISCLAIMER = (
     "**Research and education demo, not a medical device.** It does not diagnose, screen for "
     "or rule out skin cancer, and its scores are not validated for clinical use. Anyone worried "
@@ -153,11 +152,11 @@ def criteria_markdown(heads: HeadResults) -> str:
     return "\n".join(lines)
 
 
-def readable_probabilities(entry: ZooModel, probabilities: dict[str, float]) -> dict[str, float]:
+def readable_probabilities(entry: Classifier, probabilities: dict[str, float]) -> dict[str, float]:
     return {entry.labels.get(code, code): p for code, p in probabilities.items()}
 
 
-def probabilities_markdown(entry: ZooModel, probabilities: dict[str, float], title: str = "Class probabilities") -> str:
+def probabilities_markdown(entry: Classifier, probabilities: dict[str, float], title: str = "Class probabilities") -> str:
     """Every class, highest first, in the page's one unit (gr.Label would round to whole percents)."""
     ranked = sorted(readable_probabilities(entry, probabilities).items(), key=lambda item: -item[1])
     rows = "\n".join(f"| {name} | {percent(p)} |" for name, p in ranked)
@@ -167,15 +166,15 @@ def probabilities_markdown(entry: ZooModel, probabilities: dict[str, float], tit
 def _temperature_text(info: dict) -> str:
     if info["folded_temperature"] is not None:
         return f"temperature {info['folded_temperature']:.3g} (folded into the classifier head)"
-    return f"temperature {info['temperature']:.3g}"
+    return "none (plain softmax of an uncalibrated head)"
 
 
-def training_data_text(entry: ZooModel) -> str:
+def training_data_text(entry: Classifier) -> str:
     """The data a model was trained on: its card's datasets, else (multi-source models) the
     readable names of its training sources; "" when neither says."""
     if entry.card and entry.card.datasets:
         return ", ".join(entry.card.datasets)
-    return " + ".join(SOURCE_INFO.get(kind, (kind,))[0] for kind in entry.training_sources)
+    return " + ".join(SOURCE_INFO.get(kind, (kind,))[0] for kind in (entry.card.training_sources if entry.card else []))
 
 
 def metric_name(metric: CardMetric) -> str:
@@ -187,7 +186,7 @@ def metric_name(metric: CardMetric) -> str:
     return (row.index_name or row.label).format(threshold=percent(float(metric.args["threshold"])))
 
 
-def model_details_markdown(entry: ZooModel) -> str:
+def model_details_markdown(entry: Classifier) -> str:
     """The model's facts as a two-column table: what it is, its calibration and threshold, where it
     comes from, and its headline metrics (model/metrics_schema.py's table picks which)."""
     info = entry.describe()

@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.imageio import InvalidImageError, format_bytes
-from model.zoo import UnknownModelError, ZooModel
+from model.catalogue import UnknownModelError
+from model.classifier import Classifier
 
 from .context import AppContext
 from .formatting import API_DESCRIPTION, DISCLAIMER, clip
@@ -46,7 +47,7 @@ def batch_json(batch: BatchResult, errors: list[FileError]) -> dict[str, Any]:
     }
 
 
-def scoring_task(ctx: AppContext, entry: ZooModel, named: list[tuple[str, bytes]], errors: list[FileError]) -> Callable:
+def scoring_task(ctx: AppContext, entry: Classifier, named: list[tuple[str, bytes]], errors: list[FileError]) -> Callable:
     """The task store's work for one request: score the admitted files a chunk per step (so other
     clients get turns in between), return the JSON body."""
 
@@ -65,7 +66,7 @@ def client_of(request: Request) -> str:
 
 
 # -------------------------------------------------------------------------------- uploads
-def model_entry(ctx: AppContext, model_id: str | None) -> ZooModel:
+def model_entry(ctx: AppContext, model_id: str | None) -> Classifier:
     try:
         return ctx.scoring.entry(model_id)
     except UnknownModelError as err:

@@ -1,6 +1,6 @@
 """The one scoring service behind the page and REST: decode, score, rank, explain, build rows.
 
-Results stay typed (`model.zoo.ImageResult` inside `BatchResult` / `Explained`); they become
+Results stay typed (`model.results.ImageResult` inside `BatchResult` / `Explained`); they become
 JSON only at the boundary (REST responses, the Gradio JSON output) and CSV cells only through
 `model.records`.
 """
@@ -19,7 +19,9 @@ from PIL import Image
 
 from model.imageio import MAX_BYTES, InvalidImageError, load_image
 from model.records import csv_safe, result_row
-from model.zoo import ImageResult, ModelZoo, ZooModel
+from model.catalogue import ModelCatalogue
+from model.classifier import Classifier
+from model.results import ImageResult
 
 from .formatting import clip
 
@@ -114,10 +116,10 @@ class ScoringService:
         zoo: the model zoo. max_upload_bytes: largest accepted file.
     """
 
-    def __init__(self, zoo: ModelZoo, max_upload_bytes: int = MAX_BYTES):
+    def __init__(self, zoo: ModelCatalogue, max_upload_bytes: int = MAX_BYTES):
         self.zoo, self.max_upload_bytes = zoo, max_upload_bytes
 
-    def entry(self, model_id: str | None) -> ZooModel:
+    def entry(self, model_id: str | None) -> Classifier:
         """The zoo's model (the default one for None or ""); raises `UnknownModelError`."""
         return self.zoo.get(model_id or None)
 
@@ -127,7 +129,7 @@ class ScoringService:
 
     def score(
         self,
-        entry: ZooModel,
+        entry: Classifier,
         sources: Sequence[tuple[str, Any]],
         on_chunk: Callable[[int], None] | None = None,
         thumbnails: bool = False,
@@ -144,7 +146,7 @@ class ScoringService:
                 on_chunk(done)
 
     def score_chunks(
-        self, entry: ZooModel, sources: Sequence[tuple[str, Any]], thumbnails: bool = False
+        self, entry: Classifier, sources: Sequence[tuple[str, Any]], thumbnails: bool = False
     ) -> Generator[int, None, BatchResult]:
         """`score` one chunk per step: yields the number of files done after each chunk and returns
         the `BatchResult` (the REST worker takes one step per client's turn)."""
@@ -173,7 +175,7 @@ class ScoringService:
 
     def explain(
         self,
-        entry: ZooModel,
+        entry: Classifier,
         name: str,
         image: Image.Image,
         head_fusion: str = "mean",

@@ -21,7 +21,9 @@ from PIL import Image, ImageOps
 
 from model.imageio import InvalidImageError
 from model.ood import NOT_DERMOSCOPY
-from model.zoo import ImageResult, UnknownModelError, ZooModel
+from model.catalogue import UnknownModelError
+from model.classifier import Classifier
+from model.results import ImageResult
 
 from .context import AppContext
 from .formatting import (
@@ -102,7 +104,7 @@ class BatchState:
     paths: list[str]
 
 
-def _entry(ctx: AppContext, model_id: str | None) -> ZooModel:
+def _entry(ctx: AppContext, model_id: str | None) -> Classifier:
     try:
         return ctx.scoring.entry(model_id)
     except UnknownModelError as err:

@@ -1,5 +1,5 @@
-"""model/zoo.py and model/imageio.py: discovery, loading, calibrated predictions, explanations,
-and safe decoding of every kind of bad or unusual image input.
+"""model/classifier.py, model/catalogue.py and model/imageio.py: discovery, loading, calibrated
+predictions, explanations, and safe decoding of every kind of bad or unusual image input.
 
 The models are real (tiny) MelanomaViT / transformers ViT / timm ResNet-18 folders built and
 briefly fine-tuned on the fixture images by `make_tiny_model_folders` (also used by test_app.py),
@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from model.calibration import fold_temperature
 from model.imageio import InvalidImageError, load_image
 from model.labels import CRITERIA_LABELS, DERM7PT_LABELS, DX_CODES, ISIC2017_LABELS, dx_id2label, dx_label2id
 
@@ -64,7 +65,7 @@ MULTISOURCE = "multisource-hybrid-tiny"
 def save_multisource_model(folder: Path) -> None:
     """A hybrid MelanomaViT (tf_efficientnet_lite0 stem, image 64, 4x4 tokens) with every extra head a
     multi-source model ships: `isic2017`, `derm7pt` and the seven criteria; random init, with head weights
-    spread out (the init gives near-uniform probabilities) and a temperature per head but one (default 1)."""
+    spread out (the init gives near-uniform probabilities) and a temperature folded into every head but one."""
     from transformers import ViTImageProcessor
 
     from model import MelanomaViTConfig, MelanomaViTForImageClassification
@@ -74,13 +75,14 @@ def save_multisource_model(folder: Path) -> None:
     config = MelanomaViTConfig(
         image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=37, patch_embedding_type="hybrid", backbone="tf_efficientnet_lite0", backbone_stage=4,
-        backbone_channels=112, id2label=dx_id2label(), label2id=dx_label2id(), temperature=1.5, extra_heads=heads,
-        head_temperatures={name: 0.5 + 0.25 * i for i, name in enumerate(heads) if name != "vascular_structures"},
+        backbone_channels=112, id2label=dx_id2label(), label2id=dx_label2id(), extra_heads=heads,
     )
     model = MelanomaViTForImageClassification(config).eval()
     with torch.no_grad():
         for head in model.extra_heads.values():
             head.weight.normal_(std=0.5)
+    head_temperatures = {name: 0.5 + 0.25 * i for i, name in enumerate(heads) if name != "vascular_structures"}
+    fold_temperature(model, 1.5, head_temperatures)
     model.save_pretrained(folder)
     ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
 
@@ -89,7 +91,8 @@ def make_tiny_model_folders(root: Path, fixtures_dir: Path, cnn: bool = True) ->
     """Save tiny real model folders under `root` (a models/ directory); returns name -> folder.
 
     - melanoma-vit-tiny: MelanomaViT (image 32, patch 8, hidden 32, 2 layers, 4 heads), fine-tuned (10 steps)
-      on the 16 fixture images, temperature 2.0 and the median fixture P(mel) as melanoma threshold,
+      on the 16 fixture images, temperature 2.0 folded into its head and the median fixture P(mel) as
+      melanoma threshold,
       and a model card with a license and a model-index metric;
     - vit-tiny: transformers' ViTForImageClassification with the same sizes (random init);
     - multisource-hybrid-tiny: `save_multisource_model` (extra heads, seven-point criteria);
@@ -112,12 +115,12 @@ def make_tiny_model_folders(root: Path, fixtures_dir: Path, cnn: bool = True) ->
     )
     losses = _fine_tune(vit, processor, images, labels)
     assert losses[-1] < losses[0], losses
-    vit.config.temperature = 2.0
     # Threshold at the median P(mel) of the fixture images, so the app shows both flags.
     with torch.no_grad():
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
         p_mel = torch.softmax(vit(pixel_values=pixel_values).logits / 2.0, dim=-1)[:, dx_label2id()["mel"]]
     vit.config.melanoma_threshold = round(float(p_mel.median()), 6)
+    fold_temperature(vit, 2.0)
     folders["melanoma-vit-tiny"] = root / "melanoma-vit-tiny"
     vit.save_pretrained(folders["melanoma-vit-tiny"])
     processor.save_pretrained(folders["melanoma-vit-tiny"])
@@ -160,7 +163,7 @@ def make_tiny_model_folders(root: Path, fixtures_dir: Path, cnn: bool = True) ->
 
 
 def shared_tiny_models(tmp_path_factory, fixtures_dir) -> Path:
-    """The tiny model folders, built once per pytest session (test_zoo.py and test_app.py share them)."""
+    """The tiny model folders, built once per pytest session (test_classifier.py and test_app.py share them)."""
     root = tmp_path_factory.getbasetemp() / "tiny_models"
     if not (root / ".complete").exists():
         root.mkdir(exist_ok=True)
@@ -176,16 +179,16 @@ def models_dir(tmp_path_factory, fixtures_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def zoo(models_dir):
-    from model.zoo import ModelZoo
+    from model.catalogue import ModelCatalogue
 
-    return ModelZoo(models_dir=models_dir, hub_ids=["someone/not-reachable-model"])
+    return ModelCatalogue(models_dir=models_dir, hub_ids=["someone/not-reachable-model"])
 
 
 # -------------------------------------------------------------------------------------- zoo
 
 
 def test_discovery_default_and_skipped_hub_ids(zoo, models_dir, monkeypatch):
-    from model.zoo import ModelZoo, UnknownModelError
+    from model.catalogue import ModelCatalogue, UnknownModelError
 
     assert zoo.ids == ["melanoma-vit-tiny", MULTISOURCE, "resnet18-tiny", "vit-tiny"]
     assert zoo.default_id == "melanoma-vit-tiny"  # preference "melanoma-vit" prefix
@@ -196,19 +199,19 @@ def test_discovery_default_and_skipped_hub_ids(zoo, models_dir, monkeypatch):
     monkeypatch.setenv("MELANOMA_MODELS_DIR", str(models_dir))
     monkeypatch.setenv("MELANOMA_DEFAULT_MODEL", "vit-tiny")
     monkeypatch.setenv("MELANOMA_HUB_MODELS", "a/b, c/d")
-    env_zoo = ModelZoo()
+    env_zoo = ModelCatalogue()
     assert env_zoo.default_id == "vit-tiny"
     assert set(env_zoo.skipped) == {"a/b", "c/d"}
     with pytest.raises(UnknownModelError):
-        ModelZoo(models_dir=models_dir, hub_ids=[], default="missing").default_id
+        ModelCatalogue(models_dir=models_dir, hub_ids=[], default="missing").default_id
 
 
 def test_models_yaml_lists_hub_ids(tmp_path):
-    from model.zoo import ModelZoo
+    from model.catalogue import ModelCatalogue
 
     (tmp_path / "models").mkdir()
     (tmp_path / "models.yaml").write_text("hub_models:\n  - org/melanoma-vit-base\n")
-    zoo = ModelZoo(models_dir=tmp_path / "models")
+    zoo = ModelCatalogue(models_dir=tmp_path / "models")
     assert zoo.ids == [] and list(zoo.skipped) == ["org/melanoma-vit-base"]
     assert zoo.default_id is None
 
@@ -219,7 +222,7 @@ def test_entry_metadata_and_card(zoo, models_dir):
     assert zoo.get("melanoma-vit-tiny") is entry  # loaded once, cached
     assert entry.net_type == "melanoma_vit"
     assert (entry.img_size, entry.out_dim) == (32, 7)
-    assert entry.temperature == 2.0 and 0.0 < entry.melanoma_threshold < 1.0
+    assert entry.folded_temperature == 2.0 and 0.0 < entry.melanoma_threshold < 1.0
     assert entry.melanoma_threshold == saved["melanoma_threshold"]
     assert entry.labels["mel"] == "Melanoma" and list(entry.labels) == list(DX_CODES)
     info = entry.describe()
@@ -228,11 +231,11 @@ def test_entry_metadata_and_card(zoo, models_dir):
     assert info["explanation"] == "attention rollout"
     cnn = zoo.get("resnet18-tiny")
     assert cnn.net_type == "timm/resnet18" and cnn.img_size == 32
-    assert cnn.melanoma_threshold == 0.5 and cnn.temperature == 1.0  # defaults
+    assert cnn.melanoma_threshold == 0.5 and cnn.folded_temperature is None  # defaults: uncalibrated
     assert cnn.describe()["explanation"] == "Grad-CAM"
 
 
-def test_predict_is_temperature_scaled_softmax(zoo, ham_image_paths):
+def test_predict_is_the_softmax_of_the_calibrated_head(zoo, ham_image_paths):
     entry = zoo.get("melanoma-vit-tiny")
     images = [Image.open(p).convert("RGB") for p in ham_image_paths[:5]]
     probs = entry.predict(images, batch_size=2)  # exercises several batches
@@ -240,10 +243,16 @@ def test_predict_is_temperature_scaled_softmax(zoo, ham_image_paths):
     pixel_values = entry.processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         logits = entry.model(pixel_values=pixel_values).logits
-    expected = torch.softmax(logits / 2.0, dim=-1)
     got = torch.tensor([[p.probabilities[c] for c in DX_CODES] for p in probs])
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(got, torch.softmax(logits, dim=-1))  # T=2 really applied
+    torch.testing.assert_close(got, torch.softmax(logits, dim=-1), atol=1e-5, rtol=1e-5)  # T = 2 is in the head
+    # Test-time views: the mean of the views' probabilities (identity and mirror image).
+    two = entry.predict(images[:2], tta=2)
+    with torch.no_grad():
+        views = [torch.softmax(entry.model(pixel_values=pixel_values[:2].flip(-1) if v else pixel_values[:2]).logits, -1)
+                 for v in (0, 1)]
+    got = torch.tensor([[p.probabilities[c] for c in DX_CODES] for p in two])
+    torch.testing.assert_close(got, torch.stack(views).mean(0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(views[0], views[1])  # the views differ, so the check has teeth
     # Batched equals one-by-one.
     single = entry.predict(images[:1])[0]
     assert single.probabilities == pytest.approx(probs[0].probabilities, abs=1e-5)
@@ -279,7 +288,7 @@ def test_analyze_gradcam_for_cnn(zoo, ham_image_paths):
     # The map is the melanoma class's (the verdict's number), whatever the top class.
     from model.gradcam import grad_cam
 
-    pixel_values = entry._pixel_values([image])
+    pixel_values = entry.pixel_values([image])
     expected = grad_cam(entry.model, pixel_values, target=entry.label2id["mel"])[0].numpy()
     np.testing.assert_allclose(result.mask, expected, atol=1e-5)
     assert result.probabilities == pytest.approx(entry.predict([image])[0].probabilities, abs=1e-5)
@@ -287,10 +296,10 @@ def test_analyze_gradcam_for_cnn(zoo, ham_image_paths):
 
 
 def test_extra_heads_come_from_the_same_forward_pass(zoo, ham_image_paths):
-    """Multi-source model: every head calibrated as `predict_heads`, the seven-point score from them,
+    """Multi-source model: every head's softmax (temperatures folded) as `predict_heads`, the seven-point score from them,
     in `predict` (batched), `analyze` (the rollout forward) and the JSON record."""
     from model.sevenpoint import SEVEN_POINT, criterion_probability, seven_point_score
-    from model.zoo import SevenPointResult
+    from model.results import SevenPointResult
 
     entry = zoo.get(MULTISOURCE)
     assert entry.has_seven_point and entry.extra_heads == entry.config.extra_heads
@@ -307,9 +316,9 @@ def test_extra_heads_come_from_the_same_forward_pass(zoo, ham_image_paths):
         torch.testing.assert_close(got.sum(-1), torch.ones(len(images)), atol=1e-5, rtol=0)
     with torch.no_grad():
         raw = entry.model(pixel_values=pixel_values).head_logits["isic2017"]
-    assert entry.config.head_temperatures["isic2017"] == 0.5
+    assert entry.folded_head_temperatures["isic2017"] == 0.5 and entry.config.head_temperatures is None
     got = torch.tensor([list(p.heads.probabilities["isic2017"].values()) for p in predictions])
-    assert not torch.allclose(got, torch.softmax(raw, dim=-1), atol=1e-3)  # the head's T really applied
+    torch.testing.assert_close(got, torch.softmax(raw, dim=-1), atol=1e-5, rtol=1e-5)  # nothing divided twice
 
     scores = seven_point_score({name: expected[name].numpy() for name in SEVEN_POINT})
     for i, prediction in enumerate(predictions):
@@ -353,7 +362,7 @@ def test_models_without_extra_heads_keep_their_record(zoo, ham_image_paths):
 def test_image_result_is_typed_and_becomes_json_only_in_to_json():
     """The melanoma flag at the threshold, the OOD warning and the JSON record from one typed result."""
     from model.ood import OODResult
-    from model.zoo import ImageResult, ModelMetadata, Prediction
+    from model.results import ImageResult, ModelMetadata, Prediction
 
     meta = ModelMetadata("m", "vit", 32, 3)
     probs = {"nv": 0.35, "mel": 0.4, "bkl": 0.25}
@@ -387,7 +396,7 @@ def test_extra_heads_without_every_criterion_give_no_checklist(tmp_path, ham_ima
     from transformers import ViTImageProcessor
 
     from model import MelanomaViTConfig, MelanomaViTForImageClassification
-    from model.zoo import ZooModel
+    from model.classifier import Classifier
 
     torch.manual_seed(0)
     heads = {"isic2017": list(ISIC2017_LABELS), "pigment_network": list(CRITERIA_LABELS["pigment_network"])}
@@ -395,7 +404,7 @@ def test_extra_heads_without_every_criterion_give_no_checklist(tmp_path, ham_ima
                                num_attention_heads=4, intermediate_size=37, id2label=dx_id2label(), extra_heads=heads)
     MelanomaViTForImageClassification(config).save_pretrained(tmp_path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
-    entry = ZooModel("two-heads", tmp_path)
+    entry = Classifier(tmp_path, model_id="two-heads")
     (prediction,) = entry.predict([Image.open(ham_image_paths[0]).convert("RGB")])
     assert not entry.has_seven_point and prediction.heads.seven_point is None
     assert list(prediction.heads.probabilities) == list(heads)
@@ -403,12 +412,12 @@ def test_extra_heads_without_every_criterion_give_no_checklist(tmp_path, ham_ima
     assert record["heads"] == prediction.heads.probabilities and "seven_point" not in record
 
 
-def test_zoo_is_thread_safe(models_dir, ham_image_paths):
+def test_classifier_is_thread_safe(models_dir, ham_image_paths):
     from concurrent.futures import ThreadPoolExecutor
 
-    from model.zoo import ModelZoo
+    from model.catalogue import ModelCatalogue
 
-    zoo = ModelZoo(models_dir=models_dir, hub_ids=[])
+    zoo = ModelCatalogue(models_dir=models_dir, hub_ids=[])
     image = Image.open(ham_image_paths[2]).convert("RGB")
     with ThreadPoolExecutor(4) as pool:
         entries = list(pool.map(lambda _: zoo.get("vit-tiny"), range(4)))
@@ -554,7 +563,8 @@ def test_rollout_on_stock_deit_export_of_a_distilled_model(tmp_path, ham_image_p
     from model import MelanomaViTConfig, MelanomaViTForImageClassification
     from model.convert import save_vit_export
     from model.labels import dx_id2label
-    from model.zoo import ModelZoo, ZooModel
+    from model.catalogue import ModelCatalogue
+    from model.classifier import Classifier
 
     torch.manual_seed(0)
     config = MelanomaViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
@@ -566,39 +576,46 @@ def test_rollout_on_stock_deit_export_of_a_distilled_model(tmp_path, ham_image_p
         save(tmp_path / name)
         processor.save_pretrained(tmp_path / name)
     image = Image.open(ham_image_paths[0]).convert("RGB")
-    a = ZooModel("ours", tmp_path / "ours").analyze(image, discard_ratio=0.5)
-    b = ZooModel("export", tmp_path / "export").analyze(image, discard_ratio=0.5)
+    a = Classifier(tmp_path / "ours", model_id="ours").analyze(image, discard_ratio=0.5)
+    b = Classifier(tmp_path / "export", model_id="export").analyze(image, discard_ratio=0.5)
     assert "rollout" in b.method
-    assert ModelZoo(models_dir=tmp_path, hub_ids=[]).ids == ["export", "ours"]  # both discovered
+    assert ModelCatalogue(models_dir=tmp_path, hub_ids=[]).ids == ["export", "ours"]  # both discovered
     assert b.probabilities == pytest.approx(a.probabilities, abs=1e-4)
     np.testing.assert_allclose(b.heatmap.astype(int), a.heatmap.astype(int), atol=2)
 
 
-def test_folded_temperatures_give_the_same_predictions_not_divided_twice(zoo, tmp_path, ham_image_paths):
-    """Folders store calibrations folded into the heads (evaluate.py, multi-source export): the zoo then
-    applies T = 1 and reports the folded value, for the dx head and every extra head."""
+def test_unfolded_folders_are_refused_and_folding_them_keeps_their_probabilities(zoo, tmp_path, ham_image_paths):
+    """One stored calibration form: a folder that still stores temperatures to apply (older exports) is
+    refused with the fix; folded once (`fold_temperature(model)`), it gives what applying them gave."""
     import shutil
 
-    from model.calibration import fold_temperature
-    from model.zoo import ZooModel
+    from model.calibration import unfold_temperature
+    from model.classifier import Classifier
     from webapp.formatting import model_details_markdown
 
     images = [Image.open(p).convert("RGB") for p in ham_image_paths[:3]]
     for name in ("melanoma-vit-tiny", MULTISOURCE):
         entry = zoo.get(name)
+        assert "folded into the classifier head" in model_details_markdown(entry)
+        # The older form: raw heads, T (and head temperatures) stored to apply.
+        old = unfold_temperature(entry.model.__class__.from_pretrained(entry.path))
+        old.config.temperature = entry.folded_temperature
+        old.config.head_temperatures = entry.folded_head_temperatures or None
         folder = shutil.copytree(entry.path, tmp_path / name)
-        fold_temperature(entry.model.__class__.from_pretrained(entry.path)).save_pretrained(folder)
-        folded = ZooModel(name, folder)
-        assert entry.temperature != 1.0 and entry.folded_temperature is None
-        assert folded.temperature == 1.0 and folded.folded_temperature == entry.temperature
-        assert "folded into the classifier head" in model_details_markdown(folded)
-        for before, after in zip(entry.predict(images), folded.predict(images)):
+        old.save_pretrained(folder)
+        with pytest.raises(ValueError, match="temperature still to apply.*fold_temperature"):
+            Classifier(folder)
+        fold_temperature(old).save_pretrained(folder)
+        migrated = Classifier(folder, model_id=name)
+        assert migrated.folded_temperature == entry.folded_temperature
+        assert migrated.folded_head_temperatures == entry.folded_head_temperatures
+        for before, after in zip(entry.predict(images), migrated.predict(images)):
             assert after.probabilities == pytest.approx(before.probabilities, abs=1e-5)
             if before.heads is not None:
                 for head, probs in before.heads.probabilities.items():
                     assert after.heads.probabilities[head] == pytest.approx(probs, abs=1e-5), head
                 assert after.heads.seven_point.score == pytest.approx(before.heads.seven_point.score, abs=1e-4)
-    assert zoo.get(MULTISOURCE).config.head_temperatures  # the extra heads were calibrated, so folding mattered
+    assert zoo.get(MULTISOURCE).folded_head_temperatures  # the extra heads were calibrated, so folding mattered
 
 
 def test_big_non_rgb_images_are_shrunk_in_bands_like_a_full_conversion():
