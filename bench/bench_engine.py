@@ -1,7 +1,7 @@
 """Seconds per optimizer step of train/train.py's one loop: cached-feature batches vs image batches.
 
 A multi-source recipe runs twice through `train.train.main` on the same real images (a seeded
-subset of HAM10000's lesions, the recipe's model, batch size, heads and augmentation): once as
+subset of HAM10000's lesions, the recipe's model, batch size and augmentation; the dx head): once as
 written (cached stem features, the cache built first and timed apart) and once with
 `feature_cache` removed (image batches, every layer trained: the `*_full.yaml` mode). Prints
 seconds per step of each (after 2 warm-up steps, from `val_metrics.json`), their ratio, and what
@@ -71,7 +71,8 @@ def run() -> None:
         data = ham_subset(tmp / "ham", args.images, cfg.seed)
         recipe = yaml.safe_load(Path(args.config).read_text())
         recipe.update(sources=[{"name": "ham10000", "data": str(data), "val_size": 0.1, "test_size": 0.1}],
-                      report_to="none", checkpointing_steps=None, metric_for_best_model=None)
+                      report_to="none", checkpointing_steps=None, metric_for_best_model=None,
+                      head_loss_weights={})  # HAM10000 only: the dx head (the other heads are tiny linear layers)
         recipe.get("distillation", {}).pop("teachers", None)  # teachers need their own caches: timed elsewhere
         recipe["feature_cache"] = {**recipe["feature_cache"], "dir": str(tmp / "cache")}
         views = int(recipe["feature_cache"].get("views", 4))

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from model.calibration import config_temperature, config_temperature_key, folded_temperature
+from model.calibration import folded_temperature, unfolded_temperatures
 from model.geometry import processor_geometry
 from model.labels import DX_NAMES, MELANOMA
 from model.metrics_schema import METRICS, Metric
@@ -552,7 +552,11 @@ def render_model_card(
         eval_results=eval_results or None,
         base_model=base_model if isinstance(base_model, str) and "/" in base_model else None,
     )
-    temperature = config_temperature(config)
+    unfolded = unfolded_temperatures(config)
+    if unfolded:
+        raise ValueError(f"{model_dir}: config.json stores a temperature still to apply ({unfolded}); fold it into the "
+                         "head weights once (model.calibration.fold_temperature(model).save_pretrained(folder)), "
+                         "then render the card.")
     folded = folded_temperature(config)
     threshold = config.get("melanoma_threshold")
     card = ModelCard.from_template(
@@ -569,9 +573,6 @@ def render_model_card(
         overview=overview_table(eval_sets),
         training=training,
         extra_heads=[(h, ", ".join(f"`{v}`" for v in labels)) for h, labels in (config.get("extra_heads") or {}).items()],
-        # A temperature still to apply (older, unfolded folders), and the key the snippet divides by.
-        config_temperature=fmt_number(temperature) if temperature is not None else None,
-        temperature_key=config_temperature_key(config),
         folded_temperature=fmt_number(folded) if folded is not None else None,
         config_threshold=fmt_number(threshold) if is_number(threshold) else None,
     )

@@ -1,4 +1,6 @@
-"""Shared pytest set-up: offline Hub, fixture paths (pyproject's `pythonpath` puts the checkout first)."""
+"""Shared pytest set-up: offline Hub, fixture paths, the tiny-model factories every test module uses
+(pyproject's `pythonpath` puts the checkout first; test modules import the factories with
+`from conftest import ...`, pytest puts tests/ on sys.path)."""
 
 import os
 from pathlib import Path
@@ -11,10 +13,28 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from model import MelanomaViTConfig, MelanomaViTForImageClassification  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURES = ROOT / "tests" / "fixtures"
+
+# The house tiny MelanomaViT: image 32, patch 8, hidden 32, 2 layers, 4 heads, intermediate 37.
+TINY_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=37)
+
+
+def tiny_vit_config(**overrides) -> MelanomaViTConfig:
+    """`TINY_VIT` with `overrides` (any MelanomaViTConfig field)."""
+    return MelanomaViTConfig(**{**TINY_VIT, **overrides})
+
+
+def tiny_vit(**overrides) -> MelanomaViTForImageClassification:
+    """A tiny MelanomaViT initialised from seed 0 (train mode, as constructed)."""
+    torch.manual_seed(0)
+    return MelanomaViTForImageClassification(tiny_vit_config(**overrides))
 
 
 @pytest.fixture(scope="session")

@@ -190,6 +190,7 @@ def test_single_image_shows_probabilities_and_heatmap(browser, live_app, page, h
     page.get_by_text("Model details", exact=True).click()
     verdict_threshold = re.search(r"threshold of ([\d.]+%)", page.get_by_text(re.compile("threshold of")).inner_text())
     details = page.locator("table", has=page.get_by_text("Melanoma threshold")).first
+    details.wait_for(state="visible")  # the accordion opens asynchronously (empty rows on a busy machine)
     threshold_row = details.locator("tr", has=page.get_by_text("Melanoma threshold")).locator("td").all_inner_texts()
     assert threshold_row[1].startswith(f"{verdict_threshold.group(1)} on P(mel)"), threshold_row
     assert details.locator("tr", has=page.get_by_text("Architecture")).locator("td").all_inner_texts()[1] == "melanoma_vit"

@@ -25,8 +25,7 @@ from model.calibration import (
 )
 from model.labels import dx_id2label
 
-TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=37)  # fmt: skip
+from conftest import TINY_VIT as TINY
 HEADS = {"isic2017": ["mel", "nv", "sk"], "streaks": ["absent", "regular", "irregular"], "blue_whitish_veil": ["no", "yes"]}
 HEAD_TEMPERATURES = {"isic2017": 0.7, "streaks": 2.5}  # blue_whitish_veil: none (1.0)
 TOL = dict(rtol=1e-5, atol=1e-6)

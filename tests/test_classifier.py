@@ -259,7 +259,6 @@ def test_predict_is_the_softmax_of_the_calibrated_head(zoo, ham_image_paths):
 
 
 def test_analyze_rollout_matches_predict(zoo, ham_image_paths):
-    pytest.importorskip("model.rollout")
     entry = zoo.get("melanoma-vit-tiny")
     image = Image.open(ham_image_paths[0]).convert("RGB")
     result = entry.analyze(image, head_fusion="max", discard_ratio=0.5, start_layer=1)
@@ -279,7 +278,6 @@ def test_analyze_rollout_matches_predict(zoo, ham_image_paths):
 
 
 def test_analyze_gradcam_for_cnn(zoo, ham_image_paths):
-    pytest.importorskip("model.gradcam")
     entry = zoo.get("resnet18-tiny")
     image = Image.open(ham_image_paths[1]).convert("RGB")
     result = entry.analyze(image)

@@ -23,8 +23,7 @@ from hub_cards import dataset_card, render, space_card
 from hub_cards.render import MODEL_CARD_TEMPLATE, render_model_card
 from model.labels import DX_CODES, dx_id2label, dx_label2id
 
-TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=37)
+from conftest import TINY_VIT as TINY  # noqa: E402
 
 # SYNTHETIC TEST INPUT: not a measurement of any model.
 SYNTHETIC_METRICS = {
@@ -52,14 +51,13 @@ def _save_tiny_vit(folder: Path) -> Path:
 
 
 def _save_tiny_melanoma_vit(folder: Path) -> Path:
-    model = pytest.importorskip("model")
-    if not hasattr(model, "MelanomaViTForImageClassification"):
-        pytest.skip("model.MelanomaViTForImageClassification not available yet")
+    import model
     from transformers import ViTImageProcessor
 
-    config = model.MelanomaViTConfig(**TINY, id2label=dx_id2label(), label2id=dx_label2id(),
-                                     temperature=1.5, melanoma_threshold=0.3)
-    model.MelanomaViTForImageClassification(config).save_pretrained(folder)
+    from model.calibration import fold_temperature
+
+    config = model.MelanomaViTConfig(**TINY, id2label=dx_id2label(), label2id=dx_label2id(), melanoma_threshold=0.3)
+    fold_temperature(model.MelanomaViTForImageClassification(config), 1.5).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
 
@@ -229,7 +227,7 @@ def test_melanoma_vit_card_snippets_use_remote_code_and_run(tiny_melanoma_vit_di
     card = render_model_card(tiny_melanoma_vit_dir, model_name="melanoma-vit-tiny")
     text = card.text
     assert text.count("trust_remote_code=True") == 2
-    assert "`temperature` = 1.500" in text and "`melanoma_threshold` = 0.300" in text
+    assert "`folded_temperature` = 1.500" in text and "`melanoma_threshold` = 0.300" in text
     assert "| model_type | melanoma_vit |" in text
     assert "melanoma_vit" in card.data.tags
     outputs = _run_snippets(text, tiny_melanoma_vit_dir, ham_image_paths[3])
@@ -281,8 +279,8 @@ def test_eval_folder_without_metrics_is_an_error(tiny_vit_dir, tmp_path):
 
 def _fixture_manifest(ham_dir: Path, path: Path) -> dict:
     """A real manifest: the 12 fixture images split by lesion with train/splits.py."""
-    data = pytest.importorskip("train.data")
-    splits = pytest.importorskip("train.splits")
+    from train import data, splits
+
     ds = data.load_image_dataset(str(ham_dir))
     dd = splits.split_by_lesion(ds, val_size=0.25, test_size=0.25, seed=0)
     return splits.write_manifest(dd, path)
@@ -394,7 +392,8 @@ def test_repository_readme_front_matter_lists_the_shipped_classifiers_as_hub_ids
 
 @pytest.mark.slow
 def test_card_from_a_real_evaluation_reports_its_metrics_json(tiny_melanoma_vit_dir, ham_dir, tmp_path):
-    evaluate = pytest.importorskip("train.evaluate")
+    from train import evaluate
+
     d = Path(shutil.copytree(tiny_melanoma_vit_dir, tmp_path / "mvit"))
     _fixture_manifest(ham_dir, d / "split_manifest.json")
     out = d / "eval" / "ham10000_test"
@@ -461,33 +460,30 @@ def test_folded_temperature_card_uses_plain_softmax_everywhere(tmp_path, ham_ima
     for prediction in eval(outputs[1]):  # the pipeline's top 3: the snippet's calibrated numbers
         assert f"{prediction['score']:.3f}" == printed[prediction["label"]]
 
-    # an older, unfolded folder: the snippet divides by the temperature under its own key
-    text = render_model_card(raw_dir, model_name="raw").text
-    assert "probs = (logits / model.config.temperature).softmax(dim=-1)[0]" in text
-    assert "With a pipeline (uncalibrated softmax scores)" in text
-    assert f"P(mel) = {calibrated};" in _run_snippets(text, raw_dir, image)[0]
+    # an older, unfolded folder: refused, with the one-line migration (one stored calibration form)
+    with pytest.raises(ValueError, match=r"temperature still to apply \({'temperature': 0.25}\).*fold_temperature"):
+        render_model_card(raw_dir, model_name="raw")
 
 
-def test_unfolded_timm_card_snippet_divides_by_calibration_temperature(tmp_path, ham_image_paths):
-    """TimmWrapper configs keep an unfolded temperature as `calibration_temperature`, not `temperature`."""
+def test_unfolded_timm_card_is_refused_until_folded(tmp_path):
+    """TimmWrapper configs kept an unfolded temperature as `calibration_temperature`: refused, and fine once folded."""
     import timm
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    from model.calibration import fold_temperature
 
     pretrained_cfg = timm.get_pretrained_cfg("test_resnet").to_dict()
     pretrained_cfg.pop("num_classes", None)
     pretrained_cfg["input_size"] = (3, 64, 64)
-    torch.manual_seed(0)
     config = TimmWrapperConfig(architecture="test_resnet", id2label=dx_id2label(), label2id=dx_label2id(),
                                pretrained_cfg=pretrained_cfg, calibration_temperature=0.05)
     net = TimmWrapperForImageClassification(config)
-    torch.nn.init.normal_(net.timm_model.get_classifier().bias)  # random timm features are ~0: spread the logits
     net.save_pretrained(tmp_path / "cnn")
+    with pytest.raises(ValueError, match=r"\{'calibration_temperature': 0.05\}"):
+        render_model_card(tmp_path / "cnn", model_name="cnn")
+    fold_temperature(net).save_pretrained(tmp_path / "cnn")
     text = render_model_card(tmp_path / "cnn", model_name="cnn").text
-    assert "- `calibration_temperature` = 0.050: divide the logits by it" in text
-    assert "probs = (logits / model.config.calibration_temperature).softmax(dim=-1)[0]" in text
-    calibrated = _card_p_mel(tmp_path / "cnn", ham_image_paths[5], 0.05)
-    assert calibrated != _card_p_mel(tmp_path / "cnn", ham_image_paths[5], 1.0)
-    assert f"P(mel) = {calibrated};" in _run_snippets(text, tmp_path / "cnn", ham_image_paths[5])[0]
+    assert "`folded_temperature` = 0.050" in text and "calibration_temperature" not in text
 
 
 def test_multi_source_card_lists_sources_licences_criteria_subgroups_and_chance(tiny_vit_dir, tmp_path):

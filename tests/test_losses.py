@@ -9,16 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import MelanomaViTConfig, MelanomaViTForImageClassification
+from model import MelanomaViTForImageClassification
 from model.modeling_melanoma_vit import IGNORE_INDEX
 from train.losses import FocalLoss, classification_loss, distillation_loss, make_criterion, masked_head_loss
 
-TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+from conftest import tiny_vit
 
 
 def tiny_model(**overrides) -> MelanomaViTForImageClassification:
-    torch.manual_seed(0)
-    return MelanomaViTForImageClassification(MelanomaViTConfig(**TINY, **overrides)).train()
+    return tiny_vit(**overrides).train()
 
 
 @pytest.fixture()

@@ -19,19 +19,16 @@ from model import MelanomaViTConfig, MelanomaViTForImageClassification, Melanoma
 from model.configuration_melanoma_vit import DEFAULT_DX_CODES
 from model.labels import DX_CODES
 
-TINY = dict(
-    image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
-)
+from conftest import TINY_VIT as TINY, tiny_vit, tiny_vit_config
+
 NUM_PATCHES = (32 // 8) ** 2
 
 
-def tiny_config(**overrides) -> MelanomaViTConfig:
-    return MelanomaViTConfig(**{**TINY, **overrides})
+tiny_config = tiny_vit_config
 
 
 def tiny_model(**overrides) -> MelanomaViTForImageClassification:
-    torch.manual_seed(0)
-    return MelanomaViTForImageClassification(tiny_config(**overrides)).eval()
+    return tiny_vit(**overrides).eval()
 
 
 @pytest.fixture()

@@ -215,6 +215,21 @@ def test_multisource_run_resume_and_export(tmp_path: Path, specs: list[SourceSpe
     assert config_temperature(net.config) is None and net.config.melanoma_threshold is not None
     assert not any("aux_heads" in k for k in load_file(out / "model.safetensors"))
     # frozen stem: the exported stem equals the initial (random, seeded) one, the top was trained
+    from train.features import efficientnet_stem_names
+    from train.train import ModelArgs, create_model
+
+    torch.manual_seed(42)  # train.py seeds with cfg.seed (42) before creating the model: same init
+    initial, _ = create_model(ModelArgs(name="efficientnet_lite0", image_size=64, pretrained=False), dict(enumerate(DX_CODES)))
+    stem = tuple(f"timm_model.{n}." for n in efficientnet_stem_names(initial))
+    exported = load_file(out / "model.safetensors")
+    init = initial.state_dict()
+    stem_keys = [k for k in exported if k.startswith(stem)]
+    assert stem_keys and all(torch.equal(exported[k], init[k]) for k in stem_keys)
+    top = [k for k in exported if not k.startswith(stem) and k.endswith("weight") and "bn" not in k]
+    assert not torch.equal(exported["timm_model.classifier.weight"], init["timm_model.classifier.weight"])
+    changed = [k for k in top if not torch.equal(exported[k], init[k])]
+    assert len(changed) > len(top) // 2, (len(changed), len(top))
+    # the best epoch's weights (kept for export) include the training-only auxiliary heads
     best = load_file(out / "best.safetensors")
     assert any(k.startswith("aux_heads.") for k in best)
 
@@ -524,6 +539,7 @@ def test_full_fine_tuning_on_image_batches_unfreezes_the_backbone(tmp_path: Path
     ({"augmentation": {"mixup_alpha": 0.2}}, "mixup_alpha / cutmix_alpha"),
     ({"feature_cache": {"dir": "x", "view": 2}}, r"unknown feature_cache key\(s\) \['view'\]"),
     ({"distillation": {"teacher": "models/efficientnet-lite2"}}, "distillation.teachers"),
+    ({"head_loss_weights": {"streak": 0.2}}, r"head_loss_weights \['streak'\]: no source"),
 ])
 def test_multisource_recipe_refuses_keys_it_would_ignore(change: dict, message: str, specs: list[SourceSpec]) -> None:
     from train.train import _build, _validate, TrainConfig

@@ -21,8 +21,7 @@ from hub_cards.render import render_model_card
 from model.labels import DX_CODES, dx_id2label, dx_label2id
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=37)
+from conftest import TINY_VIT as TINY  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -237,9 +236,8 @@ def test_no_token_fails_before_any_network_call(folder, tmp_path, monkeypatch, c
 
 
 def test_melanoma_vit_folder_validates_with_its_remote_code(tmp_path):
-    model = pytest.importorskip("model")
-    if not hasattr(model, "MelanomaViTForImageClassification"):
-        pytest.skip("model.MelanomaViTForImageClassification not available yet")
+    import model
+
     from transformers import ViTImageProcessor
 
     d = tmp_path / "mvit"

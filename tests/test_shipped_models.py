@@ -196,3 +196,20 @@ def test_shipped_recipe_is_a_config_file_run_without_overrides(name: str) -> Non
     assert all(v is None for v in hyper.values()), hyper
     assert args.config.startswith("train/configs/") and (ROOT / args.config).is_file(), args.config
     assert dataclasses.asdict(load_config(folder / "train_config.yaml")) == dataclasses.asdict(load_config(ROOT / args.config))
+
+
+@pytest.mark.parametrize("folder", CLASSIFIERS, ids=lambda p: p.name)
+def test_rescoring_the_isic2017_fixtures_gives_the_kept_predictions(folder: Path, isic2017_dir: Path) -> None:
+    """The kept evaluation is this folder's: the four ISIC 2017 test images under tests/fixtures (the
+    same files as in the dataset) re-scored now give the probabilities its predictions.csv kept."""
+    import pandas as pd
+
+    eval_dir = folder / "eval" / "isic2017_test"
+    tta = json.loads((eval_dir / "metrics.json").read_text())["tta"]
+    kept = pd.read_csv(eval_dir / "predictions.csv").set_index("image_id")
+    rows = pd.read_csv(isic2017_dir / "labels.csv")
+    assert set(rows["image_id"]) <= set(kept.index)
+    images = [Image.open(isic2017_dir / path).convert("RGB") for path in rows["path"]]
+    for image_id, prediction in zip(rows["image_id"], Classifier(folder).predict(images, tta=tta)):
+        for code, p in prediction.probabilities.items():
+            assert p == pytest.approx(kept.loc[image_id, f"p_{code}"], abs=2e-5), (image_id, code)

@@ -50,12 +50,7 @@ from train.train import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "train" / "train.py"
-TINY_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
-
-
-def tiny_vit(**overrides) -> MelanomaViTForImageClassification:
-    torch.manual_seed(0)
-    return MelanomaViTForImageClassification(MelanomaViTConfig(**{**TINY_VIT, **overrides}))
+from conftest import TINY_VIT, tiny_vit  # noqa: E402
 
 
 @pytest.fixture()

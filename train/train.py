@@ -350,6 +350,10 @@ def _validate_mode(cfg: TrainConfig) -> None:
         unknown = sorted(set(cfg.feature_cache or {}) - set(FEATURE_CACHE_KEYS))
         if unknown:
             raise ValueError(f"unknown feature_cache key(s) {unknown}; valid: {list(FEATURE_CACHE_KEYS)}")
+        heads = [MAIN_HEAD, *head_labels([SourceSpec(**s) for s in cfg.sources])]
+        untrained = sorted(set(cfg.head_loss_weights) - set(heads))
+        if untrained:
+            raise ValueError(f"head_loss_weights {untrained}: no source of this recipe trains such a head (heads: {heads})")
     else:
         for key in ("feature_cache", "head_loss_weights"):
             if getattr(cfg, key):
