@@ -25,6 +25,7 @@ from PIL import Image
 
 # Importing this module imports the `model` package, which registers MelanomaViT with the Auto classes.
 from .calibration import folded_head_temperatures, folded_temperature, unfolded_temperatures
+from .decision import balanced_scores, decision_offsets
 from .geometry import processor_geometry
 from .labels import CRITERIA_LABELS, DX_NAMES, MELANOMA
 from .loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens
@@ -102,6 +103,8 @@ class Classifier:
         self.img_size = self.geometry.size[0]
         self.id2label: dict[int, str] = {int(k): v for k, v in self.config.id2label.items()}
         self.out_dim = len(self.id2label)
+        # The top-class rule (model.decision): logit-adjusted offsets, or None for the plain argmax.
+        self.decision_offsets = decision_offsets(self.config, [self.id2label[i] for i in range(self.out_dim)])
         self.labels: dict[str, str] = {code: DX_NAMES.get(code, code) for code in self.id2label.values()}
         self.folded_temperature = folded_temperature(self.config)
         self.folded_head_temperatures = folded_head_temperatures(self.config)
@@ -195,8 +198,9 @@ class Classifier:
         """
         dx = torch.stack([_softmax(output.logits) for output in outputs]).mean(dim=0).numpy()  # (B, out_dim)
         labels = [self.id2label[i] for i in range(self.out_dim)]
+        decided = [labels[i] for i in balanced_scores(dx, self.decision_offsets).argmax(axis=1)]  # model.decision
         if not self.extra_heads:
-            return [Prediction(dict(zip(labels, map(float, row)))) for row in dx]
+            return [Prediction(dict(zip(labels, map(float, row))), decision=d) for row, d in zip(dx, decided)]
         head_probs = {
             name: torch.stack([_softmax(output.head_logits[name]) for output in outputs]).mean(dim=0).numpy()
             for name in self.extra_heads
@@ -210,7 +214,7 @@ class Classifier:
             if self.has_seven_point:
                 seven_point = SevenPointResult(float(scores[i]), {name: float(p[i]) for name, p in criteria.items()})
             heads = {name: dict(zip(self.extra_heads[name], map(float, probs[i]))) for name, probs in head_probs.items()}
-            results.append(Prediction(dict(zip(labels, map(float, row))), HeadResults(heads, seven_point)))
+            results.append(Prediction(dict(zip(labels, map(float, row))), HeadResults(heads, seven_point), decided[i]))
         return results
 
     def predict_pixel_values(self, pixel_values: torch.Tensor, tta: int = 1) -> list[Prediction]:

@@ -70,11 +70,12 @@ class Prediction:
 
     probabilities: dict[str, float]  # dx code -> softmax(logits) of the calibrated head, sums to 1
     heads: HeadResults | None = None
+    decision: str | None = None  # the top class by the model's decision rule (model.decision); None: argmax
 
     @property
     def label(self) -> str:
-        """The top dx code."""
-        return max(self.probabilities, key=self.probabilities.__getitem__)
+        """The top dx code: the model's decision (logit-adjusted when its config says so), else the argmax."""
+        return self.decision or max(self.probabilities, key=self.probabilities.__getitem__)
 
 
 @dataclass(kw_only=True)

@@ -555,3 +555,46 @@ def test_single_source_recipe_refuses_multisource_keys(key: str) -> None:
 
     with pytest.raises(ValueError, match=f"{key} is for multi-source recipes"):
         _validate(_build(TrainConfig, {key: {"dir": "x"} if key == "feature_cache" else {"dx": 1.0}}, "recipe"))
+
+
+def test_logit_adjusted_training_ships_calibrated_logits_and_the_balanced_decision(tmp_path: Path, specs: list[SourceSpec],
+                                                                                   ham_image_paths: list[Path]) -> None:
+    """logit_adjustment: the head trains on logits + tau * log prior; the export puts the prior back
+    into the bias (logits = (f + offset) / T) and stores offset / T as dx_decision_offsets, so
+    logits - offsets = f / T: the balanced scores the head learnt."""
+    from PIL import Image
+
+    from model.classifier import Classifier
+    from train.train import ModelArgs, create_model
+
+    recipe = {
+        "model": {"name": "efficientnet_lite0", "image_size": 64, "pretrained": False},
+        "sources": [{k: v for k, v in vars(s).items() if k != "kind"} for s in specs],
+        "feature_cache": {"dir": str(tmp_path / "cache"), "views": 1}, "logit_adjustment": 1.0,
+        "metric_for_best_model": "melanoma_auc_mean",
+        "batch_size": 4, "eval_batch_size": 8, "epochs": 1, "learning_rate": 1e-3, "report_to": "none",
+    }
+    (tmp_path / "la.yaml").write_text(json.dumps(recipe))
+    out = tmp_path / "la"
+    main(["--config", str(tmp_path / "la.yaml"), "--output_dir", str(out), "--num_workers", "0"])
+    result = json.loads((out / "val_metrics.json").read_text())
+    temperature = result["calibration"]["temperatures"]["dx"]
+    exported = AutoModelForImageClassification.from_pretrained(out).eval()
+    offsets = torch.tensor([exported.config.dx_decision_offsets[c] for c in DX_CODES])
+    # the trained weights before export: best.safetensors (the stem was bypassed, so it is the seeded init's)
+    torch.manual_seed(42)
+    trained, processor = create_model(ModelArgs(name="efficientnet_lite0", image_size=64, pretrained=False),
+                                      dict(enumerate(DX_CODES)))
+    best = {k.removeprefix("model."): v for k, v in load_file(out / "best.safetensors").items() if k.startswith("model.")}
+    trained.load_state_dict({**trained.state_dict(), **best})
+    raw = MultiHeadNet(trained, {})
+    pixels = processor(images=[Image.open(p).convert("RGB") for p in ham_image_paths[:4]], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        f = raw.eval()(pixels)["dx"]
+        z = exported(pixel_values=pixels).logits
+    torch.testing.assert_close(z - offsets, f / temperature, atol=1e-4, rtol=1e-4)
+    assert float((offsets - offsets.mean()).abs().max()) > 0.1  # the prior is not flat: the rule changes something
+    # the app's top class is the balanced decision, P(mel) the calibrated softmax
+    prediction = Classifier(out).predict([Image.open(ham_image_paths[0]).convert("RGB")])[0]
+    assert prediction.label == DX_CODES[int((z[0] - offsets).argmax())]
+    assert prediction.probabilities["mel"] == pytest.approx(float(z[0].softmax(-1)[DX_CODES.index("mel")]), abs=1e-5)

@@ -110,6 +110,7 @@ from model.imageio import load_image  # noqa: E402
 from model.labels import BINARY_LABELS, MELANOMA  # noqa: E402
 from model.labels import CRITERIA_LABELS  # noqa: E402
 from model.classifier import Classifier  # noqa: E402
+from model.decision import balanced_scores, decision_offsets  # noqa: E402
 from model.loading import ROLLOUT_MODEL_TYPES, num_prefix_tokens  # noqa: E402
 from model.metrics_schema import METRIC_KEYS, TARGET_SENSITIVITY  # noqa: E402
 from model.rollout import attention_rollout  # noqa: E402
@@ -361,14 +362,19 @@ def compute_metrics(
     temperature_fitted: float | None,
     threshold_val95: float | None,
     n_bootstrap: int,
+    offsets: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Metrics of one prediction set. Returns (metrics, arrays for plots/CSV)."""
+    """Metrics of one prediction set. Returns (metrics, arrays for plots/CSV).
+
+    The predicted class is the model's decision (`model.decision`): the argmax of its balanced scores
+    (`offsets`, the config's `dx_decision_offsets`) summed into the data's classes, the argmax of the
+    probabilities without offsets; P(mel) is always the calibrated probability."""
     y = pred["labels"]
     probs_model = tempered_probabilities(pred["logits"], temperature)  # (N, C)
     probs = probs_model @ groups.T  # (N, K) in the data's label space
     p_mel = probs_model[:, mel_index]
     y_mel = np.array([data_names[i] == MELANOMA for i in y], dtype=int)
-    predicted = probs.argmax(axis=1)
+    predicted = (balanced_scores(probs_model, offsets) @ groups.T).argmax(axis=1)
 
     sens_d, spec_d = sensitivity_specificity(y_mel, p_mel, DEFAULT_THRESHOLD)
     sens_v, spec_v = (None, None) if threshold_val95 is None else sensitivity_specificity(y_mel, p_mel, threshold_val95)
@@ -389,6 +395,7 @@ def compute_metrics(
         "sensitivity_val95": sens_v,
         "specificity_val95": spec_v,
         "balanced_accuracy": multi["balanced_accuracy"],
+        "decision_rule": "argmax" if offsets is None else "logit-adjusted (config.dx_decision_offsets)",
         "accuracy": multi["accuracy"],
         "macro_f1": multi["macro_f1"],
         "per_class_recall": multi["per_class_recall"],
@@ -397,6 +404,8 @@ def compute_metrics(
     }
     arrays = {"probs_model": probs_model, "probs_raw": probs_raw, "probs_cal": probs_cal,
               "p_mel": p_mel, "y_mel": y_mel, "predicted": predicted}
+    if offsets is not None:  # what the plain argmax would have scored, for comparison
+        metrics["balanced_accuracy_argmax"] = multiclass_metrics(y, probs.argmax(axis=1), data_names)["balanced_accuracy"]
     return metrics, arrays
 
 
@@ -618,7 +627,8 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
     if threshold is None and getattr(net.config, "melanoma_threshold", None) is not None:
         threshold, threshold_source = float(net.config.melanoma_threshold), "model_config"
 
-    metrics, arrays = compute_metrics(pred, groups, data_names, mel_index, temperature, temperature_fitted, threshold, args.bootstrap)
+    metrics, arrays = compute_metrics(pred, groups, data_names, mel_index, temperature, temperature_fitted, threshold,
+                                      args.bootstrap, decision_offsets(net.config, names))
     shares = pred["mask_shares"]
     seven_point = criteria_metrics(pred, arrays["y_mel"], net.config, args.data, args.bootstrap)
     per_head = head_metrics(pred, arrays["y_mel"], net.config, args.bootstrap)

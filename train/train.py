@@ -114,14 +114,14 @@ from model.baselines import (  # noqa: E402
 )
 from model.convert import load_hybrid_stem_from_timm  # noqa: E402
 from model.geometry import processor_geometry  # noqa: E402
-from model.calibration import fold_temperature  # noqa: E402
+from model.calibration import classifier_heads, fold_temperature  # noqa: E402
 from model.metrics_schema import TARGET_SENSITIVITY, THRESHOLD_RULE  # noqa: E402
 from model.labels import DX_CODES, MELANOMA  # noqa: E402
 from model.modeling_melanoma_vit import IGNORE_INDEX  # noqa: E402
 from train.balance import balanced_sampler_weights, class_weights  # noqa: E402
 from train.data import load_image_dataset  # noqa: E402
 from train.features import build_cache, load_cache, stem_bypassed  # noqa: E402
-from train.losses import DISTILLATION_KINDS, make_criterion, multihead_loss  # noqa: E402
+from train.losses import DISTILLATION, DISTILLATION_KINDS, make_criterion, multihead_loss  # noqa: E402
 from train.metrics import fit_temperature, threshold_for_sensitivity  # noqa: E402
 from train.multisource import (  # noqa: E402
     CachedFeatures,
@@ -219,6 +219,11 @@ class TrainConfig:
     # class imbalance
     imbalance: str = "sampler"  # one of IMBALANCE
     focal_gamma: float = 0.0  # 0 = cross-entropy
+    # tau of the logit-adjusted dx loss (Menon et al. 2021): CE(logits + tau * log prior), prior = the
+    # dx classes' share of the training draws. The head learns balanced scores; the export keeps the
+    # prior in its bias (calibrated probabilities as before) and stores the offsets that undo it for
+    # the top-class decision (config.dx_decision_offsets). 0 = off
+    logit_adjustment: float = 0.0
     # frozen-backbone warm-up and gradual unfreezing (blocks from the head down)
     freeze_backbone: int = 0  # train only the head for this many epochs/steps (0 = off)
     unfreeze_every: int = 0  # then unfreeze one more block every this many epochs/steps (0 = all at once)
@@ -318,6 +323,7 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
         (cfg.epochs >= 1 or (cfg.max_steps or 0) >= 1, "set epochs >= 1 or max_steps >= 1"),
         (cfg.focal_gamma >= 0, f"focal_gamma must be >= 0, got {cfg.focal_gamma}"),
+        (cfg.logit_adjustment >= 0, f"logit_adjustment must be >= 0, got {cfg.logit_adjustment}"),
         (cfg.checkpointing_steps is None or cfg.checkpointing_steps >= 1, "checkpointing_steps must be >= 1 or null"),
         (cfg.report_to in ("tensorboard", "none"), f"report_to must be 'tensorboard' or 'none', got {cfg.report_to!r}"),
         (all(n is None or n >= 1 for n in (cfg.max_train_samples, cfg.max_eval_samples)),
@@ -629,18 +635,18 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict_heads(
-    model: nn.Module, dataloader: DataLoader, accelerator: Accelerator
+    model: nn.Module, dataloader: DataLoader, accelerator: Accelerator, dx_offset: torch.Tensor | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """({head: logits (N, C_head) float32}, {head: labels (N,)}) over `dataloader`, gathered from
     every process in dataset order (the padding of the last batch dropped). `model` maps pixels
     (or cached features) to {head: logits}, as `MultiHeadNet`; label keys are those of the batches
-    (`labels` is the dx head's)."""
+    (`labels` is the dx head's). `dx_offset`: the logit adjustment added to the dx logits."""
     was_training = model.training
     model.eval()
     logits: dict[str, list[torch.Tensor]] = {}
     labels: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
-        out = {k: v.float() for k, v in model(batch["pixel_values"]).items()}
+        out = {k: v.float() for k, v in with_dx_offset(model(batch["pixel_values"]), dx_offset).items()}
         y = {h: batch["labels" if h == MAIN_HEAD else h] for h in out}
         out, y = accelerator.gather_for_metrics((out, y))
         for h in out:
@@ -652,15 +658,16 @@ def predict_heads(
 
 def validation_metrics(
     logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], label_names: Sequence[str],
-    sources: Sequence[str] | None = None,
+    sources: Sequence[str] | None = None, decision_offsets: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Loss, accuracy, balanced accuracy and melanoma one-vs-rest AUC (None if undefined) of the dx
     head; with `sources` (one per row), also the per-source melanoma AUCs, their mean and each
-    extra head's AUC (`head_metrics`)."""
+    extra head's AUC (`head_metrics`). The decisions are argmax(logits - `decision_offsets`) (the
+    logit adjustment undone), plain argmax without offsets."""
     z, y = logits[MAIN_HEAD], labels[MAIN_HEAD]
     keep = y != IGNORE_INDEX  # unlabelled rows, images that failed to decode
     z, y = z[keep], y[keep]
-    preds = z.argmax(-1).numpy()
+    preds = (z - decision_offsets.cpu() if decision_offsets is not None else z).argmax(-1).numpy()
     metrics: dict[str, Any] = {
         "loss": float(F.cross_entropy(z, y)),
         "accuracy": float(accuracy_score(y.numpy(), preds)),
@@ -800,6 +807,7 @@ class TrainingRun:
     teacher: TeacherAdapter | None = None
     ema: ModelEmaV3 | None = None
     blocks: list[list[str]] = field(default_factory=list)
+    dx_offset: torch.Tensor | None = None  # (C,) tau * log prior added to the dx logits (logit_adjustment)
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # holds the stem bypass
     # Progress, saved in every checkpoint's trainer_state.json.
     state: dict[str, Any] = field(default_factory=lambda: {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0,
@@ -1000,6 +1008,18 @@ def create_dataloaders(cfg: TrainConfig, batches: Batches, num_workers: int) -> 
     return train_dataloader, eval_dataloader, loader_generator
 
 
+def draw_prior(labels: np.ndarray, sample_weights: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """(C,) float64: each dx class's share of the training draws (the sampler's weights summed per
+    class over the labelled rows; plain frequencies for a uniform shuffle). Never 0: a class no row
+    has gets the smallest share of one row."""
+    keep = labels != IGNORE_INDEX
+    weights = np.ones(len(labels)) if sample_weights is None else sample_weights.double().numpy()
+    mass = np.bincount(labels[keep], weights=weights[keep], minlength=num_classes)
+    floor = weights[keep].min() if keep.any() else 1.0
+    mass = np.maximum(mass, floor)
+    return torch.as_tensor(mass / mass.sum())
+
+
 def model_blocks(net: MultiHeadNet) -> list[list[str]]:
     """`parameter_blocks` of the classifier inside `net` (head first), named as in `net`; the
     training-only auxiliary heads unfreeze with the head."""
@@ -1030,6 +1050,12 @@ def setup(cfg: TrainConfig, args: argparse.Namespace, accelerator: Accelerator) 
     if mixer is not None and cfg.focal_gamma > 0:
         raise ValueError("focal loss needs hard labels: set focal_gamma: 0 or turn off mixup/cutmix")
     train_dataloader, eval_dataloader, loader_generator = create_dataloaders(cfg, batches, args.num_workers)
+    dx_offset = None
+    if cfg.logit_adjustment > 0:
+        prior = draw_prior(labels, batches.sample_weights, len(label_names))
+        logger.info("logit adjustment tau %.2f, training draw prior %s", cfg.logit_adjustment,
+                    dict(zip(label_names, prior.round(decimals=4).tolist())))
+        dx_offset = (cfg.logit_adjustment * prior.log()).float().to(accelerator.device)
     optimizer, lr_scheduler, max_steps = create_optimizer(cfg, net, train_dataloader, accelerator.num_processes)
     net, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         net, optimizer, train_dataloader, eval_dataloader, lr_scheduler
@@ -1040,7 +1066,7 @@ def setup(cfg: TrainConfig, args: argparse.Namespace, accelerator: Accelerator) 
         lr_scheduler=lr_scheduler, train_dataloader=train_dataloader, eval_dataloader=eval_dataloader,
         loader_generator=loader_generator,
         criterion=make_criterion(cfg.focal_gamma, cfg.label_smoothing, batches.class_weights).to(accelerator.device),
-        batches=batches, max_steps=max_steps, mixer=mixer, teacher=teacher, blocks=blocks, stack=stack,
+        batches=batches, max_steps=max_steps, mixer=mixer, teacher=teacher, blocks=blocks, stack=stack, dx_offset=dx_offset,
         ema=ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema else None,
         running_loss=torch.zeros((), device=accelerator.device),
     )
@@ -1077,11 +1103,19 @@ def refresh_freezing(run: TrainingRun) -> None:
         apply_freezing(run.unwrapped, run.blocks, n)
 
 
+def with_dx_offset(logits: dict[str, torch.Tensor], offset: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The dx logits (and a DeiT model's distillation logits) + `offset` (C,): the logit-adjusted
+    scores the loss and the validation posterior use; unchanged without an offset."""
+    if offset is None:
+        return logits
+    return {k: v + offset if k in (MAIN_HEAD, DISTILLATION) else v for k, v in logits.items()}
+
+
 def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward, loss, backward and (at the end of an accumulation window) the optimizer update."""
     cfg, accelerator = run.cfg, run.accelerator
     with accelerator.accumulate(run.model):
-        logits = run.model(batch["pixel_values"])
+        logits = with_dx_offset(run.model(batch["pixel_values"]), run.dx_offset)
         teacher_logits = batch.get("teacher")
         if run.teacher is not None:
             with accelerator.autocast():
@@ -1163,8 +1197,8 @@ def _eval_model(run: TrainingRun) -> nn.Module:
 def validate(run: TrainingRun, output_dir: Path) -> dict[str, Any]:
     """Evaluate (the EMA weights when kept), record in the history, keep the best weights, log, then checkpoint."""
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
-    logits, labels = predict_heads(_eval_model(run), run.eval_dataloader, accelerator)
-    metrics = validation_metrics(logits, labels, run.label_names, run.batches.val_sources)
+    logits, labels = predict_heads(_eval_model(run), run.eval_dataloader, accelerator, run.dx_offset)
+    metrics = validation_metrics(logits, labels, run.label_names, run.batches.val_sources, run.dx_offset)
     metrics.update(epoch=state["epoch"], step=state["completed_steps"])
     state["history"].append(metrics)
     accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state["completed_steps"])
@@ -1183,6 +1217,14 @@ def validate(run: TrainingRun, output_dir: Path) -> dict[str, Any]:
     state["batches_in_epoch"] = 0
     save_checkpoint(run)
     return metrics
+
+
+def add_to_dx_bias(model: PreTrainedModel, offset: torch.Tensor) -> None:
+    """Add `offset` (C,) to the bias of the dx head(s) (both of a DeiT model), in place."""
+    main, _ = classifier_heads(model)
+    with torch.no_grad():
+        for layer in main:
+            layer.bias.add_(offset.to(layer.bias))
 
 
 def calibrate(model: PreTrainedModel, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
@@ -1217,13 +1259,20 @@ def export(run: TrainingRun, args: argparse.Namespace, output_dir: Path, minutes
         unwrapped.load_state_dict(load_file(output_dir / BEST_WEIGHTS))
     elif run.ema is not None:
         unwrapped.load_state_dict(run.ema.module.state_dict())
-    logits, labels = predict_heads(run.model, run.eval_dataloader, accelerator)
-    final = validation_metrics(logits, labels, run.label_names, run.batches.val_sources)
+    logits, labels = predict_heads(run.model, run.eval_dataloader, accelerator, run.dx_offset)
+    final = validation_metrics(logits, labels, run.label_names, run.batches.val_sources, run.dx_offset)
     run.stack.close()  # the stem is back: the model takes pixels again
     if not accelerator.is_main_process:
         return final
     model = unwrapped.model.eval()
+    if run.dx_offset is not None:
+        add_to_dx_bias(model, run.dx_offset.cpu())  # the shipped logits are the posterior form
     calibration = calibrate(model, logits, labels, run.label_names)
+    if run.dx_offset is not None:
+        # Temperature folding divided the offset in the bias by T: the decision undoes offset / T.
+        offsets = run.dx_offset.cpu() / calibration["temperatures"][MAIN_HEAD]
+        model.config.dx_decision_offsets = {name: round(float(o), 6) for name, o in zip(run.label_names, offsets)}
+        calibration["dx_decision_offsets"] = model.config.dx_decision_offsets
     model.save_pretrained(output_dir, safe_serialization=True)
     if not isinstance(model, TimmWrapperForImageClassification):  # timm keeps it in config.json
         run.processor.save_pretrained(output_dir)

@@ -1,0 +1,97 @@
+"""The top-class decision rule (model.decision) and its validation fit (train/decision_rule.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.classifier import Classifier
+from model.decision import DECISION_KEY, balanced_scores, decision_offsets
+from train.decision_rule import fit, main as decision_rule_main
+
+from test_classifier import shared_tiny_models
+
+
+def test_balanced_scores_hand_computed() -> None:
+    probs = np.array([[0.7, 0.2, 0.1], [0.5, 0.1, 0.4]])
+    offsets = np.log([0.7, 0.2, 0.1])  # tau 1, prior = the first row
+    scores = balanced_scores(probs, offsets)
+    np.testing.assert_allclose(scores[0], [1 / 3] * 3)  # p / prior is flat: every class equal
+    expected = np.array([0.5 / 0.7, 0.1 / 0.2, 0.4 / 0.1])
+    np.testing.assert_allclose(scores[1], expected / expected.sum())
+    assert scores[1].argmax() == 2 and probs[1].argmax() == 0  # the rare class wins once the prior is removed
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0)
+    assert np.array_equal(balanced_scores(probs, None), probs)  # no rule: the probabilities decide
+
+
+def test_decision_offsets_read_in_label_order_and_refuse_a_missing_label() -> None:
+    config = {DECISION_KEY: {"nv": 1.5, "mel": -0.5, "bkl": 0.0}}
+    np.testing.assert_array_equal(decision_offsets(config, ["mel", "nv", "bkl"]), [-0.5, 1.5, 0.0])
+    assert decision_offsets({}, ["mel"]) is None
+    with pytest.raises(ValueError, match=r"no offset for \['vasc'\]"):
+        decision_offsets(config, ["mel", "vasc"])
+
+
+def test_classifier_top_class_follows_the_stored_rule_and_probabilities_do_not(tmp_path_factory, fixtures_dir,
+                                                                             ham_image_paths) -> None:
+    source = shared_tiny_models(tmp_path_factory, fixtures_dir) / "melanoma-vit-tiny"
+    folder = Path(shutil.copytree(source, tmp_path_factory.mktemp("decision") / "vit"))
+    images = [Image.open(p).convert("RGB") for p in ham_image_paths[:4]]
+    plain = Classifier(folder).predict(images)
+    config = json.loads((folder / "config.json").read_text())
+    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    # An offset of -100 for `df` makes it every image's decision; +100 elsewhere changes nothing in P.
+    config[DECISION_KEY] = {name: (-100.0 if name == "df" else 0.0) for name in labels}
+    (folder / "config.json").write_text(json.dumps(config))
+    ruled = Classifier(folder).predict(images)
+    assert all(p.label != "df" for p in plain) and all(r.label == "df" for r in ruled)
+    for p, r in zip(plain, ruled):
+        assert r.probabilities == pytest.approx(p.probabilities, abs=1e-6)
+
+
+def _write_validation(folder: Path, source: str, labels: list[str], probs: np.ndarray, y: np.ndarray) -> Path:
+    """SYNTHETIC TEST INPUT: an evaluate.py validation output folder (metrics.json + predictions.csv)."""
+    import pandas as pd
+
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"split": "validation", "data": f"../shared/data/{source}"}))
+    table = pd.DataFrame({"image_id": [f"{source}_{i}" for i in range(len(y))], "label": [labels[c] for c in y]})
+    for c, name in enumerate(labels):
+        table[f"p_{name}"] = probs[:, c]
+    table.to_csv(folder / "predictions.csv", index=False)
+    return folder
+
+
+def test_decision_rule_fit_lifts_validation_balanced_accuracy_and_writes_the_config(tmp_path) -> None:
+    """A model biased towards its common class: 90 rows of class a (P(a) 0.6-0.9), 10 of class b
+    whose P(b) is higher than the a rows' but below 0.5: argmax never says b (balanced accuracy
+    0.5), the fitted rule does."""
+    rng = np.random.default_rng(0)
+    labels = ["a", "b"]
+    p_b = np.concatenate([rng.uniform(0.1, 0.3, 90), rng.uniform(0.35, 0.45, 10)])
+    probs = np.stack([1 - p_b, p_b], axis=1)
+    y = np.array([0] * 90 + [1] * 10)
+    result = fit([("set", probs, y)], 2)
+    assert result["grid"][0]["mean"] == pytest.approx(0.5)  # tau 0: plain argmax
+    assert result["best"]["mean"] == pytest.approx(1.0)
+    decided = balanced_scores(probs, result["offsets"]).argmax(axis=1)
+    assert np.array_equal(decided, y)
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b"}}))
+    folder = _write_validation(tmp_path / "val", "ham10000", labels, probs, y)
+    rule = decision_rule_main(["--model", str(model), "--predictions", str(folder), "--write-config"])
+    config = json.loads((model / "config.json").read_text())
+    assert set(config[DECISION_KEY]) == {"a", "b"} and math.isclose(sum(config[DECISION_KEY].values()), 0, abs_tol=1e-5)
+    assert config["dx_decision_rule"]["validation_balanced_accuracy"] == {"ham10000": 1.0} == rule["validation_balanced_accuracy"]
+    test_split = _write_validation(tmp_path / "test", "ham10000", labels, probs, y)
+    (test_split / "metrics.json").write_text(json.dumps({"split": "test", "data": "x"}))
+    with pytest.raises(ValueError, match="validation only"):
+        decision_rule_main(["--model", str(model), "--predictions", str(test_split)])
