@@ -35,6 +35,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from model.calibration import folded_temperature, unfolded_temperatures
+from model.decision import DECISION_KEY
 from model.geometry import processor_geometry
 from model.labels import DX_NAMES, MELANOMA
 from model.metrics_schema import METRICS, Metric
@@ -374,7 +375,9 @@ def overview_table(eval_sets: list[EvalSet]) -> tuple[list[str], list[list[str]]
         ("Images (melanomas)", lambda m: f"{m.get('n')} ({m['n_melanoma']})" if is_number(m.get("n_melanoma")) else None),
         ("Melanoma AUC (95% CI)", lambda m: auc_text(m["melanoma_auc"], m.get("melanoma_auc_ci95"))
          if is_number(m.get("melanoma_auc")) else None),
-        ("Balanced accuracy", lambda m: fmt_number(m["balanced_accuracy"]) if is_number(m.get("balanced_accuracy")) else None),
+        ("Balanced accuracy", lambda m: (fmt_number(m["balanced_accuracy"]) + (
+            f" (argmax {fmt_number(m['balanced_accuracy_argmax'])})" if is_number(m.get("balanced_accuracy_argmax")) else ""))
+         if is_number(m.get("balanced_accuracy")) else None),
         ("Sensitivity / specificity at the validation threshold", sens_spec),
         ("ECE after temperature scaling",
          lambda m: fmt_number(m["ece_temperature_scaled"]) if is_number(m.get("ece_temperature_scaled")) else None),
@@ -384,6 +387,17 @@ def overview_table(eval_sets: list[EvalSet]) -> tuple[list[str], list[list[str]]
     header = ["Set", *(columns[i][0] for i in keep)]
     rows = [[f"{es.dataset_name} {es.split}", *(row[i] or "-" for i in keep)] for es, row in zip(eval_sets, cells)]
     return header, rows
+
+
+def _decision_method(config: dict[str, Any]) -> str | None:
+    """How the stored decision offsets were chosen, in words (training or train/decision_rule.py)."""
+    rule = config.get("dx_decision_rule")
+    if rule:
+        return (f"tau {rule['tau']} then per-class offsets fitted on validation for the mean balanced accuracy "
+                f"over the sources: `{rule['command']}`")
+    if config.get(DECISION_KEY):
+        return "learnt in training: the recipe's `logit_adjustment`"
+    return None
 
 
 def _threshold_source(m: dict[str, Any]) -> str:
@@ -575,6 +589,8 @@ def render_model_card(
         extra_heads=[(h, ", ".join(f"`{v}`" for v in labels)) for h, labels in (config.get("extra_heads") or {}).items()],
         folded_temperature=fmt_number(folded) if folded is not None else None,
         config_threshold=fmt_number(threshold) if is_number(threshold) else None,
+        decision_offsets=", ".join(f"`{k}` {v:+.2f}" for k, v in (config.get(DECISION_KEY) or {}).items()) or None,
+        decision_method=_decision_method(config),
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
 
