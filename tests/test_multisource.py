@@ -471,8 +471,8 @@ def test_resnet_trains_whole_on_a_pixel_cache(tmp_path: Path, specs: list[Source
 @pytest.mark.slow
 def test_two_cpu_processes_give_the_metrics_of_one(tmp_path: Path, specs: list[SourceSpec], script_env: dict[str, str]) -> None:
     """The same multi-source recipe on cached features in 2 processes (batch 2 each) and in 1 process
-    (batch 2, 2 accumulation steps): the same images per update, so the same validation metrics up to
-    BatchNorm running statistics (1 process updates them with both micro-batches, DDP keeps rank 0's)."""
+    (batch 2, 2 accumulation steps): the same images per update (accelerate shards whole batches:
+    3 per process and epoch against 6), so the same validation metrics."""
     import subprocess
     import sys
 
@@ -481,7 +481,7 @@ def test_two_cpu_processes_give_the_metrics_of_one(tmp_path: Path, specs: list[S
         "model": {"name": "efficientnet_lite0", "image_size": 64, "pretrained": False},
         "sources": [{k: v for k, v in vars(s).items() if k != "kind"} for s in specs],
         "feature_cache": {"dir": str(tmp_path / "cache"), "views": 2},
-        "batch_size": 2, "eval_batch_size": 4, "epochs": 3, "learning_rate": 1e-3, "report_to": "none",
+        "batch_size": 2, "eval_batch_size": 4, "epochs": 4, "learning_rate": 2e-2, "report_to": "none",
     }
     config = tmp_path / "ms.yaml"
     config.write_text(json.dumps(recipe))
@@ -502,10 +502,12 @@ def test_two_cpu_processes_give_the_metrics_of_one(tmp_path: Path, specs: list[S
         assert runs[processes]["num_processes"] == processes
     one, two = runs[1], runs[2]
     assert [h["step"] for h in one["history"]] == [h["step"] for h in two["history"]]
+    assert one["history"][-1]["loss"] < one["history"][0]["loss"] - 0.02  # it learnt: the match is not of a constant
     for a, b in zip(one["history"], two["history"]):
         assert b["n"] == a["n"]  # every validation image once, none doubled by the padding of a shard
-        assert b["loss"] == pytest.approx(a["loss"], abs=0.05), (a, b)
-        assert b["melanoma_auc_mean"] == pytest.approx(a["melanoma_auc_mean"], abs=0.15), (a, b)
+        # measured: equal to the last digit (2026-12-05); the tolerance allows reduction-order noise
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4), (a, b)
+        assert b["melanoma_auc_mean"] == pytest.approx(a["melanoma_auc_mean"], abs=0.05), (a, b)
 
 
 def test_full_fine_tuning_on_image_batches_unfreezes_the_backbone(tmp_path: Path, specs: list[SourceSpec]) -> None:
