@@ -24,7 +24,7 @@ from model.imageio import InvalidImageError, load_image
 from model.records import csv_safe, result_columns
 from model.classifier import Classifier
 from model.tta import tta_views
-from train.predict import PARTS, PREDICTIONS, main
+from train.predict import PARTS, PATIENT_CONTEXT_COLUMNS, PREDICTIONS, main
 from train.stream import RecordSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_layouts_labels_split_limit_and_tta(models_dir, isic2017_dir, tmp_path, 
 def test_extra_heads_become_columns(models_dir, ham_image_paths, tmp_path, one_thread):
     table = run(models_dir / MULTISOURCE, ham_image_paths[0].parent, tmp_path / "ms", "--limit", "4")
     entry = Classifier(models_dir / MULTISOURCE, model_id=MULTISOURCE)
-    assert list(table.columns)[5:-1] == result_columns(entry)
+    assert list(table.columns)[6:-1] == result_columns(entry)
     assert {"p_isic2017_melanoma", "p_pigment_network_atypical", "seven_point_score"} <= set(table.columns)
     (expected,) = entry.predict([load_image(ham_image_paths[0], max_side=1024)])
     row = table.set_index("id").loc[ham_image_paths[0].stem]
@@ -315,3 +315,29 @@ def test_two_processes_write_the_same_csv_as_one(models_dir, ham_dir, tmp_path, 
     np.testing.assert_allclose(one[numeric].to_numpy(float), two[numeric].to_numpy(float), atol=1e-5)
     text = [c for c in one.columns if c not in numeric]
     pd.testing.assert_frame_equal(one[text], two[text])
+
+
+def test_patient_column_adds_each_lesions_place_among_its_patients_lesions(models_dir, ham_image_paths, tmp_path,
+                                                                          one_thread):
+    """A `patient_id` column: per ranked lesion, its patient's lesion count, its rank among them by
+    P(mel) and its logit P(mel) minus the median logit of the patient's other lesions, by hand."""
+    patients = ["p1", "p1", "p1", "p2", "p2", "p3"]
+    csv_path = tmp_path / "visits.csv"
+    pd.DataFrame({"path": [str(p) for p in ham_image_paths[:6]], "patient_id": patients}).to_csv(csv_path, index=False)
+    table = run(models_dir / VIT, csv_path, tmp_path / "out")
+    columns = list(table.columns)
+    assert columns.index("patient_relative_logit") == len(columns) - 2  # the context sits before `error`
+    table["stem"] = [Path(p).stem for p in table["path"]]
+    for patient, rows in table.groupby("patient"):
+        rows = rows.sort_values("melanoma_probability", ascending=False)
+        assert list(rows["patient_lesions"]) == [len(rows)] * len(rows)
+        assert list(rows["patient_rank"]) == list(range(1, len(rows) + 1))
+        z = np.log(rows["melanoma_probability"] / (1 - rows["melanoma_probability"])).to_numpy()
+        for i, got in enumerate(rows["patient_relative_logit"]):
+            if len(rows) == 1:
+                assert pd.isna(got)
+            else:
+                assert got == pytest.approx(z[i] - np.median(np.delete(z, i)), abs=2e-3)
+    assert set(table["patient"]) == {"p1", "p2", "p3"}
+    plain = run(models_dir / VIT, ham_image_paths[0].parent, tmp_path / "plain", "--limit", "3")
+    assert not set(PATIENT_CONTEXT_COLUMNS) & set(plain.columns)  # no patients named: no context columns

@@ -73,6 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     ARGS = parse_args()  # --help answers before torch is imported
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
@@ -94,7 +95,9 @@ logger = logging.getLogger("predict")
 
 PARTS = "parts"
 PREDICTIONS = "predictions.csv"
-ROW_COLUMNS = ("rank", "index", "id", "path", "label")
+ROW_COLUMNS = ("rank", "index", "id", "path", "label", "patient")
+# Added after ranking when the data names patients: the lesion among its patient's lesions.
+PATIENT_CONTEXT_COLUMNS = ("patient_lesions", "patient_rank", "patient_relative_logit")
 
 
 # ------------------------------------------------------------------------------------- input
@@ -171,7 +174,8 @@ def columns_for(entry: Classifier) -> list[str]:
 
 
 def _record_cells(record: ImageRecord) -> dict[str, Any]:
-    return {"index": record.index, "id": csv_safe(record.id), "path": csv_safe(record.path), "label": record.label}
+    return {"index": record.index, "id": csv_safe(record.id), "path": csv_safe(record.path), "label": record.label,
+            "patient": csv_safe(record.patient or "")}
 
 
 def read_parts(output_dir: Path, columns: list[str]) -> pd.DataFrame:
@@ -240,6 +244,39 @@ def rank_predictions(parts: pd.DataFrame) -> pd.DataFrame:
         lesions &= ranked["ood_level"] != NOT_DERMOSCOPY
     ranked["rank"] = ""
     ranked.loc[lesions, "rank"] = [str(r) for r in range(1, int(lesions.sum()) + 1)]
+    if "patient" in ranked and (ranked["patient"] != "").any():
+        ranked = add_patient_context(ranked, lesions)
+    return ranked
+
+
+def add_patient_context(ranked: pd.DataFrame, lesions: pd.Series) -> pd.DataFrame:
+    """The "ugly duckling" sign (a lesion unlike the same patient's others), as three columns before
+    `error`, for ranked lesions whose row names a patient:
+
+    - patient_lesions: how many ranked lesions the patient has;
+    - patient_rank: the lesion's rank by P(melanoma) among them (1 = the patient's most suspicious);
+    - patient_relative_logit: logit P(mel) minus the median logit of the patient's other lesions
+      (> 0: more suspicious than the rest of that patient's lesions; empty with a single lesion).
+
+    A screening aid to read beside P(mel), not a diagnosis: a patient's only atypical lesion stands
+    out here even when its P(mel) is below the model's threshold.
+    """
+    ranked = ranked.copy()
+    cells = {name: pd.Series("", index=ranked.index) for name in PATIENT_CONTEXT_COLUMNS}
+    p = pd.to_numeric(ranked["melanoma_probability"], errors="coerce").clip(1e-6, 1 - 1e-6)
+    logit = np.log(p / (1 - p))
+    mine = lesions & (ranked["patient"] != "") & p.notna()
+    for _, rows in ranked[mine].groupby("patient", sort=False).groups.items():
+        rows = list(rows)  # already in rank order: highest P(mel) first
+        cells["patient_lesions"][rows] = str(len(rows))
+        cells["patient_rank"][rows] = [str(r) for r in range(1, len(rows) + 1)]
+        if len(rows) > 1:
+            z = logit[rows].to_numpy()
+            others = [np.median(np.delete(z, i)) for i in range(len(rows))]
+            cells["patient_relative_logit"][rows] = [f"{z[i] - others[i]:.3f}" for i in range(len(rows))]
+    at = list(ranked.columns).index("error")
+    for offset, name in enumerate(PATIENT_CONTEXT_COLUMNS):
+        ranked.insert(at + offset, name, cells[name])
     return ranked
 
 

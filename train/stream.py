@@ -36,6 +36,7 @@ CSV_CHUNK_ROWS = 4096
 ARROW_CHUNK_ROWS = 256
 ID_COLUMNS = ("image_id", "case_id", "id")
 LABEL_COLUMNS = ("dx", "label", "labels", "diagnosis")
+PATIENT_COLUMNS = ("patient_id", "patient")  # which person a lesion belongs to (predict.py's patient context)
 SPLIT_ALIASES = {name: {"validation", "val", "valid"} for name in ("validation", "val", "valid")}
 
 
@@ -48,7 +49,8 @@ class ImageRecord:
         "row<index>"). path: the image file ("" for images stored as bytes in a dataset).
     label: the row's dx code when the data labels it (HAM10000 codes; ISIC 2017 / HAM10000 long
         names are mapped), else None. image: what `load_image` reads (a path, or a datasets
-        `{"bytes", "path"}` value).
+        `{"bytes", "path"}` value). patient: the person the lesion belongs to, when the data has a
+        `patient_id` / `patient` column, else None.
     """
 
     index: int
@@ -56,6 +58,7 @@ class ImageRecord:
     path: str
     label: str | None
     image: Any
+    patient: str | None = None
 
 
 def _dx_or_none(name: Any) -> str | None:
@@ -142,11 +145,12 @@ class RecordSource:
         columns = self._csv_columns()
         id_col = next((c for c in ID_COLUMNS if c in columns), None)
         label_col = next((c for c in LABEL_COLUMNS if c in columns), None)
+        patient_col = next((c for c in PATIENT_COLUMNS if c in columns), None)
         # os.path, not pathlib, per row: pathlib interns every path component for good, so memory
         # would grow with the number of rows.
         root = os.path.dirname(self.spec)
         index = 0
-        for chunk in self._csv_chunks(usecols=[c for c in ("path", id_col, label_col) if c]):
+        for chunk in self._csv_chunks(usecols=[c for c in ("path", id_col, label_col, patient_col) if c]):
             for row in chunk.itertuples(index=False):
                 values = row._asdict()
                 raw = values["path"].strip()
@@ -154,7 +158,8 @@ class RecordSource:
                 stem = os.path.splitext(os.path.basename(raw))[0]
                 image_id = values[id_col] if id_col and values[id_col] else stem or f"row{index}"
                 label = _dx_or_none(values[label_col]) if label_col else None
-                yield ImageRecord(index, image_id, path, label, path)
+                patient = values[patient_col].strip() or None if patient_col else None
+                yield ImageRecord(index, image_id, path, label, path, patient)
                 index += 1
 
     # ------------------------------------------------------------------------------ datasets
@@ -184,8 +189,9 @@ class RecordSource:
             raise ValueError(f"{self.spec}: no column with a datasets.Image feature; columns: {list(ds.features)}")
         label_col = next((c for c in LABEL_COLUMNS if c in ds.features), None)
         id_col = next((c for c in ID_COLUMNS if c in ds.features), None)
+        patient_col = next((c for c in PATIENT_COLUMNS if c in ds.features), None)
         label_feature = ds.features.get(label_col)
-        raw = ds.select_columns([c for c in (image_col, id_col, label_col) if c])
+        raw = ds.select_columns([c for c in (image_col, id_col, label_col, patient_col) if c])
         raw = raw.cast_column(image_col, datasets.Image(decode=False)).with_format(None)
         index = 0
         for chunk in raw.iter(batch_size=ARROW_CHUNK_ROWS):
@@ -196,5 +202,6 @@ class RecordSource:
                 if isinstance(label_feature, datasets.ClassLabel) and label is not None:
                     label = label_feature.int2str(int(label))
                 stem = os.path.splitext(os.path.basename(path))[0]
-                yield ImageRecord(index, str(image_id or stem or f"row{index}"), path, _dx_or_none(label), value or b"")
+                patient = str(chunk[patient_col][i]).strip() or None if patient_col and chunk[patient_col][i] is not None else None
+                yield ImageRecord(index, str(image_id or stem or f"row{index}"), path, _dx_or_none(label), value or b"", patient)
                 index += 1
