@@ -75,7 +75,12 @@ class Prediction:
     @property
     def label(self) -> str:
         """The top dx code: the model's decision (logit-adjusted when its config says so), else the argmax."""
-        return self.decision or max(self.probabilities, key=self.probabilities.__getitem__)
+        return self.decision or self.most_probable
+
+    @property
+    def most_probable(self) -> str:
+        """The dx code with the highest probability (the decision may name a rarer class)."""
+        return max(self.probabilities, key=self.probabilities.__getitem__)
 
 
 @dataclass(kw_only=True)

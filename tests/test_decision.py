@@ -95,3 +95,23 @@ def test_decision_rule_fit_lifts_validation_balanced_accuracy_and_writes_the_con
     (test_split / "metrics.json").write_text(json.dumps({"split": "test", "data": "x"}))
     with pytest.raises(ValueError, match="validation only"):
         decision_rule_main(["--model", str(model), "--predictions", str(test_split)])
+
+
+def test_the_verdict_names_both_the_decision_and_the_most_probable_class() -> None:
+    """When the rule names a rarer class than the argmax, the page says so and gives both numbers."""
+    from model.results import ImageResult, ModelMetadata, Prediction
+    from webapp.formatting import verdict_markdown
+
+    probabilities = {"akiec": 0.02, "bcc": 0.03, "bkl": 0.05, "df": 0.01, "mel": 0.30, "nv": 0.58, "vasc": 0.01}
+
+    def result(decision: str | None) -> ImageResult:
+        prediction = Prediction(probabilities, decision=decision)
+        return ImageResult(name="x.jpg", prediction=prediction, model=ModelMetadata("m", "cnn", 224, 7),
+                           label_name={"mel": "Melanoma", "nv": "Melanocytic nevus"}[prediction.label],
+                           melanoma_threshold=0.2)
+
+    ruled = verdict_markdown(result("mel"))
+    assert "Top class: Melanoma (30.0%), by this model's balanced decision rule" in ruled
+    assert "the most probable class is Melanocytic nevus (58.0%)" in ruled
+    plain = verdict_markdown(result(None))
+    assert "Top class: Melanocytic nevus (58.0%)." in plain and "decision rule" not in plain

@@ -16,7 +16,7 @@ import pandas as pd
 from hub_cards.render import SOURCE_INFO
 from model.metrics_schema import HEADLINE_TYPES, METRICS, THRESHOLD_RULE
 from model.sevenpoint import SEVEN_POINT
-from model.labels import MELANOMA
+from model.labels import DX_NAMES, MELANOMA
 from model.classifier import Classifier
 from model.results import CardMetric, HeadResults, ImageResult
 
@@ -108,6 +108,12 @@ def verdict_markdown(result: ImageResult) -> str:
         flag = f"**Below** the model's melanoma threshold of {percent(threshold)} ({THRESHOLD_RULE})."
     flag += _operating_points_text(result)
     top = f"Top class: {result.label_name} ({percent(result.probability)})."
+    likeliest = result.prediction.most_probable
+    if likeliest != result.label:
+        # The decision rule (model.decision) named a rarer class than the most probable one: say both.
+        top = (f"Top class: {result.label_name} ({percent(result.probability)}), by this model's balanced decision "
+               f"rule, which names rarer classes more often; the most probable class is "
+               f"{DX_NAMES.get(likeliest, likeliest)} ({percent(result.probabilities[likeliest])}).")
     if result.melanoma and result.label != MELANOMA:
         # The one sentence that reconciles "flag it" with a benign top class.
         top += " The threshold is set low so that few melanomas are missed: an image is flagged while another class is still the most likely."
