@@ -301,7 +301,8 @@ class Classifier:
         mask = mask.detach().float().cpu().numpy()
         heatmap = overlay_heatmap(self._model_view(pixel_values, image), mask)
         (prediction,) = self.predictions([out])
-        return Analysis(prediction.probabilities, prediction.heads, heatmap=heatmap, mask=mask, method=method)
+        return Analysis(prediction.probabilities, prediction.heads, prediction.decision, heatmap=heatmap, mask=mask,
+                        method=method)
 
     def explanation_overlay(self, image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
         """An `analyze` mask blended over `image` at the image's own geometry.

@@ -53,6 +53,7 @@ def test_classifier_top_class_follows_the_stored_rule_and_probabilities_do_not(t
     assert all(p.label != "df" for p in plain) and all(r.label == "df" for r in ruled)
     for p, r in zip(plain, ruled):
         assert r.probabilities == pytest.approx(p.probabilities, abs=1e-6)
+    assert Classifier(folder).analyze(images[0]).label == "df"  # the app's single-image path (with its explanation)
 
 
 def _write_validation(folder: Path, source: str, labels: list[str], probs: np.ndarray, y: np.ndarray) -> Path:
