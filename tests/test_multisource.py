@@ -43,6 +43,16 @@ CRITERIA = ("pigment_network", "streaks", "pigmentation", "regression_structures
             "blue_whitish_veil", "vascular_structures")
 
 
+def initial_model(name: str, image_size: int):
+    """(model, processor) as train.py creates them for a recipe of `name` at `image_size` px: it seeds
+    with cfg.seed (42) right before creating the model, so this is the run's initial model."""
+    from train.train import ModelArgs, create_model
+
+
+    torch.manual_seed(42)
+    return create_model(ModelArgs(name=name, image_size=image_size, pretrained=False), dict(enumerate(DX_CODES)))
+
+
 @pytest.fixture()
 def derm7pt_dir(tmp_path: Path, ham_image_paths: list[Path]) -> Path:
     """Derm7pt's labels.csv layout (the real column names and vocabulary) over real fixture images."""
@@ -216,10 +226,8 @@ def test_multisource_run_resume_and_export(tmp_path: Path, specs: list[SourceSpe
     assert not any("aux_heads" in k for k in load_file(out / "model.safetensors"))
     # frozen stem: the exported stem equals the initial (random, seeded) one, the top was trained
     from train.features import efficientnet_stem_names
-    from train.train import ModelArgs, create_model
 
-    torch.manual_seed(42)  # train.py seeds with cfg.seed (42) before creating the model: same init
-    initial, _ = create_model(ModelArgs(name="efficientnet_lite0", image_size=64, pretrained=False), dict(enumerate(DX_CODES)))
+    initial, _ = initial_model("efficientnet_lite0", 64)
     stem = tuple(f"timm_model.{n}." for n in efficientnet_stem_names(initial))
     exported = load_file(out / "model.safetensors")
     init = initial.state_dict()
@@ -450,10 +458,7 @@ def test_resnet_trains_whole_on_a_pixel_cache(tmp_path: Path, specs: list[Source
     }
     (tmp_path / "resnet.yaml").write_text(json.dumps(recipe))
     out = tmp_path / "run"
-    torch.manual_seed(42)  # train.py seeds with cfg.seed (42) before creating the model: same init
-    from train.train import ModelArgs, create_model
-
-    initial, _ = create_model(ModelArgs(name="resnet18", image_size=32, pretrained=False), dict(enumerate(DX_CODES)))
+    initial, _ = initial_model("resnet18", 32)
     main(["--config", str(tmp_path / "resnet.yaml"), "--output_dir", str(out), "--num_workers", "0"])
 
     net, processor = load_classifier(out)
@@ -513,7 +518,6 @@ def test_two_cpu_processes_give_the_metrics_of_one(tmp_path: Path, specs: list[S
 def test_full_fine_tuning_on_image_batches_unfreezes_the_backbone(tmp_path: Path, specs: list[SourceSpec]) -> None:
     """No feature_cache: image batches, every head, the whole network trained after a head-only
     warm-up (freeze_backbone, unfreeze_every in steps); no cache is written."""
-    from train.train import ModelArgs, create_model
 
     recipe = {
         "model": {"name": "efficientnet_lite0", "image_size": 64, "pretrained": False},
@@ -524,8 +528,7 @@ def test_full_fine_tuning_on_image_batches_unfreezes_the_backbone(tmp_path: Path
     }
     (tmp_path / "full.yaml").write_text(json.dumps(recipe))
     out = tmp_path / "full"
-    torch.manual_seed(42)  # train.py seeds with cfg.seed (42) before creating the model: same init
-    initial, _ = create_model(ModelArgs(name="efficientnet_lite0", image_size=64, pretrained=False), dict(enumerate(DX_CODES)))
+    initial, _ = initial_model("efficientnet_lite0", 64)
     main(["--config", str(tmp_path / "full.yaml"), "--output_dir", str(out), "--num_workers", "0"])
     assert not list(out.rglob("view_*.safetensors"))
     result = json.loads((out / "val_metrics.json").read_text())
@@ -567,7 +570,6 @@ def test_logit_adjusted_training_ships_calibrated_logits_and_the_balanced_decisi
     from PIL import Image
 
     from model.classifier import Classifier
-    from train.train import ModelArgs, create_model
 
     recipe = {
         "model": {"name": "efficientnet_lite0", "image_size": 64, "pretrained": False},
@@ -584,9 +586,7 @@ def test_logit_adjusted_training_ships_calibrated_logits_and_the_balanced_decisi
     exported = AutoModelForImageClassification.from_pretrained(out).eval()
     offsets = torch.tensor([exported.config.dx_decision_offsets[c] for c in DX_CODES])
     # the trained weights before export: best.safetensors (the stem was bypassed, so it is the seeded init's)
-    torch.manual_seed(42)
-    trained, processor = create_model(ModelArgs(name="efficientnet_lite0", image_size=64, pretrained=False),
-                                      dict(enumerate(DX_CODES)))
+    trained, processor = initial_model("efficientnet_lite0", 64)
     best = {k.removeprefix("model."): v for k, v in load_file(out / "best.safetensors").items() if k.startswith("model.")}
     trained.load_state_dict({**trained.state_dict(), **best})
     raw = MultiHeadNet(trained, {})

@@ -1156,10 +1156,12 @@ def after_update(run: TrainingRun, batch: dict[str, torch.Tensor], seconds: floa
         run.running_loss.zero_()
         run.running_count = 0
     due = cfg.checkpointing_steps and state["completed_steps"] % cfg.checkpointing_steps == 0
-    # Long epochs (a CPU, a big cache) also checkpoint every CHECKPOINT_MINUTES; every process
-    # must agree to save, so the main process's clock decides.
-    overdue = torch.tensor(float(time.monotonic() - run.last_save > CHECKPOINT_MINUTES * 60), device=accelerator.device)
-    if due or accelerator.reduce(overdue, reduction="sum").item() > 0:
+    if not due and state["completed_steps"] % cfg.logging_steps == 0:
+        # Long epochs (a CPU, a big cache) also checkpoint every CHECKPOINT_MINUTES; every process must
+        # agree to save, so they compare clocks (a collective: only at logging steps, not every step).
+        overdue = torch.tensor(float(time.monotonic() - run.last_save > CHECKPOINT_MINUTES * 60), device=accelerator.device)
+        due = accelerator.reduce(overdue, reduction="sum").item() > 0
+    if due:
         save_checkpoint(run)
 
 
