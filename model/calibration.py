@@ -232,7 +232,7 @@ def unfold_temperature(model: PreTrainedModel) -> PreTrainedModel:
     if head_ts:
         config.head_temperatures = head_ts
     for key in (FOLDED_KEY, FOLDED_HEADS_KEY):
-        _unset(config, key)
+        unset_config_key(config, key)
     return model
 
 
@@ -240,12 +240,13 @@ def _clear_temperatures(config: Any) -> None:
     """No temperature left to apply: declared fields back to their defaults, undeclared keys removed."""
     if temperature_key(config) == "temperature":
         config.temperature = 1.0
-    _unset(config, "calibration_temperature")
+    unset_config_key(config, "calibration_temperature")
     if _get(config, "head_temperatures") is not None:
         config.head_temperatures = None
 
 
-def _unset(config: Any, key: str) -> None:
+def unset_config_key(config: Any, key: str) -> None:
+    """Remove `key` from a config: a declared field back to None, an undeclared key deleted."""
     declared = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
     if key in declared:
         setattr(config, key, None)

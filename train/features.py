@@ -100,8 +100,15 @@ def build_cache(
     batch_size: int = 64,
     seed: int = 0,
     num_workers: int = 1,
+    masks: Sequence[str | None] | None = None,
+    mask_cell: int = 16,
 ) -> Path:
     """Write `views` files `view_<v>.safetensors` with the stem's fp16 output for every row of `ds`.
+
+    With `masks` (a lesion segmentation file per row, or None), each view also gets
+    `mask_<v>.safetensors`: the mask through the same geometry as the view's pixels, as the lesion's
+    share of every `mask_cell` x `mask_cell` pixel cell (fp16 (N, H/cell, W/cell); NO_MASK for rows
+    without a mask), the patch grid of a ViT with that patch size.
 
     Args:
         ds: dataset with an `image` column (rows in the order the cache keeps).
@@ -111,8 +118,10 @@ def build_cache(
         augment: `AugmentConfig` (or dict) of the augmented views.
 
     Returns:
-        `out_dir`. A view whose file exists (same row count) is skipped, so reruns resume.
+        `out_dir`. A view whose files exist is skipped, so reruns resume.
     """
+    if masks is not None and len(masks) != len(ds):
+        raise ValueError(f"{len(masks)} mask paths for {len(ds)} rows")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     geometry = processor_geometry(image_processor)
@@ -129,9 +138,12 @@ def build_cache(
             raise ValueError(f"feature cache {out} was built with other {changed}; delete it or use another dir")
     stem = stem.eval().to(memory_format=torch.channels_last)
     images = ds.select_columns(["image"])
+    if masks is not None:
+        images = images.add_column("mask", list(masks))
     for view in range(views):
         path = out / f"view_{view}.safetensors"
-        if path.exists():
+        mask_path = out / f"mask_{view}.safetensors"
+        if path.exists() and (masks is None or mask_path.exists()):
             continue
         transform = build_transforms(image_processor, train=view > 0, cfg=augment)
         loader = torch.utils.data.DataLoader(
@@ -143,18 +155,31 @@ def build_cache(
         )
         if num_workers == 0:
             torch.manual_seed(seed * 1000 + view)
-        chunks = []
+        chunks, mask_chunks = [], []
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"stem features {out.name} view {view}/{views - 1}", unit="batch")
         for batch in bar:
             x = batch["pixel_values"].to(memory_format=torch.channels_last)
             chunks.append(stem(x).to(torch.float16).contiguous())
+            if masks is not None:  # (B, H, W) -> lesion share per cell (B, H/cell, W/cell)
+                mask_chunks.append(torch.nn.functional.avg_pool2d(batch["masks"][:, None], mask_cell)[:, 0].to(torch.float16))
             bar.set_postfix(img_s=f"{sum(len(c) for c in chunks) / (time.perf_counter() - start):.1f}")
         features = torch.cat(chunks)
+        if masks is not None:
+            _atomic_save({"masks": torch.cat(mask_chunks).contiguous()}, mask_path, {"view": str(view), "cell": str(mask_cell)})
         _atomic_save({"features": features}, path, {"view": str(view), "n_failed": str(transform.n_failed)})
         logger.info("cached view %d of %s: %s in %.0f s", view, out, tuple(features.shape), time.perf_counter() - start)
     meta.write_text(json.dumps({**recipe, "views": max(views, json.loads(meta.read_text()).get("views", 0) if meta.is_file() else 0)}))
     return out
+
+
+def load_mask_cache(out_dir: str | Path, views: int) -> torch.Tensor:
+    """(views, N, h, w) fp16 lesion shares per cell of the first `views` views (see `build_cache`)."""
+    files = [Path(out_dir) / f"mask_{v}.safetensors" for v in range(views)]
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out_dir} has no lesion masks {missing}; build the cache with masks")
+    return torch.stack([load_file(str(p))["masks"] for p in files])
 
 
 def load_cache(out_dir: str | Path) -> torch.Tensor:

@@ -45,7 +45,8 @@ from transformers import TimmWrapperForImageClassification
 from model.baselines import EFFICIENTNET_LITE_ARCHS
 from model.geometry import processor_geometry
 from model.labels import DX_CODES, MELANOMA
-from model.loading import load_classifier
+from model.loading import load_classifier, num_prefix_tokens
+from model.rollout import attention_rollout
 from model.modeling_melanoma_vit import IGNORE_INDEX
 from model.tta import dihedral
 
@@ -58,6 +59,7 @@ logger = logging.getLogger("train.multisource")
 
 HYBRID_STEM = ("vit.embeddings.patch_embed.stem",)
 TEACHER_LOGITS = "teacher_logits.safetensors"
+ROLLOUT = "rollout"  # MultiHeadNet's output key of the attention-rollout map (not a head)
 
 
 class MultiHeadNet(nn.Module):
@@ -71,23 +73,33 @@ class MultiHeadNet(nn.Module):
         super().__init__()
         self.model = model
         self.is_timm = isinstance(model, TimmWrapperForImageClassification)
+        self.rollout = False  # set by a recipe with an attention target (ViTs only)
         width = model.timm_model.num_features if self.is_timm else 0
         self.aux_heads = nn.ModuleDict(
             {name: nn.Linear(width, len(labels)) for name, labels in extra_heads.items()} if self.is_timm else {}
         )
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{head: logits}; with `self.rollout` on (a ViT trained with an attention target) also
+        {ROLLOUT: (B, grid_h, grid_w)}, the plain attention rollout that `bench/bench_rollout.py`
+        measures, with its graph."""
         if self.is_timm:
             timm_model = self.model.timm_model
             # channels_last: CPU convolutions ~20% faster (ResNet-18 at 128 px, batch 64: 20.5 -> 24.3 img/s)
             x = pixel_values.contiguous(memory_format=torch.channels_last)
             pooled = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)  # (B, F)
             return {MAIN_HEAD: timm_model.get_classifier()(pooled), **{n: h(pooled) for n, h in self.aux_heads.items()}}
-        outputs = self.model(pixel_values=pixel_values)
+        outputs = self.model(pixel_values=pixel_values, output_attentions=self.rollout)
         logits = {MAIN_HEAD: outputs.logits, **(getattr(outputs, "head_logits", None) or {})}
         distillation = getattr(outputs, "distillation_logits", None)
         if self.training and distillation is not None:
             logits[DISTILLATION] = distillation
+        if self.rollout:
+            prefix = num_prefix_tokens(self.model.config)
+            grid = int(round((outputs.attentions[0].shape[-1] - prefix) ** 0.5))
+            logits[ROLLOUT] = attention_rollout(outputs.attentions, num_prefix_tokens=prefix,
+                                                token_rows=("cls", "dist") if prefix == 2 else ("cls",),
+                                                grid_size=(grid, grid), detach=False)
         return logits
 
     def stem_names(self) -> tuple[str, ...]:
@@ -238,16 +250,22 @@ class CachedFeatures(torch.utils.data.Dataset):
     Training (`augment=True`): each item reads a random cached view, turned by a random dihedral
     symmetry when `dihedral`; the draws come from the torch RNG, which `SeededAugmentation` seeds
     per batch, so they do not depend on the number of processes or where a run resumed.
-    Evaluation: view 0 as is. Items: {"pixel_values": (C, h, w) float32, "labels": dx index}.
+    Evaluation: view 0 as is. Items: {"pixel_values": (C, h, w) float32, "labels": dx index}, plus
+    "lesion_mask" (h', w') when `masks` (V, N, h', w') holds the views' lesion shares per patch cell
+    (`build_cache(masks=...)`): the same view, turned the same way.
     """
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, augment: bool = False, dihedral: bool = False) -> None:
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, augment: bool = False, dihedral: bool = False,
+                 masks: torch.Tensor | None = None) -> None:
         if features.shape[1] != len(labels):
             raise ValueError(f"the feature cache holds {features.shape[1]} rows for {len(labels)} images")
+        if masks is not None and masks.shape[:2] != features.shape[:2]:
+            raise ValueError(f"masks {tuple(masks.shape[:2])} do not match the cache's (views, rows) {tuple(features.shape[:2])}")
         self.features = features
         self.labels = labels
         self.augment = augment
         self.dihedral = dihedral
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -256,9 +274,16 @@ class CachedFeatures(torch.utils.data.Dataset):
         rows = torch.as_tensor(indices)
         view = torch.randint(0, len(self.features), (len(rows),)) if self.augment else torch.zeros(len(rows), dtype=torch.long)
         x = self.features[view, rows].float()  # (B, C, h, w)
+        m = None if self.masks is None else self.masks[view, rows].float()[:, None]  # (B, 1, h', w')
         if self.augment and self.dihedral:
-            x = dihedral(x, torch.randint(0, 8, (len(rows),)))
-        return [{"pixel_values": x[i], "labels": self.labels[r]} for i, r in enumerate(rows.tolist())]
+            ops = torch.randint(0, 8, (len(rows),))
+            x = dihedral(x, ops)
+            m = None if m is None else dihedral(m, ops)
+        items = [{"pixel_values": x[i], "labels": self.labels[r]} for i, r in enumerate(rows.tolist())]
+        if m is not None:
+            for item, mask in zip(items, m[:, 0]):
+                item["lesion_mask"] = mask
+        return items
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]
