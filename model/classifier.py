@@ -5,7 +5,7 @@ train/predict.py and the benchmarks all score images here.
 One stored calibration form: a fitted temperature is folded into the head weights
 (`model.calibration.fold_temperature`), so every head's calibrated probabilities are a plain softmax
 of its logits; config.json records `folded_temperature` / `folded_head_temperatures` for the record
-only. A folder that still stores a temperature to apply is refused (fold it once).
+only. An older folder that stores a temperature still to apply is migrated at load (`model.loading`).
 
 Inference is guarded by a lock: the Gradio worker threads and the REST background worker share
 one loaded classifier. Nothing here diagnoses anything: these are research/education models.
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 # Importing this module imports the `model` package, which registers MelanomaViT with the Auto classes.
-from .calibration import folded_head_temperatures, folded_temperature, unfolded_temperatures
+from .calibration import folded_head_temperatures, folded_temperature
 from .decision import balanced_scores, decision_offsets
 from .geometry import processor_geometry
 from .labels import CRITERIA_LABELS, DX_NAMES, MELANOMA
@@ -74,9 +74,6 @@ class Classifier:
         melanoma_threshold: decision threshold on P(mel) (0.5 when the model has none).
         extra_heads: head name -> label names of a multi-source MelanomaViT's extra heads ({} for others);
         has_seven_point: whether every seven-point criterion head is there (the checklist score is computed).
-
-    Raises:
-        ValueError: the folder's config stores a temperature still to apply (not folded).
     """
 
     def __init__(
@@ -91,12 +88,6 @@ class Classifier:
         self.device = torch.device(device)
         self.model, self.processor = load_classifier(source, self.device)
         self.config = self.model.config
-        unfolded = unfolded_temperatures(self.config)
-        if unfolded:
-            raise ValueError(
-                f"{source}: config.json stores a temperature still to apply ({unfolded}); fold it into the "
-                "head weights once (model.calibration.fold_temperature(model).save_pretrained(folder))."
-            )
         self.card = card
         self.net_type = _net_type(self.config)
         self.geometry = processor_geometry(self.processor)

@@ -24,6 +24,8 @@ from model.calibration import fold_temperature
 from model.imageio import InvalidImageError, load_image
 from model.labels import CRITERIA_LABELS, DERM7PT_LABELS, DX_CODES, ISIC2017_LABELS, dx_id2label, dx_label2id
 
+from conftest import edit_config_json
+
 # --------------------------------------------------------------------------- tiny model folders
 
 
@@ -314,7 +316,7 @@ def test_extra_heads_come_from_the_same_forward_pass(zoo, ham_image_paths):
         torch.testing.assert_close(got.sum(-1), torch.ones(len(images)), atol=1e-5, rtol=0)
     with torch.no_grad():
         raw = entry.model(pixel_values=pixel_values).head_logits["isic2017"]
-    assert entry.folded_head_temperatures["isic2017"] == 0.5 and entry.config.head_temperatures is None
+    assert entry.folded_head_temperatures["isic2017"] == 0.5 and entry.config.unfolded_temperatures == {}
     got = torch.tensor([list(p.heads.probabilities["isic2017"].values()) for p in predictions])
     torch.testing.assert_close(got, torch.softmax(raw, dim=-1), atol=1e-5, rtol=1e-5)  # nothing divided twice
 
@@ -582,12 +584,12 @@ def test_rollout_on_stock_deit_export_of_a_distilled_model(tmp_path, ham_image_p
     np.testing.assert_allclose(b.heatmap.astype(int), a.heatmap.astype(int), atol=2)
 
 
-def test_unfolded_folders_are_refused_and_folding_them_keeps_their_probabilities(zoo, tmp_path, ham_image_paths):
+def test_older_unfolded_folders_load_migrated_with_their_probabilities(zoo, tmp_path, ham_image_paths, caplog):
     """One stored calibration form: a folder that still stores temperatures to apply (older exports) is
-    refused with the fix; folded once (`fold_temperature(model)`), it gives what applying them gave."""
+    folded once at load, with a warning, and gives what applying them gave."""
+    import logging
     import shutil
 
-    from model.calibration import unfold_temperature
     from model.classifier import Classifier
     from webapp.formatting import model_details_markdown
 
@@ -595,18 +597,21 @@ def test_unfolded_folders_are_refused_and_folding_them_keeps_their_probabilities
     for name in ("melanoma-vit-tiny", MULTISOURCE):
         entry = zoo.get(name)
         assert "folded into the classifier head" in model_details_markdown(entry)
-        # The older form: raw heads, T (and head temperatures) stored to apply.
-        old = unfold_temperature(entry.model.__class__.from_pretrained(entry.path))
-        old.config.temperature = entry.folded_temperature
-        old.config.head_temperatures = entry.folded_head_temperatures or None
+        # The older form: raw heads (a fit of 1.0 replaces the fold), T and head temperatures stored to apply.
+        old = entry.model.__class__.from_pretrained(entry.path)
+        fold_temperature(old, 1.0, {head: 1.0 for head in entry.folded_head_temperatures} or None)
         folder = shutil.copytree(entry.path, tmp_path / name)
         old.save_pretrained(folder)
-        with pytest.raises(ValueError, match="temperature still to apply.*fold_temperature"):
-            Classifier(folder)
-        fold_temperature(old).save_pretrained(folder)
-        migrated = Classifier(folder, model_id=name)
+        edit_config_json(folder, temperature=entry.folded_temperature,
+                         head_temperatures=entry.folded_head_temperatures or None, folded_temperature=None,
+                         folded_head_temperatures=None)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            migrated = Classifier(folder, model_id=name)
+        assert "Migrated an older MelanomaViT calibration" in caplog.text
         assert migrated.folded_temperature == entry.folded_temperature
         assert migrated.folded_head_temperatures == entry.folded_head_temperatures
+        assert "folded into the classifier head" in model_details_markdown(migrated)
         for before, after in zip(entry.predict(images), migrated.predict(images)):
             assert after.probabilities == pytest.approx(before.probabilities, abs=1e-5)
             if before.heads is not None:
