@@ -359,6 +359,60 @@ def test_models_without_extra_heads_keep_their_record(zoo, ham_image_paths):
         assert record["probabilities"] == prediction.probabilities
 
 
+def test_predict_proba_on_pixels_and_cached_stem_features_is_predict(zoo, ham_image_paths):
+    """The entry point for preprocessed tensors (training's teachers): every head's calibrated probabilities,
+    chunked, equal `predict`'s; on cached stem features (`model.stem`: the hybrid's CNN stem bypassed) too."""
+    from model.stem import stem_names
+
+    images = [Image.open(p).convert("RGB") for p in ham_image_paths[:5]]
+    entry = zoo.get(MULTISOURCE)
+    predictions = entry.predict(images, tta=2)
+    pixel_values = entry.pixel_values(images)
+    probs = entry.predict_proba(pixel_values, tta=2, batch_size=2)  # three chunks
+    expected_dx = torch.tensor([[p.probabilities[c] for c in DX_CODES] for p in predictions])
+    torch.testing.assert_close(probs.dx, expected_dx, atol=1e-6, rtol=0)
+    assert list(probs.heads) == list(entry.extra_heads)
+    for name, labels in entry.extra_heads.items():
+        expected = torch.tensor([[p.heads.probabilities[name][label] for label in labels] for p in predictions])
+        torch.testing.assert_close(probs.heads[name], expected, atol=1e-6, rtol=0)
+
+    assert stem_names(entry.model) == ("vit.embeddings.patch_embed.stem",)
+    with torch.no_grad():
+        features = entry.model.vit.embeddings.patch_embed.stem(pixel_values)  # what train/features.py caches
+    from_features = entry.predict_proba(features.half(), batch_size=4, features=True)
+    plain = entry.predict_proba(pixel_values)
+    torch.testing.assert_close(from_features.dx, plain.dx, atol=2e-3, rtol=0)  # fp16 cache
+    for name in entry.extra_heads:
+        torch.testing.assert_close(from_features.heads[name], plain.heads[name], atol=2e-3, rtol=0)
+    assert not isinstance(entry.model.vit.embeddings.patch_embed.stem, torch.nn.Identity)  # the stem is back
+    with pytest.raises(ValueError, match="tta must be 1"):
+        entry.predict_proba(features, tta=2, features=True)
+    # a model without a stem (pure ViT, ResNet without ImageNet weights): its cache holds pixels
+    vit = zoo.get("melanoma-vit-tiny")
+    assert stem_names(vit.model) == () and stem_names(zoo.get("resnet18-tiny").model) == ()
+    vit_pixels = vit.pixel_values(images)
+    assert torch.equal(vit.predict_proba(vit_pixels, features=True).dx, vit.predict_proba(vit_pixels).dx)
+
+
+def test_from_model_wraps_a_model_in_memory_like_its_folder(zoo, ham_image_paths):
+    """`Classifier.from_model`: a model already in memory (just trained, exported) scores as its folder does."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from model.classifier import Classifier
+
+    images = [Image.open(p).convert("RGB") for p in ham_image_paths[:3]]
+    for name in ("melanoma-vit-tiny", MULTISOURCE, "resnet18-tiny"):
+        entry = zoo.get(name)
+        model = AutoModelForImageClassification.from_pretrained(entry.path).train()
+        wrapped = Classifier.from_model(model, AutoImageProcessor.from_pretrained(entry.path), model_id=name)
+        assert not model.training and wrapped.id == name and wrapped.device == torch.device("cpu")
+        assert (wrapped.folded_temperature, wrapped.melanoma_threshold) == (entry.folded_temperature,
+                                                                            entry.melanoma_threshold)
+        for before, after in zip(entry.predict(images), wrapped.predict(images)):
+            assert after.probabilities == pytest.approx(before.probabilities, abs=1e-5)
+            assert after.label == before.label
+
+
 def test_image_result_is_typed_and_becomes_json_only_in_to_json():
     """The melanoma flag at the threshold, the OOD warning and the JSON record from one typed result."""
     from model.ood import OODResult

@@ -21,8 +21,9 @@ from model.calibration import unfolded_temperatures
 from model.labels import CRITERIA_LABELS, DERM7PT_LABELS, DX_CODES
 from model.sevenpoint import SEVEN_POINT, seven_point_score, seven_point_score_from_labels
 from model.modeling_melanoma_vit import IGNORE_INDEX
+from model.stem import stem_bypassed
 from train.data import load_image_dataset
-from train.features import build_cache, efficientnet_stem, load_cache, stem_bypassed
+from train.features import build_cache, efficientnet_stem, load_cache
 from train.multisource import MultiHeadNet, sampler_weights
 from train.sources import SourceSpec, derm7pt_diagnosis, head_labels, load_sources
 from train.train import complete_checkpoints, main
