@@ -569,8 +569,7 @@ def render_model_card(
     unfolded = unfolded_temperatures(config)
     if unfolded:
         raise ValueError(f"{model_dir}: config.json stores a temperature still to apply ({unfolded}); fold it into the "
-                         "head weights once (model.calibration.fold_temperature(model).save_pretrained(folder)), "
-                         "then render the card.")
+                         f"head weights once (`python -m model.calibration {model_dir}`), then render the card.")
     folded = folded_temperature(config)
     threshold = config.get("melanoma_threshold")
     card = ModelCard.from_template(

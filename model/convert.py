@@ -192,10 +192,8 @@ def _vit_config_kwargs(config: MelanomaViTConfig) -> dict:
 def vit_config_from_melanoma_vit(config: MelanomaViTConfig) -> ViTConfig | DeiTConfig:
     """The stock transformers config of an export: `DeiTConfig` for distilled models, else `ViTConfig`.
 
-    `melanoma_threshold` and `folded_temperature` are kept as extra attributes; a temperature still to
-    apply becomes `calibration_temperature` (transformers 5 refuses a `temperature` key in model configs;
-    `export_to_vit` folds it into the head by default, so there is none). Extra heads are not part of
-    the export.
+    `melanoma_threshold` and `folded_temperature` are kept as extra attributes (the calibration is in the
+    head weights, `model.calibration`). Extra heads are not part of the export.
 
     Raises:
         ValueError: for hybrid models (no stock transformers equivalent) and non-square patches.
@@ -214,8 +212,6 @@ def vit_config_from_melanoma_vit(config: MelanomaViTConfig) -> ViTConfig | DeiTC
     vit_config.melanoma_threshold = config.melanoma_threshold
     if calibration.folded_temperature(config) is not None:
         vit_config.folded_temperature = calibration.folded_temperature(config)
-    if calibration.config_temperature(config) is not None:
-        vit_config.calibration_temperature = calibration.config_temperature(config)
     return vit_config
 
 
@@ -331,23 +327,18 @@ def _installed_layout(hf_model: nn.Module, base: str) -> str:
     raise RuntimeError(f"Unrecognised parameter names in the installed transformers {type(hf_model).__name__}.")
 
 
-def _to_export(model: MelanomaViTForImageClassification, fold_temperature: bool) -> MelanomaViTForImageClassification:
-    """`model`, or a copy with its temperature folded into the heads (`calibration.fold_temperature`)."""
+def _to_export(model: MelanomaViTForImageClassification) -> MelanomaViTForImageClassification:
+    """`model`, or, when built from an older config with temperatures still to apply (not loaded, which
+    migrates), a copy with them folded into the heads (`calibration.migrate`)."""
     if model.config.extra_heads:
         logger.warning(
             "The stock transformers export keeps only the main (dx) head; the extra heads %s are dropped.",
             list(model.config.extra_heads),
         )
-    temperature = calibration.config_temperature(model.config)
-    if temperature is None:
+    if not calibration.unfolded_temperatures(model.config):
         return model
-    if fold_temperature:
-        return calibration.fold_temperature(copy.deepcopy(model))
-    logger.warning(
-        "Exporting without folding temperature %.3f: softmax over the export's logits (pipeline, Hub widget) is "
-        "uncalibrated, and melanoma_threshold refers to calibrated P(mel).",
-        temperature,
-    )
+    model = copy.deepcopy(model)
+    calibration.migrate(model)
     return model
 
 
@@ -359,21 +350,19 @@ def _export_state_dict(model: MelanomaViTForImageClassification, layout: str) ->
 
 
 def export_to_vit(
-    model: MelanomaViTForImageClassification, fold_temperature: bool = True
+    model: MelanomaViTForImageClassification,
 ) -> ViTForImageClassification | DeiTForImageClassificationWithTeacher:
     """The same network as a stock transformers model (no remote code), in eval mode.
 
     Plain models become `ViTForImageClassification`; distilled models (`use_distillation_token`) become
     `DeiTForImageClassificationWithTeacher`, which like MelanomaViT averages its CLS and distillation
-    heads at inference. With `fold_temperature` (default) a temperature still to apply
-    (`config.temperature`) is folded into the heads (`calibration.fold_temperature`), so the stock model's
-    logits are `ours / T` and every softmax over them (pipeline, Hub widget) gives the calibrated
-    probabilities; the predicted class is unchanged. A model folded already exports as it is.
+    heads at inference. A calibration is in the head weights (`config.folded_temperature`), so it exports
+    with them: every softmax over the stock model's logits (pipeline, Hub widget) is calibrated.
 
     Logits match MelanomaViT at the configured image size; other sizes interpolate position embeddings
     differently in transformers' ViT.
     """
-    model = _to_export(model, fold_temperature)
+    model = _to_export(model)
     vit_config = vit_config_from_melanoma_vit(model.config)
     distilled = model.config.use_distillation_token
     hf_class = DeiTForImageClassificationWithTeacher if distilled else ViTForImageClassification
@@ -383,9 +372,7 @@ def export_to_vit(
     return hf_model.to(model.dtype).eval()
 
 
-def save_vit_export(
-    model: MelanomaViTForImageClassification, folder: str | Path, fold_temperature: bool = True
-) -> Path:
+def save_vit_export(model: MelanomaViTForImageClassification, folder: str | Path) -> Path:
     """Write `export_to_vit(model)` to `folder` (config.json + model.safetensors) in the 4.x key layout.
 
     transformers 4.x reads these names directly and transformers 5 converts them on load (its
@@ -395,7 +382,7 @@ def save_vit_export(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = _to_export(model, fold_temperature)
+    model = _to_export(model)
     vit_config = vit_config_from_melanoma_vit(model.config)
     vit_config.architectures = [
         "DeiTForImageClassificationWithTeacher" if model.config.use_distillation_token else "ViTForImageClassification"

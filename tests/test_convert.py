@@ -144,25 +144,36 @@ def test_export_to_vit_parity(timm_case):
 
 
 @torch.no_grad()
-def test_export_folds_temperature_into_head():
+def test_export_keeps_the_folded_calibration():
+    """The one stored form: the temperature is in the head weights, so the export carries it as they are."""
     torch.manual_seed(0)
     config = MelanomaViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=37, temperature=2.0, melanoma_threshold=0.3)  # fmt: skip
+                               intermediate_size=37, melanoma_threshold=0.3)  # fmt: skip
     ours = MelanomaViTForImageClassification(config).eval()
     x = torch.randn(2, 3, 32, 32)
     logits = ours(x).logits
-    folded = export_to_vit(ours)
-    torch.testing.assert_close(folded(x).logits, logits / 2.0, **TOL)
-    torch.testing.assert_close(folded(x).logits.softmax(-1), ours.predict_proba(x), **TOL)
-    assert folded.config.melanoma_threshold == 0.3 and folded.config.folded_temperature == 2.0
-    assert ours.config.temperature == 2.0 and ours(x).logits.equal(logits)  # the source model is left as it was
-    unfolded = export_to_vit(ours, fold_temperature=False)
-    torch.testing.assert_close(unfolded(x).logits, logits, **TOL)
-    assert unfolded.config.calibration_temperature == 2.0  # still applied by readers of the config
-    # a model folded already (as stored calibrations are) exports as it is, without folding again
-    fold_temperature(ours)
-    torch.testing.assert_close(export_to_vit(ours)(x).logits, logits / 2.0, **TOL)
-    assert export_to_vit(ours).config.folded_temperature == 2.0
+    fold_temperature(ours, 2.0)
+    exported = export_to_vit(ours)
+    torch.testing.assert_close(exported(x).logits, logits / 2.0, **TOL)
+    torch.testing.assert_close(exported(x).logits.softmax(-1), ours.predict_proba(x), **TOL)
+    assert exported.config.melanoma_threshold == 0.3 and exported.config.folded_temperature == 2.0
+    assert not hasattr(exported.config, "calibration_temperature")
+
+
+@torch.no_grad()
+def test_export_of_a_model_built_from_an_older_config_folds_its_temperature():
+    """Built (not loaded, which migrates) from a config with a temperature still to apply: the export folds
+    it into a copy, so the stock model's softmax is what the older form meant; the source is left as it was."""
+    torch.manual_seed(0)
+    config = MelanomaViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=37, temperature=2.0)  # fmt: skip
+    ours = MelanomaViTForImageClassification(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    logits = ours(x).logits
+    exported = export_to_vit(ours)
+    torch.testing.assert_close(exported(x).logits, logits / 2.0, **TOL)
+    assert exported.config.folded_temperature == 2.0
+    assert ours.config.unfolded_temperatures == {"temperature": 2.0} and ours(x).logits.equal(logits)
 
 
 def test_state_dict_to_vit_layouts_and_errors():

@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from hub_cards.render import PLACEHOLDER_REPO_ID, render_model_card
-from model.calibration import config_temperature, folded_temperature
+from model.calibration import folded_temperature, unfolded_temperatures
 from model.labels import DX_CODES
 from model.classifier import Classifier
 
@@ -51,7 +51,8 @@ def test_calibrated_folders_have_their_temperature_folded_into_the_head():
         config = json.loads((folder / "config.json").read_text())
         if config.get("melanoma_threshold") is not None:  # calibrated on validation data
             assert folded_temperature(config) is not None, f"{folder.name}: temperature not folded"
-            assert config_temperature(config) is None, f"{folder.name}: a temperature is still to apply"
+        assert unfolded_temperatures(config) == {}, f"{folder.name}: a temperature is still to apply"
+        assert not {"temperature", "head_temperatures", "calibration_temperature"} & set(config), folder.name
 
 
 # The card's first snippet as a user runs it, then `pipeline` with the default image processor and

@@ -17,14 +17,13 @@ atomically, so an interrupted build resumes at the first missing view.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
@@ -33,20 +32,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from model.baselines import EFFICIENTNET_LITE_ARCHS, efficientnet_lite_stem_modules
 from model.geometry import processor_geometry
+from model.stem import efficientnet_stem_names
 
 from .transforms import AugmentConfig, build_transforms, with_image_transform
 
 logger = logging.getLogger(__name__)
-
-def efficientnet_stem_names(model: nn.Module) -> list[str]:
-    """Submodule names (relative to the timm model) of a TimmWrapper EfficientNet-Lite's stride-16 stem."""
-    arch = model.config.architecture
-    variant = next((v for v, a in EFFICIENTNET_LITE_ARCHS.items() if a == arch), None)
-    if variant is None:
-        raise ValueError(f"cached stem features need an EfficientNet-Lite ({sorted(EFFICIENTNET_LITE_ARCHS.values())}), got {arch}")
-    return efficientnet_lite_stem_modules(variant)
 
 
 def efficientnet_stem(model: nn.Module) -> nn.Sequential:
@@ -55,32 +46,6 @@ def efficientnet_stem(model: nn.Module) -> nn.Sequential:
     Input (B, 3, H, W) normalised pixels; output (B, C, H/16, W/16) (C = 112 for Lite0).
     """
     return nn.Sequential(*(model.timm_model.get_submodule(name) for name in efficientnet_stem_names(model)))
-
-
-@contextlib.contextmanager
-def stem_bypassed(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
-    """Temporarily replace the submodules `names` of `model` by nn.Identity.
-
-    With the stem bypassed, the model takes cached stem features where it took pixels. The
-    original modules are put back on exit, also when the body raises.
-    """
-    saved = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        saved[name] = (parent, child, getattr(parent, child) if not child.isdigit() else parent[int(child)])
-        if child.isdigit():
-            parent[int(child)] = nn.Identity()
-        else:
-            setattr(parent, child, nn.Identity())
-    try:
-        yield model
-    finally:
-        for parent, child, module in saved.values():
-            if child.isdigit():
-                parent[int(child)] = module
-            else:
-                setattr(parent, child, module)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

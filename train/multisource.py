@@ -24,7 +24,8 @@ HAM10000 does not drown the smaller archives. Two batch sources:
   the whole network trained, the backbone unfrozen on the recipe's schedule.
 
 `distillation.teachers` distil from trained models that read their own caches once
-(`teacher_logits`): the DeiT recipe at cached-view cost.
+(`teacher_logits`, through the one inference path, `model.classifier.Classifier`): the DeiT recipe at
+cached-view cost.
 """
 
 from __future__ import annotations
@@ -42,22 +43,21 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import TimmWrapperForImageClassification
 
-from model.baselines import EFFICIENTNET_LITE_ARCHS
-from model.geometry import processor_geometry
+from model.classifier import Classifier
 from model.labels import DX_CODES, MELANOMA
-from model.loading import load_classifier, num_prefix_tokens
+from model.loading import num_prefix_tokens
 from model.rollout import attention_rollout
 from model.modeling_melanoma_vit import IGNORE_INDEX
+from model.stem import stem_names
 from model.tta import dihedral
 
-from .features import efficientnet_stem_names, load_cache, stem_bypassed
+from .features import load_cache
 from .losses import DISTILLATION
 from .metrics import melanoma_auc
 from .sources import MAIN_HEAD, SourceSpec
 
 logger = logging.getLogger("train.multisource")
 
-HYBRID_STEM = ("vit.embeddings.patch_embed.stem",)
 TEACHER_LOGITS = "teacher_logits.safetensors"
 ROLLOUT = "rollout"  # MultiHeadNet's output key of the attention-rollout map (not a head)
 
@@ -103,15 +103,9 @@ class MultiHeadNet(nn.Module):
         return logits
 
     def stem_names(self) -> tuple[str, ...]:
-        """Names (relative to this module) of the frozen stem that cached features replace
-        (none for a pure ViT or a CNN without ImageNet weights, e.g. ResNet: their caches hold pixels)."""
-        if self.is_timm:
-            if self.model.config.architecture not in EFFICIENTNET_LITE_ARCHS.values():
-                return ()
-            return tuple(f"model.timm_model.{n}" for n in efficientnet_stem_names(self.model))
-        if getattr(self.model.config, "patch_embedding_type", "linear") != "hybrid":
-            return ()
-        return tuple(f"model.{n}" for n in HYBRID_STEM)
+        """Names (relative to this module) of the frozen stem that cached features replace (`model.stem`;
+        none for a pure ViT or a CNN without ImageNet weights, e.g. ResNet: their caches hold pixels)."""
+        return tuple(f"model.{n}" for n in stem_names(self.model))
 
 
 @torch.no_grad()
@@ -119,8 +113,9 @@ def teacher_logits(teachers: Sequence[Mapping[str, str]], train_ds: Any, output_
     """Distillation targets for every training row: log of the dx probabilities averaged over the
     teachers and every cached view of each teacher's own cache (N, len(DX_CODES)).
 
-    Each teacher (a trained folder, e.g. models/efficientnet-lite2) reads the stem features its
-    recipe cached (`cache`/train), so no image is decoded again. Written once to
+    Each teacher (a trained folder, e.g. models/efficientnet-lite2, loaded and scored by the one inference
+    path, `Classifier.predict_proba` with `features=True`: its calibrated dx probabilities) reads the stem
+    features its recipe cached (`cache`/train), so no image is decoded again. Written once to
     `output_dir/teacher_logits.safetensors` with the teacher list (a resumed run with the same
     teachers reads it back; other teachers recompute it). The teachers' melanoma
     AUC on the training rows is logged per source: a cache whose rows are not this recipe's shows
@@ -140,29 +135,27 @@ def teacher_logits(teachers: Sequence[Mapping[str, str]], train_ds: Any, output_
     total = torch.zeros(n, len(DX_CODES))
     count = 0
     for teacher in teachers:
-        model, processor = load_classifier(teacher["model"])
-        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        classifier = Classifier(teacher["model"])
+        labels = [classifier.id2label[i] for i in range(classifier.out_dim)]
         if labels != list(DX_CODES):
             raise ValueError(f"teacher {teacher['model']} predicts {labels}, not the dx classes {list(DX_CODES)}")
         cache = Path(teacher["cache"]) / "train"
         recipe = json.loads((cache / "cache.json").read_text()) if (cache / "cache.json").is_file() else {}
-        geometry = processor_geometry(processor)
+        geometry = classifier.geometry
         expected = {"rows": n, "size": list(geometry.size), "mean": list(geometry.mean), "std": list(geometry.std)}
         wrong = sorted(k for k, v in expected.items() if not np.allclose(recipe.get(k, -1), v))
         if wrong:
             raise ValueError(f"teacher cache {cache} does not fit {teacher['model']} on this recipe's rows: {wrong} differ")
-        net = MultiHeadNet(model, {})
         features = load_cache(cache)
-        with stem_bypassed(net, net.stem_names()):
-            for view in range(len(features)):
-                p = torch.softmax(_predict(net, features[view], batch_size)[MAIN_HEAD], -1)
-                total += p
-                count += 1
-                aucs = {s: melanoma_auc((dx[sources == s] == DX_CODES.index(MELANOMA)).astype(int),
-                                        p[torch.as_tensor(sources == s), DX_CODES.index(MELANOMA)].numpy())
-                        for s in dict.fromkeys(sources)}
-                logger.info("teacher %s view %d: train melanoma AUC %s", teacher["model"], view,
-                            {s: round(a, 3) if a is not None else None for s, a in aucs.items()})
+        for view in range(len(features)):
+            p = classifier.predict_proba(features[view], batch_size=batch_size, features=True).dx  # (N, C)
+            total += p
+            count += 1
+            aucs = {s: melanoma_auc((dx[sources == s] == DX_CODES.index(MELANOMA)).astype(int),
+                                    p[torch.as_tensor(sources == s), DX_CODES.index(MELANOMA)].numpy())
+                    for s in dict.fromkeys(sources)}
+            logger.info("teacher %s view %d: train melanoma AUC %s", teacher["model"], view,
+                        {s: round(a, 3) if a is not None else None for s, a in aucs.items()})
         del features
     logits = (total / count).clamp_min(1e-8).log()
     save_file({"logits": logits.contiguous()}, str(path), metadata={"teachers": teacher_list})
@@ -212,13 +205,6 @@ def head_metrics(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.
             p = torch.softmax(z.float(), -1)[:, -1].numpy()
             out[f"auc/{name}"] = melanoma_auc((yh[keep] == z.shape[-1] - 1).astype(int), p[keep])
     return out
-
-
-@torch.no_grad()
-def _predict(net: MultiHeadNet, features: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    net.eval()
-    chunks = [net(features[i : i + batch_size].float()) for i in range(0, len(features), batch_size)]
-    return {name: torch.cat([c[name] for c in chunks]).float() for name in chunks[0]}
 
 
 class RowTargets(torch.utils.data.Dataset):

@@ -115,12 +115,14 @@ from model.baselines import (  # noqa: E402
 from model.convert import load_hybrid_stem_from_timm  # noqa: E402
 from model.geometry import processor_geometry  # noqa: E402
 from model.calibration import classifier_heads, fold_temperature, unset_config_key  # noqa: E402
+from model.classifier import Classifier  # noqa: E402
 from model.metrics_schema import TARGET_SENSITIVITY, THRESHOLD_RULE  # noqa: E402
 from model.labels import DX_CODES, MELANOMA  # noqa: E402
 from model.modeling_melanoma_vit import IGNORE_INDEX  # noqa: E402
+from model.stem import stem_bypassed  # noqa: E402
 from train.balance import balanced_sampler_weights, class_weights  # noqa: E402
 from train.data import load_image_dataset  # noqa: E402
-from train.features import build_cache, load_cache, load_mask_cache, stem_bypassed  # noqa: E402
+from train.features import build_cache, load_cache, load_mask_cache  # noqa: E402
 from train.losses import (  # noqa: E402
     DISTILLATION,
     DISTILLATION_KINDS,
@@ -672,7 +674,12 @@ def predict_heads(
     """({head: logits (N, C_head) float32}, {head: labels (N,)}) over `dataloader`, gathered from
     every process in dataset order (the padding of the last batch dropped). `model` maps pixels
     (or cached features) to {head: logits}, as `MultiHeadNet`; label keys are those of the batches
-    (`labels` is the dx head's). `dx_offset`: the logit adjustment added to the dx logits."""
+    (`labels` is the dx head's). `dx_offset`: the logit adjustment added to the dx logits.
+
+    Not `model.classifier.Classifier` (the inference path of shipped folders, which the teachers use):
+    validation scores the network being trained, whose raw logits (the loss, and the temperatures
+    `calibrate` fits and folds) include a CNN's training-only auxiliary heads that no shipped model has,
+    on batches sharded across processes."""
     was_training = model.training
     model.eval()
     logits: dict[str, list[torch.Tensor]] = {}
@@ -788,32 +795,33 @@ def resolve_checkpoint(resume: str, output_dir: Path) -> Path:
 # Main
 # --------------------------------------------------------------------------------------------
 class TeacherAdapter:
-    """A DeiT distillation teacher (frozen, eval mode) that reads the student's batches.
+    """A DeiT distillation teacher (a trained folder, frozen) that reads the student's batches.
 
-    The student's pixels become the teacher's: undo the student processor's normalisation, apply
-    the teacher's, and resize (bicubic) when the teacher expects another size.
+    Loaded and run by the one inference path (`model.classifier.Classifier`: its loading rule, calibration
+    form and forward). The student's pixels become the teacher's: undo the student processor's
+    normalisation, apply the teacher's, and resize (bicubic) when the teacher expects another size.
     """
 
     def __init__(self, name: str, label_names: Sequence[str], student_processor: Any, device: torch.device) -> None:
-        self.model = AutoModelForImageClassification.from_pretrained(name).eval().requires_grad_(False)
-        teacher_labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.classifier = Classifier(name, device)
+        teacher_labels = [self.classifier.id2label[i] for i in range(self.classifier.out_dim)]
         if teacher_labels != list(label_names):
             raise ValueError(f"teacher {name} predicts {teacher_labels}, the student {list(label_names)}")
-        student = processor_geometry(student_processor)
-        teacher = processor_geometry(AutoImageProcessor.from_pretrained(name))
+        student, teacher = processor_geometry(student_processor), self.classifier.geometry
         s_mean, s_std, t_mean, t_std = (torch.tensor(v) for v in (student.mean, student.std, teacher.mean, teacher.std))
         self.scale = (s_std / t_std).view(1, 3, 1, 1).to(device)
         self.shift = ((s_mean - t_mean) / t_std).view(1, 3, 1, 1).to(device)
         self.size = tuple(teacher.size)
-        self.model.to(device)
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Student-normalised (B, 3, H, W) -> teacher logits (B, num_labels)."""
+        """Student-normalised (B, 3, H, W) -> teacher logits (B, num_labels) (its calibrated head's: the
+        distillation loss takes logits; a copy outside inference mode, so the loss may keep it for backward)."""
         pixels = pixel_values * self.scale + self.shift
         if self.size != tuple(pixels.shape[-2:]):
             pixels = F.interpolate(pixels, size=self.size, mode="bicubic", align_corners=False)
-        return self.model(pixel_values=pixels).logits
+        (output,) = self.classifier.forward_views(pixels)
+        return output.logits.clone()
 
 
 @dataclass
