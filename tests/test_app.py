@@ -492,17 +492,56 @@ def test_rest_queue_is_bounded_in_images_and_admits_before_decoding(live, ham_im
     assert response.status_code == 200 and _poll(url, response.json()["task_uuid"])["status"] == "done"
     response = httpx.post(url + "predict", files={"file": truncated})
     assert response.status_code == 400 and tasks.queued_images == 0  # a refused file returns its claim
-    # Bounded in bytes too: a bulk that does not fit is refused whole, and returns every claim.
-    tasks.max_bytes = len(jpeg) + 10
+    # Bounded in bytes too, of the decoded images the queue holds (4 bytes a pixel in Pillow's RGB):
+    # a bulk that does not fit now is refused whole (503, retry) and returns every claim; a bulk
+    # bigger than the whole queue gets a 413 (no retry helps).
+    held = 4 * load_image(jpeg, max_side=1024).width * load_image(jpeg, max_side=1024).height
+    two = [("files", ("a.jpg", jpeg)), ("files", ("b.jpg", jpeg))]
+    tasks.max_bytes = 2 * held + 10
     try:
-        response = httpx.post(url + "predict_bulk", files=[("files", ("a.jpg", jpeg)), ("files", ("b.jpg", jpeg))])
+        tasks.reserve_bytes(20)
+        response = httpx.post(url + "predict_bulk", files=two)
         assert response.status_code == 503 and "of images; retry" in response.json()["detail"]
+        tasks.release(0, 20)
+        assert tasks.queued_images == 0 and tasks.queued_bytes == 0
+        tasks.max_bytes = held + 10
+        response = httpx.post(url + "predict_bulk", files=two)
+        assert response.status_code == 413 and "send fewer images per request" in response.json()["detail"]
         assert tasks.queued_images == 0 and tasks.queued_bytes == 0
         response = httpx.post(url + "predict", files={"file": ("a.jpg", jpeg)})
         assert response.status_code == 200 and _poll(url, response.json()["task_uuid"])["status"] == "done"
         assert tasks.queued_bytes == 0
     finally:
         tasks.max_bytes = 512 * 2**20
+
+
+def test_rest_decodes_each_image_once(live, ham_image_paths, monkeypatch):
+    """Every REST image is decoded once, on admission (where a bad file is named in the POST's
+    answer), and the worker scores that decoded image: the one decoder runs once per file."""
+    import webapp.scoring
+
+    url, _, zoo, fastapi_app = live
+    decoded: list[int] = []
+
+    def counting_load_image(source, **kwargs):
+        decoded.append(len(source))
+        return load_image(source, **kwargs)
+
+    monkeypatch.setattr(webapp.scoring, "load_image", counting_load_image)
+    paths = ham_image_paths[:3]
+    response = httpx.post(url + "predict", files={"file": (paths[0].name, paths[0].read_bytes())})
+    assert response.status_code == 200, response.text
+    assert _poll(url, response.json()["task_uuid"])["status"] == "done"
+    assert decoded == [paths[0].stat().st_size]
+    decoded.clear()
+    uploads = [("files", (p.name, p.read_bytes())) for p in paths] + [("files", ("bad.jpg", b"not an image"))]
+    response = httpx.post(url + "predict_bulk", params={"model_id": "vit-tiny"}, files=uploads)
+    assert response.status_code == 200 and [e["name"] for e in response.json()["errors"]] == ["bad.jpg"]
+    done = _poll(url, response.json()["task_uuid"])
+    assert sorted(decoded) == sorted([p.stat().st_size for p in paths] + [len(b"not an image")])  # once each
+    for path, result in zip(paths, done["results"]):  # the admitted image is what was scored
+        assert result["probabilities"] == pytest.approx(_expected(zoo, "vit-tiny", path), abs=1e-5)
+    assert fastapi_app.state.tasks.queued_bytes == 0  # every decoded image's claim returned
 
 
 class FakeClock:
