@@ -1012,6 +1012,34 @@ def test_disk_use_stays_flat_over_many_batches(tmp_path_factory, fixtures_dir, h
     assert not scratch.exists()  # removed at shutdown
 
 
+def test_no_stray_temp_file_per_upload(tmp_path_factory, fixtures_dir, ham_image_paths, tmp_path, monkeypatch):
+    """Issue 19: Gradio's file input made an empty temp file in its upload folder per file and call,
+    never deleted. After single and batch predictions the folder holds the uploads (one folder each)
+    and the outputs, and no loose file; REST leaves nothing in the temp folder either."""
+    import app as app_module
+    from model.catalogue import ModelCatalogue
+
+    upload_dir = tmp_path / "gradio"  # this app's own, so other processes' uploads cannot interfere
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(upload_dir))
+    zoo = ModelCatalogue(models_dir=shared_tiny_models(tmp_path_factory, fixtures_dir), hub_ids=[], ood_path="none")
+    demo, fastapi_app = app_module.build_app(zoo)
+    server, thread = serve_in_thread(fastapi_app, port=app_module.free_port())
+    url = f"http://127.0.0.1:{server.config.port}/"
+    try:
+        client = Client(url, verbose=False, download_files=False)
+        client.predict(handle_file(str(ham_image_paths[0])), None, api_name="/predict")
+        client.predict([handle_file(str(p)) for p in ham_image_paths[:4]], None, api_name="/predict_batch")
+        client.close()
+        names = {p.name for p in ham_image_paths[:4]}
+        uploads = [p for p in upload_dir.rglob("*") if p.is_file() and p.name in names]
+        assert len(uploads) == 4  # the uploads are there: the check below looked in the right place
+        assert [p.name for p in upload_dir.iterdir() if p.is_file()] == []
+        assert [p for p in upload_dir.rglob("*") if p.is_file() and p.stat().st_size == 0] == []
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 def test_model_picker_labels_are_plain_and_fit_a_phone():
     """The picker's labels for the shipped folders: what each model is in a word or two, at most 40
     characters (the dropdown's width at 390 px); the stock export says it is a copy."""

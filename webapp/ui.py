@@ -16,6 +16,7 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+from gradio.utils import NamedString
 import yaml
 from PIL import Image, ImageOps
 
@@ -93,6 +94,21 @@ def bind(handler: Callable, ctx: AppContext) -> Callable:
     """`handler` with `ctx` as its first argument. Like functools.partial, but a bound method keeps
     what Gradio reads from a handler: its name and its type hints (gr.SelectData)."""
     return types.MethodType(handler, ctx)
+
+
+def uploaded_file(**kwargs: Any) -> gr.File:
+    """A `gr.File(type="filepath", **kwargs)` whose handlers get the uploaded file's path and nothing
+    else on disk.
+
+    Gradio's `File.preprocess` (6.31) also creates an empty `NamedTemporaryFile` in its upload folder
+    for every file of every call and never uses or deletes it: one zero-byte file left per upload
+    (issue 19), which no cache expiry removes (Gradio deletes only the files it tracks). The
+    component's per-file step is replaced on this instance: a subclass would do the same, but Gradio
+    writes a `.pyi` stub beside any module that defines a component class.
+    """
+    component = gr.File(type="filepath", **kwargs)
+    component._process_single_file = lambda f: NamedString(f.path)  # f: gradio.data_classes.FileData
+    return component
 
 
 @dataclass
@@ -330,7 +346,7 @@ def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple
         with gr.Column():
             # A file input, decoded by model.imageio: an unreadable file gets the decoder's
             # message (Gradio's image input would fail with a bare "Error" first).
-            image_in = gr.File(label="Dermoscopic image", file_count="single", type="filepath", height=120)
+            image_in = uploaded_file(label="Dermoscopic image", file_count="single", height=120)
             run_button = gr.Button("Classify", variant="primary")
             with gr.Accordion("Attention rollout settings", open=False) as settings:
                 gr.Markdown("<small>How the ViT's attention maps are combined into the heat map "
@@ -414,7 +430,7 @@ def batch_tab(ctx: AppContext, model_choice: gr.Dropdown, example_paths: list[st
     # Folded once files are there, and a fixed height when open: a long upload list never
     # pushes the results down.
     with gr.Accordion("Images", open=True) as uploads:
-        files_in = gr.File(file_count="multiple", label="Images", height=180)
+        files_in = uploaded_file(file_count="multiple", label="Images", height=180)
     with gr.Row():
         batch_button = gr.Button("Classify all", variant="primary")
         if example_paths:
