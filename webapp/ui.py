@@ -76,14 +76,22 @@ SHOWN_COLUMNS = {
     "top_class_name": "Top class", "ood_level": "Dermoscopy check", "error": "Error",
 }
 
-# Gallery captions wrap instead of ending in an ellipsis, and phones get two columns (six columns of
-# Gradio's 100 px minimum would scroll sideways and cut every caption). Table cells break between
-# words only (Gradio's prose breaks "Architecture" or a checklist criterion mid-word at phone width); a
-# percentage never wraps.
+# The ranked gallery grows with its rows and scrolls with the page: Gradio's height="auto" gallery is a
+# box of at most 55vh with a scroll bar of its own (a scroll inside the page's scroll; 24 images showed
+# two and a half rows). Captions sit under their thumbnail, whole and wrapped, instead of over the
+# lesion's lower part, and phones get two columns (six columns of Gradio's 100 px minimum would scroll
+# sideways and cut every caption). Table cells break between words only (Gradio's prose breaks
+# "Architecture" or a checklist criterion mid-word at phone width); a percentage never wraps.
 PAGE_CSS = """
 #model-details td, #model-details th, #verdict td, #verdict th { word-break: normal; overflow-wrap: normal; }
 #class-table td:last-child { white-space: nowrap; }
-#ranked-gallery .caption-label { white-space: normal; max-width: calc(100% - 8px); }
+#ranked-gallery .grid-wrap { max-height: none !important; overflow-y: visible !important; }
+#ranked-gallery .thumbnail-item { aspect-ratio: auto; height: auto; display: flex; flex-direction: column; }
+#ranked-gallery .thumbnail-item > img { aspect-ratio: 1 / 1; height: auto; flex: none; }
+#ranked-gallery .caption-label {
+  position: static; max-width: none; white-space: normal; text-align: center; opacity: 1;
+  border: 0; border-top: 1px solid var(--border-color-primary); border-radius: 0;
+}
 @media (max-width: 600px) {
   #ranked-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
 }
