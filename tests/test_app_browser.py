@@ -325,6 +325,8 @@ def test_batch_of_24_folds_the_upload_list_and_shows_the_whole_gallery(browser, 
         assert 0 <= box["y"] and box["y"] + box["height"] <= height, box
         centre = [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2]
         assert last.evaluate("(el, [x, y]) => el.contains(document.elementFromPoint(x, y))", centre)
+        # ...and shows its image (thumbnails load lazily, once scrolled to).
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=last.locator("img").element_handle())
         # Every caption whole (no ellipsis, no clipped line) and under its image, not over the lesion.
         captions = gallery.locator(".caption-label")
         assert captions.evaluate_all(
@@ -334,6 +336,7 @@ def test_batch_of_24_folds_the_upload_list_and_shows_the_whole_gallery(browser, 
             "el => el.querySelector('.caption-label').getBoundingClientRect().top >= el.querySelector('img').getBoundingClientRect().bottom - 1"
         )
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        gallery.screenshot(path=str(SCREENSHOTS / f"batch_24_gallery_{width}px.png"))
         page.screenshot(path=str(SCREENSHOTS / f"batch_24_{width}px.png"), full_page=True)
     finally:
         page.close()
