@@ -511,7 +511,9 @@ def _describe_model(config: dict[str, Any], model_dir: Path) -> list[tuple[str, 
                                         "+ a 1x1 projection to the transformer width"))
     for key, label in (("patch_size", "Patch size"), ("hidden_size", "Hidden size"),
                        ("num_hidden_layers", "Layers"), ("num_attention_heads", "Attention heads"),
-                       ("intermediate_size", "MLP size"), ("use_distillation_token", "Distillation token")):
+                       ("intermediate_size", "MLP size"), ("use_distillation_token", "Distillation token"),
+                       ("layer_type", "Block type"), ("depths", "Blocks per stage"),
+                       ("hidden_sizes", "Channels per stage")):
         if config.get(key) is not None:
             rows.append((label, str(config[key])))
     heads = config.get("extra_heads")

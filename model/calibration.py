@@ -30,6 +30,7 @@ from transformers import (
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     PreTrainedModel,
+    ResNetForImageClassification,
     TimmWrapperForImageClassification,
     ViTForImageClassification,
 )
@@ -95,6 +96,8 @@ def classifier_heads(model: PreTrainedModel) -> tuple[list[nn.Linear], dict[str,
         main = [model.cls_classifier, model.distillation_classifier]
     elif isinstance(model, (ViTForImageClassification, DeiTForImageClassification)):
         main = [model.classifier]
+    elif isinstance(model, ResNetForImageClassification):
+        main = [model.classifier[-1]]  # Sequential(Flatten, Linear)
     else:
         raise ValueError(f"No known classifier head to fold a temperature into for {type(model).__name__}.")
     for layer in [*main, *extra.values()]:

@@ -1051,4 +1051,5 @@ def test_model_picker_labels_are_plain_and_fit_a_phone():
     assert labels["melanoma-vit"] == "melanoma-vit · ViT, checklist"
     assert labels["melanoma-vit-hf"] == "melanoma-vit-hf · ViT (stock copy)"
     assert labels["melanoma-vit-hybrid"] == "melanoma-vit-hybrid · CNN+ViT, checklist"
+    assert labels["resnet18"] == "resnet18 · CNN"  # transformers' own ResNet: the model itself, not a copy
     assert all(len(label) <= 40 for label in labels.values()), labels

@@ -145,6 +145,38 @@ def test_shipped_remote_code_is_the_current_model_code(folder):
         )
 
 
+# timm made unimportable (as if not installed): the stock folder must not need it.
+WITHOUT_TIMM = r"""
+import json, sys
+sys.modules["timm"] = None
+from PIL import Image
+from transformers import AutoModelForImageClassification, pipeline
+folder, image = sys.argv[1:3]
+model = AutoModelForImageClassification.from_pretrained(folder)
+top = pipeline("image-classification", model=folder)(Image.open(image), top_k=1)[0]
+print(json.dumps({"class": type(model).__name__, "top": top,
+                  "leaked": sorted(m for m in sys.modules if m == "model" or m.startswith(("model.", "train")))}))
+"""
+
+
+@pytest.mark.slow
+def test_resnet18_is_a_stock_transformers_resnet_served_without_timm(tmp_path, ham_image_paths):
+    """The ResNet baseline ships as transformers' own ResNetForImageClassification (export_command.txt):
+    `AutoModelForImageClassification` and `pipeline` serve it with timm unimportable, and pipeline's
+    top class is the app's."""
+    folder, image = MODELS / "resnet18", ham_image_paths[0]
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", WITHOUT_TIMM, str(folder), str(image)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["class"] == "ResNetForImageClassification" and result["leaked"] == []
+    app = Classifier(folder).predict([Image.open(image).convert("RGB")])[0]
+    assert result["top"]["label"] == app.label
+    # transformers' default (torchvision) resize vs the app's PIL one
+    assert result["top"]["score"] == pytest.approx(app.probabilities[app.label], abs=1e-3)
+
+
 def test_readme_results_table_is_rendered_from_the_kept_metrics():
     """The README's table is what hub_cards.results_table makes from models/*/eval today."""
     from hub_cards.results_table import END, START, replace_block, results_table
