@@ -596,7 +596,7 @@ def save_resnet_export(model: TimmWrapperForImageClassification, folder: str | P
     The config is a `ResNetConfig` with the wrapper's labels as id2label/label2id and every project key
     of the wrapper's config (`project_config_keys`: folded_temperature, melanoma_threshold,
     melanoma_operating_points, dx_decision_offsets, ...); the processor is `resnet_image_processor` of
-    the wrapper's own. A temperature still to apply is folded into the head first (`fold_temperature`),
+    the wrapper's own. A temperature still to apply is folded into the head first (`calibration.migrate`),
     so a plain softmax of the logits (pipeline, Hub widget) is calibrated. Logits equal the wrapper's on
     the same pixels (`convert_timm_resnet`); `AutoModelForImageClassification`, `AutoImageProcessor` and
     `pipeline` load the folder without timm.
@@ -606,7 +606,8 @@ def save_resnet_export(model: TimmWrapperForImageClassification, folder: str | P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if calibration.unfolded_temperatures(model.config):
-        model = calibration.fold_temperature(copy.deepcopy(model))
+        model = copy.deepcopy(model)
+        calibration.migrate(model)
     id2label = {int(i): name for i, name in model.config.id2label.items()}
     resnet = convert_timm_resnet(model.timm_model, id2label=id2label)
     for key, value in project_config_keys(model.config).items():
