@@ -51,7 +51,8 @@ RUN --mount=type=secret,id=ca,required=false \
 
 WORKDIR /app
 COPY . .
-RUN python -m compileall -q app.py model webapp hub_cards
+# Readable by the app user whatever the build context's file modes (safetensors writes 0600 files).
+RUN chmod -R a+rX /app && python -m compileall -q app.py model webapp hub_cards
 
 # The code stays root-owned and read-only to the app; Gradio's uploads and the app's batch CSVs go
 # to /tmp, matplotlib and Hugging Face caches to the app user's home.
