@@ -44,6 +44,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
+from hub_cards.publish import DEFAULT_MAX_MB as MAX_FOLDER_MB  # noqa: E402
+from model.catalogue import is_classifier_folder  # noqa: E402
 from model.classifier import Classifier  # noqa: E402
 from model.imageio import load_image  # noqa: E402
 from model.labels import MELANOMA  # noqa: E402
@@ -67,12 +69,6 @@ class Scores:
     p_mel: np.ndarray
     decided: np.ndarray
     y_mel: np.ndarray
-
-
-def is_classifier_folder(folder: Path) -> bool:
-    """A save_pretrained classifier folder (config.json with a model_type, model.safetensors)."""
-    config = folder / "config.json"
-    return (folder / WEIGHTS_FILE).is_file() and config.is_file() and "model_type" in json.loads(config.read_text())
 
 
 def _split(folder: Path, data: str, split: str, limit: int | None, seed: int = 0):
@@ -200,10 +196,16 @@ def export_folder(folder: Path, data_root: Path, calibration_per_source: int, li
     with torch.inference_mode():
         speeds = {"torch": speed(lambda v: classifier.model(pixel_values=v), x[:1], x)}
     speeds["onnx"] = speed(fp32, x[:1], x)
-    if passed:
-        speeds["onnx-int8"] = speed(int8, x[:1], x)
+    size_mb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+    if not passed:
+        record["int8"].update(shipped=False, why="missed the accuracy bar")
+    elif size_mb > MAX_FOLDER_MB:
+        record["int8"].update(shipped=False, why=f"the folder would be {size_mb:.1f} MB, over the {MAX_FOLDER_MB:.0f} MB "
+                              "a published folder may hold (hub_cards.publish)")
     else:
-        record["int8"]["shipped"] = False
+        record["int8"]["shipped"] = True
+        speeds["onnx-int8"] = speed(int8, x[:1], x)
+    if not record["int8"]["shipped"]:
         (folder / INT8_FILE).unlink()
     record["speed"] = {"threads": torch.get_num_threads(), "note": "one image set, this machine, other jobs running",
                        **speeds}
@@ -232,8 +234,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         folders.extend([path] if (path / "config.json").is_file() else sorted(p for p in path.iterdir() if p.is_dir()))
     records = []
     for folder in folders:
-        if not is_classifier_folder(folder):
-            logger.info("%s: not a classifier folder (no %s with a model_type), skipped", folder, WEIGHTS_FILE)
+        if not (is_classifier_folder(folder) and (folder / WEIGHTS_FILE).is_file()):
+            logger.info("%s: not a classifier folder (config.json architectures, %s), skipped", folder, WEIGHTS_FILE)
             continue
         record = export_folder(folder, Path(args.data_root), args.calibration_per_source, args.limit, args.write)
         print(json.dumps({k: record[k] for k in ("model", "default_backend")}
