@@ -43,6 +43,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 FP32_FILE = "model.onnx"
+# The Hub convention (optimum's ORTModel, transformers.js): the graph in onnx/, its data beside it.
+HUB_FP32_FILE, HUB_FP32_DATA = "onnx/model.onnx", "onnx/model.onnx_data"
 INT8_FILE = "onnx/model_quantized.onnx"
 EXPORT_RECORD = "onnx/export.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -148,6 +150,19 @@ def export_fp32(model: torch.nn.Module, folder: str | Path, image_size: tuple[in
     logger.info("%s: %d initializers in %s, %d inside the graph", folder / FP32_FILE, moved, WEIGHTS_FILE, kept)
     return {"outputs": names, "opset": OPSET, "exporter": f"torch.onnx.export (TorchScript) torch {torch.__version__}",
             "initializers_in_safetensors": moved, "initializers_in_graph": kept}
+
+
+def hub_fp32_graph(folder: str | Path) -> bytes:
+    """`folder/model.onnx` for the Hub's `onnx/model.onnx`: the same graph with its external data in
+    `model.onnx_data` beside it, which is a byte copy of model.safetensors (same offsets)."""
+    import onnx
+
+    graph = onnx.load(str(Path(folder) / FP32_FILE), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = Path(HUB_FP32_DATA).name
+    return graph.SerializeToString()
 
 
 class _Calibration:
