@@ -200,7 +200,7 @@ def export_folder(folder: Path, data_root: Path, calibration_per_source: int, li
     if not passed:
         record["int8"].update(shipped=False, why="missed the accuracy bar")
     elif size_mb > MAX_FOLDER_MB:
-        record["int8"].update(shipped=False, why=f"the folder would be {size_mb:.1f} MB, over the {MAX_FOLDER_MB:.0f} MB "
+        record["int8"].update(shipped=False, why=f"would make the folder {size_mb:.1f} MB, over the {MAX_FOLDER_MB:.0f} MB "
                               "a published folder may hold (hub_cards.publish)")
     else:
         record["int8"]["shipped"] = True
