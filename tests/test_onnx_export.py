@@ -150,10 +150,13 @@ def test_forward_views_with_attentions_use_torch(exported, images):
 
 def test_app_catalogue_backend_from_argument_and_environment(exported, monkeypatch):
     from model.catalogue import ModelCatalogue
+    from webapp.formatting import model_details_markdown
 
     assert ModelCatalogue(models_dir=exported, hub_ids=[], backend="torch").get("vit-tiny").backend == "torch"
     monkeypatch.setenv("MELANOMA_BACKEND", "onnx-int8")
-    assert ModelCatalogue(models_dir=exported, hub_ids=[]).get("vit-tiny").backend == "onnx-int8"
+    entry = ModelCatalogue(models_dir=exported, hub_ids=[]).get("vit-tiny")
+    assert entry.backend == "onnx-int8"
+    assert "| Inference | ONNX Runtime, int8 graph" in model_details_markdown(entry)  # the page says which
     monkeypatch.delenv("MELANOMA_BACKEND")
     assert ModelCatalogue(models_dir=exported, hub_ids=[]).get("vit-tiny").backend == "onnx"  # auto
 
