@@ -15,8 +15,8 @@ Per folder (`model.onnx_export` describes the files):
 4. Speed: batch-1 latency and batch-32 images/s of torch, fp32 and (passing) int8 on this machine;
    `default_backend` (what `Classifier(backend="auto")` runs) is the one with the best geometric mean
    of the two speed-ups over torch.
-Everything measured goes to `onnx/export.json`. Without --write nothing is kept (a dry run in a
-temporary copy is not made: the folder is only written with --write).
+Everything measured goes to `onnx/export.json`. Without --write the same runs on a temporary copy
+of each folder and only the summary is printed: the folder is left as it was.
 
 Folders that are not classifiers (models/ood-detector: a PPCA on features of a pip-installed
 backbone, no model.safetensors) are skipped with a note.
@@ -28,7 +28,9 @@ import argparse
 import json
 import logging
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -165,8 +167,8 @@ def default_backend(speeds: dict[str, dict[str, float]]) -> str:
     return max(speeds, key=lambda k: gain(speeds[k]))
 
 
-def export_folder(folder: Path, data_root: Path, calibration_per_source: int, limit: int | None, write: bool) -> dict[str, Any]:
-    """Steps 1-4 of the module docstring for one folder; returns the export record."""
+def export_folder(folder: Path, data_root: Path, calibration_per_source: int, limit: int | None) -> dict[str, Any]:
+    """Steps 1-4 of the module docstring for one folder, written into it; returns the export record."""
     classifier = Classifier(folder, backend="torch")
     record: dict[str, Any] = {"model": folder.name, "command": "python train/export_onnx.py " + shlex.join(sys.argv[1:])}
     record["fp32"] = {"file": FP32_FILE, **export_fp32(classifier.model, folder, classifier.geometry.size)}
@@ -210,11 +212,7 @@ def export_folder(folder: Path, data_root: Path, calibration_per_source: int, li
     record["speed"] = {"threads": torch.get_num_threads(), "note": "one image set, this machine, other jobs running",
                        **speeds}
     record["default_backend"] = default_backend(speeds)
-    if write:
-        (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=1) + "\n")
-    else:
-        for path in (folder / FP32_FILE, folder / INT8_FILE):
-            path.unlink(missing_ok=True)
+    (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -226,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         help="training images per source for static (CNN) calibration")
     parser.add_argument("--limit", type=int, default=None,
                         help="check int8 on a dx-stratified sample of N images per test split (default: all)")
-    parser.add_argument("--write", action="store_true", help="keep the files (default: measure, then remove them)")
+    parser.add_argument("--write", action="store_true",
+                        help="write the files into the folders (default: measure on temporary copies)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     folders = []
@@ -237,7 +236,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         if not (is_classifier_folder(folder) and (folder / WEIGHTS_FILE).is_file()):
             logger.info("%s: not a classifier folder (config.json architectures, %s), skipped", folder, WEIGHTS_FILE)
             continue
-        record = export_folder(folder, Path(args.data_root), args.calibration_per_source, args.limit, args.write)
+        with tempfile.TemporaryDirectory() as tmp:
+            # The manifest's data paths are relative to the working directory (the project root).
+            target = folder if args.write else Path(shutil.copytree(folder, Path(tmp) / folder.name))
+            record = export_folder(target, Path(args.data_root), args.calibration_per_source, args.limit)
         print(json.dumps({k: record[k] for k in ("model", "default_backend")}
                          | {"int8_passed": record["int8"]["passed"], "speed": record["speed"]}))
         records.append(record)
