@@ -17,7 +17,7 @@ MELANOMA_OOD_PATH (out-of-distribution detector folder; "none" disables it), MEL
 (auto | torch | onnx | onnx-int8, default auto: each model's fastest measured backend that meets
 the accuracy bar, `model/onnx_backend.py`),
 MELANOMA_MAX_QUEUED_IMAGES (REST queue size in images, default 2000), MELANOMA_MAX_QUEUED_BYTES
-(REST queue size in bytes of the files it holds, default 512 MiB), MELANOMA_TASK_TTL_S (default
+(REST queue size in bytes of the decoded images it holds, default 512 MiB), MELANOMA_TASK_TTL_S (default
 3600), MELANOMA_MAX_REQUEST_BYTES (largest bulk request body, default 256 MiB), MELANOMA_CACHE_TTL_S
 (seconds uploads, thumbnails and CSVs are kept, default 3600), MELANOMA_ALLOWED_ORIGINS (comma-separated
 origins whose browser pages may POST here; same-origin pages always may).

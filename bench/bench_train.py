@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader
 from transformers import TimmWrapperForImageClassification
 
 from model.labels import DX_CODES
+from model.stem import stem_bypassed
 from train.data import load_image_dataset
-from train.features import stem_bypassed
 from train.losses import masked_head_loss
 from train.multisource import MultiHeadNet
 from train.sources import MAIN_HEAD, SourceSpec, head_labels, load_sources

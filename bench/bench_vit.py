@@ -54,7 +54,7 @@ def build_models(weights: Path | None = None) -> dict[str, Callable[[torch.Tenso
     elif weights is not None:
         save_file(timm_model.state_dict(), weights)
     ours = convert_timm_checkpoint(timm_model)
-    hf = export_to_vit(ours, fold_temperature=False)
+    hf = export_to_vit(ours)
     return {
         "timm": timm_model,
         "ours": lambda x: ours(x).logits,

@@ -511,7 +511,9 @@ def _describe_model(config: dict[str, Any], model_dir: Path) -> list[tuple[str, 
                                         "+ a 1x1 projection to the transformer width"))
     for key, label in (("patch_size", "Patch size"), ("hidden_size", "Hidden size"),
                        ("num_hidden_layers", "Layers"), ("num_attention_heads", "Attention heads"),
-                       ("intermediate_size", "MLP size"), ("use_distillation_token", "Distillation token")):
+                       ("intermediate_size", "MLP size"), ("use_distillation_token", "Distillation token"),
+                       ("layer_type", "Block type"), ("depths", "Blocks per stage"),
+                       ("hidden_sizes", "Channels per stage")):
         if config.get(key) is not None:
             rows.append((label, str(config[key])))
     heads = config.get("extra_heads")
@@ -575,8 +577,7 @@ def render_model_card(
     unfolded = unfolded_temperatures(config)
     if unfolded:
         raise ValueError(f"{model_dir}: config.json stores a temperature still to apply ({unfolded}); fold it into the "
-                         "head weights once (model.calibration.fold_temperature(model).save_pretrained(folder)), "
-                         "then render the card.")
+                         f"head weights once (`python -m model.calibration {model_dir}`), then render the card.")
     folded = folded_temperature(config)
     threshold = config.get("melanoma_threshold")
     card = ModelCard.from_template(

@@ -1,24 +1,27 @@
 """A model folder's calibration: one stored form, and the one rule that folds a fitted temperature into the head.
 
 The form: the classifier head(s) are calibrated in their weights. A temperature T fitted on the raw
-logits (`train/evaluate.py --write-config`, `train/multisource.py` export, the stock ViT export) is
-folded in by `fold_temperature`: `softmax((W x + b) / T) == softmax((W / T) x + b / T)`, so the
-model's own logits are calibrated and every consumer that applies a plain softmax (`pipeline`, the Hub
-widget and inference API, the model card snippet, `model.classifier`) gives the same calibrated
-probabilities without remote code. config.json records the fitted value under `folded_temperature`
-(and `folded_head_temperatures` for a multi-source MelanomaViT's extra heads), for the record only.
+logits (`train/evaluate.py --write-config`, train/train.py's export) is folded in by `fold_temperature`:
+`softmax((W x + b) / T) == softmax((W / T) x + b / T)`, so the model's own logits are calibrated and
+every consumer that applies a plain softmax (`pipeline`, the Hub widget and inference API, the model
+card snippet, `model.classifier`) gives the same calibrated probabilities without remote code.
+config.json records the fitted value under `folded_temperature` (and `folded_head_temperatures` for a
+multi-source MelanomaViT's extra heads), for the record only.
 
-Older folders stored a temperature still to apply, under `temperature` (MelanomaViTConfig),
-`calibration_temperature` (configs that do not declare `temperature`: transformers 5 drops an
-undeclared key of that name) or `head_temperatures`. Nothing applies those any more: the classifier
-refuses such a folder (`unfolded_temperatures`), and `fold_temperature(model)` migrates it once.
-Every folder under models/ is in the one form (no temperature left to apply).
+Older folders stored a temperature still to apply: `temperature` / `head_temperatures` (MelanomaViT) or
+`calibration_temperature` (TimmWrapper and stock ViT exports). Nothing applies those any more; they are
+migrated once, at load: MelanomaViT's `from_pretrained` folds its own (the remote code on the Hub does
+too), and `model.loading.load_classifier` folds `calibration_temperature` (`migrate`), each with a
+warning. `python -m model.calibration <folder>` rewrites such a folder in the stored form. Every folder
+under models/ is in the one form.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,37 +30,24 @@ from transformers import (
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     PreTrainedModel,
+    ResNetForImageClassification,
     TimmWrapperForImageClassification,
     ViTForImageClassification,
 )
 
-TEMPERATURE_KEYS: tuple[str, ...] = ("temperature", "calibration_temperature")
+logger = logging.getLogger(__name__)
+
 FOLDED_KEY = "folded_temperature"
 FOLDED_HEADS_KEY = "folded_head_temperatures"
+# A temperature still to apply, as older TimmWrapper / stock ViT exports stored it (transformers 5 drops an
+# undeclared `temperature` key, so they could not use that name).
+LEGACY_KEY = "calibration_temperature"
+# The same for MelanomaViT configs (`MelanomaViTConfig` reads them into `unfolded_temperatures`).
+MELANOMA_VIT_LEGACY_KEYS = ("temperature", "head_temperatures")
 
 
 def _get(config: Any, key: str) -> Any:
     return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
-
-
-def config_temperature(config: Any) -> float | None:
-    """Temperature T still to apply to the logits (probabilities = softmax(logits / T)), or None.
-
-    None for an uncalibrated model and for a folded one (its logits are already divided by T, see
-    `folded_temperature`). Accepts a PretrainedConfig or a config.json dict. T == 1.0 counts as none
-    because it is MelanomaViTConfig's default.
-    """
-    key = config_temperature_key(config)
-    return None if key is None else float(_get(config, key))
-
-
-def config_temperature_key(config: Any) -> str | None:
-    """The key (one of `TEMPERATURE_KEYS`) holding the temperature still to apply, or None when there is none."""
-    for key in TEMPERATURE_KEYS:
-        t = _get(config, key)
-        if t is not None and float(t) != 1.0:
-            return key
-    return None
 
 
 def folded_temperature(config: Any) -> float | None:
@@ -72,29 +62,18 @@ def folded_head_temperatures(config: Any) -> dict[str, float]:
 
 
 def unfolded_temperatures(config: Any) -> dict[str, Any]:
-    """The temperatures an older config still asks to apply, {key: value} ({} for the one stored form)."""
-    found: dict[str, Any] = {}
-    key = config_temperature_key(config)
-    if key is not None:
-        found[key] = float(_get(config, key))
-    if _get(config, "head_temperatures"):
-        found["head_temperatures"] = dict(_get(config, "head_temperatures"))
-    return found
+    """The temperatures an older config still asks to apply, {key: value} ({} for the one stored form).
 
-
-def temperature_key(config: Any) -> str:
-    """The config key a temperature to apply is stored under: `temperature` where the config class declares
-    it (MelanomaViTConfig), else `calibration_temperature`."""
-    declared = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
-    return "temperature" if "temperature" in declared else "calibration_temperature"
-
-
-def store_temperature(config: Any, temperature: float) -> None:
-    """Store a fitted temperature to apply (not yet folded) under `temperature_key(config)`, in place.
-
-    Transitional, for train/multisource.py's export (store, then `fold_temperature(model)`): pass the
-    temperature to `fold_temperature` instead; nothing applies a stored temperature any more."""
-    setattr(config, temperature_key(config), float(temperature))
+    Accepts a config.json dict (as read from disk) or a loaded config; a MelanomaViT config keeps its
+    older keys in `unfolded_temperatures` until its model's `from_pretrained` folds them. T == 1.0 counts
+    as none (it was MelanomaViTConfig's default).
+    """
+    if isinstance(config, Mapping):
+        found = {key: config.get(key) for key in MELANOMA_VIT_LEGACY_KEYS}
+    else:
+        found = dict(getattr(config, "unfolded_temperatures", None) or {})
+    found[LEGACY_KEY] = _get(config, LEGACY_KEY)
+    return {key: value for key, value in found.items() if value and value != 1.0}
 
 
 def classifier_heads(model: PreTrainedModel) -> tuple[list[nn.Linear], dict[str, nn.Linear]]:
@@ -117,21 +96,14 @@ def classifier_heads(model: PreTrainedModel) -> tuple[list[nn.Linear], dict[str,
         main = [model.cls_classifier, model.distillation_classifier]
     elif isinstance(model, (ViTForImageClassification, DeiTForImageClassification)):
         main = [model.classifier]
+    elif isinstance(model, ResNetForImageClassification):
+        main = [model.classifier[-1]]  # Sequential(Flatten, Linear)
     else:
         raise ValueError(f"No known classifier head to fold a temperature into for {type(model).__name__}.")
     for layer in [*main, *extra.values()]:
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"{type(model).__name__}'s classifier is {type(layer).__name__}, not nn.Linear.")
     return main, extra
-
-
-@torch.no_grad()
-def _scale(layers: list[nn.Linear], temperature: float, fold: bool) -> None:
-    """Divide (fold) or multiply (unfold) each linear layer's weight and bias by `temperature`."""
-    for layer in layers:
-        for tensor in (layer.weight, layer.bias):
-            if tensor is not None:
-                tensor.div_(temperature) if fold else tensor.mul_(temperature)
 
 
 def fold_temperature(
@@ -145,32 +117,26 @@ def fold_temperature(
         model: a classifier with a linear head (`classifier_heads`).
         temperature: T fitted on the main head's raw logits (an earlier fold already undone, as
             train/evaluate.py's logits are): W, b -> W / T, b / T, replacing any earlier fold of the
-            main head. None: fold what an older config still stores to apply (`temperature` /
-            `calibration_temperature` / `head_temperatures`), the one-time migration of such a folder
-            and what `store_temperature` callers rely on.
+            main head; None leaves the main head as it is.
         head_temperatures: a MelanomaViT's extra heads by name, each fitted on that head's raw logits
             and replacing its earlier fold; heads not named keep theirs.
 
-    The config then records `folded_temperature` (and `folded_head_temperatures`) and no temperature to
-    apply (`temperature` = 1.0, `calibration_temperature` and `head_temperatures` removed), so softmax over
-    the logits is calibrated and the predicted class is unchanged. With nothing to fold the model is
-    returned as is.
+    The config then records `folded_temperature` (and `folded_head_temperatures`), so softmax over the
+    logits is calibrated and the predicted class is unchanged.
 
     Raises:
-        ValueError: with `temperature` None, when the config records a folded temperature and also has one
-            to apply: was it fitted on the raw or on the folded logits? Pass the temperature instead.
+        ValueError: a temperature that is not > 0, an unknown head, or a config that still stores an
+            older temperature to apply (`migrate` it first).
     """
     config = model.config
-    if temperature is None and head_temperatures is None:
-        return _fold_stored(model)
-    if _get(config, "head_temperatures") or config_temperature(config) is not None:
+    if unfolded_temperatures(config):
         raise ValueError(f"The config still stores temperatures to apply ({unfolded_temperatures(config)}): "
-                         "fold those first (fold_temperature(model)), then pass the new ones.")
+                         "migrate them first (model.calibration.migrate(model)), then fold the new ones.")
     main, extra = classifier_heads(model)
     if temperature is not None:
         _check_positive("temperature", temperature)
         previous = folded_temperature(config)
-        _scale(main, float(temperature) / (previous or 1.0), fold=True)
+        _scale(main, float(temperature) / (previous or 1.0))
         setattr(config, FOLDED_KEY, float(temperature))
     if head_temperatures:
         folded = folded_head_temperatures(config)
@@ -178,7 +144,7 @@ def fold_temperature(
             if name not in extra:
                 raise ValueError(f"No extra head {name!r} to fold a temperature into; heads: {sorted(extra)}.")
             _check_positive(f"head_temperatures[{name!r}]", head_t)
-            _scale([extra[name]], float(head_t) / folded.get(name, 1.0), fold=True)
+            _scale([extra[name]], float(head_t) / folded.get(name, 1.0))
             folded[name] = float(head_t)
         setattr(config, FOLDED_HEADS_KEY, folded)
     return model
@@ -189,65 +155,69 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a float > 0, got {value!r}.")
 
 
-def _fold_stored(model: PreTrainedModel) -> PreTrainedModel:
-    """Fold the temperatures an older config stores to apply (see `fold_temperature`)."""
+def migrate(model: PreTrainedModel) -> dict[str, Any]:
+    """Fold what an older config still stores to apply into the heads, in place, once.
+
+    MelanomaViT: what its `from_pretrained` folds (`unfolded_temperatures`), for a model built from such a
+    config without loading. Others: `calibration_temperature`, folded and removed from the config.
+
+    Returns:
+        What was folded, {key: value} ({} for a model in the stored form).
+
+    Raises:
+        ValueError: the config also records a folded temperature (fitted on the raw or on the folded
+            logits? ambiguous: fix config.json by hand).
+    """
     config = model.config
-    t = config_temperature(config)
-    head_ts = dict(_get(config, "head_temperatures") or {})
-    if t is None and not head_ts:
-        return model
-    if folded_temperature(config) is not None or _get(config, FOLDED_HEADS_KEY):
-        raise ValueError(
-            f"The config records folded temperatures ({FOLDED_KEY}={folded_temperature(config)}, "
-            f"{FOLDED_HEADS_KEY}={_get(config, FOLDED_HEADS_KEY)}) and also temperatures to apply "
-            f"(T={t}, head_temperatures={head_ts or None}); refusing to fold twice. Call unfold_temperature "
-            "first and store the temperature fitted on the raw logits."
-        )
-    main, extra = classifier_heads(model)
-    if t is not None:
-        _scale(main, t, fold=True)
-        setattr(config, FOLDED_KEY, t)
-    for name, head_t in head_ts.items():
-        _scale([extra[name]], float(head_t), fold=True)
-    if head_ts:
-        setattr(config, FOLDED_HEADS_KEY, {name: float(v) for name, v in head_ts.items()})
-    _clear_temperatures(config)
-    return model
+    unfolded = unfolded_temperatures(config)
+    if not unfolded:
+        return {}
+    if config.model_type == "melanoma_vit":  # also the remote-code copy of the class
+        model.fold_unfolded_temperatures()
+        return unfolded
+    if folded_temperature(config) is not None:
+        raise ValueError(f"config.json records {FOLDED_KEY}={folded_temperature(config)} and also {unfolded} to "
+                         f"apply: fitted on the raw or on the folded logits? Remove one of them from config.json.")
+    main, _ = classifier_heads(model)
+    _scale(main, float(unfolded[LEGACY_KEY]))
+    setattr(config, FOLDED_KEY, float(unfolded[LEGACY_KEY]))
+    delattr(config, LEGACY_KEY)
+    return unfolded
 
 
-def unfold_temperature(model: PreTrainedModel) -> PreTrainedModel:
-    """Undo `fold_temperature`, in place: the heads give raw logits again and the config stores the
-    temperatures to apply. A model without folded temperatures is returned as is."""
-    config = model.config
-    t = folded_temperature(config)
-    head_ts = dict(_get(config, FOLDED_HEADS_KEY) or {})
-    if t is None and not head_ts:
-        return model
-    main, extra = classifier_heads(model)
-    if t is not None:
-        _scale(main, t, fold=False)
-        store_temperature(config, t)
-    for name, head_t in head_ts.items():
-        _scale([extra[name]], float(head_t), fold=False)
-    if head_ts:
-        config.head_temperatures = head_ts
-    for key in (FOLDED_KEY, FOLDED_HEADS_KEY):
-        _unset(config, key)
-    return model
-
-
-def _clear_temperatures(config: Any) -> None:
-    """No temperature left to apply: declared fields back to their defaults, undeclared keys removed."""
-    if temperature_key(config) == "temperature":
-        config.temperature = 1.0
-    _unset(config, "calibration_temperature")
-    if _get(config, "head_temperatures") is not None:
-        config.head_temperatures = None
-
-
-def _unset(config: Any, key: str) -> None:
+def unset_config_key(config: Any, key: str) -> None:
+    """Remove `key` from a config: a declared field back to None, an undeclared key deleted."""
     declared = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
     if key in declared:
         setattr(config, key, None)
     elif key in vars(config):
         delattr(config, key)
+
+
+@torch.no_grad()
+def _scale(layers: list[nn.Linear], temperature: float) -> None:
+    """Divide each linear layer's weight and bias by `temperature`."""
+    for layer in layers:
+        for tensor in (layer.weight, layer.bias):
+            if tensor is not None:
+                tensor.div_(temperature)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m model.calibration <folder>`: rewrite an older model folder in the one stored form."""
+    from .loading import load_classifier
+
+    parser = argparse.ArgumentParser(description="Fold the temperatures an older model folder stores to apply into "
+                                     "its head weights (the one stored calibration form) and save it in place.")
+    parser.add_argument("folder")
+    args = parser.parse_args(argv)
+    model, _ = load_classifier(args.folder)  # folds at load (see `migrate`)
+    model.save_pretrained(args.folder)
+    logger.info("%s: stored in the folded form (folded_temperature=%s, folded_head_temperatures=%s)", args.folder,
+                folded_temperature(model.config), folded_head_temperatures(model.config) or None)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    raise SystemExit(main())

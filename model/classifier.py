@@ -1,11 +1,13 @@
 """The one inference path: load a model folder, preprocess, forward over test-time views, calibrated
 probabilities of every head, explanations. The app (through `model.catalogue`), train/evaluate.py,
-train/predict.py and the benchmarks all score images here.
+train/predict.py, the benchmarks and training's distillation teachers (train/multisource.py on cached
+stem features, train/train.py's pixel teacher) all score images here; `Classifier.from_model` wraps a
+model already in memory.
 
 One stored calibration form: a fitted temperature is folded into the head weights
 (`model.calibration.fold_temperature`), so every head's calibrated probabilities are a plain softmax
 of its logits; config.json records `folded_temperature` / `folded_head_temperatures` for the record
-only. A folder that still stores a temperature to apply is refused (fold it once).
+only. An older folder that stores a temperature still to apply is migrated at load (`model.loading`).
 
 Backends (`model.onnx_backend`): "torch", "onnx" (the folder's fp32 ONNX graph), "onnx-int8" (its
 quantized graph) or "auto" (default: the fastest measured that meets the accuracy bar, recorded by
@@ -31,7 +33,7 @@ import torch
 from PIL import Image
 
 # Importing this module imports the `model` package, which registers MelanomaViT with the Auto classes.
-from .calibration import folded_head_temperatures, folded_temperature, unfolded_temperatures
+from .calibration import folded_head_temperatures, folded_temperature
 from .decision import balanced_scores, decision_offsets
 from .geometry import processor_geometry
 from .labels import CRITERIA_LABELS, DX_NAMES, MELANOMA
@@ -39,6 +41,7 @@ from .loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens
 from .onnx_backend import load_onnx, resolve_backend
 from .results import (
     Analysis,
+    BatchProbabilities,
     CardInfo,
     HeadResults,
     ImageResult,
@@ -48,6 +51,7 @@ from .results import (
     SevenPointResult,
 )
 from .sevenpoint import SEVEN_POINT, criterion_probability, seven_point_score
+from .stem import stem_bypassed, stem_names
 from .tta import tta_views
 
 if TYPE_CHECKING:
@@ -83,9 +87,6 @@ class Classifier:
         melanoma_threshold: decision threshold on P(mel) (0.5 when the model has none).
         extra_heads: head name -> label names of a multi-source MelanomaViT's extra heads ({} for others);
         has_seven_point: whether every seven-point criterion head is there (the checklist score is computed).
-
-    Raises:
-        ValueError: the folder's config stores a temperature still to apply (not folded).
     """
 
     def __init__(
@@ -96,17 +97,32 @@ class Classifier:
         card: CardInfo | None = None,
         backend: str = "auto",
     ) -> None:
-        self.path = str(source)
-        self.id = model_id or (Path(source).name if Path(source).is_dir() else str(source))
-        self.device = torch.device(device)
-        self.model, self.processor = load_classifier(source, self.device)
+        model, processor = load_classifier(source, torch.device(device))
+        model_id = model_id or (Path(source).name if Path(source).is_dir() else str(source))
+        self._attach(model, processor, str(source), model_id, card, backend)
+
+    @classmethod
+    def from_model(
+        cls, model: torch.nn.Module, processor: Any, model_id: str = "model", card: CardInfo | None = None
+    ) -> Classifier:
+        """Wrap a classifier already in memory (just trained or exported, built in a test) with its image
+        processor: the same inference as a loaded folder, on the model's device. Puts `model` in eval mode
+        and migrates an older calibration form (`model.calibration.migrate`), as loading does."""
+        from .calibration import migrate
+
+        migrate(model)
+        classifier = cls.__new__(cls)
+        classifier._attach(model.eval(), processor, model_id, model_id, card, "torch")
+        return classifier
+
+    def _attach(
+        self, model: torch.nn.Module, processor: Any, path: str, model_id: str, card: CardInfo | None, backend: str
+    ) -> None:
+        self.path = path
+        self.id = model_id
+        self.model, self.processor = model, processor
+        self.device = next(model.parameters()).device
         self.config = self.model.config
-        unfolded = unfolded_temperatures(self.config)
-        if unfolded:
-            raise ValueError(
-                f"{source}: config.json stores a temperature still to apply ({unfolded}); fold it into the "
-                "head weights once (model.calibration.fold_temperature(model).save_pretrained(folder))."
-            )
         self.card = card
         self.net_type = _net_type(self.config)
         self.geometry = processor_geometry(self.processor)
@@ -133,8 +149,8 @@ class Classifier:
         self.uses_rollout = self.config.model_type in ROLLOUT_MODEL_TYPES
         # ONNX Runtime serves the CPU; a model placed on an accelerator keeps PyTorch under "auto".
         auto_torch = backend == "auto" and self.device.type != "cpu"
-        self.backend = "torch" if auto_torch else resolve_backend(source, backend)
-        self._onnx = None if self.backend == "torch" else load_onnx(source, self.backend, list(self.extra_heads))
+        self.backend = "torch" if auto_torch else resolve_backend(path, backend)
+        self._onnx = None if self.backend == "torch" else load_onnx(path, self.backend, list(self.extra_heads))
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------------------- metadata
@@ -198,31 +214,69 @@ class Classifier:
         """The model's outputs for the first `tta` dihedral views (`model.tta.tta_views`) of (B, 3, H, W)
         pixel values, identity first; with `attentions`, the identity view's output has them (rollout),
         and every view runs on PyTorch (the ONNX graphs return logits only)."""
-        pixel_values = pixel_values.to(self.device)
-        with self._lock, torch.inference_mode():
-            if self._onnx is not None and not attentions:
-                return [self._onnx(view) for view in tta_views(pixel_values, tta)]
+        with self._lock:
+            return self._forward_views(pixel_values, tta, attentions)
+
+    def _forward_views(self, inputs: torch.Tensor, tta: int = 1, attentions: bool = False, pixels: bool = True) -> list[Any]:
+        inputs = inputs.to(self.device)
+        with torch.inference_mode():
+            # The ONNX graphs take pixel values and return logits: stem features and attentions are PyTorch's.
+            if self._onnx is not None and pixels and not attentions:
+                return [self._onnx(view) for view in tta_views(inputs, tta)]
             return [
                 self.model(pixel_values=view, **({"output_attentions": True} if attentions and v == 0 else {}))
-                for v, view in enumerate(tta_views(pixel_values, tta))
+                for v, view in enumerate(tta_views(inputs, tta))
             ]
 
-    def predictions(self, outputs: Sequence[Any]) -> list[Prediction]:
-        """Forward outputs of one batch -> per image calibrated dx (and extra-head) probabilities.
+    def probabilities(self, outputs: Sequence[Any]) -> BatchProbabilities:
+        """Forward outputs of one batch -> every head's calibrated probabilities.
 
         Several outputs are test-time views of the same images: their probabilities are averaged,
-        head by head, before the checklist score. Every head's weights are calibrated (folded
-        temperature), so each probability is a plain softmax of that head's logits.
+        head by head. Every head's weights are calibrated (folded temperature), so each probability
+        is a plain softmax of that head's logits.
         """
-        dx = torch.stack([_softmax(output.logits) for output in outputs]).mean(dim=0).numpy()  # (B, out_dim)
+        dx = torch.stack([_softmax(output.logits) for output in outputs]).mean(dim=0)  # (B, out_dim)
+        heads = {
+            name: torch.stack([_softmax(output.head_logits[name]) for output in outputs]).mean(dim=0)
+            for name in self.extra_heads
+        }  # name -> (B, n_labels)
+        return BatchProbabilities(dx, heads)
+
+    def predict_proba(
+        self, inputs: torch.Tensor, tta: int = 1, batch_size: int = 64, features: bool = False
+    ) -> BatchProbabilities:
+        """Every head's calibrated probabilities for a preprocessed batch, forwarded `batch_size` rows at a time.
+
+        Args:
+            inputs: (N, 3, H, W) pixel values as `pixel_values` makes them; with `features`, the model's
+                cached stem features (N, C, h, w) instead (`model.stem`, written by train/features.py),
+                read with the stem bypassed; fp16 caches are cast by the model.
+            tta: dihedral views averaged (pixels only: the stem is no dihedral-equivariant map, so a cached
+                feature map has its one view).
+        """
+        if features and tta != 1:
+            raise ValueError(f"cached stem features have one view: tta must be 1, got {tta}")
+        if not len(inputs):
+            raise ValueError("predict_proba needs at least one row")
+        chunks = []
+        with self._lock, stem_bypassed(self.model, stem_names(self.model) if features else ()):
+            for start in range(0, len(inputs), batch_size):
+                chunks.append(self.probabilities(self._forward_views(inputs[start : start + batch_size], tta,
+                                                                     pixels=not features)))
+        return BatchProbabilities(
+            torch.cat([c.dx for c in chunks]), {name: torch.cat([c.heads[name] for c in chunks]) for name in self.extra_heads}
+        )
+
+    def predictions(self, outputs: Sequence[Any]) -> list[Prediction]:
+        """Forward outputs of one batch -> per image calibrated dx (and extra-head) probabilities
+        (`probabilities`), the top class by the model's decision rule and the checklist score."""
+        probs = self.probabilities(outputs)
+        dx = probs.dx.numpy()  # (B, out_dim)
         labels = [self.id2label[i] for i in range(self.out_dim)]
         decided = [labels[i] for i in balanced_scores(dx, self.decision_offsets).argmax(axis=1)]  # model.decision
         if not self.extra_heads:
             return [Prediction(dict(zip(labels, map(float, row))), decision=d) for row, d in zip(dx, decided)]
-        head_probs = {
-            name: torch.stack([_softmax(output.head_logits[name]) for output in outputs]).mean(dim=0).numpy()
-            for name in self.extra_heads
-        }  # name -> (B, n_labels)
+        head_probs = {name: p.numpy() for name, p in probs.heads.items()}  # name -> (B, n_labels)
         if self.has_seven_point:
             scores = seven_point_score(head_probs)  # (B,)
             criteria = {name: criterion_probability(name, head_probs[name]) for name in SEVEN_POINT}  # name -> (B,)

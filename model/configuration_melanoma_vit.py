@@ -11,6 +11,9 @@ from typing import Any
 
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Copy of model/labels.py::DX_CODES (HAM10000 `dx` codes, the class index order of every 7-class
 # model). Copied rather than imported so the remote-code folder is self-contained; a test keeps
@@ -25,6 +28,9 @@ HYBRID_PATCH_SIZE = 16
 # Names an extra head may not take: the main head's name in `predict_heads` and the output field.
 _RESERVED_HEAD_NAMES = ("dx", "logits")
 _HEAD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# config.json keys of the removed unfolded calibration form (a temperature still to divide the logits by).
+# A config that has them is migrated once at load: see `MelanomaViTConfig.unfolded_temperatures`.
+UNFOLDED_TEMPERATURE_KEYS = ("temperature", "head_temperatures")
 
 
 def _as_pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -59,19 +65,16 @@ class MelanomaViTConfig(PretrainedConfig):
         use_distillation_token: Add a DeiT distillation token (token order `[CLS, DIST, patches]`) and
             a second head.
         initializer_range: Std of the truncated normal used to initialise weights.
-        temperature: Calibration temperature T > 0 still to apply: calibrated probabilities are
-            `softmax(logits / T)`, see `MelanomaViTForImageClassification.predict_proba`. 1.0 once a fitted
-            temperature is folded into the heads (`folded_temperature`), which is how evaluation and export
-            store it, so that a plain softmax (`pipeline`) is calibrated too.
         melanoma_threshold: Decision threshold on P(mel) chosen on validation data, or None.
         extra_heads: Optional ordered mapping head name -> label names (at least 2) of further linear
             classification heads on the CLS token, e.g. one per extra dataset or per seven-point-checklist
             criterion: `{"pigment_network": ["absent", "typical", "atypical"]}`. Names are identifiers,
             not "dx" or "logits". The main head (`logits`, `id2label`) is unaffected.
-        head_temperatures: Calibration temperature T > 0 still to apply per extra head (missing heads: 1.0),
-            see `MelanomaViTForImageClassification.predict_heads`; None once folded.
-        folded_temperature: The fitted temperature already folded into the main head(s) (weights and bias
-            divided by it), kept for the record; None when none is folded.
+        folded_temperature: The calibration temperature fitted on validation data, already folded into the
+            main head(s) (weights and bias divided by it, so `softmax(logits)` is calibrated), kept for the
+            record; None when none is folded. The only stored calibration form: older configs that store
+            `temperature` / `head_temperatures` still to apply are migrated once at load
+            (`MelanomaViTForImageClassification.from_pretrained` folds them into the heads).
         folded_head_temperatures: The same per extra head, or None.
         patch_embedding_type: "linear" (ViT patches: one strided convolution) or "hybrid" (the ViT paper's
             hybrid: a CNN stem's stride-16 feature map, projected by a 1x1 convolution, gives the tokens;
@@ -84,12 +87,16 @@ class MelanomaViTConfig(PretrainedConfig):
         problem_type: As in transformers: "regression", "single_label_classification" or
             "multi_label_classification"; None infers it from `num_labels` and the labels' dtype.
         id2label / label2id: Class names; default: the 7 HAM10000 dx codes.
+
+    Attributes:
+        unfolded_temperatures: {"temperature": T, "head_temperatures": {name: T}} read from an older config.json
+            and not folded yet ({} for the stored form); never serialised. `from_pretrained` of the model folds
+            them into the head weights (and empties this), so saving the model stores the migrated form.
     """
 
     model_type = "melanoma_vit"
 
-    # Declared as fields so transformers >= 5 (dataclass configs) serialises them as model fields;
-    # `temperature` would otherwise be mistaken for a generation parameter and refused on save.
+    # Declared as fields so transformers >= 5 (dataclass configs) serialises them as model fields.
     image_size: int | list[int] = 224
     patch_size: int | list[int] = 16
     num_channels: int = 3
@@ -105,10 +112,8 @@ class MelanomaViTConfig(PretrainedConfig):
     drop_path_rate: float = 0.0
     use_distillation_token: bool = False
     initializer_range: float = 0.02
-    temperature: float = 1.0
     melanoma_threshold: float | None = None
     extra_heads: dict[str, list[str]] | None = None
-    head_temperatures: dict[str, float] | None = None
     folded_temperature: float | None = None
     folded_head_temperatures: dict[str, float] | None = None
     patch_embedding_type: str = "linear"
@@ -133,10 +138,8 @@ class MelanomaViTConfig(PretrainedConfig):
         drop_path_rate: float = 0.0,
         use_distillation_token: bool = False,
         initializer_range: float = 0.02,
-        temperature: float = 1.0,
         melanoma_threshold: float | None = None,
         extra_heads: dict[str, list[str]] | None = None,
-        head_temperatures: dict[str, float] | None = None,
         folded_temperature: float | None = None,
         folded_head_temperatures: dict[str, float] | None = None,
         patch_embedding_type: str = "linear",
@@ -145,6 +148,9 @@ class MelanomaViTConfig(PretrainedConfig):
         backbone_channels: int | None = None,
         **kwargs: Any,
     ) -> None:
+        # Before the base __init__: transformers 5 silently drops an undeclared `temperature` (a generation
+        # parameter), which would change an older folder's probabilities without a word.
+        unfolded = {key: kwargs.pop(key) for key in UNFOLDED_TEMPERATURE_KEYS if key in kwargs}
         if "id2label" not in kwargs and "num_labels" not in kwargs:
             kwargs["id2label"] = dict(enumerate(DEFAULT_DX_CODES))
         self.image_size = list(image_size) if isinstance(image_size, (tuple, list)) else image_size
@@ -167,7 +173,6 @@ class MelanomaViTConfig(PretrainedConfig):
             # Lists, as JSON gives them back, so a saved and a loaded config compare equal.
             extra_heads = {name: list(v) if isinstance(v, tuple) else v for name, v in extra_heads.items()}
         self.extra_heads = extra_heads or None
-        self.head_temperatures = head_temperatures or None
         self.folded_temperature = folded_temperature
         self.folded_head_temperatures = folded_head_temperatures or None
         self.patch_embedding_type = patch_embedding_type
@@ -175,8 +180,7 @@ class MelanomaViTConfig(PretrainedConfig):
         self.backbone_stage = backbone_stage
         self.backbone_channels = backbone_channels
         super().__init__(**kwargs)
-        # After the base __init__: transformers 4.x resets `temperature` there (a generation default).
-        self.temperature = temperature
+        self.unfolded_temperatures = _unfolded(unfolded.get("temperature"), unfolded.get("head_temperatures"))
         if self.id2label is not None and not self.label2id:
             self.label2id = {label: int(i) for i, label in self.id2label.items()}
         self._validate_melanoma_vit()
@@ -222,9 +226,6 @@ class MelanomaViTConfig(PretrainedConfig):
             raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}.")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}.")
-        temperature = self.temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"temperature must be a float > 0 (1.0 = uncalibrated), got {self.temperature!r}.")
         folded = self.folded_temperature
         if folded is not None and (isinstance(folded, bool) or not isinstance(folded, (int, float)) or folded <= 0):
             raise ValueError(f"folded_temperature must be None or a float > 0, got {folded!r}.")
@@ -259,8 +260,10 @@ class MelanomaViTConfig(PretrainedConfig):
                 raise ValueError(
                     f"extra_heads[{name!r}] must list at least 2 distinct label names (strings), got {labels!r}."
                 )
+        pending = {"head_temperatures": self.unfolded_temperatures.get("head_temperatures")}
         for field in ("head_temperatures", "folded_head_temperatures"):
-            temperatures = getattr(self, field) or {}
+            temperatures = pending[field] if field in pending else getattr(self, field)
+            temperatures = temperatures or {}
             if not isinstance(temperatures, dict):
                 raise ValueError(f"{field} must be None or a dict head name -> T, got {temperatures!r}.")
             for name, value in temperatures.items():
@@ -268,6 +271,12 @@ class MelanomaViTConfig(PretrainedConfig):
                     raise ValueError(f"{field} names {name!r}, which is not in extra_heads {list(heads)}.")
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                     raise ValueError(f"{field}[{name!r}] must be a float > 0, got {value!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' serialisation, without `unfolded_temperatures` (the model's load folds them)."""
+        output = super().to_dict()
+        output.pop("unfolded_temperatures", None)
+        return output
 
     def _validate_patch_embedding(self) -> None:
         if self.patch_embedding_type not in PATCH_EMBEDDING_TYPES:
@@ -294,3 +303,22 @@ class MelanomaViTConfig(PretrainedConfig):
                     f"patch_embedding_type='hybrid' needs {name} as an int >= {minimum} (tf_efficientnet_lite0: "
                     f"backbone_stage=4, backbone_channels=112), got {value!r}."
                 )
+
+
+def _unfolded(temperature: Any, head_temperatures: Any) -> dict[str, Any]:
+    """An older config's temperatures still to apply, {} when there are none (T = 1.0 and no head T)."""
+    unfolded: dict[str, Any] = {}
+    if temperature is not None and temperature != 1.0:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise ValueError(f"temperature (an older config's calibration) must be a float > 0, got {temperature!r}.")
+        unfolded["temperature"] = float(temperature)
+    if head_temperatures:
+        unfolded["head_temperatures"] = dict(head_temperatures)
+    if unfolded:
+        logger.warning(
+            "This MelanomaViT config.json stores calibration temperatures still to apply (%s), a form this code no "
+            "longer applies: MelanomaViTForImageClassification.from_pretrained folds them into the head weights. "
+            "Save the loaded model (save_pretrained) to store the migrated form.",
+            unfolded,
+        )
+    return unfolded

@@ -1,4 +1,5 @@
-"""Checkpoint converters: timm ViT/DeiT -> MelanomaViT -> stock transformers ViT/DeiT.
+"""Checkpoint converters: timm ViT/DeiT -> MelanomaViT -> stock transformers ViT/DeiT; timm ResNet ->
+stock transformers ResNet.
 
 * `convert_timm_checkpoint(timm_model)`: a timm `VisionTransformer` (vit_*, deit_*) or
   `VisionTransformerDistilled` (deit_*_distilled_*) as a `MelanomaViTForImageClassification`.
@@ -12,6 +13,12 @@
 * `load_hybrid_stem_from_timm(model, timm_model)`: copies a timm EfficientNet's first stages (e.g.
   pretrained `tf_efficientnet_lite0`) into a hybrid MelanomaViT's stem.
 
+* `convert_timm_resnet(timm_model)`: a timm `ResNet` (basic or bottleneck blocks: resnet18/34/50/101/152)
+  as transformers' `ResNetForImageClassification` with equal logits.
+* `save_resnet_export(model, folder)`: a `TimmWrapperForImageClassification` ResNet as a Hub-ready stock
+  folder (config.json with the project's keys, model.safetensors, a `ViTImageProcessor` with the
+  TimmWrapper processor's squash geometry), which `pipeline` and the Hub inference API serve without timm.
+
 The state-dict functions are pure `dict -> dict` renamings (plus the qkv split for the export).
 """
 
@@ -23,12 +30,24 @@ import re
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
-from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    ResNetConfig,
+    ResNetForImageClassification,
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
 
 from . import calibration
 from .configuration_melanoma_vit import DEFAULT_DX_CODES, MelanomaViTConfig
+from .geometry import processor_geometry
 from .modeling_melanoma_vit import MelanomaViTForImageClassification
 
 logger = logging.getLogger(__name__)
@@ -192,10 +211,8 @@ def _vit_config_kwargs(config: MelanomaViTConfig) -> dict:
 def vit_config_from_melanoma_vit(config: MelanomaViTConfig) -> ViTConfig | DeiTConfig:
     """The stock transformers config of an export: `DeiTConfig` for distilled models, else `ViTConfig`.
 
-    `melanoma_threshold` and `folded_temperature` are kept as extra attributes; a temperature still to
-    apply becomes `calibration_temperature` (transformers 5 refuses a `temperature` key in model configs;
-    `export_to_vit` folds it into the head by default, so there is none). Extra heads are not part of
-    the export.
+    `melanoma_threshold` and `folded_temperature` are kept as extra attributes (the calibration is in the
+    head weights, `model.calibration`). Extra heads are not part of the export.
 
     Raises:
         ValueError: for hybrid models (no stock transformers equivalent) and non-square patches.
@@ -214,8 +231,6 @@ def vit_config_from_melanoma_vit(config: MelanomaViTConfig) -> ViTConfig | DeiTC
     vit_config.melanoma_threshold = config.melanoma_threshold
     if calibration.folded_temperature(config) is not None:
         vit_config.folded_temperature = calibration.folded_temperature(config)
-    if calibration.config_temperature(config) is not None:
-        vit_config.calibration_temperature = calibration.config_temperature(config)
     return vit_config
 
 
@@ -331,23 +346,18 @@ def _installed_layout(hf_model: nn.Module, base: str) -> str:
     raise RuntimeError(f"Unrecognised parameter names in the installed transformers {type(hf_model).__name__}.")
 
 
-def _to_export(model: MelanomaViTForImageClassification, fold_temperature: bool) -> MelanomaViTForImageClassification:
-    """`model`, or a copy with its temperature folded into the heads (`calibration.fold_temperature`)."""
+def _to_export(model: MelanomaViTForImageClassification) -> MelanomaViTForImageClassification:
+    """`model`, or, when built from an older config with temperatures still to apply (not loaded, which
+    migrates), a copy with them folded into the heads (`calibration.migrate`)."""
     if model.config.extra_heads:
         logger.warning(
             "The stock transformers export keeps only the main (dx) head; the extra heads %s are dropped.",
             list(model.config.extra_heads),
         )
-    temperature = calibration.config_temperature(model.config)
-    if temperature is None:
+    if not calibration.unfolded_temperatures(model.config):
         return model
-    if fold_temperature:
-        return calibration.fold_temperature(copy.deepcopy(model))
-    logger.warning(
-        "Exporting without folding temperature %.3f: softmax over the export's logits (pipeline, Hub widget) is "
-        "uncalibrated, and melanoma_threshold refers to calibrated P(mel).",
-        temperature,
-    )
+    model = copy.deepcopy(model)
+    calibration.migrate(model)
     return model
 
 
@@ -359,21 +369,19 @@ def _export_state_dict(model: MelanomaViTForImageClassification, layout: str) ->
 
 
 def export_to_vit(
-    model: MelanomaViTForImageClassification, fold_temperature: bool = True
+    model: MelanomaViTForImageClassification,
 ) -> ViTForImageClassification | DeiTForImageClassificationWithTeacher:
     """The same network as a stock transformers model (no remote code), in eval mode.
 
     Plain models become `ViTForImageClassification`; distilled models (`use_distillation_token`) become
     `DeiTForImageClassificationWithTeacher`, which like MelanomaViT averages its CLS and distillation
-    heads at inference. With `fold_temperature` (default) a temperature still to apply
-    (`config.temperature`) is folded into the heads (`calibration.fold_temperature`), so the stock model's
-    logits are `ours / T` and every softmax over them (pipeline, Hub widget) gives the calibrated
-    probabilities; the predicted class is unchanged. A model folded already exports as it is.
+    heads at inference. A calibration is in the head weights (`config.folded_temperature`), so it exports
+    with them: every softmax over the stock model's logits (pipeline, Hub widget) is calibrated.
 
     Logits match MelanomaViT at the configured image size; other sizes interpolate position embeddings
     differently in transformers' ViT.
     """
-    model = _to_export(model, fold_temperature)
+    model = _to_export(model)
     vit_config = vit_config_from_melanoma_vit(model.config)
     distilled = model.config.use_distillation_token
     hf_class = DeiTForImageClassificationWithTeacher if distilled else ViTForImageClassification
@@ -383,9 +391,7 @@ def export_to_vit(
     return hf_model.to(model.dtype).eval()
 
 
-def save_vit_export(
-    model: MelanomaViTForImageClassification, folder: str | Path, fold_temperature: bool = True
-) -> Path:
+def save_vit_export(model: MelanomaViTForImageClassification, folder: str | Path) -> Path:
     """Write `export_to_vit(model)` to `folder` (config.json + model.safetensors) in the 4.x key layout.
 
     transformers 4.x reads these names directly and transformers 5 converts them on load (its
@@ -395,7 +401,7 @@ def save_vit_export(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = _to_export(model, fold_temperature)
+    model = _to_export(model)
     vit_config = vit_config_from_melanoma_vit(model.config)
     vit_config.architectures = [
         "DeiTForImageClassificationWithTeacher" if model.config.use_distillation_token else "ViTForImageClassification"
@@ -408,8 +414,217 @@ def save_vit_export(
     return folder
 
 
+# ------------------------------------------------------------------------------------------- ResNet
+_BN_PARAMS = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+_RESNET_KEYS: tuple[tuple[str, str], ...] = (
+    (r"^conv1\.weight$", "resnet.embedder.embedder.convolution.weight"),
+    (rf"^bn1\.{_BN_PARAMS}$", "resnet.embedder.embedder.normalization.{0}"),
+    (r"^layer(\d+)\.(\d+)\.conv(\d)\.weight$", "resnet.encoder.stages.{0-1}.layers.{1}.layer.{2-1}.convolution.weight"),
+    (rf"^layer(\d+)\.(\d+)\.bn(\d)\.{_BN_PARAMS}$", "resnet.encoder.stages.{0-1}.layers.{1}.layer.{2-1}.normalization.{3}"),
+    (r"^layer(\d+)\.(\d+)\.downsample\.0\.weight$", "resnet.encoder.stages.{0-1}.layers.{1}.shortcut.convolution.weight"),
+    (rf"^layer(\d+)\.(\d+)\.downsample\.1\.{_BN_PARAMS}$", "resnet.encoder.stages.{0-1}.layers.{1}.shortcut.normalization.{2}"),
+    (r"^fc\.(weight|bias)$", "classifier.1.{0}"),
+)  # fmt: skip
+
+
+def _resnet_key(key: str) -> str | None:
+    """transformers' ResNet name of a timm ResNet key; timm counts stages and convs from 1, transformers from 0."""
+    for pattern, template in _RESNET_KEYS:
+        match = re.match(pattern, key)
+        if match:
+            groups = match.groups()
+            return re.sub(
+                r"\{(\d)(-1)?\}",
+                lambda m: str(int(groups[int(m[1])]) - 1) if m[2] else groups[int(m[1])],
+                template,
+            )
+    return None
+
+
+def timm_resnet_state_dict_to_resnet(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a timm ResNet state dict to transformers' `ResNetForImageClassification` names (tensors shared).
+
+    `layer{s}.{b}.conv{i}` -> `resnet.encoder.stages.{s-1}.layers.{b}.layer.{i-1}.convolution`, `bn{i}` ->
+    `...normalization`, `downsample.0/1` -> `shortcut.convolution/normalization`, the stem `conv1`/`bn1` ->
+    `resnet.embedder.embedder.*`, `fc` -> `classifier.1`.
+
+    Raises:
+        ValueError: for keys of timm variants transformers' ResNet does not have (deep stem, SE, ...).
+    """
+    converted, unsupported = {}, []
+    for key, tensor in state_dict.items():
+        new_key = _resnet_key(key)
+        if new_key is None:
+            unsupported.append(key)
+        else:
+            converted[new_key] = tensor
+    if unsupported:
+        raise ValueError(
+            f"These timm parameters have no transformers ResNet equivalent: {unsupported[:8]}"
+            f"{' ...' if len(unsupported) > 8 else ''}. Only the plain ResNet (7x7 stem, basic or bottleneck "
+            "blocks, 1x1 strided projection shortcuts, no SE / attention) can be converted."
+        )
+    return converted
+
+
+def resnet_config_from_timm(timm_model: nn.Module, id2label: dict[int, str] | None = None) -> ResNetConfig:
+    """A transformers `ResNetConfig` describing a timm `ResNet` (resnet18/34/50/101/152 layouts).
+
+    Args:
+        timm_model: the timm model (any weights).
+        id2label: class names for its head; default: the 7 dx codes if it has 7 classes, else LABEL_i.
+
+    Raises:
+        ValueError: for variants transformers' ResNet does not implement: deep stems (resnet*d), average-pool
+            shortcuts, grouped or wide bottlenecks (resnext, wide_resnet), SE / anti-aliasing, dilation,
+            activations other than ReLU, another global pooling, no head.
+    """
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    problems = []
+    stem = timm_model.conv1
+    if not isinstance(stem, nn.Conv2d) or stem.kernel_size != (7, 7) or stem.stride != (2, 2):
+        problems.append("a deep or non-7x7 stem (only the single 7x7 stride-2 convolution)")
+    pool = getattr(timm_model, "maxpool", None)
+    if not isinstance(pool, nn.MaxPool2d) or (pool.kernel_size, pool.stride, pool.padding) != (3, 2, 1):
+        problems.append("a stem pool other than 3x3 stride-2 max pooling")
+    stages = [timm_model.get_submodule(f"layer{i}") for i in range(1, 5)]
+    blocks = [block for stage in stages for block in stage]
+    kinds = {type(block) for block in blocks}
+    if kinds not in ({BasicBlock}, {Bottleneck}):
+        problems.append(f"block types {sorted(k.__name__ for k in kinds)} (only BasicBlock or Bottleneck)")
+    for block in blocks:
+        convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+        if any(c.groups != 1 or c.dilation != (1, 1) for c in convs):
+            problems.append("grouped or dilated convolutions (resnext, output_stride < 32)")
+        if getattr(block, "se", None) is not None or not isinstance(getattr(block, "aa", nn.Identity()), nn.Identity):
+            problems.append("squeeze-excitation or anti-aliasing in the blocks")
+        shortcut = block.downsample
+        if shortcut is not None and (len(shortcut) != 2 or not isinstance(shortcut[0], nn.Conv2d)
+                                     or shortcut[0].kernel_size != (1, 1)):
+            problems.append("average-pool or k x k shortcuts (only a strided 1x1 convolution + BatchNorm)")
+        if isinstance(block, Bottleneck) and (block.conv3.out_channels != 4 * block.conv1.out_channels
+                                              or block.conv1.stride != (1, 1)):
+            problems.append("a bottleneck whose width is not a quarter of its output or strided in its 1x1 convolution")
+        norms = [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+        if any(n.eps != 1e-5 for n in [*norms, timm_model.bn1]):
+            problems.append("BatchNorm eps other than 1e-5")
+    acts = [timm_model.act1, *(m for block in blocks for name, m in block.named_children() if name.startswith("act"))]
+    if any(not isinstance(act, nn.ReLU) for act in acts):
+        problems.append("an activation other than ReLU")
+    if getattr(timm_model.global_pool, "pool_type", "avg") != "avg":
+        problems.append(f"global pooling {timm_model.global_pool.pool_type!r} (only average)")
+    if not isinstance(getattr(timm_model, "fc", None), nn.Linear):
+        problems.append("no classification head (num_classes=0); create it with num_classes > 0")
+    if problems:
+        raise ValueError(f"Cannot convert this timm model to transformers' ResNet: {'; '.join(dict.fromkeys(problems))}.")
+
+    num_classes = timm_model.num_classes
+    if id2label is None:
+        default_names = DEFAULT_DX_CODES if num_classes == len(DEFAULT_DX_CODES) else None
+        id2label = {i: default_names[i] if default_names else f"LABEL_{i}" for i in range(num_classes)}
+    if len(id2label) != num_classes:
+        raise ValueError(f"id2label has {len(id2label)} entries but the timm head has {num_classes} classes.")
+    last_conv = "conv3" if kinds == {Bottleneck} else "conv2"
+    return ResNetConfig(
+        num_channels=stem.in_channels,
+        embedding_size=stem.out_channels,
+        hidden_sizes=[stage[0].get_submodule(last_conv).out_channels for stage in stages],
+        depths=[len(stage) for stage in stages],
+        layer_type="bottleneck" if kinds == {Bottleneck} else "basic",
+        hidden_act="relu",
+        downsample_in_first_stage=False,  # timm's layer1 keeps the stem's resolution
+        downsample_in_bottleneck=False,  # timm strides a bottleneck's 3x3 convolution
+        id2label={int(i): str(name) for i, name in id2label.items()},
+        label2id={str(name): int(i) for i, name in id2label.items()},
+    )
+
+
+def convert_timm_resnet(timm_model: nn.Module, id2label: dict[int, str] | None = None) -> ResNetForImageClassification:
+    """A timm ResNet as an eval-mode transformers `ResNetForImageClassification` with equal logits (any input size)."""
+    model = ResNetForImageClassification(resnet_config_from_timm(timm_model, id2label=id2label))
+    model.load_state_dict(timm_resnet_state_dict_to_resnet(timm_model.state_dict()), strict=True)
+    return model.to(next(timm_model.parameters()).dtype).eval()
+
+
+def resnet_image_processor(timm_processor) -> ViTImageProcessor:
+    """A stock `ViTImageProcessor` with the geometry of a `TimmWrapperImageProcessor` (`model.geometry`).
+
+    The project's timm folders squash the whole image to the input size (crop_mode "squash", crop_pct 1),
+    which is exactly what `ViTImageProcessor` does: resize to (H, W) with the same PIL filter, rescale
+    by 1/255, normalise with the same mean and std.
+
+    Raises:
+        ValueError: for a processor that crops or keeps the aspect ratio (no squash-resize equivalent).
+    """
+    data = timm_processor.data_config
+    geometry = processor_geometry(timm_processor)
+    if data.get("crop_mode", "center") != "squash" or geometry.crops:
+        raise ValueError(
+            f"The timm processor resizes with crop_mode={data.get('crop_mode')!r}, crop_pct={data.get('crop_pct')}: "
+            "only a squash resize of the whole image (crop_mode 'squash', crop_pct 1.0) has a ViTImageProcessor "
+            "equivalent."
+        )
+    height, width = geometry.size
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": height, "width": width},
+        resample=int(Image.Resampling[geometry.interpolation.upper()]),
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(geometry.mean),
+        image_std=list(geometry.std),
+    )
+
+
+# What a TimmWrapper config.json holds that the stock folder expresses otherwise: the timm description
+# (architecture, pretrained_cfg -> preprocessor_config.json) and the labels (label_names -> id2label).
+_TIMM_ONLY_KEYS = frozenset(TimmWrapperConfig().to_dict()) | {"pretrained_cfg"}
+
+
+def project_config_keys(config: TimmWrapperConfig) -> dict:
+    """The keys this project adds to a model's config (calibration record, thresholds, operating points,
+    decision offsets and rule, ...): everything `TimmWrapperConfig` itself does not define."""
+    return {key: value for key, value in config.to_dict().items() if key not in _TIMM_ONLY_KEYS}
+
+
+def save_resnet_export(model: TimmWrapperForImageClassification, folder: str | Path) -> Path:
+    """Write a TimmWrapper ResNet as a stock transformers ResNet folder: config.json, model.safetensors,
+    preprocessor_config.json.
+
+    The config is a `ResNetConfig` with the wrapper's labels as id2label/label2id and every project key
+    of the wrapper's config (`project_config_keys`: folded_temperature, melanoma_threshold,
+    melanoma_operating_points, dx_decision_offsets, ...); the processor is `resnet_image_processor` of
+    the wrapper's own. A temperature still to apply is folded into the head first (`fold_temperature`),
+    so a plain softmax of the logits (pipeline, Hub widget) is calibrated. Logits equal the wrapper's on
+    the same pixels (`convert_timm_resnet`); `AutoModelForImageClassification`, `AutoImageProcessor` and
+    `pipeline` load the folder without timm.
+    """
+    from .baselines import create_image_processor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if calibration.unfolded_temperatures(model.config):
+        model = calibration.fold_temperature(copy.deepcopy(model))
+    id2label = {int(i): name for i, name in model.config.id2label.items()}
+    resnet = convert_timm_resnet(model.timm_model, id2label=id2label)
+    for key, value in project_config_keys(model.config).items():
+        setattr(resnet.config, key, value)
+    resnet.save_pretrained(folder)
+    resnet_image_processor(create_image_processor(model)).save_pretrained(folder)
+    logger.info("Saved a stock transformers ResNetForImageClassification export to %s", folder)
+    return folder
+
+
 __all__ = [
     "convert_timm_checkpoint",
+    "convert_timm_resnet",
+    "project_config_keys",
+    "resnet_config_from_timm",
+    "resnet_image_processor",
+    "save_resnet_export",
+    "timm_resnet_state_dict_to_resnet",
     "export_to_vit",
     "load_hybrid_stem_from_timm",
     "melanoma_vit_config_from_timm",

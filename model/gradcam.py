@@ -1,10 +1,12 @@
 """Grad-CAM (Selvaraju et al., 2017) for the CNN baselines.
 
 The class score's gradient with respect to the last convolutional feature map, averaged
-over space, weighs that map's channels; the ReLU of the weighted sum is the map. For timm
-models (and transformers' TimmWrapper around them) the feature map is the output of
-``forward_features``, i.e. just before global pooling; for any other CNN a forward hook
-reads the output of ``target_layer`` (default: its last ``nn.Conv2d``).
+over space, weighs that map's channels; the ReLU of the weighted sum is the map. The feature
+map is the last stage's output, just before global pooling: ``forward_features`` for timm models
+(and transformers' TimmWrapper around them), the last ``hidden_states`` entry for transformers'
+own CNNs (``ResNetForImageClassification``: the same tensor as timm's, so a stock export of a
+timm ResNet gets the same map); for any other CNN a forward hook reads the output of
+``target_layer`` (default: its last ``nn.Conv2d``).
 
 Explanations are research/education aids, not evidence for a diagnosis.
 """
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 
 def _timm_model(model: nn.Module) -> nn.Module | None:
@@ -53,6 +56,10 @@ def _features_and_logits(model: nn.Module, pixel_values: torch.Tensor, target_la
             features = timm_model.forward_features(pixel_values)
         features.requires_grad_(True)
         return features, timm_model.forward_head(features)
+    if target_layer is None and isinstance(model, PreTrainedModel):
+        # transformers CNNs: hidden_states[-1] is the last stage's (B, C, h, w) map (its last conv is pre-residual).
+        output = model(pixel_values=pixel_values, output_hidden_states=True)
+        return output.hidden_states[-1], output.logits
 
     if target_layer is None:
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -79,13 +86,14 @@ def grad_cam(
     """Grad-CAM maps for a batch.
 
     Args:
-        model: a ``TimmWrapperForImageClassification``, a timm CNN, or any CNN returning logits
-            (a tensor or an output with ``.logits``).
+        model: a ``TimmWrapperForImageClassification``, a timm CNN, a transformers CNN
+            (``ResNetForImageClassification``), or any CNN returning logits (a tensor or an output
+            with ``.logits``).
         pixel_values: (B, 3, H, W) preprocessed images.
         target: class index for every image, one index per image, or ``None`` for each
             image's predicted class.
         target_layer: module whose (B, C, h, w) output is explained; default: the feature map
-            before global pooling (timm) or the last ``nn.Conv2d``.
+            before global pooling (timm, transformers) or the last ``nn.Conv2d``.
 
     Returns:
         (B, h, w) float tensor on the model's device; each map min-max normalised to [0, 1]

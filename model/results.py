@@ -17,6 +17,8 @@ from .labels import MELANOMA
 from .sevenpoint import MELANOMA_SCORE_THRESHOLD
 
 if TYPE_CHECKING:  # the detector is optional at run time (its module pulls in timm)
+    import torch
+
     from .ood import OODResult
 
 
@@ -54,6 +56,16 @@ class SevenPointResult:
     @property
     def suggests_melanoma(self) -> bool:
         return self.score >= self.threshold
+
+
+@dataclass
+class BatchProbabilities:
+    """A batch's calibrated probabilities, head by head: each head's softmax (temperatures are folded into the
+    weights), averaged over the test-time views. What `Classifier.predict_proba` returns for preprocessed
+    pixels or cached stem features, and what a `Prediction` per image is made of."""
+
+    dx: torch.Tensor  # (B, out_dim) float32 on the CPU, columns in id2label order
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # extra head -> (B, n_labels), config order
 
 
 @dataclass

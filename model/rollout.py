@@ -60,6 +60,7 @@ def attention_rollout(
     num_prefix_tokens: int = 1,
     token_rows: Sequence[str] = ("cls",),
     grid_size: tuple[int, int] | None = None,
+    detach: bool = True,
 ) -> torch.Tensor:
     """Attention rollout map per image.
 
@@ -74,6 +75,8 @@ def attention_rollout(
         num_prefix_tokens: tokens before the patches (1 = CLS, 2 = CLS + distillation).
         token_rows: rows to read the map from: ("cls",) or ("cls", "dist") (averaged).
         grid_size: (grid_h, grid_w) of the patch grid; default: square.
+        detach: False keeps the graph, so a training loss can act on the map (the attention
+            target of train.losses.attention_mask_loss); True (explanations) does not.
 
     Returns:
         (B, grid_h, grid_w) float tensor, each image's map min-max normalised to [0, 1]
@@ -108,7 +111,7 @@ def attention_rollout(
     eye = torch.eye(num_tokens, dtype=torch.float32, device=first.device)
     rollout = eye.expand(batch, num_tokens, num_tokens)
     for attn in attentions[start_layer:]:
-        attn = attn.detach().float()
+        attn = attn.detach().float() if detach else attn.float()
         if head_fusion == "mean":
             fused = attn.mean(dim=1)  # (B, N, N)
         elif head_fusion == "max":

@@ -67,3 +67,18 @@ def isic2017_dir() -> Path:
 @pytest.fixture(scope="session")
 def ham_image_paths(ham_dir: Path) -> list[Path]:
     return sorted((ham_dir / "images").glob("*.jpg"))
+
+
+def edit_config_json(folder: Path, **keys) -> None:
+    """Set `keys` in a saved model folder's config.json as is (None removes a key), e.g. to write the
+    older calibration form (`temperature` / `head_temperatures` / `calibration_temperature` still to apply)."""
+    import json
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in keys.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config, indent=2))

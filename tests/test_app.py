@@ -492,17 +492,56 @@ def test_rest_queue_is_bounded_in_images_and_admits_before_decoding(live, ham_im
     assert response.status_code == 200 and _poll(url, response.json()["task_uuid"])["status"] == "done"
     response = httpx.post(url + "predict", files={"file": truncated})
     assert response.status_code == 400 and tasks.queued_images == 0  # a refused file returns its claim
-    # Bounded in bytes too: a bulk that does not fit is refused whole, and returns every claim.
-    tasks.max_bytes = len(jpeg) + 10
+    # Bounded in bytes too, of the decoded images the queue holds (4 bytes a pixel in Pillow's RGB):
+    # a bulk that does not fit now is refused whole (503, retry) and returns every claim; a bulk
+    # bigger than the whole queue gets a 413 (no retry helps).
+    held = 4 * load_image(jpeg, max_side=1024).width * load_image(jpeg, max_side=1024).height
+    two = [("files", ("a.jpg", jpeg)), ("files", ("b.jpg", jpeg))]
+    tasks.max_bytes = 2 * held + 10
     try:
-        response = httpx.post(url + "predict_bulk", files=[("files", ("a.jpg", jpeg)), ("files", ("b.jpg", jpeg))])
+        tasks.reserve_bytes(20)
+        response = httpx.post(url + "predict_bulk", files=two)
         assert response.status_code == 503 and "of images; retry" in response.json()["detail"]
+        tasks.release(0, 20)
+        assert tasks.queued_images == 0 and tasks.queued_bytes == 0
+        tasks.max_bytes = held + 10
+        response = httpx.post(url + "predict_bulk", files=two)
+        assert response.status_code == 413 and "send fewer images per request" in response.json()["detail"]
         assert tasks.queued_images == 0 and tasks.queued_bytes == 0
         response = httpx.post(url + "predict", files={"file": ("a.jpg", jpeg)})
         assert response.status_code == 200 and _poll(url, response.json()["task_uuid"])["status"] == "done"
         assert tasks.queued_bytes == 0
     finally:
         tasks.max_bytes = 512 * 2**20
+
+
+def test_rest_decodes_each_image_once(live, ham_image_paths, monkeypatch):
+    """Every REST image is decoded once, on admission (where a bad file is named in the POST's
+    answer), and the worker scores that decoded image: the one decoder runs once per file."""
+    import webapp.scoring
+
+    url, _, zoo, fastapi_app = live
+    decoded: list[int] = []
+
+    def counting_load_image(source, **kwargs):
+        decoded.append(len(source))
+        return load_image(source, **kwargs)
+
+    monkeypatch.setattr(webapp.scoring, "load_image", counting_load_image)
+    paths = ham_image_paths[:3]
+    response = httpx.post(url + "predict", files={"file": (paths[0].name, paths[0].read_bytes())})
+    assert response.status_code == 200, response.text
+    assert _poll(url, response.json()["task_uuid"])["status"] == "done"
+    assert decoded == [paths[0].stat().st_size]
+    decoded.clear()
+    uploads = [("files", (p.name, p.read_bytes())) for p in paths] + [("files", ("bad.jpg", b"not an image"))]
+    response = httpx.post(url + "predict_bulk", params={"model_id": "vit-tiny"}, files=uploads)
+    assert response.status_code == 200 and [e["name"] for e in response.json()["errors"]] == ["bad.jpg"]
+    done = _poll(url, response.json()["task_uuid"])
+    assert sorted(decoded) == sorted([p.stat().st_size for p in paths] + [len(b"not an image")])  # once each
+    for path, result in zip(paths, done["results"]):  # the admitted image is what was scored
+        assert result["probabilities"] == pytest.approx(_expected(zoo, "vit-tiny", path), abs=1e-5)
+    assert fastapi_app.state.tasks.queued_bytes == 0  # every decoded image's claim returned
 
 
 class FakeClock:
@@ -973,6 +1012,34 @@ def test_disk_use_stays_flat_over_many_batches(tmp_path_factory, fixtures_dir, h
     assert not scratch.exists()  # removed at shutdown
 
 
+def test_no_stray_temp_file_per_upload(tmp_path_factory, fixtures_dir, ham_image_paths, tmp_path, monkeypatch):
+    """Issue 19: Gradio's file input made an empty temp file in its upload folder per file and call,
+    never deleted. After single and batch predictions the folder holds the uploads (one folder each)
+    and the outputs, and no loose file; REST leaves nothing in the temp folder either."""
+    import app as app_module
+    from model.catalogue import ModelCatalogue
+
+    upload_dir = tmp_path / "gradio"  # this app's own, so other processes' uploads cannot interfere
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(upload_dir))
+    zoo = ModelCatalogue(models_dir=shared_tiny_models(tmp_path_factory, fixtures_dir), hub_ids=[], ood_path="none")
+    demo, fastapi_app = app_module.build_app(zoo)
+    server, thread = serve_in_thread(fastapi_app, port=app_module.free_port())
+    url = f"http://127.0.0.1:{server.config.port}/"
+    try:
+        client = Client(url, verbose=False, download_files=False)
+        client.predict(handle_file(str(ham_image_paths[0])), None, api_name="/predict")
+        client.predict([handle_file(str(p)) for p in ham_image_paths[:4]], None, api_name="/predict_batch")
+        client.close()
+        names = {p.name for p in ham_image_paths[:4]}
+        uploads = [p for p in upload_dir.rglob("*") if p.is_file() and p.name in names]
+        assert len(uploads) == 4  # the uploads are there: the check below looked in the right place
+        assert [p.name for p in upload_dir.iterdir() if p.is_file()] == []
+        assert [p for p in upload_dir.rglob("*") if p.is_file() and p.stat().st_size == 0] == []
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 def test_model_picker_labels_are_plain_and_fit_a_phone():
     """The picker's labels for the shipped folders: what each model is in a word or two, at most 40
     characters (the dropdown's width at 390 px); the stock export says it is a copy."""
@@ -984,4 +1051,5 @@ def test_model_picker_labels_are_plain_and_fit_a_phone():
     assert labels["melanoma-vit"] == "melanoma-vit · ViT, checklist"
     assert labels["melanoma-vit-hf"] == "melanoma-vit-hf · ViT (stock copy)"
     assert labels["melanoma-vit-hybrid"] == "melanoma-vit-hybrid · CNN+ViT, checklist"
+    assert labels["resnet18"] == "resnet18 · CNN"  # transformers' own ResNet: the model itself, not a copy
     assert all(len(label) <= 40 for label in labels.values()), labels

@@ -276,33 +276,68 @@ def test_batch_is_ranked_by_melanoma_probability(browser, live_app, page, ham_im
     _shot(page, "batch_ranked_390px")
 
 
+# Elements in, or around, the gallery that scroll on their own: [tag, class, scrollHeight, clientHeight].
+NESTED_SCROLLERS_JS = """g => {
+  const scrolls = el => /(auto|scroll)/.test(getComputedStyle(el).overflowY) && el.scrollHeight > el.clientHeight + 1;
+  const around = [];
+  for (let el = g; el && el !== document.body && el !== document.documentElement; el = el.parentElement) around.push(el);
+  return [...around, ...g.querySelectorAll('*')].filter(scrolls)
+    .map(el => [el.tagName, String(el.className).slice(0, 60), el.scrollHeight, el.clientHeight]);
+}"""
+
+
 @pytest.mark.parametrize("width, height", [(1400, 1000), (390, 844)])
-def test_batch_of_20_folds_the_upload_list_and_shows_the_results(browser, live_app, ham_image_paths, fixtures_dir, tmp_path, width, height):
-    """After a batch of 20 the upload list is folded away: the results start within one screen of the
-    batch tab (not a page of file names further down), at desktop and phone width."""
+def test_batch_of_24_folds_the_upload_list_and_shows_the_whole_gallery(browser, live_app, ham_image_paths, fixtures_dir, tmp_path, width, height):
+    """After a batch of 24 the upload list is folded away: the results start within one screen of the
+    batch tab (not a page of file names further down), at desktop and phone width. The gallery grows
+    with its rows: no scroll box inside the page's scroll (Gradio's own cut 24 images to two and a
+    half rows), the last thumbnail and its whole caption are reached by scrolling the page."""
     url, _ = live_app
     sources = ham_image_paths + sorted((fixtures_dir / "isic2017" / "test").glob("*.jpg"))
     files = [shutil.copy(sources[i % len(sources)], tmp_path / f"patient_{i:02d}_{sources[i % len(sources)].name}")
-             for i in range(20)]
+             for i in range(24)]
     page = browser.new_page(viewport={"width": width, "height": height})
     page.set_default_timeout(TIMEOUT_MS)
     try:
         page.goto(url)
         page.get_by_role("tab", name="Batch").click()
         page.locator("input[type=file][multiple]").set_input_files([str(f) for f in files])
-        page.get_by_text("Images: 20 files (open to change)").wait_for()  # every upload done, the list folded
+        page.get_by_text("Images: 24 files (open to change)").wait_for()  # every upload done, the list folded
         page.get_by_role("button", name="Classify all").click()
-        expect(page.locator(".caption-label")).to_have_count(20, timeout=TIMEOUT_MS)
+        expect(page.locator(".caption-label")).to_have_count(24, timeout=TIMEOUT_MS)
         # The upload list's rows are folded away (the names are in the results table).
         listed = page.locator(f'td.filename[aria-label="{Path(files[10]).name}"]')
         expect(listed).to_have_count(1)
         expect(listed).to_be_hidden()
         page.get_by_role("tab", name="Batch").evaluate("tab => tab.scrollIntoView({block: 'start'})")
-        gallery = page.locator("#ranked-gallery").bounding_box()
-        assert 0 <= gallery["y"] < height - 100, gallery  # the gallery's top (first thumbnails) on this screen
+        gallery = page.locator("#ranked-gallery")
+        box = gallery.bounding_box()
+        assert 0 <= box["y"] < height - 100, box  # the gallery's top (first thumbnails) on this screen
         assert page.evaluate("document.documentElement.scrollWidth") <= width + 1
+        assert gallery.evaluate(NESTED_SCROLLERS_JS) == []
+        # The last thumbnail, scrolled to by the page alone, is whole on the screen and not covered.
+        items = gallery.locator(".thumbnail-item")
+        expect(items).to_have_count(24)
+        last = items.last
+        page.evaluate("el => window.scrollTo(0, el.getBoundingClientRect().bottom + window.scrollY - window.innerHeight + 8)",
+                      last.element_handle())
+        box = last.bounding_box()
+        assert 0 <= box["y"] and box["y"] + box["height"] <= height, box
+        centre = [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2]
+        assert last.evaluate("(el, [x, y]) => el.contains(document.elementFromPoint(x, y))", centre)
+        # ...and shows its image (thumbnails load lazily, once scrolled to).
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=last.locator("img").element_handle())
+        # Every caption whole (no ellipsis, no clipped line) and under its image, not over the lesion.
+        captions = gallery.locator(".caption-label")
+        assert captions.evaluate_all(
+            "els => els.filter(e => e.scrollWidth > e.clientWidth + 1 || e.scrollHeight > e.clientHeight + 1).length"
+        ) == 0
+        assert last.evaluate(
+            "el => el.querySelector('.caption-label').getBoundingClientRect().top >= el.querySelector('img').getBoundingClientRect().bottom - 1"
+        )
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOTS / f"batch_20_{width}px.png"))
+        gallery.screenshot(path=str(SCREENSHOTS / f"batch_24_gallery_{width}px.png"))
+        page.screenshot(path=str(SCREENSHOTS / f"batch_24_{width}px.png"), full_page=True)
     finally:
         page.close()
 

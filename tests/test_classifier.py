@@ -24,6 +24,8 @@ from model.calibration import fold_temperature
 from model.imageio import InvalidImageError, load_image
 from model.labels import CRITERIA_LABELS, DERM7PT_LABELS, DX_CODES, ISIC2017_LABELS, dx_id2label, dx_label2id
 
+from conftest import edit_config_json
+
 # --------------------------------------------------------------------------- tiny model folders
 
 
@@ -314,7 +316,7 @@ def test_extra_heads_come_from_the_same_forward_pass(zoo, ham_image_paths):
         torch.testing.assert_close(got.sum(-1), torch.ones(len(images)), atol=1e-5, rtol=0)
     with torch.no_grad():
         raw = entry.model(pixel_values=pixel_values).head_logits["isic2017"]
-    assert entry.folded_head_temperatures["isic2017"] == 0.5 and entry.config.head_temperatures is None
+    assert entry.folded_head_temperatures["isic2017"] == 0.5 and entry.config.unfolded_temperatures == {}
     got = torch.tensor([list(p.heads.probabilities["isic2017"].values()) for p in predictions])
     torch.testing.assert_close(got, torch.softmax(raw, dim=-1), atol=1e-5, rtol=1e-5)  # nothing divided twice
 
@@ -355,6 +357,60 @@ def test_models_without_extra_heads_keep_their_record(zoo, ham_image_paths):
         record = entry.result("lesion.jpg", prediction).to_json()
         assert list(record) == ["name", "probabilities", "metadata", "prediction", "ood", "warning", "caution"], model_id
         assert record["probabilities"] == prediction.probabilities
+
+
+def test_predict_proba_on_pixels_and_cached_stem_features_is_predict(zoo, ham_image_paths):
+    """The entry point for preprocessed tensors (training's teachers): every head's calibrated probabilities,
+    chunked, equal `predict`'s; on cached stem features (`model.stem`: the hybrid's CNN stem bypassed) too."""
+    from model.stem import stem_names
+
+    images = [Image.open(p).convert("RGB") for p in ham_image_paths[:5]]
+    entry = zoo.get(MULTISOURCE)
+    predictions = entry.predict(images, tta=2)
+    pixel_values = entry.pixel_values(images)
+    probs = entry.predict_proba(pixel_values, tta=2, batch_size=2)  # three chunks
+    expected_dx = torch.tensor([[p.probabilities[c] for c in DX_CODES] for p in predictions])
+    torch.testing.assert_close(probs.dx, expected_dx, atol=1e-6, rtol=0)
+    assert list(probs.heads) == list(entry.extra_heads)
+    for name, labels in entry.extra_heads.items():
+        expected = torch.tensor([[p.heads.probabilities[name][label] for label in labels] for p in predictions])
+        torch.testing.assert_close(probs.heads[name], expected, atol=1e-6, rtol=0)
+
+    assert stem_names(entry.model) == ("vit.embeddings.patch_embed.stem",)
+    with torch.no_grad():
+        features = entry.model.vit.embeddings.patch_embed.stem(pixel_values)  # what train/features.py caches
+    from_features = entry.predict_proba(features.half(), batch_size=4, features=True)
+    plain = entry.predict_proba(pixel_values)
+    torch.testing.assert_close(from_features.dx, plain.dx, atol=2e-3, rtol=0)  # fp16 cache
+    for name in entry.extra_heads:
+        torch.testing.assert_close(from_features.heads[name], plain.heads[name], atol=2e-3, rtol=0)
+    assert not isinstance(entry.model.vit.embeddings.patch_embed.stem, torch.nn.Identity)  # the stem is back
+    with pytest.raises(ValueError, match="tta must be 1"):
+        entry.predict_proba(features, tta=2, features=True)
+    # a model without a stem (pure ViT, ResNet without ImageNet weights): its cache holds pixels
+    vit = zoo.get("melanoma-vit-tiny")
+    assert stem_names(vit.model) == () and stem_names(zoo.get("resnet18-tiny").model) == ()
+    vit_pixels = vit.pixel_values(images)
+    assert torch.equal(vit.predict_proba(vit_pixels, features=True).dx, vit.predict_proba(vit_pixels).dx)
+
+
+def test_from_model_wraps_a_model_in_memory_like_its_folder(zoo, ham_image_paths):
+    """`Classifier.from_model`: a model already in memory (just trained, exported) scores as its folder does."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from model.classifier import Classifier
+
+    images = [Image.open(p).convert("RGB") for p in ham_image_paths[:3]]
+    for name in ("melanoma-vit-tiny", MULTISOURCE, "resnet18-tiny"):
+        entry = zoo.get(name)
+        model = AutoModelForImageClassification.from_pretrained(entry.path).train()
+        wrapped = Classifier.from_model(model, AutoImageProcessor.from_pretrained(entry.path), model_id=name)
+        assert not model.training and wrapped.id == name and wrapped.device == torch.device("cpu")
+        assert (wrapped.folded_temperature, wrapped.melanoma_threshold) == (entry.folded_temperature,
+                                                                            entry.melanoma_threshold)
+        for before, after in zip(entry.predict(images), wrapped.predict(images)):
+            assert after.probabilities == pytest.approx(before.probabilities, abs=1e-5)
+            assert after.label == before.label
 
 
 def test_image_result_is_typed_and_becomes_json_only_in_to_json():
@@ -582,12 +638,12 @@ def test_rollout_on_stock_deit_export_of_a_distilled_model(tmp_path, ham_image_p
     np.testing.assert_allclose(b.heatmap.astype(int), a.heatmap.astype(int), atol=2)
 
 
-def test_unfolded_folders_are_refused_and_folding_them_keeps_their_probabilities(zoo, tmp_path, ham_image_paths):
+def test_older_unfolded_folders_load_migrated_with_their_probabilities(zoo, tmp_path, ham_image_paths, caplog):
     """One stored calibration form: a folder that still stores temperatures to apply (older exports) is
-    refused with the fix; folded once (`fold_temperature(model)`), it gives what applying them gave."""
+    folded once at load, with a warning, and gives what applying them gave."""
+    import logging
     import shutil
 
-    from model.calibration import unfold_temperature
     from model.classifier import Classifier
     from webapp.formatting import model_details_markdown
 
@@ -595,18 +651,21 @@ def test_unfolded_folders_are_refused_and_folding_them_keeps_their_probabilities
     for name in ("melanoma-vit-tiny", MULTISOURCE):
         entry = zoo.get(name)
         assert "folded into the classifier head" in model_details_markdown(entry)
-        # The older form: raw heads, T (and head temperatures) stored to apply.
-        old = unfold_temperature(entry.model.__class__.from_pretrained(entry.path))
-        old.config.temperature = entry.folded_temperature
-        old.config.head_temperatures = entry.folded_head_temperatures or None
+        # The older form: raw heads (a fit of 1.0 replaces the fold), T and head temperatures stored to apply.
+        old = entry.model.__class__.from_pretrained(entry.path)
+        fold_temperature(old, 1.0, {head: 1.0 for head in entry.folded_head_temperatures} or None)
         folder = shutil.copytree(entry.path, tmp_path / name)
         old.save_pretrained(folder)
-        with pytest.raises(ValueError, match="temperature still to apply.*fold_temperature"):
-            Classifier(folder)
-        fold_temperature(old).save_pretrained(folder)
-        migrated = Classifier(folder, model_id=name)
+        edit_config_json(folder, temperature=entry.folded_temperature,
+                         head_temperatures=entry.folded_head_temperatures or None, folded_temperature=None,
+                         folded_head_temperatures=None)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            migrated = Classifier(folder, model_id=name)
+        assert "Migrated an older MelanomaViT calibration" in caplog.text
         assert migrated.folded_temperature == entry.folded_temperature
         assert migrated.folded_head_temperatures == entry.folded_head_temperatures
+        assert "folded into the classifier head" in model_details_markdown(migrated)
         for before, after in zip(entry.predict(images), migrated.predict(images)):
             assert after.probabilities == pytest.approx(before.probabilities, abs=1e-5)
             if before.heads is not None:

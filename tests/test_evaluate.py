@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from model.calibration import config_temperature
+from model.calibration import unfolded_temperatures
 from model.metrics_schema import METRIC_KEYS
 from train.metrics import (
     bootstrap_auc_ci,
@@ -340,7 +340,7 @@ def test_evaluate_isic2017_with_validation_and_write_config(tiny_vit_dir, ham_di
     assert metrics["threshold_val95"] == pytest.approx(val_p[(meta["dx"] == "mel").to_numpy()].min(), abs=1e-5)
     # recorded in the config: folded, nothing left to divide by
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
-    assert config.folded_temperature == pytest.approx(t) and config_temperature(config) is None
+    assert config.folded_temperature == pytest.approx(t) and unfolded_temperatures(config) == {}
     assert config.melanoma_threshold == pytest.approx(metrics["threshold_val95"])
 
     # evaluating the folded folder again without validation data: the same metrics (raw logits recovered)
@@ -421,25 +421,26 @@ def test_write_calibration_folds_into_a_timm_wrapper_head(tmp_path):
         raw = net(pixel_values=x).logits
     write_calibration(tmp_path, net, temperature=1.7, threshold=0.12)
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
-    assert config_temperature(loaded.config) is None and folded_temperature(loaded.config) == pytest.approx(1.7)
+    assert unfolded_temperatures(loaded.config) == {} and folded_temperature(loaded.config) == pytest.approx(1.7)
     assert loaded.config.melanoma_threshold == pytest.approx(0.12)
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=x).logits, raw / 1.7)
 
 
-def test_calibration_temperature_is_read_from_either_key():
-    """Baselines store T as calibration_temperature (transformers drops an undeclared `temperature`)."""
+def test_older_temperatures_to_apply_are_found_under_every_key():
+    """What `migrate` folds and the card renderer refuses: MelanomaViT's `temperature` / `head_temperatures`,
+    the baselines' `calibration_temperature` (transformers drops an undeclared `temperature`)."""
     from transformers import TimmWrapperConfig
 
-    from model.calibration import config_temperature
     from model.configuration_melanoma_vit import MelanomaViTConfig
 
-    assert config_temperature(MelanomaViTConfig()) is None
-    assert config_temperature(MelanomaViTConfig(temperature=1.7)) == 1.7
+    assert unfolded_temperatures(MelanomaViTConfig()) == {}
+    assert unfolded_temperatures(MelanomaViTConfig(temperature=1.7)) == {"temperature": 1.7}
     timm_cfg = TimmWrapperConfig(architecture="resnet18", calibration_temperature=2.5)
-    assert config_temperature(TimmWrapperConfig.from_dict(timm_cfg.to_dict())) == 2.5
-    assert config_temperature({"calibration_temperature": 1.3}) == 1.3
-    assert config_temperature({"temperature": 1.0}) is None
+    assert unfolded_temperatures(TimmWrapperConfig.from_dict(timm_cfg.to_dict())) == {"calibration_temperature": 2.5}
+    assert unfolded_temperatures({"calibration_temperature": 1.3}) == {"calibration_temperature": 1.3}
+    assert unfolded_temperatures({"temperature": 1.0, "head_temperatures": None, "folded_temperature": 0.8}) == {}
+    assert unfolded_temperatures({"head_temperatures": {"streaks": 2.0}}) == {"head_temperatures": {"streaks": 2.0}}
 
 
 def test_rollout_mask_share_equal_for_distilled_model_and_its_stock_deit_export(ham_dir, tmp_path):

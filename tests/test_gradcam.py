@@ -1,4 +1,4 @@
-"""Grad-CAM: a crafted CNN with a known answer, and the real TimmWrapper baselines."""
+"""Grad-CAM: a crafted CNN with a known answer, the real TimmWrapper baselines and their stock ResNet export."""
 
 import pytest
 import torch
@@ -108,3 +108,21 @@ def test_forward_features_path_equals_hook_on_last_stage(fixture_batch):
         grad_cam(model, fixture_batch, target=[4, 5]),
         grad_cam(model, fixture_batch, target=[4, 5], target_layer=model.timm_model.layer4),
     )
+
+
+def test_stock_resnet_export_gets_the_timm_map(fixture_batch):
+    """transformers' ResNet is explained on its last stage's output (hidden_states[-1]), the tensor timm's
+    forward_features gives, so the stock export of a timm ResNet has the same map; its last nn.Conv2d
+    (before BatchNorm and the residual sum) would not."""
+    from model.convert import convert_timm_resnet
+
+    wrapper = create_resnet("resnet18", pretrained=False)
+    stock = convert_timm_resnet(wrapper.timm_model)
+    before = _state(stock)
+    expected = grad_cam(wrapper, fixture_batch, target=[4, 5])
+    cams = grad_cam(stock, fixture_batch, target=[4, 5])
+    torch.testing.assert_close(cams, expected, atol=1e-5, rtol=1e-4)
+    assert (cams.amax(dim=(1, 2)) == 1).all()  # not a constant map
+    assert _state(stock) == before and all(p.grad is None for p in stock.parameters())
+    last_conv = [m for m in stock.modules() if isinstance(m, nn.Conv2d)][-1]
+    assert not torch.allclose(grad_cam(stock, fixture_batch, target=[4, 5], target_layer=last_conv), expected)

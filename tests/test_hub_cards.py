@@ -23,7 +23,7 @@ from hub_cards import dataset_card, render, space_card
 from hub_cards.render import MODEL_CARD_TEMPLATE, render_model_card
 from model.labels import DX_CODES, dx_id2label, dx_label2id
 
-from conftest import TINY_VIT as TINY  # noqa: E402
+from conftest import TINY_VIT as TINY, edit_config_json  # noqa: E402
 
 # SYNTHETIC TEST INPUT: not a measurement of any model.
 SYNTHETIC_METRICS = {
@@ -472,12 +472,12 @@ def test_folded_temperature_card_uses_plain_softmax_everywhere(tmp_path, ham_ima
 
     torch.manual_seed(0)
     model = MelanomaViTForImageClassification(MelanomaViTConfig(**TINY, id2label=dx_id2label(), label2id=dx_label2id(),
-                                                                temperature=0.25, melanoma_threshold=0.3))
+                                                                melanoma_threshold=0.3))
     with torch.no_grad():
         model.head.weight.mul_(10)  # spread the probabilities so that T shows in 3 decimals
     raw_dir, folded_dir = tmp_path / "raw", tmp_path / "folded"
     model.save_pretrained(raw_dir)
-    fold_temperature(model).save_pretrained(folded_dir)
+    fold_temperature(model, 0.25).save_pretrained(folded_dir)
     for folder in (raw_dir, folded_dir):
         ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     image = ham_image_paths[2]
@@ -495,17 +495,21 @@ def test_folded_temperature_card_uses_plain_softmax_everywhere(tmp_path, ham_ima
     for prediction in eval(outputs[1]):  # the pipeline's top 3: the snippet's calibrated numbers
         assert f"{prediction['score']:.3f}" == printed[prediction["label"]]
 
-    # an older, unfolded folder: refused, with the one-line migration (one stored calibration form)
-    with pytest.raises(ValueError, match=r"temperature still to apply \({'temperature': 0.25}\).*fold_temperature"):
+    # an older, unfolded folder: loads migrated (the same calibrated P(mel)), but its card is refused with the
+    # one-line command that stores the one form (the card's snippets say: a plain softmax)
+    edit_config_json(raw_dir, temperature=0.25)
+    assert _card_p_mel(raw_dir, image, 1.0) == calibrated
+    with pytest.raises(ValueError, match=r"temperature still to apply \({'temperature': 0.25}\).*python -m model.calibration"):
         render_model_card(raw_dir, model_name="raw")
 
 
 def test_unfolded_timm_card_is_refused_until_folded(tmp_path):
-    """TimmWrapper configs kept an unfolded temperature as `calibration_temperature`: refused, and fine once folded."""
+    """TimmWrapper configs kept an unfolded temperature as `calibration_temperature`: refused with the command
+    that folds it, and fine once folded."""
     import timm
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
-    from model.calibration import fold_temperature
+    from model.calibration import main
 
     pretrained_cfg = timm.get_pretrained_cfg("test_resnet").to_dict()
     pretrained_cfg.pop("num_classes", None)
@@ -516,7 +520,9 @@ def test_unfolded_timm_card_is_refused_until_folded(tmp_path):
     net.save_pretrained(tmp_path / "cnn")
     with pytest.raises(ValueError, match=r"\{'calibration_temperature': 0.05\}"):
         render_model_card(tmp_path / "cnn", model_name="cnn")
-    fold_temperature(net).save_pretrained(tmp_path / "cnn")
+    with pytest.raises(ValueError, match=f"python -m model.calibration {tmp_path / 'cnn'}"):
+        render_model_card(tmp_path / "cnn", model_name="cnn")
+    assert main([str(tmp_path / "cnn")]) == 0  # the command the error names
     text = render_model_card(tmp_path / "cnn", model_name="cnn").text
     assert "`folded_temperature` = 0.050" in text and "calibration_temperature" not in text
 

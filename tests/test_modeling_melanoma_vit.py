@@ -19,7 +19,7 @@ from model import MelanomaViTConfig, MelanomaViTForImageClassification, Melanoma
 from model.configuration_melanoma_vit import DEFAULT_DX_CODES
 from model.labels import DX_CODES
 
-from conftest import TINY_VIT as TINY, tiny_vit, tiny_vit_config
+from conftest import TINY_VIT as TINY, edit_config_json, tiny_vit, tiny_vit_config
 
 NUM_PATCHES = (32 // 8) ** 2
 
@@ -43,13 +43,14 @@ def test_config_defaults_follow_label_scheme_and_vit_names():
     assert config.label2id["mel"] == 4
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
     assert config.num_prefix_tokens == 1 and tiny_config(use_distillation_token=True).num_prefix_tokens == 2
-    assert config.temperature == 1.0 and config.melanoma_threshold is None
+    assert config.folded_temperature is None and config.melanoma_threshold is None
+    assert not hasattr(config, "temperature") and not hasattr(config, "head_temperatures")  # one calibration form
 
 
 def test_config_roundtrip_keeps_calibration_fields(tmp_path):
-    tiny_config(temperature=1.7, melanoma_threshold=0.25, image_size=(32, 48)).save_pretrained(tmp_path)
+    tiny_config(folded_temperature=1.7, melanoma_threshold=0.25, image_size=(32, 48)).save_pretrained(tmp_path)
     loaded = MelanomaViTConfig.from_pretrained(tmp_path)
-    assert loaded.temperature == 1.7 and loaded.melanoma_threshold == 0.25
+    assert loaded.folded_temperature == 1.7 and loaded.melanoma_threshold == 0.25
     assert loaded.grid_size == (4, 6) and loaded.id2label[4] == "mel"
 
 
@@ -62,7 +63,7 @@ def test_config_roundtrip_keeps_calibration_fields(tmp_path):
         (dict(intermediate_size=-4), "intermediate_size must be a positive int"),
         (dict(drop_path_rate=-0.1), "drop_path_rate must be a probability"),
         (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob must be a probability"),
-        (dict(temperature=0.0), "temperature must be a float > 0"),
+        (dict(temperature=0.0), "temperature .* must be a float > 0"),  # an older config's, to migrate
         (dict(folded_temperature=-1.0), "folded_temperature must be None or a float > 0"),
         (dict(melanoma_threshold=1.5), "melanoma_threshold must be None or a probability"),
         (dict(hidden_act="gelu_typo"), "hidden_act must be one of"),
@@ -115,12 +116,12 @@ def test_loss_is_cross_entropy_and_accepts_soft_labels(pixels):
 
 
 def test_save_load_gives_equal_logits(tmp_path, pixels):
-    model_ = tiny_model(use_distillation_token=True, temperature=2.0)
+    model_ = tiny_model(use_distillation_token=True, folded_temperature=2.0)
     model_.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     loaded = MelanomaViTForImageClassification.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(loaded(pixels).logits, model_(pixels).logits, rtol=0, atol=0)
-    assert loaded.config.temperature == 2.0
+    assert loaded.config.folded_temperature == 2.0  # for the record: nothing is divided at load or inference
 
 
 def test_position_embedding_interpolation():
@@ -367,11 +368,12 @@ def test_attn_implementation_eager_and_sdpa(tmp_path, pixels, monkeypatch):
     assert len(out.attentions) == TINY["num_hidden_layers"] and out.attentions[0].shape == (3, 4, 17, 17)
 
 
-def test_calibrated_probs_use_temperature(pixels):
-    model_ = tiny_model(temperature=2.5)
+def test_predict_proba_is_the_plain_softmax(pixels):
+    """The calibration is in the head weights (folded): no config value divides the logits."""
+    model_ = tiny_model(folded_temperature=2.5)
     logits = model_(pixels).logits
-    torch.testing.assert_close(model_.predict_proba(pixels), torch.softmax(logits / 2.5, dim=-1))
-    torch.testing.assert_close(model_.calibrated_probs(logits).sum(-1), torch.ones(3))
+    torch.testing.assert_close(model_.predict_proba(pixels), torch.softmax(logits, dim=-1))
+    torch.testing.assert_close(model_.predict_proba(pixels).sum(-1), torch.ones(3))
 
 
 def test_auto_classes_registered(tmp_path, pixels):
@@ -437,9 +439,12 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_fresh_process_trust_remote_code_and_pipeline(tmp_path, ham_image_paths):
+    """The Hub's view: remote code only. The folder is in the older calibration form (a temperature still to
+    apply in config.json): the remote code's `from_pretrained` folds it, so logits and pipeline are calibrated."""
     folder = tmp_path / "melanoma-vit-tiny"
     model_ = tiny_model(use_distillation_token=True)
     model_.save_pretrained(folder)
+    edit_config_json(folder, temperature=2.0)
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
     processor.save_pretrained(folder)
     image_path = ham_image_paths[0]
@@ -448,7 +453,7 @@ def test_fresh_process_trust_remote_code_and_pipeline(tmp_path, ham_image_paths)
     pixels = processor(Image.open(image_path), return_tensors="pt")["pixel_values"]
     torch.save(pixels, tmp_path / "pixels.pt")
     with torch.no_grad():
-        expected = model_(pixels).logits
+        expected = model_(pixels).logits / 2.0
 
     work = tmp_path / "cwd"
     work.mkdir()
@@ -488,7 +493,7 @@ def heads_model(**overrides) -> MelanomaViTForImageClassification:
 
 
 def test_extra_heads_config_roundtrip_and_output(tmp_path, pixels):
-    model_ = heads_model(head_temperatures={"streaks": 2.0})
+    model_ = heads_model(folded_head_temperatures={"streaks": 2.0})
     out = model_(pixels)
     assert out.logits.shape == (3, 7)  # the main (dx) head, unchanged for pipeline / Auto classes / exports
     assert list(out.head_logits) == list(HEADS)
@@ -500,7 +505,8 @@ def test_extra_heads_config_roundtrip_and_output(tmp_path, pixels):
 
     model_.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["extra_heads"] == HEADS and saved["head_temperatures"] == {"streaks": 2.0}
+    assert saved["extra_heads"] == HEADS and saved["folded_head_temperatures"] == {"streaks": 2.0}
+    assert "head_temperatures" not in saved
     loaded = MelanomaViTForImageClassification.from_pretrained(tmp_path).eval()
     assert loaded.config.extra_heads == HEADS and list(loaded.extra_heads) == list(HEADS)
     again = loaded(pixels)
@@ -541,14 +547,14 @@ def test_all_labels_masked_gives_a_zero_loss_that_backpropagates(pixels):
     torch.testing.assert_close(loss, F.cross_entropy(plain(pixels).logits[[0, 2]], torch.tensor([3, 6])))
 
 
-def test_predict_heads_are_calibrated_probabilities(pixels):
-    model_ = heads_model(temperature=1.5, head_temperatures={"isic2017": 3.0})
+def test_predict_heads_are_each_heads_softmax(pixels):
+    model_ = heads_model(folded_temperature=1.5, folded_head_temperatures={"isic2017": 3.0})
     probs = model_.predict_heads(pixels)
     assert list(probs) == ["dx", *HEADS]
     out = model_(pixels)
-    torch.testing.assert_close(probs["dx"], torch.softmax(out.logits / 1.5, -1))
-    torch.testing.assert_close(probs["isic2017"], torch.softmax(out.head_logits["isic2017"] / 3.0, -1))
-    torch.testing.assert_close(probs["streaks"], torch.softmax(out.head_logits["streaks"], -1))
+    torch.testing.assert_close(probs["dx"], torch.softmax(out.logits, -1))
+    for name in HEADS:  # folded or not, a head's calibrated probabilities are its softmax
+        torch.testing.assert_close(probs[name], torch.softmax(out.head_logits[name], -1))
     for name, p in probs.items():
         torch.testing.assert_close(p.sum(-1), torch.ones(3), msg=name)
         assert not p.requires_grad

@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification
 
 from model.baselines import create_efficientnet_lite, create_image_processor
-from model.calibration import config_temperature
+from model.calibration import unfolded_temperatures
 from model.labels import CRITERIA_LABELS, DERM7PT_LABELS, DX_CODES
 from model.sevenpoint import SEVEN_POINT, seven_point_score, seven_point_score_from_labels
 from model.modeling_melanoma_vit import IGNORE_INDEX
+from model.stem import stem_bypassed
 from train.data import load_image_dataset
-from train.features import build_cache, efficientnet_stem, load_cache, stem_bypassed
+from train.features import build_cache, efficientnet_stem, load_cache
 from train.multisource import MultiHeadNet, sampler_weights
 from train.sources import SourceSpec, derm7pt_diagnosis, head_labels, load_sources
 from train.train import complete_checkpoints, main
@@ -222,7 +223,7 @@ def test_multisource_run_resume_and_export(tmp_path: Path, specs: list[SourceSpe
     assert isinstance(net, TimmWrapperForImageClassification)
     assert [net.config.id2label[i] for i in range(7)] == list(DX_CODES)
     assert net.config.folded_temperature == pytest.approx(result["calibration"]["temperatures"]["dx"])
-    assert config_temperature(net.config) is None and net.config.melanoma_threshold is not None
+    assert unfolded_temperatures(net.config) == {} and net.config.melanoma_threshold is not None
     assert not any("aux_heads" in k for k in load_file(out / "model.safetensors"))
     # frozen stem: the exported stem equals the initial (random, seeded) one, the top was trained
     from train.features import efficientnet_stem_names
@@ -278,7 +279,7 @@ def test_multisource_hybrid_vit_ships_every_head(tmp_path: Path, specs: list[Sou
     assert cfg["model_type"] == "melanoma_vit" and cfg["patch_embedding_type"] == "hybrid"
     assert set(cfg["extra_heads"]) == {"isic2017", "derm7pt", *CRITERIA}
     assert set(cfg["folded_head_temperatures"]) == set(cfg["extra_heads"]) and cfg["melanoma_threshold"] is not None
-    assert cfg["folded_temperature"] > 0 and config_temperature(cfg) is None and cfg.get("head_temperatures") is None
+    assert cfg["folded_temperature"] > 0 and unfolded_temperatures(cfg) == {} and "head_temperatures" not in cfg
     # the stem kept its ImageNet weights (frozen, never trained) and ships in the safetensors
     stem_keys = [k for k in load_file(out / "model.safetensors") if k.startswith("vit.embeddings.patch_embed.stem.")]
     assert stem_keys

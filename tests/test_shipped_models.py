@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from hub_cards.render import PLACEHOLDER_REPO_ID, render_model_card
-from model.calibration import config_temperature, folded_temperature
+from model.calibration import folded_temperature, unfolded_temperatures
 from model.labels import DX_CODES
 from model.classifier import Classifier
 
@@ -51,7 +51,8 @@ def test_calibrated_folders_have_their_temperature_folded_into_the_head():
         config = json.loads((folder / "config.json").read_text())
         if config.get("melanoma_threshold") is not None:  # calibrated on validation data
             assert folded_temperature(config) is not None, f"{folder.name}: temperature not folded"
-            assert config_temperature(config) is None, f"{folder.name}: a temperature is still to apply"
+        assert unfolded_temperatures(config) == {}, f"{folder.name}: a temperature is still to apply"
+        assert not {"temperature", "head_temperatures", "calibration_temperature"} & set(config), folder.name
 
 
 # The card's first snippet as a user runs it, then `pipeline` with the default image processor and
@@ -144,6 +145,38 @@ def test_shipped_remote_code_is_the_current_model_code(folder):
         assert (folder / name).read_text() == (ROOT / "model" / name).read_text(), (
             f"{folder.name}/{name} differs from model/{name}: re-save the folder with save_pretrained"
         )
+
+
+# timm made unimportable (as if not installed): the stock folder must not need it.
+WITHOUT_TIMM = r"""
+import json, sys
+sys.modules["timm"] = None
+from PIL import Image
+from transformers import AutoModelForImageClassification, pipeline
+folder, image = sys.argv[1:3]
+model = AutoModelForImageClassification.from_pretrained(folder)
+top = pipeline("image-classification", model=folder)(Image.open(image), top_k=1)[0]
+print(json.dumps({"class": type(model).__name__, "top": top,
+                  "leaked": sorted(m for m in sys.modules if m == "model" or m.startswith(("model.", "train")))}))
+"""
+
+
+@pytest.mark.slow
+def test_resnet18_is_a_stock_transformers_resnet_served_without_timm(tmp_path, ham_image_paths):
+    """The ResNet baseline ships as transformers' own ResNetForImageClassification (export_command.txt):
+    `AutoModelForImageClassification` and `pipeline` serve it with timm unimportable, and pipeline's
+    top class is the app's."""
+    folder, image = MODELS / "resnet18", ham_image_paths[0]
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", WITHOUT_TIMM, str(folder), str(image)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["class"] == "ResNetForImageClassification" and result["leaked"] == []
+    app = Classifier(folder).predict([Image.open(image).convert("RGB")])[0]
+    assert result["top"]["label"] == app.label
+    # transformers' default (torchvision) resize vs the app's PIL one
+    assert result["top"]["score"] == pytest.approx(app.probabilities[app.label], abs=1e-3)
 
 
 def test_readme_results_table_is_rendered_from_the_kept_metrics():

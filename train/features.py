@@ -17,14 +17,13 @@ atomically, so an interrupted build resumes at the first missing view.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
@@ -33,20 +32,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from model.baselines import EFFICIENTNET_LITE_ARCHS, efficientnet_lite_stem_modules
 from model.geometry import processor_geometry
+from model.stem import efficientnet_stem_names
 
 from .transforms import AugmentConfig, build_transforms, with_image_transform
 
 logger = logging.getLogger(__name__)
-
-def efficientnet_stem_names(model: nn.Module) -> list[str]:
-    """Submodule names (relative to the timm model) of a TimmWrapper EfficientNet-Lite's stride-16 stem."""
-    arch = model.config.architecture
-    variant = next((v for v, a in EFFICIENTNET_LITE_ARCHS.items() if a == arch), None)
-    if variant is None:
-        raise ValueError(f"cached stem features need an EfficientNet-Lite ({sorted(EFFICIENTNET_LITE_ARCHS.values())}), got {arch}")
-    return efficientnet_lite_stem_modules(variant)
 
 
 def efficientnet_stem(model: nn.Module) -> nn.Sequential:
@@ -55,32 +46,6 @@ def efficientnet_stem(model: nn.Module) -> nn.Sequential:
     Input (B, 3, H, W) normalised pixels; output (B, C, H/16, W/16) (C = 112 for Lite0).
     """
     return nn.Sequential(*(model.timm_model.get_submodule(name) for name in efficientnet_stem_names(model)))
-
-
-@contextlib.contextmanager
-def stem_bypassed(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
-    """Temporarily replace the submodules `names` of `model` by nn.Identity.
-
-    With the stem bypassed, the model takes cached stem features where it took pixels. The
-    original modules are put back on exit, also when the body raises.
-    """
-    saved = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        saved[name] = (parent, child, getattr(parent, child) if not child.isdigit() else parent[int(child)])
-        if child.isdigit():
-            parent[int(child)] = nn.Identity()
-        else:
-            setattr(parent, child, nn.Identity())
-    try:
-        yield model
-    finally:
-        for parent, child, module in saved.values():
-            if child.isdigit():
-                parent[int(child)] = module
-            else:
-                setattr(parent, child, module)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -100,8 +65,15 @@ def build_cache(
     batch_size: int = 64,
     seed: int = 0,
     num_workers: int = 1,
+    masks: Sequence[str | None] | None = None,
+    mask_cell: int = 16,
 ) -> Path:
     """Write `views` files `view_<v>.safetensors` with the stem's fp16 output for every row of `ds`.
+
+    With `masks` (a lesion segmentation file per row, or None), each view also gets
+    `mask_<v>.safetensors`: the mask through the same geometry as the view's pixels, as the lesion's
+    share of every `mask_cell` x `mask_cell` pixel cell (fp16 (N, H/cell, W/cell); NO_MASK for rows
+    without a mask), the patch grid of a ViT with that patch size.
 
     Args:
         ds: dataset with an `image` column (rows in the order the cache keeps).
@@ -111,8 +83,10 @@ def build_cache(
         augment: `AugmentConfig` (or dict) of the augmented views.
 
     Returns:
-        `out_dir`. A view whose file exists (same row count) is skipped, so reruns resume.
+        `out_dir`. A view whose files exist is skipped, so reruns resume.
     """
+    if masks is not None and len(masks) != len(ds):
+        raise ValueError(f"{len(masks)} mask paths for {len(ds)} rows")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     geometry = processor_geometry(image_processor)
@@ -129,9 +103,12 @@ def build_cache(
             raise ValueError(f"feature cache {out} was built with other {changed}; delete it or use another dir")
     stem = stem.eval().to(memory_format=torch.channels_last)
     images = ds.select_columns(["image"])
+    if masks is not None:
+        images = images.add_column("mask", list(masks))
     for view in range(views):
         path = out / f"view_{view}.safetensors"
-        if path.exists():
+        mask_path = out / f"mask_{view}.safetensors"
+        if path.exists() and (masks is None or mask_path.exists()):
             continue
         transform = build_transforms(image_processor, train=view > 0, cfg=augment)
         loader = torch.utils.data.DataLoader(
@@ -143,18 +120,31 @@ def build_cache(
         )
         if num_workers == 0:
             torch.manual_seed(seed * 1000 + view)
-        chunks = []
+        chunks, mask_chunks = [], []
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"stem features {out.name} view {view}/{views - 1}", unit="batch")
         for batch in bar:
             x = batch["pixel_values"].to(memory_format=torch.channels_last)
             chunks.append(stem(x).to(torch.float16).contiguous())
+            if masks is not None:  # (B, H, W) -> lesion share per cell (B, H/cell, W/cell)
+                mask_chunks.append(torch.nn.functional.avg_pool2d(batch["masks"][:, None], mask_cell)[:, 0].to(torch.float16))
             bar.set_postfix(img_s=f"{sum(len(c) for c in chunks) / (time.perf_counter() - start):.1f}")
         features = torch.cat(chunks)
+        if masks is not None:
+            _atomic_save({"masks": torch.cat(mask_chunks).contiguous()}, mask_path, {"view": str(view), "cell": str(mask_cell)})
         _atomic_save({"features": features}, path, {"view": str(view), "n_failed": str(transform.n_failed)})
         logger.info("cached view %d of %s: %s in %.0f s", view, out, tuple(features.shape), time.perf_counter() - start)
     meta.write_text(json.dumps({**recipe, "views": max(views, json.loads(meta.read_text()).get("views", 0) if meta.is_file() else 0)}))
     return out
+
+
+def load_mask_cache(out_dir: str | Path, views: int) -> torch.Tensor:
+    """(views, N, h, w) fp16 lesion shares per cell of the first `views` views (see `build_cache`)."""
+    files = [Path(out_dir) / f"mask_{v}.safetensors" for v in range(views)]
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out_dir} has no lesion masks {missing}; build the cache with masks")
+    return torch.stack([load_file(str(p))["masks"] for p in files])
 
 
 def load_cache(out_dir: str | Path) -> torch.Tensor:

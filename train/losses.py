@@ -176,3 +176,24 @@ def multihead_loss(
     if logits:
         loss = loss + masked_head_loss(logits, {h: batch[h] for h in logits}, head_weights, label_smoothing)[0]
     return loss
+
+
+def rollout_mask_share(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(share (B,), has_mask (B,) bool): each map's mass inside its lesion mask, sum(map * mask) / sum(map).
+
+    maps: (B, h, w) non-negative (attention rollout, min-max normalised as `model.rollout` returns it);
+    masks: (B, h, w) the lesion's share of each cell, negative (NO_MASK) for rows without a mask. The
+    cells are the maps' own, so this is `train.metrics.mask_share` (the bench's measure) with the mask
+    averaged over each cell instead of the map upsampled. A row whose map is all zero scores 0."""
+    has_mask = masks[:, 0, 0] >= 0
+    share = (maps * masks.clamp_min(0)).sum(dim=(1, 2)) / maps.sum(dim=(1, 2)).clamp_min(1e-6)
+    return share, has_mask
+
+
+def attention_mask_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The attention target: 1 - mean rollout share inside the lesion over the rows that have a
+    mask (`rollout_mask_share`); 0 (graph kept) when no row of the batch has one."""
+    share, has_mask = rollout_mask_share(maps, masks)
+    if not has_mask.any():
+        return maps.sum() * 0.0
+    return 1.0 - share[has_mask].mean()

@@ -24,7 +24,8 @@ HAM10000 does not drown the smaller archives. Two batch sources:
   the whole network trained, the backbone unfrozen on the recipe's schedule.
 
 `distillation.teachers` distil from trained models that read their own caches once
-(`teacher_logits`): the DeiT recipe at cached-view cost.
+(`teacher_logits`, through the one inference path, `model.classifier.Classifier`): the DeiT recipe at
+cached-view cost.
 """
 
 from __future__ import annotations
@@ -42,22 +43,23 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import TimmWrapperForImageClassification
 
-from model.baselines import EFFICIENTNET_LITE_ARCHS
-from model.geometry import processor_geometry
+from model.classifier import Classifier
 from model.labels import DX_CODES, MELANOMA
-from model.loading import load_classifier
+from model.loading import num_prefix_tokens
+from model.rollout import attention_rollout
 from model.modeling_melanoma_vit import IGNORE_INDEX
+from model.stem import stem_names
 from model.tta import dihedral
 
-from .features import efficientnet_stem_names, load_cache, stem_bypassed
+from .features import load_cache
 from .losses import DISTILLATION
 from .metrics import melanoma_auc
 from .sources import MAIN_HEAD, SourceSpec
 
 logger = logging.getLogger("train.multisource")
 
-HYBRID_STEM = ("vit.embeddings.patch_embed.stem",)
 TEACHER_LOGITS = "teacher_logits.safetensors"
+ROLLOUT = "rollout"  # MultiHeadNet's output key of the attention-rollout map (not a head)
 
 
 class MultiHeadNet(nn.Module):
@@ -71,35 +73,39 @@ class MultiHeadNet(nn.Module):
         super().__init__()
         self.model = model
         self.is_timm = isinstance(model, TimmWrapperForImageClassification)
+        self.rollout = False  # set by a recipe with an attention target (ViTs only)
         width = model.timm_model.num_features if self.is_timm else 0
         self.aux_heads = nn.ModuleDict(
             {name: nn.Linear(width, len(labels)) for name, labels in extra_heads.items()} if self.is_timm else {}
         )
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{head: logits}; with `self.rollout` on (a ViT trained with an attention target) also
+        {ROLLOUT: (B, grid_h, grid_w)}, the plain attention rollout that `bench/bench_rollout.py`
+        measures, with its graph."""
         if self.is_timm:
             timm_model = self.model.timm_model
             # channels_last: CPU convolutions ~20% faster (ResNet-18 at 128 px, batch 64: 20.5 -> 24.3 img/s)
             x = pixel_values.contiguous(memory_format=torch.channels_last)
             pooled = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)  # (B, F)
             return {MAIN_HEAD: timm_model.get_classifier()(pooled), **{n: h(pooled) for n, h in self.aux_heads.items()}}
-        outputs = self.model(pixel_values=pixel_values)
+        outputs = self.model(pixel_values=pixel_values, output_attentions=self.rollout)
         logits = {MAIN_HEAD: outputs.logits, **(getattr(outputs, "head_logits", None) or {})}
         distillation = getattr(outputs, "distillation_logits", None)
         if self.training and distillation is not None:
             logits[DISTILLATION] = distillation
+        if self.rollout:
+            prefix = num_prefix_tokens(self.model.config)
+            grid = int(round((outputs.attentions[0].shape[-1] - prefix) ** 0.5))
+            logits[ROLLOUT] = attention_rollout(outputs.attentions, num_prefix_tokens=prefix,
+                                                token_rows=("cls", "dist") if prefix == 2 else ("cls",),
+                                                grid_size=(grid, grid), detach=False)
         return logits
 
     def stem_names(self) -> tuple[str, ...]:
-        """Names (relative to this module) of the frozen stem that cached features replace
-        (none for a pure ViT or a CNN without ImageNet weights, e.g. ResNet: their caches hold pixels)."""
-        if self.is_timm:
-            if self.model.config.architecture not in EFFICIENTNET_LITE_ARCHS.values():
-                return ()
-            return tuple(f"model.timm_model.{n}" for n in efficientnet_stem_names(self.model))
-        if getattr(self.model.config, "patch_embedding_type", "linear") != "hybrid":
-            return ()
-        return tuple(f"model.{n}" for n in HYBRID_STEM)
+        """Names (relative to this module) of the frozen stem that cached features replace (`model.stem`;
+        none for a pure ViT or a CNN without ImageNet weights, e.g. ResNet: their caches hold pixels)."""
+        return tuple(f"model.{n}" for n in stem_names(self.model))
 
 
 @torch.no_grad()
@@ -107,8 +113,9 @@ def teacher_logits(teachers: Sequence[Mapping[str, str]], train_ds: Any, output_
     """Distillation targets for every training row: log of the dx probabilities averaged over the
     teachers and every cached view of each teacher's own cache (N, len(DX_CODES)).
 
-    Each teacher (a trained folder, e.g. models/efficientnet-lite2) reads the stem features its
-    recipe cached (`cache`/train), so no image is decoded again. Written once to
+    Each teacher (a trained folder, e.g. models/efficientnet-lite2, loaded and scored by the one inference
+    path, `Classifier.predict_proba` with `features=True`: its calibrated dx probabilities) reads the stem
+    features its recipe cached (`cache`/train), so no image is decoded again. Written once to
     `output_dir/teacher_logits.safetensors` with the teacher list (a resumed run with the same
     teachers reads it back; other teachers recompute it). The teachers' melanoma
     AUC on the training rows is logged per source: a cache whose rows are not this recipe's shows
@@ -128,29 +135,27 @@ def teacher_logits(teachers: Sequence[Mapping[str, str]], train_ds: Any, output_
     total = torch.zeros(n, len(DX_CODES))
     count = 0
     for teacher in teachers:
-        model, processor = load_classifier(teacher["model"])
-        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        classifier = Classifier(teacher["model"])
+        labels = [classifier.id2label[i] for i in range(classifier.out_dim)]
         if labels != list(DX_CODES):
             raise ValueError(f"teacher {teacher['model']} predicts {labels}, not the dx classes {list(DX_CODES)}")
         cache = Path(teacher["cache"]) / "train"
         recipe = json.loads((cache / "cache.json").read_text()) if (cache / "cache.json").is_file() else {}
-        geometry = processor_geometry(processor)
+        geometry = classifier.geometry
         expected = {"rows": n, "size": list(geometry.size), "mean": list(geometry.mean), "std": list(geometry.std)}
         wrong = sorted(k for k, v in expected.items() if not np.allclose(recipe.get(k, -1), v))
         if wrong:
             raise ValueError(f"teacher cache {cache} does not fit {teacher['model']} on this recipe's rows: {wrong} differ")
-        net = MultiHeadNet(model, {})
         features = load_cache(cache)
-        with stem_bypassed(net, net.stem_names()):
-            for view in range(len(features)):
-                p = torch.softmax(_predict(net, features[view], batch_size)[MAIN_HEAD], -1)
-                total += p
-                count += 1
-                aucs = {s: melanoma_auc((dx[sources == s] == DX_CODES.index(MELANOMA)).astype(int),
-                                        p[torch.as_tensor(sources == s), DX_CODES.index(MELANOMA)].numpy())
-                        for s in dict.fromkeys(sources)}
-                logger.info("teacher %s view %d: train melanoma AUC %s", teacher["model"], view,
-                            {s: round(a, 3) if a is not None else None for s, a in aucs.items()})
+        for view in range(len(features)):
+            p = classifier.predict_proba(features[view], batch_size=batch_size, features=True).dx  # (N, C)
+            total += p
+            count += 1
+            aucs = {s: melanoma_auc((dx[sources == s] == DX_CODES.index(MELANOMA)).astype(int),
+                                    p[torch.as_tensor(sources == s), DX_CODES.index(MELANOMA)].numpy())
+                    for s in dict.fromkeys(sources)}
+            logger.info("teacher %s view %d: train melanoma AUC %s", teacher["model"], view,
+                        {s: round(a, 3) if a is not None else None for s, a in aucs.items()})
         del features
     logits = (total / count).clamp_min(1e-8).log()
     save_file({"logits": logits.contiguous()}, str(path), metadata={"teachers": teacher_list})
@@ -202,13 +207,6 @@ def head_metrics(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.
     return out
 
 
-@torch.no_grad()
-def _predict(net: MultiHeadNet, features: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    net.eval()
-    chunks = [net(features[i : i + batch_size].float()) for i in range(0, len(features), batch_size)]
-    return {name: torch.cat([c[name] for c in chunks]).float() for name in chunks[0]}
-
-
 class RowTargets(torch.utils.data.Dataset):
     """Per-row training targets added to the items of a dataset: {name: tensor (N, ...)} indexed by row.
 
@@ -238,16 +236,22 @@ class CachedFeatures(torch.utils.data.Dataset):
     Training (`augment=True`): each item reads a random cached view, turned by a random dihedral
     symmetry when `dihedral`; the draws come from the torch RNG, which `SeededAugmentation` seeds
     per batch, so they do not depend on the number of processes or where a run resumed.
-    Evaluation: view 0 as is. Items: {"pixel_values": (C, h, w) float32, "labels": dx index}.
+    Evaluation: view 0 as is. Items: {"pixel_values": (C, h, w) float32, "labels": dx index}, plus
+    "lesion_mask" (h', w') when `masks` (V, N, h', w') holds the views' lesion shares per patch cell
+    (`build_cache(masks=...)`): the same view, turned the same way.
     """
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, augment: bool = False, dihedral: bool = False) -> None:
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, augment: bool = False, dihedral: bool = False,
+                 masks: torch.Tensor | None = None) -> None:
         if features.shape[1] != len(labels):
             raise ValueError(f"the feature cache holds {features.shape[1]} rows for {len(labels)} images")
+        if masks is not None and masks.shape[:2] != features.shape[:2]:
+            raise ValueError(f"masks {tuple(masks.shape[:2])} do not match the cache's (views, rows) {tuple(features.shape[:2])}")
         self.features = features
         self.labels = labels
         self.augment = augment
         self.dihedral = dihedral
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -256,9 +260,16 @@ class CachedFeatures(torch.utils.data.Dataset):
         rows = torch.as_tensor(indices)
         view = torch.randint(0, len(self.features), (len(rows),)) if self.augment else torch.zeros(len(rows), dtype=torch.long)
         x = self.features[view, rows].float()  # (B, C, h, w)
+        m = None if self.masks is None else self.masks[view, rows].float()[:, None]  # (B, 1, h', w')
         if self.augment and self.dihedral:
-            x = dihedral(x, torch.randint(0, 8, (len(rows),)))
-        return [{"pixel_values": x[i], "labels": self.labels[r]} for i, r in enumerate(rows.tolist())]
+            ops = torch.randint(0, 8, (len(rows),))
+            x = dihedral(x, ops)
+            m = None if m is None else dihedral(m, ops)
+        items = [{"pixel_values": x[i], "labels": self.labels[r]} for i, r in enumerate(rows.tolist())]
+        if m is not None:
+            for item, mask in zip(items, m[:, 0]):
+                item["lesion_mask"] = mask
+        return items
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]

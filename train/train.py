@@ -114,16 +114,26 @@ from model.baselines import (  # noqa: E402
 )
 from model.convert import load_hybrid_stem_from_timm  # noqa: E402
 from model.geometry import processor_geometry  # noqa: E402
-from model.calibration import classifier_heads, fold_temperature  # noqa: E402
+from model.calibration import classifier_heads, fold_temperature, unset_config_key  # noqa: E402
+from model.classifier import Classifier  # noqa: E402
 from model.metrics_schema import TARGET_SENSITIVITY, THRESHOLD_RULE  # noqa: E402
 from model.labels import DX_CODES, MELANOMA  # noqa: E402
 from model.modeling_melanoma_vit import IGNORE_INDEX  # noqa: E402
+from model.stem import stem_bypassed  # noqa: E402
 from train.balance import balanced_sampler_weights, class_weights  # noqa: E402
 from train.data import load_image_dataset  # noqa: E402
-from train.features import build_cache, load_cache, stem_bypassed  # noqa: E402
-from train.losses import DISTILLATION, DISTILLATION_KINDS, make_criterion, multihead_loss  # noqa: E402
+from train.features import build_cache, load_cache, load_mask_cache  # noqa: E402
+from train.losses import (  # noqa: E402
+    DISTILLATION,
+    DISTILLATION_KINDS,
+    attention_mask_loss,
+    make_criterion,
+    multihead_loss,
+    rollout_mask_share,
+)
 from train.metrics import fit_temperature, threshold_for_sensitivity  # noqa: E402
 from train.multisource import (  # noqa: E402
+    ROLLOUT,
     CachedFeatures,
     MultiHeadNet,
     RowTargets,
@@ -198,6 +208,10 @@ class TrainConfig:
     # {"dir": shared cache folder, "views": augmented views (+ 1 eval view), "dihedral": random flips/turns}
     feature_cache: dict[str, Any] | None = None
     head_loss_weights: dict[str, float] = field(default_factory=dict)  # extra head -> loss weight (default 1)
+    # a ViT's attention target (cached-feature multi-source recipes): {"weight": w, "masks": {source: folder of
+    # <image_id>_segmentation.png}}; adds w * (1 - share of the plain attention rollout inside the lesion) to
+    # the loss for the rows that have a mask (train.losses.attention_mask_loss), and the validation share
+    attention_target: dict[str, Any] | None = None
     # optimisation
     epochs: int = 10
     max_steps: int | None = None  # optimizer updates; overrides epochs when set
@@ -244,6 +258,12 @@ class TrainConfig:
 
 SINGLE_SOURCE_KEYS = ("data", "label_scheme", "val_size", "test_size", "split_seed", "max_train_samples", "max_eval_samples")
 FEATURE_CACHE_KEYS = ("dir", "views", "dihedral")
+ATTENTION_TARGET_KEYS = ("weight", "masks")
+# Fitted on a trained folder's own predictions: a recipe that fine-tunes the folder drops them (the new
+# weights get their own), and takes its calibrated logits as the run's starting logits (the run's export
+# folds the temperature it fits on top of them).
+FITTED_CONFIG_KEYS = ("melanoma_operating_points", "dx_decision_offsets", "dx_decision_rule", "melanoma_threshold",
+                      "folded_temperature", "folded_head_temperatures")
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -360,8 +380,20 @@ def _validate_mode(cfg: TrainConfig) -> None:
         untrained = sorted(set(cfg.head_loss_weights) - set(heads))
         if untrained:
             raise ValueError(f"head_loss_weights {untrained}: no source of this recipe trains such a head (heads: {heads})")
+        if cfg.attention_target is not None:
+            target = cfg.attention_target
+            unknown = sorted(set(target) - set(ATTENTION_TARGET_KEYS))
+            names = {s["name"] for s in cfg.sources}
+            if unknown or not set(target.get("masks") or {}) <= names or not target.get("masks"):
+                raise ValueError(f"attention_target is {{weight: number > 0, masks: {{source: mask folder}}}} with sources "
+                                 f"from {sorted(names)}; got {target}")
+            if not float(target.get("weight", 0)) > 0:
+                raise ValueError(f"attention_target.weight must be > 0, got {target.get('weight')}")
+            if not cfg.feature_cache:
+                raise ValueError("attention_target needs cached-feature batches (feature_cache): the masks are cached "
+                                 "with each view")
     else:
-        for key in ("feature_cache", "head_loss_weights"):
+        for key in ("feature_cache", "head_loss_weights", "attention_target"):
             if getattr(cfg, key):
                 raise ValueError(f"{key} is for multi-source recipes (`sources:`); remove it from this recipe")
 
@@ -423,6 +455,8 @@ def create_model(
             **cfg.kwargs,
         )
         processor = AutoImageProcessor.from_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code)
+        for key in FITTED_CONFIG_KEYS:
+            unset_config_key(model.config, key)
     return model.train(), processor
 
 
@@ -640,13 +674,18 @@ def predict_heads(
     """({head: logits (N, C_head) float32}, {head: labels (N,)}) over `dataloader`, gathered from
     every process in dataset order (the padding of the last batch dropped). `model` maps pixels
     (or cached features) to {head: logits}, as `MultiHeadNet`; label keys are those of the batches
-    (`labels` is the dx head's). `dx_offset`: the logit adjustment added to the dx logits."""
+    (`labels` is the dx head's). `dx_offset`: the logit adjustment added to the dx logits.
+
+    Not `model.classifier.Classifier` (the inference path of shipped folders, which the teachers use):
+    validation scores the network being trained, whose raw logits (the loss, and the temperatures
+    `calibrate` fits and folds) include a CNN's training-only auxiliary heads that no shipped model has,
+    on batches sharded across processes."""
     was_training = model.training
     model.eval()
     logits: dict[str, list[torch.Tensor]] = {}
     labels: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
-        out = {k: v.float() for k, v in with_dx_offset(model(batch["pixel_values"]), dx_offset).items()}
+        out = {k: v.float() for k, v in with_dx_offset(model(batch["pixel_values"]), dx_offset).items() if k != ROLLOUT}
         y = {h: batch["labels" if h == MAIN_HEAD else h] for h in out}
         out, y = accelerator.gather_for_metrics((out, y))
         for h in out:
@@ -654,6 +693,23 @@ def predict_heads(
             labels.setdefault(h, []).append(y[h].cpu())
     model.train(was_training)
     return {h: torch.cat(v) for h, v in logits.items()}, {h: torch.cat(v) for h, v in labels.items()}
+
+
+@torch.no_grad()
+def validation_rollout_share(model: nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> float | None:
+    """Mean share of the plain attention rollout inside the lesion over the validation rows that have
+    a mask (`train.losses.rollout_mask_share`; None without any), gathered from every process."""
+    was_training = model.training
+    model.eval()
+    shares, has = [], []
+    for batch in dataloader:
+        share, has_mask = rollout_mask_share(model(batch["pixel_values"])[ROLLOUT].float(), batch["lesion_mask"])
+        share, has_mask = accelerator.gather_for_metrics((share, has_mask))
+        shares.append(share.cpu())
+        has.append(has_mask.cpu())
+    model.train(was_training)
+    share, has_mask = torch.cat(shares), torch.cat(has)
+    return float(share[has_mask].mean()) if has_mask.any() else None
 
 
 def validation_metrics(
@@ -739,32 +795,33 @@ def resolve_checkpoint(resume: str, output_dir: Path) -> Path:
 # Main
 # --------------------------------------------------------------------------------------------
 class TeacherAdapter:
-    """A DeiT distillation teacher (frozen, eval mode) that reads the student's batches.
+    """A DeiT distillation teacher (a trained folder, frozen) that reads the student's batches.
 
-    The student's pixels become the teacher's: undo the student processor's normalisation, apply
-    the teacher's, and resize (bicubic) when the teacher expects another size.
+    Loaded and run by the one inference path (`model.classifier.Classifier`: its loading rule, calibration
+    form and forward). The student's pixels become the teacher's: undo the student processor's
+    normalisation, apply the teacher's, and resize (bicubic) when the teacher expects another size.
     """
 
     def __init__(self, name: str, label_names: Sequence[str], student_processor: Any, device: torch.device) -> None:
-        self.model = AutoModelForImageClassification.from_pretrained(name).eval().requires_grad_(False)
-        teacher_labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.classifier = Classifier(name, device)
+        teacher_labels = [self.classifier.id2label[i] for i in range(self.classifier.out_dim)]
         if teacher_labels != list(label_names):
             raise ValueError(f"teacher {name} predicts {teacher_labels}, the student {list(label_names)}")
-        student = processor_geometry(student_processor)
-        teacher = processor_geometry(AutoImageProcessor.from_pretrained(name))
+        student, teacher = processor_geometry(student_processor), self.classifier.geometry
         s_mean, s_std, t_mean, t_std = (torch.tensor(v) for v in (student.mean, student.std, teacher.mean, teacher.std))
         self.scale = (s_std / t_std).view(1, 3, 1, 1).to(device)
         self.shift = ((s_mean - t_mean) / t_std).view(1, 3, 1, 1).to(device)
         self.size = tuple(teacher.size)
-        self.model.to(device)
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Student-normalised (B, 3, H, W) -> teacher logits (B, num_labels)."""
+        """Student-normalised (B, 3, H, W) -> teacher logits (B, num_labels) (its calibrated head's: the
+        distillation loss takes logits; a copy outside inference mode, so the loss may keep it for backward)."""
         pixels = pixel_values * self.scale + self.shift
         if self.size != tuple(pixels.shape[-2:]):
             pixels = F.interpolate(pixels, size=self.size, mode="bicubic", align_corners=False)
-        return self.model(pixel_values=pixels).logits
+        (output,) = self.classifier.forward_views(pixels)
+        return output.logits.clone()
 
 
 @dataclass
@@ -970,17 +1027,44 @@ def make_batches(
     # must not move the training RNG.
     with accelerator.main_process_first(), torch.random.fork_rng(devices=[]):
         for split, n_views, seed in (("validation", 1, 0), ("train", views, cfg.seed)):
+            masks = lesion_mask_paths(splits[split], cfg.attention_target["masks"]) if cfg.attention_target else None
             build_cache(splits[split], stem, processor, cache_dir / split, views=n_views, augment=cfg.augmentation,
-                        batch_size=cfg.eval_batch_size, seed=seed, num_workers=num_workers)
+                        batch_size=cfg.eval_batch_size, seed=seed, num_workers=num_workers, masks=masks,
+                        mask_cell=mask_cell(net) if masks else 16)
     train_x = load_cache(cache_dir / "train")[:views]  # (V, N, C, h, w) fp16
     val_x = load_cache(cache_dir / "validation")[:1]
     if train_x.shape[1] != len(splits["train"]) or val_x.shape[1] != len(splits["validation"]):
         raise ValueError(f"feature cache {cache_dir} does not match the sources' splits; delete it or set feature_cache.dir")
     dihedral = bool(cfg.feature_cache.get("dihedral", False))
-    train = CachedFeatures(train_x, torch.as_tensor(splits["train"]["label"]), augment=True, dihedral=dihedral)
-    val = CachedFeatures(val_x, torch.as_tensor(splits["validation"]["label"]))
+    train_m = val_m = None
+    if cfg.attention_target:
+        train_m, val_m = load_mask_cache(cache_dir / "train", views), load_mask_cache(cache_dir / "validation", 1)
+    train = CachedFeatures(train_x, torch.as_tensor(splits["train"]["label"]), augment=True, dihedral=dihedral, masks=train_m)
+    val = CachedFeatures(val_x, torch.as_tensor(splits["validation"]["label"]), masks=val_m)
     return Batches(train=RowTargets(train, train_targets), validation=RowTargets(val, val_targets),
                    cached=True, stem=net.stem_names(), **common)
+
+
+def lesion_mask_paths(split: datasets.Dataset, folders: dict[str, str]) -> list[str | None]:
+    """Each row's lesion segmentation file (`<folder>/<image_id>_segmentation.png` of its source's
+    folder in `folders`), None where its source has no folder or the file does not exist."""
+    ids = split.select_columns(["image_id", "source"]).with_format(None)
+    paths: list[str | None] = []
+    for image_id, source in zip(ids["image_id"], ids["source"]):
+        folder = folders.get(source)
+        path = Path(folder) / f"{str(image_id).removeprefix(source + '/')}_segmentation.png" if folder else None
+        paths.append(str(path) if path is not None and path.is_file() else None)
+    if not any(paths):
+        raise FileNotFoundError(f"attention_target.masks {folders}: no row of the split has a mask there")
+    return paths
+
+
+def mask_cell(net: MultiHeadNet) -> int:
+    """Pixels per patch-grid cell of the ViT in `net` (its patch size; 16 for the hybrid's stride-16 stem)."""
+    if net.is_timm:
+        raise ValueError("attention_target is for MelanomaViT models (attention rollout), not CNNs")
+    size = net.model.config.patch_size
+    return size if isinstance(size, int) else size[0]
 
 
 def create_dataloaders(cfg: TrainConfig, batches: Batches, num_workers: int) -> tuple[DataLoader, DataLoader, torch.Generator]:
@@ -1035,6 +1119,9 @@ def setup(cfg: TrainConfig, args: argparse.Namespace, accelerator: Accelerator) 
     splits, label_names, heads = load_data(cfg, accelerator, output_dir)
     model, processor = create_model(cfg.model, dict(enumerate(label_names)), extra_heads=heads)
     net = MultiHeadNet(model, heads)
+    if cfg.attention_target:
+        mask_cell(net)  # refuses a CNN
+        net.rollout = True
     blocks = model_blocks(net)
     teacher = None
     if cfg.distillation.teacher:
@@ -1116,6 +1203,7 @@ def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> torch.Tensor
     cfg, accelerator = run.cfg, run.accelerator
     with accelerator.accumulate(run.model):
         logits = with_dx_offset(run.model(batch["pixel_values"]), run.dx_offset)
+        maps = logits.pop(ROLLOUT, None)
         teacher_logits = batch.get("teacher")
         if run.teacher is not None:
             with accelerator.autocast():
@@ -1123,6 +1211,8 @@ def train_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> torch.Tensor
         d = cfg.distillation
         loss = multihead_loss(run.criterion, logits, batch, cfg.head_loss_weights, cfg.label_smoothing, teacher_logits,
                               kind=d.kind, alpha=d.alpha, temperature=d.temperature)
+        if maps is not None:
+            loss = loss + float(cfg.attention_target["weight"]) * attention_mask_loss(maps, batch["lesion_mask"])
         accelerator.backward(loss)
         if accelerator.sync_gradients and cfg.max_grad_norm:
             accelerator.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], cfg.max_grad_norm)
@@ -1201,6 +1291,8 @@ def validate(run: TrainingRun, output_dir: Path) -> dict[str, Any]:
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
     logits, labels = predict_heads(_eval_model(run), run.eval_dataloader, accelerator, run.dx_offset)
     metrics = validation_metrics(logits, labels, run.label_names, run.batches.val_sources, run.dx_offset)
+    if cfg.attention_target:
+        metrics["rollout_mask_share"] = validation_rollout_share(_eval_model(run), run.eval_dataloader, accelerator)
     metrics.update(epoch=state["epoch"], step=state["completed_steps"])
     state["history"].append(metrics)
     accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state["completed_steps"])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import PIL.Image
 import torch
 from torchvision import tv_tensors
@@ -63,60 +64,87 @@ class AugmentConfig:
         return cls(**values)
 
 
-class RandomColorCast(torch.nn.Module):
+class _PixelTransform(v2.Transform):
+    """A v2 transform of the image only: lesion masks (`tv_tensors.Mask`) pass through unchanged."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            return inpt
+        out = self.apply(inpt.as_subclass(torch.Tensor), params)
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+    def apply(self, img: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RandomColorCast(_PixelTransform):
     """Multiply each channel of a float image in [0, 1] by exp(U(-strength, strength)) (a colour cast)."""
 
     def __init__(self, strength: float) -> None:
         super().__init__()
         self.strength = strength
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        gain = torch.empty(img.shape[-3], 1, 1).uniform_(-self.strength, self.strength).exp()
-        return (img * gain).clamp(0, 1)
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        channels = next(i for i in flat_inputs if not isinstance(i, tv_tensors.Mask)).shape[-3]
+        return {"gain": torch.empty(channels, 1, 1).uniform_(-self.strength, self.strength).exp()}
+
+    def apply(self, img: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+        return (img * params["gain"]).clamp(0, 1)
 
 
-class RandomVignette(torch.nn.Module):
+class RandomVignette(_PixelTransform):
     """With probability p, darken a float image outside a random circle (the dermoscope's field stop)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         if torch.rand(()) >= self.p:
+            return {"apply": False}
+        radius = float(torch.empty(()).uniform_(0.8, 1.3))
+        width = float(torch.empty(()).uniform_(0.02, 0.2))
+        floor = float(torch.empty(()).uniform_(0.0, 0.15))
+        return {"apply": True, "radius": radius, "width": width, "floor": floor}
+
+    def apply(self, img: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+        if not params["apply"]:
             return img
         h, w = img.shape[-2:]
         y = torch.linspace(-1, 1, h).view(h, 1)
         x = torch.linspace(-1, 1, w).view(1, w)
         r = (x**2 + y**2).sqrt()  # 1 at the edge midpoints, sqrt(2) in the corners
-        radius = float(torch.empty(()).uniform_(0.8, 1.3))
-        width = float(torch.empty(()).uniform_(0.02, 0.2))
-        floor = float(torch.empty(()).uniform_(0.0, 0.15))
-        mask = floor + (1 - floor) * torch.sigmoid((radius - r) / width)  # (H, W)
+        mask = params["floor"] + (1 - params["floor"]) * torch.sigmoid((params["radius"] - r) / params["width"])  # (H, W)
         return img * mask
 
 
-class RandomRot90(torch.nn.Module):
-    """Rotate an image tensor (..., H, W) by k * 90 degrees, k uniform in {0, 1, 2, 3}."""
+class RandomRot90(v2.Transform):
+    """Rotate an image tensor (..., H, W) by k * 90 degrees, k uniform in {0, 1, 2, 3}; a lesion mask
+    passed with it turns the same way."""
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        k = int(torch.randint(4, ()))
-        out = torch.rot90(img, k, dims=(-2, -1))
-        return tv_tensors.wrap(out, like=img) if isinstance(img, tv_tensors.Image) else out
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"k": int(torch.randint(4, ()))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        out = torch.rot90(inpt.as_subclass(torch.Tensor), params["k"], dims=(-2, -1))
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
-class RandomTranspose(torch.nn.Module):
-    """Swap H and W of an image tensor (..., H, W) with probability p."""
+class RandomTranspose(v2.Transform):
+    """Swap H and W of an image tensor (..., H, W) with probability p (a lesion mask with it)."""
 
     def __init__(self, p: float = 0.5):
         super().__init__()
         self.p = p
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        if torch.rand(()) >= self.p:
-            return img
-        out = img.transpose(-2, -1)
-        return tv_tensors.wrap(out, like=img) if isinstance(img, tv_tensors.Image) else out
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"apply": bool(torch.rand(()) < self.p)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not params["apply"]:
+            return inpt
+        out = inpt.as_subclass(torch.Tensor).transpose(-2, -1)
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
 def train_pipeline(image_processor: Any, cfg: AugmentConfig | Mapping[str, Any] | None = None) -> v2.Compose:
@@ -157,6 +185,18 @@ def train_pipeline(image_processor: Any, cfg: AugmentConfig | Mapping[str, Any] 
     return v2.Compose(steps)
 
 
+NO_MASK = -1.0  # the value of every mask pixel of a row that has no lesion mask
+
+
+def load_mask(path: str | Path, size: tuple[int, int]) -> tv_tensors.Mask:
+    """A lesion segmentation (white = lesion) as a float (H, W) mask in {0, 1} at the image's `size` (W, H)."""
+    with PIL.Image.open(path) as img:
+        mask = img.convert("L")
+        if mask.size != tuple(size):
+            mask = mask.resize(tuple(size), PIL.Image.NEAREST)
+        return tv_tensors.Mask(torch.from_numpy(np.asarray(mask) > 127).float())
+
+
 class ImageBatchTransform:
     """Batch transform for `Dataset.with_transform`: {"image": [...], "label": [...]} ->
     {"pixel_values": float32 (B, 3, H, W), "labels": int64 (B,)}.
@@ -164,6 +204,11 @@ class ImageBatchTransform:
     Images may be PIL images or undecoded {"path", "bytes"} dicts (see `with_image_transform`).
     An image that fails to decode becomes a zero tensor with label IGNORE_INDEX (-100), which
     cross-entropy ignores, and is counted in `n_failed`: one bad file never stops a long run.
+
+    A batch with a "mask" column (lesion segmentation file per row, or None) also gets "masks":
+    float32 (B, H, W), each row's mask through the same geometry as its pixels (flips, turns, crop
+    and resize; colour changes skip it), NO_MASK everywhere for a row without one. The evaluation
+    view resizes the mask to the processor's size, as the processor resizes the whole image.
     """
 
     def __init__(self, image_processor: Any, train: bool, cfg: AugmentConfig | Mapping[str, Any] | None = None):
@@ -174,8 +219,25 @@ class ImageBatchTransform:
         self.n_failed = 0
 
     def _eval_batch(self, images: list[PIL.Image.Image]) -> torch.Tensor:
-        # The model's own processor: exactly what inference (app, evaluate) does.
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+
+    def _with_masks(self, images: list[PIL.Image.Image], paths: Sequence[str | None]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        pixels, masks = [], []
+        no_mask = torch.full(self.size, NO_MASK)
+        for img, path in zip(images, paths):
+            mask = load_mask(path, img.size) if path else None
+            if self.train:
+                if mask is None:
+                    pixels.append(self.pipeline(img))
+                else:
+                    x, mask = self.pipeline(img, mask)
+                    pixels.append(x)
+            else:
+                pixels.append(self._eval_batch([img])[0])
+                if mask is not None:
+                    mask = v2.functional.resize(mask, list(self.size), interpolation=v2.InterpolationMode.NEAREST)
+            masks.append(no_mask if mask is None else mask.as_subclass(torch.Tensor).float())
+        return pixels, masks
 
     def __call__(self, batch: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
         images = batch["image"]
@@ -191,7 +253,11 @@ class ImageBatchTransform:
                 )
                 decoded.append(None)
         good = [img for img in decoded if img is not None]
-        if self.train:
+        mask_outs: list[torch.Tensor] | None = None
+        if "mask" in batch:
+            paths = [p for p, img in zip(batch["mask"], decoded) if img is not None]
+            outs, mask_outs = self._with_masks(good, paths)
+        elif self.train:
             outs = [self.pipeline(img) for img in good]
         else:
             outs = list(self._eval_batch(good)) if good else []
@@ -199,7 +265,11 @@ class ImageBatchTransform:
         it = iter(outs)
         pixel_values = torch.stack([next(it) if img is not None else torch.zeros(3, h, w) for img in decoded])
         labels = [lab if img is not None else IGNORE_INDEX for lab, img in zip(labels, decoded)]
-        return {"pixel_values": pixel_values.float(), "labels": torch.as_tensor(labels, dtype=torch.long)}
+        out = {"pixel_values": pixel_values.float(), "labels": torch.as_tensor(labels, dtype=torch.long)}
+        if mask_outs is not None:
+            it_masks = iter(mask_outs)
+            out["masks"] = torch.stack([next(it_masks) if img is not None else torch.full((h, w), NO_MASK) for img in decoded])
+        return out
 
 
 def build_transforms(
@@ -229,9 +299,9 @@ def build_transforms(
 def with_image_transform(ds: datasets.Dataset, transform: Callable) -> datasets.Dataset:
     """`ds.with_transform(transform)` with images left undecoded until the transform, so that a
     file that fails to decode reaches the transform's error handling instead of raising inside
-    datasets' formatter. Only the image and label columns are passed to the transform."""
+    datasets' formatter. Only the image, label and (lesion) mask columns are passed to the transform."""
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    columns = [c for c in ("image", "label") if c in ds.column_names]
+    columns = [c for c in ("image", "label", "mask") if c in ds.column_names]
     return ds.with_transform(transform, columns=columns, output_all_columns=False)
 
 

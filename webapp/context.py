@@ -24,8 +24,8 @@ MAX_REQUEST_BYTES = 256 * 2**20  # largest bulk request body
 class AppSettings:
     """Limits and lifetimes of one app; `from_env` fills what is not given from the environment.
 
-    max_queued_images: REST queue size in images; max_queued_bytes: in bytes of the files it holds
-    ($MELANOMA_MAX_QUEUED_BYTES, default 512 MiB). task_ttl_s: seconds REST results are kept.
+    max_queued_images: REST queue size in images; max_queued_bytes: in bytes of the decoded images it
+    holds ($MELANOMA_MAX_QUEUED_BYTES, default 512 MiB). task_ttl_s: seconds REST results are kept.
     max_upload_bytes: largest accepted file. max_request_bytes: largest bulk request body.
     cache_ttl_s: seconds uploads, thumbnails and batch CSVs are kept. allowed_origins: other sites
     whose pages may POST here.

@@ -232,6 +232,7 @@ def model_details_markdown(entry: Classifier) -> str:
 
 
 TRANSFORMERS_NAMES = {"vit": "ViT", "deit": "ViT"}  # a DeiT export is the same ViT
+CNN_TYPES = ("timm_wrapper", "resnet")  # timm CNNs through TimmWrapper, transformers' own ResNet
 
 
 def model_label(model_id: str, source: str) -> str:
@@ -245,7 +246,7 @@ def model_label(model_id: str, source: str) -> str:
     except (OSError, json.JSONDecodeError):
         return model_id  # a Hub id or an unreadable folder: the id says it
     kind = config.get("model_type", "")
-    if kind == "timm_wrapper":
+    if kind in CNN_TYPES:
         what = "CNN"
     elif kind == "melanoma_vit":
         what = "CNN+ViT" if config.get("patch_embedding_type") == "hybrid" else "ViT"

@@ -1,8 +1,12 @@
 """REST routes (OpenAPI docs at `/docs`): `GET /public_models`, `POST /predict?model_id=`,
 `POST /predict_bulk?model_id=`, `GET /from_task/{task_uuid}`.
 
-Uploads are admitted to the task store before they are decoded; the queue holds compressed files,
-which the worker scores through the scoring service. Results become JSON here.
+Uploads are admitted to the task store (room for their images) before they are decoded, and each
+is decoded once, on admission: a bad file is named in the POST's answer, and the queue holds the
+decoded working-size images, which the worker scores through the scoring service. The queue's byte
+bound (`MELANOMA_MAX_QUEUED_BYTES`) therefore counts decoded pixels (`held_bytes`: at most 4 MiB an
+image at the 1024-px working side), what the queue really holds; a file's compressed bytes are gone
+once it is decoded. Results become JSON here.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.imageio import InvalidImageError, format_bytes
@@ -23,8 +28,8 @@ from model.classifier import Classifier
 
 from .context import AppContext
 from .formatting import API_DESCRIPTION, DISCLAIMER, clip
-from .scoring import BatchResult, FileError
-from .tasks import QueueFullError
+from .scoring import BatchResult, FileError, held_bytes
+from .tasks import QueueFullError, TaskStore
 
 MAX_BULK_FILES = 1000  # also Starlette's default multipart `max_files`: one more gets our 413
 MULTIPART_OVERHEAD = 64 * 2**10  # a single-file request body: the file plus this
@@ -47,9 +52,11 @@ def batch_json(batch: BatchResult, errors: list[FileError]) -> dict[str, Any]:
     }
 
 
-def scoring_task(ctx: AppContext, entry: Classifier, named: list[tuple[str, bytes]], errors: list[FileError]) -> Callable:
-    """The task store's work for one request: score the admitted files a chunk per step (so other
-    clients get turns in between), return the JSON body."""
+def scoring_task(
+    ctx: AppContext, entry: Classifier, named: list[tuple[str, Image.Image]], errors: list[FileError]
+) -> Callable:
+    """The task store's work for one request: score the admitted, decoded images a chunk per step (so
+    other clients get turns in between), return the JSON body."""
 
     def work() -> Generator[int, None, dict[str, Any]]:
         batch = yield from ctx.scoring.score_chunks(entry, named)
@@ -74,18 +81,27 @@ def model_entry(ctx: AppContext, model_id: str | None) -> Classifier:
         raise HTTPException(status_code=404, detail=detail) from err
 
 
-def checked_upload(ctx: AppContext, upload: UploadFile) -> bytes:
-    """The upload's bytes once they decode (bounded memory), counted against the queue's bytes
-    (`QueueFullError` when it is full); the decoded image is dropped: the queue holds compressed
-    files, the worker decodes them again a chunk at a time."""
+def decoded_upload(ctx: AppContext, upload: UploadFile) -> Image.Image:
+    """The upload decoded, once, at the working size (bounded memory: `ScoringService.read`); raises
+    `InvalidImageError`, or a 413 for a file over the size limit."""
     limit = ctx.settings.max_upload_bytes
     data = upload.file.read(limit + 1)
     if len(data) > limit:
         name = clip(upload.filename or "image")
         raise HTTPException(status_code=413, detail=f"{name}: file is larger than the {format_bytes(limit)} limit.")
-    ctx.scoring.read(data)
-    ctx.tasks.reserve_bytes(len(data))
-    return data
+    return ctx.scoring.read(data)
+
+
+def reserve_pixels(tasks: TaskStore, n_bytes: int, request_bytes: int) -> None:
+    """Claim `n_bytes` of decoded pixels: `QueueFullError` (503, retry) when they do not fit now, a
+    413 when the request's images so far (`request_bytes`) exceed the whole queue (no retry helps)."""
+    if request_bytes > tasks.max_bytes:
+        detail = (
+            f"The images of this request take more than the queue holds in all ({format_bytes(tasks.max_bytes)} "
+            "of decoded images, 3 MiB each at 1024x768); send fewer images per request."
+        )
+        raise HTTPException(status_code=413, detail=detail)
+    tasks.reserve_bytes(n_bytes)
 
 
 # --------------------------------------------------------------------------------- routes
@@ -112,11 +128,13 @@ def predict(
     entry = model_entry(ctx, model_id)
     ctx.tasks.reserve(1)  # admission before any decoding
     try:
-        named = [(clip(file.filename or "image"), checked_upload(ctx, file))]
+        image = decoded_upload(ctx, file)
+        size = held_bytes(image)
+        reserve_pixels(ctx.tasks, size, size)
     except BaseException:
         ctx.tasks.release(1)
         raise
-    size = len(named[0][1])
+    named = [(clip(file.filename or "image"), image)]
     return {"task_uuid": ctx.tasks.submit(scoring_task(ctx, entry, named, []), 1, size, client_of(request))}
 
 
@@ -136,17 +154,22 @@ def predict_bulk(
         detail = f"The queue holds at most {tasks.max_images} images; send at most that many per request."
         raise HTTPException(status_code=413, detail=detail)
     tasks.reserve(len(files))  # admission before any decoding
-    named: list[tuple[str, bytes]] = []
+    named: list[tuple[str, Image.Image]] = []
     errors: list[FileError] = []
+    size = 0  # decoded bytes claimed so far
     try:
         for upload in files:
             name = clip(upload.filename or f"image_{len(named) + len(errors)}")
             try:
-                named.append((name, checked_upload(ctx, upload)))
+                image = decoded_upload(ctx, upload)
             except (InvalidImageError, HTTPException) as err:
                 errors.append(FileError(name, getattr(err, "detail", None) or str(err)))
-    except QueueFullError:
-        tasks.release(0, sum(len(data) for _, data in named))  # the whole request is refused: its bytes,
+                continue
+            reserve_pixels(tasks, held_bytes(image), size + held_bytes(image))
+            named.append((name, image))
+            size += held_bytes(image)
+    except (QueueFullError, HTTPException):
+        tasks.release(0, size)  # the whole request is refused: its bytes,
         named = []  # and (below) all its images
         raise
     finally:
@@ -156,7 +179,6 @@ def predict_bulk(
         summary = "; ".join(f"{e.name}: {e.error}" for e in errors)
         content = {"detail": f"No usable image in the request. {summary}", "errors": error_json}
         return JSONResponse(status_code=400, content=content)
-    size = sum(len(data) for _, data in named)
     task_uuid = tasks.submit(scoring_task(ctx, entry, named, errors), len(named), size, client_of(request))
     return {"task_uuid": task_uuid, "num_images": len(named), "errors": error_json}
 

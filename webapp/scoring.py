@@ -41,6 +41,12 @@ def read_image(source: Any, max_bytes: int = MAX_BYTES) -> Image.Image:
     return DECODER.submit(load_image, source, max_bytes=max_bytes, max_side=WORKING_SIDE).result()
 
 
+def held_bytes(image: Image.Image) -> int:
+    """The memory a decoded image holds: Pillow keeps an RGB pixel in 4 bytes (RGBX), so a
+    1024x768 working-size image holds 3 MiB whatever its file's size."""
+    return image.width * image.height * 4
+
+
 @dataclass(frozen=True)
 class FileError:
     """A file that could not be used; the rest of the batch goes on."""
@@ -134,8 +140,9 @@ class ScoringService:
         on_chunk: Callable[[int], None] | None = None,
         thumbnails: bool = False,
     ) -> BatchResult:
-        """(name, path or bytes) pairs scored `BATCH_CHUNK` at a time, so a batch never holds more
-        than one chunk of decoded images. `on_chunk(done)` reports progress."""
+        """(name, source) pairs scored `BATCH_CHUNK` at a time: a path or bytes is decoded (`read`) as
+        its chunk comes, so a batch of files never holds more than one chunk of decoded images; an
+        image that `read` already decoded is scored as it is. `on_chunk(done)` reports progress."""
         chunks = self.score_chunks(entry, sources, thumbnails)
         while True:
             try:
@@ -156,7 +163,7 @@ class ScoringService:
             for index in range(start, min(start + BATCH_CHUNK, len(sources))):
                 name, source = sources[index]
                 try:
-                    chunk.append((index, name, self.read(source)))
+                    chunk.append((index, name, source if isinstance(source, Image.Image) else self.read(source)))
                 except InvalidImageError as err:
                     batch.errors.append(FileError(clip(name), str(err)))
             if chunk:

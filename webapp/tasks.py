@@ -18,7 +18,9 @@ from model.imageio import format_bytes
 logger = logging.getLogger(__name__)
 
 MAX_QUEUED_IMAGES = 2000  # queue bound, in images (>= MAX_BULK_FILES, so any bulk fits)
-MAX_QUEUED_BYTES = 512 * 2**20  # queue bound, in bytes of the compressed files it holds
+# Queue bound in bytes of what it holds: REST queues decoded working-size images (webapp.rest), up to
+# 4 MiB each (1024x768: 3 MiB), so about 170 of them; a bulk request over it in all gets a 413.
+MAX_QUEUED_BYTES = 512 * 2**20
 MAX_RESULTS_PER_CLIENT = 500  # unexpired results kept per client; over it, that client's oldest go
 
 Work = Callable[[], dict[str, Any]] | Callable[[], Generator[Any, None, dict[str, Any]]]
@@ -69,7 +71,7 @@ class TaskStore:
     unexpired results; beyond that its own oldest are dropped, never another client's.
 
     Args:
-        max_images / max_bytes: images / compressed bytes queued or running at once; more ->
+        max_images / max_bytes: images / bytes of decoded images queued or running at once; more ->
             `QueueFullError` (HTTP 503).
         ttl_s: seconds a finished task's result is kept.
         max_results_per_client: unexpired results kept per client.

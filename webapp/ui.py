@@ -16,6 +16,7 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+from gradio.utils import NamedString
 import yaml
 from PIL import Image, ImageOps
 
@@ -75,14 +76,22 @@ SHOWN_COLUMNS = {
     "top_class_name": "Top class", "ood_level": "Dermoscopy check", "error": "Error",
 }
 
-# Gallery captions wrap instead of ending in an ellipsis, and phones get two columns (six columns of
-# Gradio's 100 px minimum would scroll sideways and cut every caption). Table cells break between
-# words only (Gradio's prose breaks "Architecture" or a checklist criterion mid-word at phone width); a
-# percentage never wraps.
+# The ranked gallery grows with its rows and scrolls with the page: Gradio's height="auto" gallery is a
+# box of at most 55vh with a scroll bar of its own (a scroll inside the page's scroll; 24 images showed
+# two and a half rows). Captions sit under their thumbnail, whole and wrapped, instead of over the
+# lesion's lower part, and phones get two columns (six columns of Gradio's 100 px minimum would scroll
+# sideways and cut every caption). Table cells break between words only (Gradio's prose breaks
+# "Architecture" or a checklist criterion mid-word at phone width); a percentage never wraps.
 PAGE_CSS = """
 #model-details td, #model-details th, #verdict td, #verdict th { word-break: normal; overflow-wrap: normal; }
 #class-table td:last-child { white-space: nowrap; }
-#ranked-gallery .caption-label { white-space: normal; max-width: calc(100% - 8px); }
+#ranked-gallery .grid-wrap { max-height: none !important; overflow-y: visible !important; }
+#ranked-gallery .thumbnail-item { aspect-ratio: auto; height: auto; display: flex; flex-direction: column; }
+#ranked-gallery .thumbnail-item > img { aspect-ratio: 1 / 1; height: auto; flex: none; }
+#ranked-gallery .caption-label {
+  position: static; max-width: none; white-space: normal; text-align: center; opacity: 1;
+  border: 0; border-top: 1px solid var(--border-color-primary); border-radius: 0;
+}
 @media (max-width: 600px) {
   #ranked-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
 }
@@ -93,6 +102,21 @@ def bind(handler: Callable, ctx: AppContext) -> Callable:
     """`handler` with `ctx` as its first argument. Like functools.partial, but a bound method keeps
     what Gradio reads from a handler: its name and its type hints (gr.SelectData)."""
     return types.MethodType(handler, ctx)
+
+
+def uploaded_file(**kwargs: Any) -> gr.File:
+    """A `gr.File(type="filepath", **kwargs)` whose handlers get the uploaded file's path and nothing
+    else on disk.
+
+    Gradio's `File.preprocess` (6.31) also creates an empty `NamedTemporaryFile` in its upload folder
+    for every file of every call and never uses or deletes it: one zero-byte file left per upload
+    (issue 19), which no cache expiry removes (Gradio deletes only the files it tracks). The
+    component's per-file step is replaced on this instance: a subclass would do the same, but Gradio
+    writes a `.pyi` stub beside any module that defines a component class.
+    """
+    component = gr.File(type="filepath", **kwargs)
+    component._process_single_file = lambda f: NamedString(f.path)  # f: gradio.data_classes.FileData
+    return component
 
 
 @dataclass
@@ -330,7 +354,7 @@ def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple
         with gr.Column():
             # A file input, decoded by model.imageio: an unreadable file gets the decoder's
             # message (Gradio's image input would fail with a bare "Error" first).
-            image_in = gr.File(label="Dermoscopic image", file_count="single", type="filepath", height=120)
+            image_in = uploaded_file(label="Dermoscopic image", file_count="single", height=120)
             run_button = gr.Button("Classify", variant="primary")
             with gr.Accordion("Attention rollout settings", open=False) as settings:
                 gr.Markdown("<small>How the ViT's attention maps are combined into the heat map "
@@ -414,7 +438,7 @@ def batch_tab(ctx: AppContext, model_choice: gr.Dropdown, example_paths: list[st
     # Folded once files are there, and a fixed height when open: a long upload list never
     # pushes the results down.
     with gr.Accordion("Images", open=True) as uploads:
-        files_in = gr.File(file_count="multiple", label="Images", height=180)
+        files_in = uploaded_file(file_count="multiple", label="Images", height=180)
     with gr.Row():
         batch_button = gr.Button("Classify all", variant="primary")
         if example_paths:

@@ -509,10 +509,11 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
     or per seven-point-checklist criterion).
 
     `logits` is always the main (dx, `id2label`) head, so `pipeline`, the Auto classes and exports see a
-    plain classifier. Calibrated probabilities are `softmax(logits / config.temperature)`: use
-    `calibrated_probs` / `predict_proba`, or `predict_heads` for every head. Stored calibrations are
-    folded into the heads (`config.folded_temperature`, `temperature` 1.0), so the logits are already
-    temperature-scaled and transformers' `pipeline` (a plain softmax) gives the same calibrated numbers.
+    plain classifier. Calibration is stored in one form: the fitted temperatures are folded into the heads'
+    weights (`config.folded_temperature`, `config.folded_head_temperatures`, for the record), so every head's
+    `softmax(logits)` is calibrated, the same numbers from `predict_proba` / `predict_heads` and transformers'
+    `pipeline`. An older config.json that stores temperatures still to apply (`temperature`,
+    `head_temperatures`) is migrated once by `from_pretrained`, which folds them into the loaded heads.
 
     `labels` give transformers' standard `loss` (for `Trainer` and quick checks): that of `logits` by
     `problem_type`, and for a distilled model in training the mean of the CLS and distillation heads' losses,
@@ -563,8 +564,8 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
 
         Returns:
             `MelanomaViTImageClassifierOutput`: loss (of `logits`, and in training of `distillation_logits`,
-            against `labels`; when every label is masked, a zero that still backpropagates), logits (B, num_labels) (not
-            divided by `config.temperature`; a folded temperature is in the head weights), distillation_logits
+            against `labels`; when every label is masked, a zero that still backpropagates), logits (B, num_labels)
+            (calibrated when a temperature is folded into the head weights), distillation_logits
             (B, num_labels) or None, head_logits
             {name: (B, n_labels)} or None, hidden_states, attentions.
         """
@@ -635,38 +636,72 @@ class MelanomaViTForImageClassification(MelanomaViTPreTrainedModel):
             return F.cross_entropy(logits.float(), labels.float())
         return _masked_cross_entropy(logits, labels, "labels")
 
-    def calibrated_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B, num_labels) raw logits -> (B, num_labels) `softmax(logits / config.temperature)` in float32."""
-        return torch.softmax(logits.float() / float(self.config.temperature), dim=-1)
-
     @torch.no_grad()
     def predict_proba(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """(B, num_channels, H, W) -> temperature-calibrated class probabilities (B, num_labels).
+        """(B, num_channels, H, W) -> float32 class probabilities `softmax(logits)` (B, num_labels), calibrated
+        when a temperature is folded into the head.
 
         Runs the forward pass as is (call `model.eval()` first for inference); extra kwargs go to `forward`.
         """
-        return self.calibrated_probs(self(pixel_values, **kwargs).logits)
+        return torch.softmax(self(pixel_values, **kwargs).logits.float(), dim=-1)
 
     @torch.no_grad()
     def predict_heads(self, pixel_values: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
-        """(B, num_channels, H, W) -> calibrated float32 probabilities of every head.
+        """(B, num_channels, H, W) -> float32 probabilities of every head, each a plain softmax of its logits
+        (calibrated where a temperature is folded into that head).
 
         Returns:
-            {"dx": (B, num_labels) `softmax(logits / config.temperature)`, then per extra head in config order
-            name: (B, n_labels) `softmax(head_logits / config.head_temperatures.get(name, 1.0))`}.
+            {"dx": (B, num_labels), then per extra head in config order name: (B, n_labels)}.
             Runs the forward pass as is (call `model.eval()` first); extra kwargs go to `forward`.
         """
         output = self(pixel_values, **kwargs)
-        return {"dx": self.calibrated_probs(output.logits), **self.calibrated_head_probs(output.head_logits or {})}
+        logits = {"dx": output.logits, **(output.head_logits or {})}
+        return {name: torch.softmax(z.float(), dim=-1) for name, z in logits.items()}
 
-    def calibrated_head_probs(self, head_logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Extra heads' raw logits {name: (B, n_labels)} -> float32 `softmax(logits / head_temperatures[name])`
-        (temperature 1.0 for a head without one)."""
-        temperatures = self.config.head_temperatures or {}
-        return {
-            name: torch.softmax(logits.float() / float(temperatures.get(name, 1.0)), dim=-1)
-            for name, logits in head_logits.items()
-        }
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' `from_pretrained`, plus the one-time migration of an older calibration form: temperatures
+        that config.json still stores to apply (`config.unfolded_temperatures`) are folded into the loaded heads,
+        so the probabilities are those the folder always gave; `save_pretrained` then stores the migrated form."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        model.fold_unfolded_temperatures()
+        return loaded
+
+    @torch.no_grad()
+    def fold_unfolded_temperatures(self) -> None:
+        """Fold `config.unfolded_temperatures` into the heads (W, b -> W / T, b / T) and record them as
+        `folded_temperature` / `folded_head_temperatures`; nothing to do for the stored form."""
+        config = self.config
+        unfolded = getattr(config, "unfolded_temperatures", None) or {}
+        if not unfolded:
+            return
+        if config.folded_temperature is not None or config.folded_head_temperatures:
+            raise ValueError(
+                f"config.json records folded temperatures (folded_temperature={config.folded_temperature}, "
+                f"folded_head_temperatures={config.folded_head_temperatures}) and also temperatures to apply "
+                f"({unfolded}): fitted on the raw or on the folded logits? Remove one of them from config.json."
+            )
+        temperature = unfolded.get("temperature")
+        if temperature is not None:
+            for layer in (self.head, self.head_dist):
+                if layer is not None:
+                    layer.weight.div_(temperature)
+                    layer.bias.div_(temperature)
+            config.folded_temperature = temperature
+        head_temperatures = unfolded.get("head_temperatures") or {}
+        for name, head_t in head_temperatures.items():
+            self.extra_heads[name].weight.div_(head_t)
+            self.extra_heads[name].bias.div_(head_t)
+        if head_temperatures:
+            config.folded_head_temperatures = {name: float(t) for name, t in head_temperatures.items()}
+        config.unfolded_temperatures = {}
+        logger.warning(
+            "Migrated an older MelanomaViT calibration: folded %s into the classifier head weights (recorded as "
+            "folded_temperature / folded_head_temperatures). Probabilities are unchanged; save_pretrained the model "
+            "to store this form.",
+            unfolded,
+        )
 
 
 def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, name: str) -> torch.Tensor | None:
