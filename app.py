@@ -13,7 +13,9 @@ The app itself lives in `webapp/` (see its package docstring); the ML in `model/
   `POST /predict_bulk?model_id=`, `GET /from_task/{task_uuid}`.
 
 Environment: MELANOMA_MODELS_DIR, MELANOMA_HUB_MODELS, MELANOMA_DEFAULT_MODEL (see model/catalogue.py),
-MELANOMA_OOD_PATH (out-of-distribution detector folder; "none" disables it),
+MELANOMA_OOD_PATH (out-of-distribution detector folder; "none" disables it), MELANOMA_BACKEND
+(auto | torch | onnx | onnx-int8, default auto: each model's fastest measured backend that meets
+the accuracy bar, `model/onnx_backend.py`),
 MELANOMA_MAX_QUEUED_IMAGES (REST queue size in images, default 2000), MELANOMA_MAX_QUEUED_BYTES
 (REST queue size in bytes of the decoded images it holds, default 512 MiB), MELANOMA_TASK_TTL_S (default
 3600), MELANOMA_MAX_REQUEST_BYTES (largest bulk request body, default 256 MiB), MELANOMA_CACHE_TTL_S

@@ -22,7 +22,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, constants, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,24 @@ def publish(
         ignore_patterns=IGNORE_PATTERNS,
         commit_message=commit_message or f"Upload {Path(folder).name} (hub_cards.publish)",
     )
+    extra = hub_onnx_operations(Path(folder))
+    if extra:
+        info = api.create_commit(repo_id=repo_id, repo_type="model", operations=extra,
+                                 commit_message=f"{Path(folder).name}: onnx/model.onnx + model.onnx_data (hub_cards.publish)")
     return str(getattr(info, "commit_url", info))
+
+
+def hub_onnx_operations(folder: Path) -> list[CommitOperationAdd]:
+    """The Hub convention's fp32 ONNX files for a folder that has `model.onnx` (`model.onnx_export`):
+    `onnx/model.onnx` and `onnx/model.onnx_data`, a byte copy of model.safetensors that the Hub's
+    content-addressed storage keeps once. Locally the graph sits beside model.safetensors instead,
+    because ONNX Runtime refuses external data outside a graph's own folder."""
+    from model.onnx_export import FP32_FILE, HUB_FP32_DATA, HUB_FP32_FILE, WEIGHTS_FILE, hub_fp32_graph
+
+    if not (folder / FP32_FILE).is_file():
+        return []
+    return [CommitOperationAdd(HUB_FP32_FILE, hub_fp32_graph(folder)),
+            CommitOperationAdd(HUB_FP32_DATA, str(folder / WEIGHTS_FILE))]
 
 
 def main(argv: list[str] | None = None) -> int:

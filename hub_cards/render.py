@@ -525,6 +525,12 @@ def _describe_model(config: dict[str, Any], model_dir: Path) -> list[tuple[str, 
     return rows
 
 
+def _onnx_record(model_dir: Path) -> dict[str, Any] | None:
+    """onnx/export.json of the folder (train/export_onnx.py), or None without an exported graph."""
+    path = model_dir / "onnx" / "export.json"
+    return json.loads(path.read_text()) if path.is_file() and (model_dir / "model.onnx").is_file() else None
+
+
 def render_model_card(
     model_dir: Path,
     *,
@@ -592,6 +598,7 @@ def render_model_card(
         config_threshold=fmt_number(threshold) if is_number(threshold) else None,
         decision_offsets=", ".join(f"`{k}` {v:+.2f}" for k, v in (config.get(DECISION_KEY) or {}).items()) or None,
         decision_method=_decision_method(config),
+        onnx=_onnx_record(model_dir),
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
 

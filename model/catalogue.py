@@ -148,6 +148,8 @@ class ModelCatalogue:
         device: torch device for inference (default "cpu").
         ood_path: out-of-distribution detector folder (default `$MELANOMA_OOD_PATH`, else
             `model.ood`'s default `models/ood-detector`); "none" disables the check.
+        backend: inference backend of every model (default `$MELANOMA_BACKEND`, else "auto": the
+            folder's fastest that meets the accuracy bar; see `model.onnx_backend`).
     """
 
     def __init__(
@@ -157,10 +159,12 @@ class ModelCatalogue:
         default: str | None = None,
         device: str = "cpu",
         ood_path: str | Path | None = None,
+        backend: str | None = None,
     ) -> None:
         self.ood_path = ood_path if ood_path is not None else os.environ.get("MELANOMA_OOD_PATH")
         self.models_dir = Path(models_dir or os.environ.get("MELANOMA_MODELS_DIR") or DEFAULT_MODELS_DIR)
         self.device = device
+        self.backend = backend or os.environ.get("MELANOMA_BACKEND") or "auto"
         self._lock = threading.RLock()
         self._loaded: dict[str, Classifier] = {}
         self.skipped: dict[str, str] = {}
@@ -272,5 +276,6 @@ class ModelCatalogue:
                 logger.info("Loading model %s from %s", model_id, self._sources[model_id])
                 source = self._sources[model_id]
                 card = parse_card(Path(source)) if Path(source).is_dir() else None
-                self._loaded[model_id] = Classifier(source, self.device, model_id=model_id, card=card)
+                self._loaded[model_id] = Classifier(source, self.device, model_id=model_id, card=card,
+                                                     backend=self.backend)
             return self._loaded[model_id]

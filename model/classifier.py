@@ -9,6 +9,13 @@ One stored calibration form: a fitted temperature is folded into the head weight
 of its logits; config.json records `folded_temperature` / `folded_head_temperatures` for the record
 only. An older folder that stores a temperature still to apply is migrated at load (`model.loading`).
 
+Backends (`model.onnx_backend`): "torch", "onnx" (the folder's fp32 ONNX graph), "onnx-int8" (its
+quantized graph) or "auto" (default: the fastest measured that meets the accuracy bar, recorded by
+`train/export_onnx.py` in onnx/export.json; torch for a folder without ONNX graphs). Every
+prediction (predict, forward_views, analyze's probabilities) runs on the chosen backend;
+explanations (attention rollout, Grad-CAM) and anything asking for attention weights run on the
+PyTorch model, which is always loaded.
+
 Inference is guarded by a lock: the Gradio worker threads and the REST background worker share
 one loaded classifier. Nothing here diagnoses anything: these are research/education models.
 """
@@ -31,6 +38,7 @@ from .decision import balanced_scores, decision_offsets
 from .geometry import processor_geometry
 from .labels import CRITERIA_LABELS, DX_NAMES, MELANOMA
 from .loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens
+from .onnx_backend import load_onnx, resolve_backend
 from .results import (
     Analysis,
     BatchProbabilities,
@@ -67,6 +75,7 @@ class Classifier:
         device: torch device for inference.
         model_id: the id results carry (default: the folder name, or the Hub id).
         card: what the model card says (`model.catalogue` reads it), or None.
+        backend: "auto", "torch", "onnx" or "onnx-int8" (module docstring); ONNX runs on the CPU.
 
     Attributes:
         id: model id; path: local folder or Hub id it was loaded from.
@@ -86,10 +95,11 @@ class Classifier:
         device: str | torch.device = "cpu",
         model_id: str | None = None,
         card: CardInfo | None = None,
+        backend: str = "auto",
     ) -> None:
         model, processor = load_classifier(source, torch.device(device))
         model_id = model_id or (Path(source).name if Path(source).is_dir() else str(source))
-        self._attach(model, processor, str(source), model_id, card)
+        self._attach(model, processor, str(source), model_id, card, backend)
 
     @classmethod
     def from_model(
@@ -102,10 +112,12 @@ class Classifier:
 
         migrate(model)
         classifier = cls.__new__(cls)
-        classifier._attach(model.eval(), processor, model_id, model_id, card)
+        classifier._attach(model.eval(), processor, model_id, model_id, card, "torch")
         return classifier
 
-    def _attach(self, model: torch.nn.Module, processor: Any, path: str, model_id: str, card: CardInfo | None) -> None:
+    def _attach(
+        self, model: torch.nn.Module, processor: Any, path: str, model_id: str, card: CardInfo | None, backend: str
+    ) -> None:
         self.path = path
         self.id = model_id
         self.model, self.processor = model, processor
@@ -135,6 +147,10 @@ class Classifier:
         self.num_prefix_tokens = num_prefix_tokens(self.config)
         self.num_layers = int(getattr(self.config, "num_hidden_layers", 0) or 0)
         self.uses_rollout = self.config.model_type in ROLLOUT_MODEL_TYPES
+        # ONNX Runtime serves the CPU; a model placed on an accelerator keeps PyTorch under "auto".
+        auto_torch = backend == "auto" and self.device.type != "cpu"
+        self.backend = "torch" if auto_torch else resolve_backend(path, backend)
+        self._onnx = None if self.backend == "torch" else load_onnx(path, self.backend, list(self.extra_heads))
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------------------- metadata
@@ -157,6 +173,7 @@ class Classifier:
             "melanoma_threshold": self.melanoma_threshold,
             "operating_points": asdict(self.operating_points) if self.operating_points else None,
             "explanation": "attention rollout" if self.uses_rollout else "Grad-CAM",
+            "backend": self.backend,
             "extra_heads": self.extra_heads,
             "num_layers": self.num_layers,
             "num_parameters": self.num_parameters,
@@ -195,13 +212,17 @@ class Classifier:
 
     def forward_views(self, pixel_values: torch.Tensor, tta: int = 1, attentions: bool = False) -> list[Any]:
         """The model's outputs for the first `tta` dihedral views (`model.tta.tta_views`) of (B, 3, H, W)
-        pixel values, identity first; with `attentions`, the identity view's output has them (rollout)."""
+        pixel values, identity first; with `attentions`, the identity view's output has them (rollout),
+        and every view runs on PyTorch (the ONNX graphs return logits only)."""
         with self._lock:
             return self._forward_views(pixel_values, tta, attentions)
 
-    def _forward_views(self, inputs: torch.Tensor, tta: int = 1, attentions: bool = False) -> list[Any]:
+    def _forward_views(self, inputs: torch.Tensor, tta: int = 1, attentions: bool = False, pixels: bool = True) -> list[Any]:
         inputs = inputs.to(self.device)
         with torch.inference_mode():
+            # The ONNX graphs take pixel values and return logits: stem features and attentions are PyTorch's.
+            if self._onnx is not None and pixels and not attentions:
+                return [self._onnx(view) for view in tta_views(inputs, tta)]
             return [
                 self.model(pixel_values=view, **({"output_attentions": True} if attentions and v == 0 else {}))
                 for v, view in enumerate(tta_views(inputs, tta))
@@ -240,7 +261,8 @@ class Classifier:
         chunks = []
         with self._lock, stem_bypassed(self.model, stem_names(self.model) if features else ()):
             for start in range(0, len(inputs), batch_size):
-                chunks.append(self.probabilities(self._forward_views(inputs[start : start + batch_size], tta)))
+                chunks.append(self.probabilities(self._forward_views(inputs[start : start + batch_size], tta,
+                                                                     pixels=not features)))
         return BatchProbabilities(
             torch.cat([c.dx for c in chunks]), {name: torch.cat([c.heads[name] for c in chunks]) for name in self.extra_heads}
         )
@@ -303,10 +325,11 @@ class Classifier:
     ) -> Analysis:
         """Prediction (extra heads included) + explanation for one RGB image.
 
-        ViT-like models: one forward with `output_attentions=True` gives the logits, the extra heads'
-        logits and the per-layer attentions (B, heads, N, N) for attention rollout. CNNs: a Grad-CAM
-        pass for the melanoma class (the verdict's number; the predicted class for a model without one),
-        which needs gradients, plus the probabilities from the same logits.
+        ViT-like models: a PyTorch forward with `output_attentions=True` gives the per-layer attentions
+        (B, heads, N, N) for attention rollout. CNNs: a PyTorch Grad-CAM pass for the melanoma class (the
+        verdict's number; the predicted class for a model without one), which needs gradients. The
+        probabilities come from the classifier's backend, as in `predict`, so one image scores the same
+        on every path.
         """
         from .rollout import attention_rollout, overlay_heatmap
 
@@ -320,10 +343,11 @@ class Classifier:
                 if not 0 <= int(start_layer) < max(self.num_layers, 1):
                     raise ValueError(f"start_layer must be in [0, {self.num_layers - 1}], got {start_layer}.")
                 with torch.inference_mode():
-                    out = self.model(pixel_values=pixel_values, output_attentions=True)
+                    traced = self.model(pixel_values=pixel_values, output_attentions=True)
+                    out = traced if self._onnx is None else self._onnx(pixel_values)
                 token_rows = ("cls", "dist") if self.num_prefix_tokens == 2 else ("cls",)
                 mask = attention_rollout(
-                    out.attentions,
+                    traced.attentions,
                     head_fusion=head_fusion,
                     discard_ratio=float(discard_ratio),
                     start_layer=int(start_layer),
@@ -338,7 +362,7 @@ class Classifier:
                 from .gradcam import grad_cam
 
                 with torch.inference_mode():
-                    out = self.model(pixel_values=pixel_values)
+                    out = self.model(pixel_values=pixel_values) if self._onnx is None else self._onnx(pixel_values)
                 # The class of the headline number: melanoma (the top class only without one).
                 if self.has_melanoma_class:
                     target, what = self.label2id[MELANOMA], "melanoma class"

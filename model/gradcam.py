@@ -50,7 +50,11 @@ def _features_and_logits(model: nn.Module, pixel_values: torch.Tensor, target_la
     """Run the model, returning the (B, C, h, w) target feature map and the (B, num_classes) logits."""
     timm_model = _timm_model(model) if target_layer is None else None
     if timm_model is not None:
-        features = timm_model.forward_features(pixel_values)
+        # The score's gradient is needed with respect to the feature map only: the backbone runs
+        # without autograd and only the head is differentiated (no backward pass through the CNN).
+        with torch.no_grad():
+            features = timm_model.forward_features(pixel_values)
+        features.requires_grad_(True)
         return features, timm_model.forward_head(features)
     if target_layer is None and isinstance(model, PreTrainedModel):
         # transformers CNNs: hidden_states[-1] is the last stage's (B, C, h, w) map (its last conv is pre-residual).

@@ -235,6 +235,41 @@ def test_melanoma_vit_card_snippets_use_remote_code_and_run(tiny_melanoma_vit_di
     assert "decision threshold: 0.3" in outputs[0]
 
 
+def test_card_describes_the_onnx_files_from_their_record_and_its_onnx_snippet_runs(evaluated_dir, ham_image_paths):
+    """With model.onnx + onnx/export.json (train/export_onnx.py) the card says what the files are, the int8
+    check per test split, and an ONNX Runtime snippet that gives the PyTorch probabilities."""
+    import numpy as np
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from model.onnx_export import EXPORT_RECORD, export_fp32
+
+    model = AutoModelForImageClassification.from_pretrained(evaluated_dir).eval()
+    export_fp32(model, evaluated_dir, (32, 32))
+    check = {"n": 10, "melanoma_auc_fp32": 0.8125, "melanoma_auc_int8": 0.6, "auc_difference": -0.2125,
+             "top_class_agreement": 0.9, "max_p_mel_difference": 0.1, "passed": False}  # SYNTHETIC TEST INPUT
+    (evaluated_dir / "onnx").mkdir()
+    (evaluated_dir / EXPORT_RECORD).write_text(json.dumps({
+        "command": "python train/export_onnx.py models --write", "default_backend": "onnx",
+        "fp32": {"file": "model.onnx", "outputs": ["logits"], "opset": 17, "exporter": "torch.onnx.export",
+                 "max_probability_difference_vs_torch": 3e-7},
+        "int8": {"mode": "dynamic", "weights": "int8", "checks": {"ham10000": check}, "passed": False, "shipped": False,
+                 "why": "missed the accuracy bar", "bar": "the bar"}}))
+    text = render_model_card(evaluated_dir, model_name="tiny", repo_id="someone/tiny").text
+    assert "### With ONNX Runtime (CPU)" in text and "There is no int8 graph: dynamic quantization missed the accuracy bar" in text
+    assert "| ham10000 | 10 | 0.8125 | 0.6000 | 90.0% | no |" in text and "3.0e-07" in text
+    assert "model_quantized.onnx" not in text
+    code = re.findall(r"```python\n(.*?)```", text, flags=re.S)[-1]
+    code = code.replace('snapshot_download("someone/tiny")', repr(str(evaluated_dir)))
+    code = code.replace('Image.open("lesion.jpg")', f"Image.open({str(ham_image_paths[0])!r})")
+    scope: dict = {}
+    exec(compile(code, "<onnx snippet>", "exec"), scope)
+    processor = AutoImageProcessor.from_pretrained(evaluated_dir)
+    with torch.no_grad():
+        x = processor(images=Image.open(ham_image_paths[0]).convert("RGB"), return_tensors="pt")["pixel_values"]
+        expected = model(pixel_values=x).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(scope["probs"], expected, atol=1e-5)
+
+
 def test_timm_baseline_card_reads_label_names_and_its_snippets_run(tmp_path, ham_image_paths):
     """TimmWrapper folders (the CNN baselines) store labels as `label_names` and preprocessing in config.json."""
     import timm

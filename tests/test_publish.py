@@ -173,6 +173,38 @@ def test_publish_validates_then_creates_then_uploads(folder, monkeypatch):
     assert "__pycache__/*" in upload["ignore_patterns"]
 
 
+def test_publish_adds_the_hub_convention_onnx_files(folder, monkeypatch, tmp_path):
+    """A folder with model.onnx (weights in model.safetensors) gets onnx/model.onnx + onnx/model.onnx_data
+    on the Hub, and that pair runs in ONNX Runtime as a downloaded snapshot lays it out."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import ViTForImageClassification
+
+    from model.onnx_export import export_fp32
+
+    model = ViTForImageClassification.from_pretrained(folder).eval()
+    export_fp32(model, folder, (32, 32))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    api = RecordingApi()
+    commits = []
+    api.create_commit = lambda **kwargs: commits.append(kwargs) or "https://huggingface.co/me/tiny/commit/def"
+    assert publish.publish(folder, "me/tiny", token="hf_test", api=api).endswith("/commit/def")
+    (operations,) = [c["operations"] for c in commits]
+    assert [op.path_in_repo for op in operations] == ["onnx/model.onnx", "onnx/model.onnx_data"]
+    snapshot = tmp_path / "snapshot" / "onnx"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.onnx").write_bytes(operations[0].path_or_fileobj)
+    shutil.copy(operations[1].path_or_fileobj, snapshot / "model.onnx_data")
+    assert Path(operations[1].path_or_fileobj) == folder / "model.safetensors"
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    (logits,) = ort.InferenceSession(str(snapshot / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": x})
+    with torch.inference_mode():
+        expected = model(pixel_values=torch.from_numpy(x)).logits.numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
 def test_invalid_folder_never_reaches_the_hub(folder, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     _add_bin(folder)

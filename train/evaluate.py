@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "threshold in the model folder")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--backend", default="torch",
+                        help="torch, onnx, onnx-int8 or auto (model/onnx_backend.py); default torch, the reference the cards report")
     return parser
 
 
@@ -561,6 +563,7 @@ class EvalArgs:
     write_config: bool = False
     bootstrap: int = 1000  # AUC CI resamples
     device: str = "cpu"
+    backend: str = "torch"  # auto, torch, onnx, onnx-int8 (model.onnx_backend)
 
     def __post_init__(self) -> None:
         if not 1 <= self.tta <= 8:
@@ -585,7 +588,7 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    classifier = Classifier(args.model, args.device)
+    classifier = Classifier(args.model, args.device, backend=args.backend)
     net, processor = classifier.model, classifier.processor
     names = model_labels(net.config)
     if MELANOMA not in names:

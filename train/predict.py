@@ -55,7 +55,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "'none' turns the check off)")
     parser.add_argument("--max_side", type=int, default=1024,
                         help="decode images down to this side first, as the app does (0 = full size)")
-    parser.add_argument("--num_threads", type=int, default=None, help="torch threads per process")
+    parser.add_argument("--num_threads", type=int, default=None, help="torch (and ONNX Runtime) threads per process")
+    parser.add_argument("--backend", default="auto",
+                        help="auto (default): the folder's fastest measured backend that meets the accuracy bar (onnx/export.json); "
+                        "onnx / onnx-int8: its ONNX graphs on ONNX Runtime (CPU); torch: PyTorch. Explanations: PyTorch")
     parser.add_argument("--cpu", action="store_true",
                         help="run on the CPU even with a GPU; several CPU processes need a distributed launch "
                         "(`accelerate launch --multi_gpu --num_processes N ... --cpu`, or torchrun)")
@@ -317,7 +320,7 @@ def predict(args: argparse.Namespace, accelerator: Accelerator) -> pd.DataFrame 
     table (also written to predictions.csv), elsewhere None."""
     output_dir = Path(args.output_dir)
     source = RecordSource(args.data, args.split)
-    entry = Classifier(args.model, accelerator.device, model_id=model_id(args.model))
+    entry = Classifier(args.model, accelerator.device, model_id=model_id(args.model), backend=args.backend)
     detector = load_detector(args.ood, accelerator.device)
     columns = columns_for(entry)
     if not args.resume and (output_dir / PARTS).is_dir() and any((output_dir / PARTS).iterdir()):

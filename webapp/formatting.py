@@ -192,6 +192,14 @@ def metric_name(metric: CardMetric) -> str:
     return (row.index_name or row.label).format(threshold=percent(float(metric.args["threshold"])))
 
 
+# What each inference backend is (model/onnx_backend.py), for the model details.
+BACKEND_TEXT = {
+    "torch": "PyTorch",
+    "onnx": "ONNX Runtime, fp32 graph (same probabilities as PyTorch)",
+    "onnx-int8": "ONNX Runtime, int8 graph (checked against fp32 on three test sets)",
+}
+
+
 def model_details_markdown(entry: Classifier) -> str:
     """The model's facts as a two-column table: what it is, its calibration and threshold, where it
     comes from, and its headline metrics (model/metrics_schema.py's table picks which)."""
@@ -202,6 +210,7 @@ def model_details_markdown(entry: Classifier) -> str:
         ("Parameters", f"{info['num_parameters'] / 1e6:.2f} M"),
         ("Input", f"{info['img_size']}x{info['img_size']} px"),
         ("Classes", str(info["out_dim"])),
+        ("Inference", BACKEND_TEXT.get(info["backend"], info["backend"])),
         ("Explanation", info["explanation"]),
         ("Calibration", _temperature_text(info)),
         ("Melanoma threshold", f"{percent(info['melanoma_threshold'])} on P(mel), {THRESHOLD_RULE}"),
