@@ -335,7 +335,16 @@ def test_batch_of_24_folds_the_upload_list_and_shows_the_whole_gallery(browser, 
         assert last.evaluate(
             "el => el.querySelector('.caption-label').getBoundingClientRect().top >= el.querySelector('img').getBoundingClientRect().bottom - 1"
         )
+        # The results table: every row without a scroll box of its own; on a desktop every column fits.
+        table = page.locator("#batch-table")
+        expect(table.get_by_text(Path(files[23]).name, exact=True)).to_be_visible()  # every row rendered
+        assert table.evaluate(NESTED_SCROLLERS_JS) == []
+        if width >= 1000:
+            overflowing = table.evaluate("t => [...t.querySelectorAll('*')].filter(e => e.scrollWidth > e.clientWidth + 1 "
+                                         "&& /(auto|scroll|hidden)/.test(getComputedStyle(e).overflowX)).length")
+            assert overflowing == 0
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        table.screenshot(path=str(SCREENSHOTS / f"batch_24_table_{width}px.png"))
         gallery.screenshot(path=str(SCREENSHOTS / f"batch_24_gallery_{width}px.png"))
         page.screenshot(path=str(SCREENSHOTS / f"batch_24_{width}px.png"), full_page=True)
     finally:

@@ -92,8 +92,10 @@ PAGE_CSS = """
   position: static; max-width: none; white-space: normal; text-align: center; opacity: 1;
   border: 0; border-top: 1px solid var(--border-color-primary); border-radius: 0;
 }
+#batch-table th, #batch-table td, #batch-table th *, #batch-table td * { word-break: normal !important; overflow-wrap: normal !important; }
 @media (max-width: 600px) {
   #ranked-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
+  #batch-table th, #batch-table td, #batch-table th *, #batch-table td * { white-space: nowrap !important; }
 }
 """
 
@@ -460,7 +462,9 @@ def batch_tab(ctx: AppContext, model_choice: gr.Dropdown, example_paths: list[st
             sel_plain = gr.Image(label="Image", type="pil", interactive=False)
         sel_probs = gr.Markdown()
         sel_heatmap = gr.Image(label="Explanation", interactive=False)
-    table = gr.Dataframe(label="Results", interactive=False)
+    # Rows grow with the page (no scroll box of 12 rows inside the page's scroll) and cells wrap, so
+    # every column fits beside the gallery on a desktop; a phone scrolls the table sideways only.
+    table = gr.Dataframe(label="Results", interactive=False, wrap=True, max_height=100_000, elem_id="batch-table")
     csv_out = gr.File(label="All results (CSV)")
     batch_state = gr.State(time_to_live=STATE_TTL_S)
     files_in.change(fold_uploads, inputs=[files_in], outputs=[uploads], api_visibility="private")
