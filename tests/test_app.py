@@ -1053,3 +1053,53 @@ def test_model_picker_labels_are_plain_and_fit_a_phone():
     assert labels["melanoma-vit-hybrid"] == "melanoma-vit-hybrid · CNN+ViT, checklist"
     assert labels["resnet18"] == "resnet18 · CNN"  # transformers' own ResNet: the model itself, not a copy
     assert all(len(label) <= 40 for label in labels.values()), labels
+
+
+def test_partial_files_of_broken_uploads_are_swept(tmp_path_factory, fixtures_dir, ham_image_paths, tmp_path, monkeypatch):
+    """Issue 19: an upload whose client goes away mid-body leaves Gradio's partial `tmp*` file in the
+    upload folder for good. Once it is stale, the next upload removes it; a completed upload and a
+    fresh partial file (an upload still in progress) are kept."""
+    import os
+    import socket
+    import time
+
+    import app as app_module
+    from model.catalogue import ModelCatalogue
+
+    upload_dir = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(upload_dir))
+    zoo = ModelCatalogue(models_dir=shared_tiny_models(tmp_path_factory, fixtures_dir), hub_ids=[], ood_path="none")
+    demo, fastapi_app = app_module.build_app(zoo)
+    server, thread = serve_in_thread(fastapi_app, port=app_module.free_port())
+    port = server.config.port
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        boundary = "b0undary"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.jpg\"\r\n"
+                "Content-Type: image/jpeg\r\n\r\n").encode()
+        body = head + os.urandom(2 * 2**20)  # 2 MiB of a declared 8 MiB, then the client goes away
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall((f"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                          f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                          f"Content-Length: {8 * 2**20}\r\n\r\n").encode() + body)
+            time.sleep(1.0)
+        deadline = time.monotonic() + 10
+        while not (partial := [p for p in upload_dir.glob("tmp*") if p.is_file()]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert partial, "the broken upload left no partial file: nothing to sweep (Gradio changed?)"
+        sizes = None  # wait until the server has written all it received and noticed the disconnect
+        while sizes != (sizes := [p.stat().st_size for p in partial]) or sizes is None:
+            time.sleep(1.0)
+        old = time.time() - 3600
+        for p in partial:
+            os.utime(p, (old, old))
+        fresh = upload_dir / "tmpinprogress"
+        fresh.write_bytes(b"x" * 10)
+        done = httpx.post(url + "gradio_api/upload", files={"files": ("a.jpg", ham_image_paths[0].read_bytes())})
+        assert done.status_code == 200
+        assert not any(p.exists() for p in partial), ([(p, p.stat().st_mtime, time.time()) for p in partial if p.exists()], sorted(os.listdir(upload_dir)))
+        assert fresh.exists()
+        assert Path(done.json()[0]).is_file()  # the completed upload stays
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

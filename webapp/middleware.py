@@ -4,8 +4,10 @@ cross-site (Origin) check, and the rule that Gradio endpoints only read files up
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -13,6 +15,8 @@ from gradio.utils import is_in_or_equal
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model.imageio import format_bytes
+
+logger = logging.getLogger(__name__)
 
 
 async def _answer(send: Send, status: int, detail: str, close: bool = False) -> None:
@@ -161,10 +165,37 @@ class UploadedFilesOnlyMiddleware:
 
     REFUSED = "Files must be uploaded to this app first (POST /gradio_api/upload); other paths are refused."
 
-    def __init__(self, app: ASGIApp, upload_dir: str, prefix: str = "/gradio_api/", max_json_bytes: int = 2**20):
+    def __init__(self, app: ASGIApp, upload_dir: str, prefix: str = "/gradio_api/", max_json_bytes: int = 2**20,
+                 stale_upload_s: float = 600.0):
         self.app, self.prefix, self.max_json_bytes = app, prefix, max_json_bytes
         self.upload_dir = os.path.realpath(upload_dir)
         self.exempt = {prefix + "upload", prefix + "upload/"}
+        self.stale_upload_s = stale_upload_s
+
+    def sweep_broken_uploads(self) -> list[str]:
+        """Delete the partial files of uploads that never completed; returns their names.
+
+        Gradio streams each upload into `tmp*` at the top of its upload folder and moves it into a
+        folder of its own when the request completes; a request cut off by the size limit, a client
+        that went away or a malformed form leaves that file behind for good (up to the request limit
+        each). A loose `tmp*` file not written to for `stale_upload_s` is such a leftover (an upload in
+        progress keeps writing to its file)."""
+        removed = []
+        cutoff = time.time() - self.stale_upload_s
+        try:
+            entries = list(os.scandir(self.upload_dir))
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            try:
+                if entry.name.startswith("tmp") and entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+            except FileNotFoundError:
+                continue  # another request swept it
+        if removed:
+            logger.info("removed %d partial upload file(s) left by broken uploads", len(removed))
+        return removed
 
     def uploaded(self, path: Any) -> bool:
         """True for a path string whose real location (symlinks and `..` resolved) is in the upload folder."""
@@ -174,6 +205,11 @@ class UploadedFilesOnlyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
+        if scope["type"] == "http" and scope["method"] == "POST" and path in self.exempt:
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                self.sweep_broken_uploads()
         if not (scope["type"] == "http" and scope["method"] == "POST" and path.startswith(self.prefix)
                 and path not in self.exempt):
             return await self.app(scope, receive, send)
