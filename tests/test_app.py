@@ -1068,6 +1068,7 @@ def test_partial_files_of_broken_uploads_are_swept(tmp_path_factory, fixtures_di
 
     upload_dir = tmp_path / "gradio"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(upload_dir))
+    monkeypatch.setenv("MELANOMA_STALE_UPLOAD_S", "2")
     zoo = ModelCatalogue(models_dir=shared_tiny_models(tmp_path_factory, fixtures_dir), hub_ids=[], ood_path="none")
     demo, fastapi_app = app_module.build_app(zoo)
     server, thread = serve_in_thread(fastapi_app, port=app_module.free_port())
@@ -1087,17 +1088,16 @@ def test_partial_files_of_broken_uploads_are_swept(tmp_path_factory, fixtures_di
         while not (partial := [p for p in upload_dir.glob("tmp*") if p.is_file()]) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert partial, "the broken upload left no partial file: nothing to sweep (Gradio changed?)"
-        sizes = None  # wait until the server has written all it received and noticed the disconnect
-        while sizes != (sizes := [p.stat().st_size for p in partial]) or sizes is None:
-            time.sleep(1.0)
-        old = time.time() - 3600
-        for p in partial:
-            os.utime(p, (old, old))
+        # stale = not written to for 2 s here ($MELANOMA_STALE_UPLOAD_S): wait until the server has
+        # stopped writing the partial file (it may still drain what it received) for longer than that
+        deadline = time.monotonic() + 60
+        while any(time.time() - p.stat().st_mtime < 3 for p in partial) and time.monotonic() < deadline:
+            time.sleep(0.5)
         fresh = upload_dir / "tmpinprogress"
         fresh.write_bytes(b"x" * 10)
         done = httpx.post(url + "gradio_api/upload", files={"files": ("a.jpg", ham_image_paths[0].read_bytes())})
         assert done.status_code == 200
-        assert not any(p.exists() for p in partial), ([(p, p.stat().st_mtime, time.time()) for p in partial if p.exists()], sorted(os.listdir(upload_dir)))
+        assert not any(p.exists() for p in partial)
         assert fresh.exists()
         assert Path(done.json()[0]).is_file()  # the completed upload stays
     finally:

@@ -99,7 +99,7 @@ def build_app(
         messages={"/predict": f"File is larger than the {format_bytes(max_upload_bytes)} limit."},
     )
     # Gradio calls name their input files by server path: only uploads to this app are read.
-    app.add_middleware(UploadedFilesOnlyMiddleware, upload_dir=get_upload_folder())
+    app.add_middleware(UploadedFilesOnlyMiddleware, upload_dir=get_upload_folder(), stale_upload_s=settings.stale_upload_s)
     app.add_middleware(OriginCheckMiddleware, allowed=settings.allowed_origins)
     app.add_middleware(NoSniffMiddleware)
     return demo, app

@@ -28,7 +28,8 @@ class AppSettings:
     holds ($MELANOMA_MAX_QUEUED_BYTES, default 512 MiB). task_ttl_s: seconds REST results are kept.
     max_upload_bytes: largest accepted file. max_request_bytes: largest bulk request body.
     cache_ttl_s: seconds uploads, thumbnails and batch CSVs are kept. allowed_origins: other sites
-    whose pages may POST here.
+    whose pages may POST here. stale_upload_s: seconds after which a partial file of an upload that
+    never completed is removed ($MELANOMA_STALE_UPLOAD_S, default 600).
     """
 
     max_queued_images: int = MAX_QUEUED_IMAGES
@@ -38,6 +39,7 @@ class AppSettings:
     max_request_bytes: int = MAX_REQUEST_BYTES
     cache_ttl_s: float = 3600.0
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    stale_upload_s: float = 600.0
 
     @classmethod
     def from_env(
@@ -62,6 +64,7 @@ class AppSettings:
             max_request_bytes=max_request_bytes or int(env("MELANOMA_MAX_REQUEST_BYTES", MAX_REQUEST_BYTES)),
             cache_ttl_s=cache_ttl_s or float(env("MELANOMA_CACHE_TTL_S", 3600)),
             allowed_origins=tuple(origin for origin in allowed_origins if origin.strip()),
+            stale_upload_s=float(env("MELANOMA_STALE_UPLOAD_S", 600)),
         )
 
 
