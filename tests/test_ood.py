@@ -171,14 +171,18 @@ def test_bad_inputs_raise_value_errors(detector: OODDetector) -> None:
 
 def test_shipped_clinical_test_meets_its_measured_targets(detector: OODDetector) -> None:
     """The detector ships with the rates bench/bench_clinical.py measured: clinical photographs it
-    was not fitted on warned >= 98 %, each dermoscopy test set <= 1 % (ISIC 2017: 1.2 % measured,
-    7 of 600, one image over the target)."""
+    was not fitted on warned >= 98 %, each dermoscopy test set <= 1 % (ISIC 2017: 6 of 600, at the
+    target), with the operating point chosen on validation only (`--val-budget 0.01`)."""
     assert detector.clinical_weight is not None and detector.clinical_weight.shape == (1280,)
     assert 0 < detector.clinical_caution <= detector.clinical_clear < 1
     rates = detector.config["measured_warning_rates"]
     assert rates["sd198_heldout"]["n"] >= 400 and rates["sd198_heldout"]["warned"] >= 0.98
-    for name, n, most in (("ham_test", 1497, 0.01), ("isic_test", 600, 7 / 600), ("d7_test", 252, 0.01)):
-        assert rates[name]["n"] == n and rates[name]["warned"] <= most + 1e-9, (name, rates[name])
+    for name, n in (("ham_test", 1497), ("isic_test", 600), ("d7_test", 252)):
+        assert rates[name]["n"] == n and rates[name]["warned"] <= 0.01 + 1e-9, (name, rates[name])
+    # The operating point came from validation: every held-out dermoscopy source within the target.
+    assert "--val-budget 0.01" in detector.config["clinical_fit_command"]
+    for name in ("ham_val", "isic_val", "d7_val"):
+        assert rates[name]["warned"] <= 0.01 + 1e-9, (name, rates[name])
 
 
 def test_verdicts_are_graded() -> None:
