@@ -37,6 +37,7 @@ from .calibration import folded_head_temperatures, folded_temperature
 from .decision import balanced_scores, decision_offsets
 from .geometry import processor_geometry
 from .labels import CRITERIA_LABELS, DX_NAMES, MELANOMA
+from .metadata_model import FIELDS, SEXES, SITES, Metadata, metadata_model
 from .loading import ROLLOUT_MODEL_TYPES, load_classifier, num_prefix_tokens
 from .onnx_backend import load_onnx, resolve_backend
 from .results import (
@@ -45,6 +46,7 @@ from .results import (
     CardInfo,
     HeadResults,
     ImageResult,
+    MetadataScore,
     ModelMetadata,
     OperatingPoints,
     Prediction,
@@ -137,6 +139,8 @@ class Classifier:
         threshold = getattr(self.config, "melanoma_threshold", None)
         self.melanoma_threshold = float(threshold) if threshold is not None else 0.5
         self.operating_points = OperatingPoints.from_config(getattr(self.config, "melanoma_operating_points", None))
+        # Age / sex / site as optional inputs to P(mel) (model.metadata_model), None when not fitted.
+        self.metadata_model = metadata_model(self.config)
         self.has_melanoma_class = MELANOMA in self.id2label.values()
         self.label2id: dict[str, int] = {code: i for i, code in self.id2label.items()}
         self.extra_heads: dict[str, list[str]] = dict(getattr(self.config, "extra_heads", None) or {})
@@ -175,6 +179,9 @@ class Classifier:
             "explanation": "attention rollout" if self.uses_rollout else "Grad-CAM",
             "backend": self.backend,
             "extra_heads": self.extra_heads,
+            # Optional age / sex / site inputs (REST /predict query parameters) when fitted, else None.
+            "metadata_inputs": {"fields": list(FIELDS), "sexes": list(SEXES), "sites": list(SITES)}
+            if self.metadata_model is not None else None,
             "num_layers": self.num_layers,
             "num_parameters": self.num_parameters,
             "license": card.license if card else None,
@@ -189,9 +196,11 @@ class Classifier:
         }
 
     def result(
-        self, name: str, prediction: Prediction, ood: OODResult | None = None, explanation: str | None = None
+        self, name: str, prediction: Prediction, ood: OODResult | None = None, explanation: str | None = None,
+        patient: Metadata | None = None,
     ) -> ImageResult:
-        """One image's typed result: `prediction` with this model's labels, threshold and metadata."""
+        """One image's typed result: `prediction` with this model's labels, threshold and metadata;
+        with `patient` (age / sex / site) and a fitted metadata regression, also P(mel) with them."""
         top = prediction.label
         return ImageResult(
             name=name,
@@ -202,7 +211,17 @@ class Classifier:
             ood=ood,
             explanation=explanation,
             operating_points=self.operating_points,
+            with_metadata=self.with_metadata(prediction, patient),
         )
+
+    def with_metadata(self, prediction: Prediction, patient: Metadata | None) -> MetadataScore | None:
+        """P(mel) from the image and `patient`'s fields (`model.metadata_model`); None without a
+        fitted regression, a melanoma class or any field given."""
+        p_mel = prediction.probabilities.get(MELANOMA)
+        if self.metadata_model is None or patient is None or patient.empty or p_mel is None:
+            return None
+        probability = float(self.metadata_model.probability(p_mel, patient)[0])
+        return MetadataScore(patient.to_json(), probability, self.metadata_model.threshold)
 
     # ---------------------------------------------------------------------------- inference
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:

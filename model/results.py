@@ -141,6 +141,19 @@ class OperatingPoints:
 
 
 @dataclass
+class MetadataScore:
+    """P(melanoma) from the image and the patient's age / sex / site (`model.metadata_model`)."""
+
+    inputs: dict[str, Any]  # age, sex, site as given (None: unknown)
+    probability: float
+    threshold: float | None  # its own threshold (95 % validation sensitivity), None when not fitted
+
+    @property
+    def above_threshold(self) -> bool | None:
+        return None if self.threshold is None else bool(self.probability >= self.threshold)
+
+
+@dataclass
 class ImageResult:
     """One image's result as it travels from the classifier through the app; JSON only via `to_json`
     (REST responses, the Gradio JSON output); batch CSV rows read the attributes."""
@@ -153,6 +166,7 @@ class ImageResult:
     ood: OODResult | None = None  # None without an OOD detector
     explanation: str | None = None  # the explanation method, when one was computed
     operating_points: OperatingPoints | None = None  # None for a model without them
+    with_metadata: MetadataScore | None = None  # P(mel) with age / sex / site, when given and the model has it
 
     @property
     def probabilities(self) -> dict[str, float]:
@@ -215,6 +229,9 @@ class ImageResult:
         Models with extra heads add `heads` ({head: {label: probability}}) and, with every criterion
         head, `seven_point` (score, threshold, suggests_melanoma, criteria: {criterion: P(pattern)});
         other models' records have neither key. `explanation` only when one was computed.
+        `with_metadata` (inputs, probability, threshold, above_threshold) only when the caller gave
+        age / sex / site, the model has a fitted metadata regression and the image is not flagged as
+        clearly not dermoscopy.
         """
         result: dict[str, Any] = {
             "name": self.name,
@@ -241,6 +258,10 @@ class ImageResult:
                     "suggests_melanoma": seven.suggests_melanoma,
                     "criteria": seven.criteria,
                 }
+        if self.with_metadata is not None and not self.warning:
+            result["with_metadata"] = {
+                **asdict(self.with_metadata), "above_threshold": self.with_metadata.above_threshold,
+            }
         result["ood"] = self.ood.to_dict() if self.ood is not None else None
         result["warning"] = self.warning
         result["caution"] = self.caution

@@ -15,7 +15,14 @@ set. Row i goes to process i % num_processes; each process appends its rows to
 process merges the parts into `predictions.csv`: scored rows ranked by P(melanoma) (rank 1 =
 highest), then the error rows. The output folder must be visible to every process (one machine,
 or a shared disk). Columns: rank, index (input row), id, path, label (dx code when the data has
-labels), the model's columns (`model.records.result_columns`), error.
+labels), patient, the model's columns (`model.records.result_columns`), error.
+
+When the model has an age / sex / site regression (`model.metadata_model`, fitted by
+train/fit_metadata.py) and the data records any of those fields (columns age / age_approximate,
+sex, site / localization / anatom_site_general; a HAM10000 or ISIC 2017 folder's own metadata),
+the rows also get age, sex, site (as given), melanoma_probability_with_metadata,
+above_threshold_with_metadata (its own validation threshold) and metadata_error (a value the model
+cannot read; the image is still scored). The ranking stays by the image's P(melanoma).
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ from model.ood import (  # noqa: E402
     DEFAULT_OOD_PATH, NOT_DERMOSCOPY, OODDetector, create_feature_extractor, load_ood_detector,
 )
 from model.ood import preprocess as ood_preprocess  # noqa: E402
+from model.metadata_model import Metadata, MetadataError  # noqa: E402
 from model.records import csv_safe, result_columns, result_row  # noqa: E402
 from model.classifier import Classifier  # noqa: E402
 from train.stream import ImageRecord, RecordSource  # noqa: E402
@@ -99,6 +107,10 @@ logger = logging.getLogger("predict")
 PARTS = "parts"
 PREDICTIONS = "predictions.csv"
 ROW_COLUMNS = ("rank", "index", "id", "path", "label", "patient")
+# With a model that has an age / sex / site regression (model.metadata_model) and data that records
+# any of those fields: the fields as given, P(mel) with them, its flag, and why a value was not read.
+FIELD_COLUMNS = ("age", "sex", "site")
+WITH_METADATA_COLUMNS = ("melanoma_probability_with_metadata", "above_threshold_with_metadata", "metadata_error")
 # Added after ranking when the data names patients: the lesion among its patient's lesions.
 PATIENT_CONTEXT_COLUMNS = ("patient_lesions", "patient_rank", "patient_relative_logit")
 
@@ -171,9 +183,40 @@ def _worker_init(_: int) -> None:
 # ------------------------------------------------------------------------------------ output
 
 
-def columns_for(entry: Classifier) -> list[str]:
-    """predictions.csv's header for `entry`."""
+def columns_for(entry: Classifier, fields: bool = False) -> list[str]:
+    """predictions.csv's header for `entry`; `fields`: the data records age / sex / site and the
+    model can use them (`uses_fields`)."""
+    if fields:
+        return [*ROW_COLUMNS, *FIELD_COLUMNS, *result_columns(entry), *WITH_METADATA_COLUMNS, "error"]
     return [*ROW_COLUMNS, *result_columns(entry), "error"]
+
+
+def uses_fields(entry: Classifier, source: RecordSource) -> bool:
+    return entry.metadata_model is not None and source.has_fields()
+
+
+def patient_fields(record: ImageRecord) -> tuple[Metadata | None, str]:
+    """The record's age / sex / site read for the model, or (None, why not) for a value it refuses."""
+    if record.fields is None:
+        return None, ""
+    try:
+        return Metadata.parse(*record.fields), ""
+    except MetadataError as err:
+        return None, str(err)
+
+
+def with_metadata_cells(record: ImageRecord, result: Any) -> dict[str, Any]:
+    """The FIELD_COLUMNS and WITH_METADATA_COLUMNS cells of one scored row."""
+    given = record.fields or ("", "", "")
+    cells: dict[str, Any] = {name: csv_safe(value) for name, value in zip(FIELD_COLUMNS, given)}
+    patient, problem = patient_fields(record)
+    score = result.with_metadata if result is not None and not result.warning else None
+    cells.update({
+        "melanoma_probability_with_metadata": score.probability if score else None,
+        "above_threshold_with_metadata": score.above_threshold if score else None,
+        "metadata_error": csv_safe(problem),
+    })
+    return cells
 
 
 def _record_cells(record: ImageRecord) -> dict[str, Any]:
@@ -286,16 +329,20 @@ def add_patient_context(ranked: pd.DataFrame, lesions: pd.Series) -> pd.DataFram
 # ----------------------------------------------------------------------------------- scoring
 
 
-def score_batch(entry: Classifier, detector: OODDetector | None, batch: Batch, tta: int) -> list[dict[str, Any]]:
-    """The CSV rows of one batch: calibrated probabilities averaged over `tta` dihedral views."""
-    rows = [{**_record_cells(record), "error": csv_safe(error)} for record, error in batch.failed]
+def score_batch(entry: Classifier, detector: OODDetector | None, batch: Batch, tta: int,
+                fields: bool = False) -> list[dict[str, Any]]:
+    """The CSV rows of one batch: calibrated probabilities averaged over `tta` dihedral views; with
+    `fields`, also P(mel) with each row's age / sex / site (`columns_for`)."""
+    rows = [{**_record_cells(record), **(with_metadata_cells(record, None) if fields else {}), "error": csv_safe(error)}
+            for record, error in batch.failed]
     if not batch.scored:
         return rows
     predictions = entry.predict_pixel_values(batch.pixel_values, tta)
     oods = detector.score_pixel_values(batch.ood_pixel_values) if detector is not None else [None] * len(predictions)
     for record, prediction, ood in zip(batch.scored, predictions, oods):
-        result = entry.result(record.id, prediction, ood)
-        rows.append({**_record_cells(record), **result_row(result), "error": ""})
+        result = entry.result(record.id, prediction, ood, patient=patient_fields(record)[0] if fields else None)
+        extra = with_metadata_cells(record, result) if fields else {}
+        rows.append({**_record_cells(record), **result_row(result), **extra, "error": ""})
     return rows
 
 
@@ -322,7 +369,8 @@ def predict(args: argparse.Namespace, accelerator: Accelerator) -> pd.DataFrame 
     source = RecordSource(args.data, args.split)
     entry = Classifier(args.model, accelerator.device, model_id=model_id(args.model), backend=args.backend)
     detector = load_detector(args.ood, accelerator.device)
-    columns = columns_for(entry)
+    fields = uses_fields(entry, source)
+    columns = columns_for(entry, fields)
     if not args.resume and (output_dir / PARTS).is_dir() and any((output_dir / PARTS).iterdir()):
         raise FileExistsError(f"{output_dir / PARTS} already holds predictions: pass --resume, or a fresh --output_dir")
     if args.resume and accelerator.is_main_process:
@@ -343,7 +391,7 @@ def predict(args: argparse.Namespace, accelerator: Accelerator) -> pd.DataFrame 
     start, n_rows = time.perf_counter(), 0
     try:
         for batch in loader:
-            writer.write(score_batch(entry, detector, batch, args.tta))
+            writer.write(score_batch(entry, detector, batch, args.tta, fields))
             n_rows += len(batch.scored) + len(batch.failed)
             progress.update(len(batch.scored) + len(batch.failed))
     finally:

@@ -37,6 +37,13 @@ ARROW_CHUNK_ROWS = 256
 ID_COLUMNS = ("image_id", "case_id", "id")
 LABEL_COLUMNS = ("dx", "label", "labels", "diagnosis")
 PATIENT_COLUMNS = ("patient_id", "patient")  # which person a lesion belongs to (predict.py's patient context)
+# The patient's age / sex / anatomical site (model.metadata_model's optional inputs), by the names
+# the sources use: the first present column of each tuple is read.
+FIELD_COLUMNS = {
+    "age": ("age", "age_approximate", "age_approx"),
+    "sex": ("sex",),
+    "site": ("site", "localization", "anatom_site_general", "anatom_site_general_challenge"),
+}
 SPLIT_ALIASES = {name: {"validation", "val", "valid"} for name in ("validation", "val", "valid")}
 
 
@@ -50,7 +57,8 @@ class ImageRecord:
     label: the row's dx code when the data labels it (HAM10000 codes; ISIC 2017 / HAM10000 long
         names are mapped), else None. image: what `load_image` reads (a path, or a datasets
         `{"bytes", "path"}` value). patient: the person the lesion belongs to, when the data has a
-        `patient_id` / `patient` column, else None.
+        `patient_id` / `patient` column, else None. fields: the patient's (age, sex, site) as the
+        data writes them ("" where a column is missing or empty), None when the data has none of them.
     """
 
     index: int
@@ -59,6 +67,17 @@ class ImageRecord:
     label: str | None
     image: Any
     patient: str | None = None
+    fields: tuple[str, str, str] | None = None
+
+
+def field_columns(columns: Any) -> dict[str, str]:
+    """field -> the data's column for it (`FIELD_COLUMNS`), for the fields the columns have."""
+    found = {field: next((c for c in names if c in columns), None) for field, names in FIELD_COLUMNS.items()}
+    return {field: column for field, column in found.items() if column is not None}
+
+
+def _text(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value).strip()
 
 
 def _dx_or_none(name: Any) -> str | None:
@@ -146,11 +165,13 @@ class RecordSource:
         id_col = next((c for c in ID_COLUMNS if c in columns), None)
         label_col = next((c for c in LABEL_COLUMNS if c in columns), None)
         patient_col = next((c for c in PATIENT_COLUMNS if c in columns), None)
+        fields = field_columns(columns)
         # os.path, not pathlib, per row: pathlib interns every path component for good, so memory
         # would grow with the number of rows.
         root = os.path.dirname(self.spec)
         index = 0
-        for chunk in self._csv_chunks(usecols=[c for c in ("path", id_col, label_col, patient_col) if c]):
+        wanted = dict.fromkeys(c for c in ("path", id_col, label_col, patient_col, *fields.values()) if c)
+        for chunk in self._csv_chunks(usecols=list(wanted)):
             for row in chunk.itertuples(index=False):
                 values = row._asdict()
                 raw = values["path"].strip()
@@ -159,8 +180,31 @@ class RecordSource:
                 image_id = values[id_col] if id_col and values[id_col] else stem or f"row{index}"
                 label = _dx_or_none(values[label_col]) if label_col else None
                 patient = values[patient_col].strip() or None if patient_col else None
-                yield ImageRecord(index, image_id, path, label, path, patient)
+                given = tuple(_text(values.get(fields[f])) if f in fields else "" for f in FIELD_COLUMNS) if fields else None
+                yield ImageRecord(index, image_id, path, label, path, patient, given)
                 index += 1
+
+    # ------------------------------------------------------------------------ patient fields
+    def _layout_fields(self) -> dict[str, tuple[str, str, str]] | None:
+        """image_id -> (age, sex, site) from a HAM10000 / ISIC 2017 folder's metadata CSV, or None."""
+        folder = Path(self.spec)
+        for csv_path in (folder / "HAM10000_metadata.csv", folder / "labels.csv", folder / "metadata.csv"):
+            if not csv_path.is_file():
+                continue
+            table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+            fields = field_columns(table.columns)
+            if "image_id" in table.columns and fields:
+                cells = [table[fields[f]].str.strip() if f in fields else pd.Series("", index=table.index) for f in FIELD_COLUMNS]
+                return dict(zip(table["image_id"], zip(*cells)))
+        return None
+
+    def has_fields(self) -> bool:
+        """Whether the rows carry the patient's age / sex / site (any of them): predict.py's header."""
+        if self.kind == "csv":
+            return bool(field_columns(self._csv_columns()))
+        if self.kind == "images":
+            return False
+        return bool(field_columns(self._dataset().features)) or (self.kind == "layout" and bool(self._layout_fields()))
 
     # ------------------------------------------------------------------------------ datasets
     def _dataset(self) -> datasets.Dataset:
@@ -191,7 +235,9 @@ class RecordSource:
         id_col = next((c for c in ID_COLUMNS if c in ds.features), None)
         patient_col = next((c for c in PATIENT_COLUMNS if c in ds.features), None)
         label_feature = ds.features.get(label_col)
-        raw = ds.select_columns([c for c in (image_col, id_col, label_col, patient_col) if c])
+        fields = field_columns(ds.features)
+        layout_fields = self._layout_fields() if self.kind == "layout" and not fields else None
+        raw = ds.select_columns(list(dict.fromkeys(c for c in (image_col, id_col, label_col, patient_col, *fields.values()) if c)))
         raw = raw.cast_column(image_col, datasets.Image(decode=False)).with_format(None)
         index = 0
         for chunk in raw.iter(batch_size=ARROW_CHUNK_ROWS):
@@ -203,5 +249,11 @@ class RecordSource:
                     label = label_feature.int2str(int(label))
                 stem = os.path.splitext(os.path.basename(path))[0]
                 patient = str(chunk[patient_col][i]).strip() or None if patient_col and chunk[patient_col][i] is not None else None
-                yield ImageRecord(index, str(image_id or stem or f"row{index}"), path, _dx_or_none(label), value or b"", patient)
+                record_id = str(image_id or stem or f"row{index}")
+                given = None
+                if fields:
+                    given = tuple(_text(chunk[fields[f]][i]) if f in fields else "" for f in FIELD_COLUMNS)
+                elif layout_fields is not None:
+                    given = layout_fields.get(record_id, ("", "", ""))
+                yield ImageRecord(index, record_id, path, _dx_or_none(label), value or b"", patient, given)
                 index += 1

@@ -119,8 +119,24 @@ def verdict_markdown(result: ImageResult) -> str:
         top += " The threshold is set low so that few melanomas are missed: an image is flagged while another class is still the most likely."
     return (
         f"## Melanoma probability: {percent(p_mel)}\n{flag}{caution}\n\n"
-        f"{top} {_model_line(result)} _Research demo output, not a diagnosis._"
+        f"{top}{_with_metadata_text(result)} {_model_line(result)} _Research demo output, not a diagnosis._"
     )
+
+
+def _with_metadata_text(result: ImageResult) -> str:
+    """One secondary sentence: P(mel) with the patient's age / sex / site, when given and fitted."""
+    score = result.with_metadata
+    if score is None:
+        return ""
+    given = ", ".join(
+        f"age {score.inputs['age']:g}" if name == "age" else str(score.inputs[name])
+        for name in ("age", "sex", "site") if score.inputs[name] is not None
+    )
+    side = ""
+    if score.threshold is not None:
+        side = f" ({'above' if score.above_threshold else 'below'} its own threshold of {percent(score.threshold)})"
+    return (f" With the patient's {given}: {percent(score.probability)}{side}, a secondary estimate; the verdict "
+            "above is the image's.")
 
 
 def _readable(name: str) -> str:

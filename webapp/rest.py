@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model.imageio import InvalidImageError, format_bytes
 from model.catalogue import UnknownModelError
 from model.classifier import Classifier
+from model.metadata_model import SITES, Metadata, MetadataError
 
 from .context import AppContext
 from .formatting import API_DESCRIPTION, DISCLAIMER, clip
@@ -53,13 +54,14 @@ def batch_json(batch: BatchResult, errors: list[FileError]) -> dict[str, Any]:
 
 
 def scoring_task(
-    ctx: AppContext, entry: Classifier, named: list[tuple[str, Image.Image]], errors: list[FileError]
+    ctx: AppContext, entry: Classifier, named: list[tuple[str, Image.Image]], errors: list[FileError],
+    patient: Metadata | None = None,
 ) -> Callable:
     """The task store's work for one request: score the admitted, decoded images a chunk per step (so
     other clients get turns in between), return the JSON body."""
 
     def work() -> Generator[int, None, dict[str, Any]]:
-        batch = yield from ctx.scoring.score_chunks(entry, named)
+        batch = yield from ctx.scoring.score_chunks(entry, named, patient=patient)
         return batch_json(batch, errors)
 
     return work
@@ -122,10 +124,21 @@ def predict(
     request: Request,
     file: UploadFile = File(..., description="One image (JPEG, PNG, ...)"),
     model_id: str | None = Query(None, description="Zoo model id; default model when omitted"),
+    age: str | None = Query(None, description="Optional: the patient's age in years (0-120)", max_length=16),
+    sex: str | None = Query(None, description="Optional: male or female", max_length=16),
+    site: str | None = Query(None, description="Optional: anatomical site (" + ", ".join(SITES) + ")", max_length=32),
     ctx: AppContext = Depends(get_context),
 ) -> dict[str, str]:
-    """Queue one image; poll `GET /from_task/{task_uuid}`. Research demo, not a medical device."""
+    """Queue one image; poll `GET /from_task/{task_uuid}`. Research demo, not a medical device.
+
+    With any of `age`, `sex`, `site` and a model that has a metadata regression (`metadata_inputs`
+    in `GET /public_models`), the result also has `with_metadata`: P(melanoma) from the image and
+    those fields, with its own threshold. Other models ignore them."""
     entry = model_entry(ctx, model_id)
+    try:
+        patient = Metadata.parse(age, sex, site)
+    except MetadataError as err:
+        raise HTTPException(status_code=422, detail=str(err)) from err
     ctx.tasks.reserve(1)  # admission before any decoding
     try:
         image = decoded_upload(ctx, file)
@@ -135,7 +148,7 @@ def predict(
         ctx.tasks.release(1)
         raise
     named = [(clip(file.filename or "image"), image)]
-    return {"task_uuid": ctx.tasks.submit(scoring_task(ctx, entry, named, []), 1, size, client_of(request))}
+    return {"task_uuid": ctx.tasks.submit(scoring_task(ctx, entry, named, [], patient), 1, size, client_of(request))}
 
 
 @router.post("/predict_bulk", summary="Classify many images (async task)", tags=["predict"])

@@ -21,6 +21,7 @@ from model.imageio import MAX_BYTES, InvalidImageError, load_image
 from model.records import csv_safe, result_row
 from model.catalogue import ModelCatalogue
 from model.classifier import Classifier
+from model.metadata_model import Metadata
 from model.results import ImageResult
 
 from .formatting import clip
@@ -153,10 +154,12 @@ class ScoringService:
                 on_chunk(done)
 
     def score_chunks(
-        self, entry: Classifier, sources: Sequence[tuple[str, Any]], thumbnails: bool = False
+        self, entry: Classifier, sources: Sequence[tuple[str, Any]], thumbnails: bool = False,
+        patient: Metadata | None = None,
     ) -> Generator[int, None, BatchResult]:
         """`score` one chunk per step: yields the number of files done after each chunk and returns
-        the `BatchResult` (the REST worker takes one step per client's turn)."""
+        the `BatchResult` (the REST worker takes one step per client's turn). `patient`: age / sex /
+        site of the person every image shows (REST /predict), for models with a metadata regression."""
         batch = BatchResult(entry.id, [], [], [])
         for start in range(0, len(sources), BATCH_CHUNK):
             chunk: list[tuple[int, str, Image.Image]] = []
@@ -171,7 +174,7 @@ class ScoringService:
                 predictions = entry.predict(images)
                 oods = self.zoo.check_ood(images)
                 for (index, name, image), prediction, ood in zip(chunk, predictions, oods):
-                    batch.results.append(entry.result(clip(name), prediction, ood))
+                    batch.results.append(entry.result(clip(name), prediction, ood, patient=patient))
                     batch.sources.append(index)
                     if thumbnails:
                         thumb = image.copy()
@@ -188,12 +191,14 @@ class ScoringService:
         head_fusion: str = "mean",
         discard_ratio: float = 0.9,
         start_layer: int = 0,
+        patient: Metadata | None = None,
     ) -> Explained:
         """One image's result and explanation (rollout options clamped to the model's layers);
         raises ValueError for options the model refuses."""
         start_layer = min(int(start_layer), max(entry.num_layers - 1, 0))
         analysis = entry.analyze(image, head_fusion, float(discard_ratio), start_layer)
-        result = entry.result(clip(name), analysis, self.zoo.check_ood([image])[0], explanation=analysis.method)
+        result = entry.result(clip(name), analysis, self.zoo.check_ood([image])[0], explanation=analysis.method,
+                              patient=patient)
         return Explained(entry.id, result, image, analysis.mask, analysis.method)
 
     def overlay(self, explained: Explained, opacity: float = 0.5) -> np.ndarray:

@@ -24,6 +24,7 @@ from model.imageio import InvalidImageError
 from model.ood import NOT_DERMOSCOPY
 from model.catalogue import UnknownModelError
 from model.classifier import Classifier
+from model.metadata_model import SEXES, SITES, Metadata, MetadataError
 from model.results import ImageResult
 
 from .context import AppContext
@@ -176,14 +177,23 @@ def predict(
     head_fusion: str = "mean",
     discard_ratio: float = 0.9,
     start_layer: int = 0,
+    age: float | None = None,
+    sex: str | None = None,
+    site: str | None = None,
 ):
-    """One image -> (class probabilities, verdict, explanation overlay, plain image, JSON record, state)."""
+    """One image -> (class probabilities, verdict, explanation overlay, plain image, JSON record, state).
+    `age` / `sex` / `site` (optional) add P(mel) with them for a model that has a metadata regression."""
     if not image_path:
         raise gr.Error("Upload an image first.")
+    try:
+        patient = Metadata.parse(age, sex, site)
+    except MetadataError as err:
+        raise gr.Error(str(err)) from err
     image = _read(ctx, image_path)
     entry = _entry(ctx, model_id)
     try:
-        explained = ctx.scoring.explain(entry, _name_of(image_path), image, head_fusion, discard_ratio, start_layer)
+        explained = ctx.scoring.explain(entry, _name_of(image_path), image, head_fusion, discard_ratio, start_layer,
+                                        patient)
     except ValueError as err:
         raise gr.Error(str(err)) from err
     result = explained.result
@@ -222,8 +232,10 @@ def re_explain(
         return gr.skip(), gr.skip()
     entry = _entry(ctx, explained.model_id)
     try:
+        kept = explained.result.with_metadata  # the patient's fields stay with the kept result
         explained = ctx.scoring.explain(
-            entry, explained.result.name, explained.image, head_fusion, discard_ratio, start_layer
+            entry, explained.result.name, explained.image, head_fusion, discard_ratio, start_layer,
+            Metadata(**kept.inputs) if kept is not None else None,
         )
     except ValueError as err:
         raise gr.Error(str(err)) from err
@@ -373,6 +385,13 @@ def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple
                     0, 11, value=0, step=1, label="Start layer",
                     info="First layer multiplied in: later layers show what the model attends to last.",
                 )
+            with gr.Accordion("Patient (optional): age, sex, site", open=False):
+                gr.Markdown("<small>For a model with an age / sex / site regression (efficientnet-lite2), the "
+                            "verdict adds P(melanoma) with them, a secondary estimate. Nothing is stored.</small>")
+                with gr.Row():
+                    age = gr.Number(label="Age (years)", value=None, minimum=0, maximum=120, precision=0)
+                    sex = gr.Radio(["unknown", *SEXES], value="unknown", label="Sex")
+                site = gr.Dropdown(["unknown", *SITES], value="unknown", label="Anatomical site")
             # The image and its explanation right under the button: with the verdict beside them,
             # the whole result is in the first screen at 1400 px.
             with gr.Row():
@@ -403,7 +422,7 @@ def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple
     )
     run_button.click(
         bind(predict, ctx),
-        inputs=[image_in, model_choice, head_fusion, discard_ratio, start_layer],
+        inputs=[image_in, model_choice, head_fusion, discard_ratio, start_layer, age, sex, site],
         outputs=[probs_out, verdict, heatmap_out, plain_out, json_out, explained],
         api_name="predict",
         api_description="One image -> class probabilities, verdict, explanation, image, JSON. "
