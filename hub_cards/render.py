@@ -400,6 +400,25 @@ def _decision_method(config: dict[str, Any]) -> str | None:
     return None
 
 
+def _metadata_model_text(config: dict[str, Any]) -> str | None:
+    """The age / sex / site regression (model.metadata_model) in words, with what it measured."""
+    value = config.get("melanoma_metadata_model")
+    if not value:
+        return None
+    val = value.get("validation_out_of_fold", {})
+    parts = [f"{name}: image {fmt_number(v['image_auc'])} -> {fmt_number(v['metadata_auc'])}" for name, v in val.items()]
+    tests = []
+    for name, v in value.get("test", {}).items():
+        if v.get("recorded"):
+            lo, hi = v["difference_ci"]
+            tests.append(f"{name} test (n={v['n']}): {fmt_number(v['image_auc'])} -> {fmt_number(v['metadata_auc'])} "
+                         f"(difference 95% CI {lo:+.3f} to {hi:+.3f})")
+        else:
+            tests.append(f"{name} test: not measured (its images record no age, sex or site here)")
+    return (f"melanoma AUC out of fold on validation, {'; '.join(parts)}; {'; '.join(tests)}. "
+            f"Fitted by `{value.get('fit_command', 'train/fit_metadata.py')}`")
+
+
 def _threshold_source(m: dict[str, Any]) -> str:
     """Where threshold_val95 came from, in words (evaluate.py's `threshold_val95_source`)."""
     source = m.get("threshold_val95_source", "validation")
@@ -598,6 +617,7 @@ def render_model_card(
         config_threshold=fmt_number(threshold) if is_number(threshold) else None,
         decision_offsets=", ".join(f"`{k}` {v:+.2f}" for k, v in (config.get(DECISION_KEY) or {}).items()) or None,
         decision_method=_decision_method(config),
+        metadata_model=_metadata_model_text(config),
         onnx=_onnx_record(model_dir),
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
