@@ -193,7 +193,7 @@ def test_gradio_endpoints_read_only_files_uploaded_to_this_app(live, tmp_path, h
     try:
         for path in hostile:
             for endpoint, data in [
-                ("predict", [_file_ref(path), None, "mean", 0.9, 0]),
+                ("predict", [_file_ref(path), None, "mean", 0.9, 0, None, "unknown", "unknown"]),
                 ("predict_batch", [[_file_ref(str(ham_image_paths[1])), _file_ref(path)], None]),
             ]:
                 start = time.monotonic()
@@ -202,17 +202,17 @@ def test_gradio_endpoints_read_only_files_uploaded_to_this_app(live, tmp_path, h
                 answers.add(body)
         # What a browser page sends (the queue), and a file reference nested anywhere in the body.
         response = httpx.post(f"{url}gradio_api/queue/join", json={
-            "data": [_file_ref("/dev/zero"), None, "mean", 0.9, 0], "fn_index": 0, "session_hash": "x1"})
+            "data": [_file_ref("/dev/zero"), None, "mean", 0.9, 0, None, "unknown", "unknown"], "fn_index": 0, "session_hash": "x1"})
         answers.add(response.text)
         response = httpx.post(f"{url}gradio_api/call/predict", json={
-            "data": [None, None, "mean", 0.9, 0], "event_data": {"value": {"image": _file_ref(str(outside))}}})
+            "data": [None, None, "mean", 0.9, 0, None, "unknown", "unknown"], "event_data": {"value": {"image": _file_ref(str(outside))}}})
         answers.add(response.text)
     finally:
         shutil.rmtree(link_dir)
     assert len(answers) == 1 and "uploaded to this app" in answers.pop()  # no existence oracle
     # Gradio's own upload then the path it returns: scored as before; the server kept serving.
     uploaded = httpx.post(f"{url}gradio_api/upload", files={"files": ("a.jpg", ham_image_paths[0].read_bytes())})
-    status, body = _raw_gradio_call(url, "predict", [_file_ref(uploaded.json()[0]), None, "mean", 0.9, 0])
+    status, body = _raw_gradio_call(url, "predict", [_file_ref(uploaded.json()[0]), None, "mean", 0.9, 0, None, "unknown", "unknown"])
     assert status == 200 and "event: complete" in body and "Melanoma probability" in body
     assert httpx.get(url + "public_models", timeout=5).status_code == 200
     assert httpx.get(f"{url}gradio_api/file={outside}").status_code == 403  # and it was never cached
@@ -1097,6 +1097,10 @@ def test_partial_files_of_broken_uploads_are_swept(tmp_path_factory, fixtures_di
         fresh.write_bytes(b"x" * 10)
         done = httpx.post(url + "gradio_api/upload", files={"files": ("a.jpg", ham_image_paths[0].read_bytes())})
         assert done.status_code == 200
+        # The sweep runs once the upload's response is on its way: give it a moment.
+        deadline = time.monotonic() + 10
+        while any(p.exists() for p in partial) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not any(p.exists() for p in partial)
         assert fresh.exists()
         assert Path(done.json()[0]).is_file()  # the completed upload stays
