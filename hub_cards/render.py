@@ -400,6 +400,22 @@ def _decision_method(config: dict[str, Any]) -> str | None:
     return None
 
 
+def _tta_text(config: dict[str, Any]) -> str | None:
+    """The thresholds fitted for predictions averaged over test-time views (`melanoma_tta`), in words."""
+    value = config.get("melanoma_tta")
+    if not value:
+        return None
+    points = value.get("operating_points") or {}
+    flag, balanced = points.get("flag"), points.get("balanced")
+    text = f"{value['views']} dihedral views: melanoma threshold {fmt_number(value['threshold'])}"
+    if flag and balanced:
+        text += (f" (on validation: sensitivity {fmt_number(flag['sensitivity'])}, specificity "
+                 f"{fmt_number(flag['specificity'])}), balanced threshold {fmt_number(balanced['threshold'])} "
+                 f"(sensitivity {fmt_number(balanced['sensitivity'])}, specificity {fmt_number(balanced['specificity'])}), "
+                 f"{points.get('data', 'validation')}; `{points.get('command', '')}`")
+    return text
+
+
 def _metadata_model_text(config: dict[str, Any]) -> str | None:
     """The age / sex / site regression (model.metadata_model) in words, with what it measured."""
     value = config.get("melanoma_metadata_model")
@@ -618,6 +634,7 @@ def render_model_card(
         decision_offsets=", ".join(f"`{k}` {v:+.2f}" for k, v in (config.get(DECISION_KEY) or {}).items()) or None,
         decision_method=_decision_method(config),
         metadata_model=_metadata_model_text(config),
+        tta=_tta_text(config),
         onnx=_onnx_record(model_dir),
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))

@@ -139,6 +139,13 @@ class Classifier:
         threshold = getattr(self.config, "melanoma_threshold", None)
         self.melanoma_threshold = float(threshold) if threshold is not None else 0.5
         self.operating_points = OperatingPoints.from_config(getattr(self.config, "melanoma_operating_points", None))
+        # Thresholds for predictions averaged over test-time views (`melanoma_tta`, written by
+        # train/operating_points.py --tta N): {views: (threshold, operating points)}; one view is above.
+        tta = getattr(self.config, "melanoma_tta", None) or {}
+        self.tta_thresholds: dict[int, tuple[float, OperatingPoints | None]] = (
+            {int(tta["views"]): (float(tta["threshold"]), OperatingPoints.from_config(tta.get("operating_points")))}
+            if tta else {}
+        )
         # Age / sex / site as optional inputs to P(mel) (model.metadata_model), None when not fitted.
         self.metadata_model = metadata_model(self.config)
         self.has_melanoma_class = MELANOMA in self.id2label.values()
@@ -176,6 +183,8 @@ class Classifier:
             "folded_temperature": self.folded_temperature,
             "melanoma_threshold": self.melanoma_threshold,
             "operating_points": asdict(self.operating_points) if self.operating_points else None,
+            # views -> the threshold fitted for predictions averaged over that many test-time views
+            "tta_thresholds": {views: t for views, (t, _) in self.tta_thresholds.items()},
             "explanation": "attention rollout" if self.uses_rollout else "Grad-CAM",
             "backend": self.backend,
             "extra_heads": self.extra_heads,
@@ -195,23 +204,33 @@ class Classifier:
             ],
         }
 
+    def views_for(self, requested: int) -> int:
+        """The test-time views to score with when `requested` are asked for: those views when this
+        model has thresholds fitted for them (`tta_thresholds`), else one view."""
+        return requested if requested in self.tta_thresholds else 1
+
     def result(
         self, name: str, prediction: Prediction, ood: OODResult | None = None, explanation: str | None = None,
-        patient: Metadata | None = None,
+        patient: Metadata | None = None, views: int = 1,
     ) -> ImageResult:
         """One image's typed result: `prediction` with this model's labels, threshold and metadata;
-        with `patient` (age / sex / site) and a fitted metadata regression, also P(mel) with them."""
+        with `patient` (age / sex / site) and a fitted metadata regression, also P(mel) with them.
+        `views`: how many test-time views the prediction averaged; their own threshold and operating
+        points when the model has them (`tta_thresholds`), else the one-view ones."""
+        threshold, points = self.tta_thresholds.get(views, (self.melanoma_threshold, self.operating_points))
         top = prediction.label
         return ImageResult(
             name=name,
             prediction=prediction,
             model=self.metadata,
             label_name=self.labels.get(top, top),
-            melanoma_threshold=self.melanoma_threshold,
+            melanoma_threshold=threshold,
             ood=ood,
             explanation=explanation,
-            operating_points=self.operating_points,
-            with_metadata=self.with_metadata(prediction, patient),
+            operating_points=points,
+            views=views,
+            # The regression was fitted on one-view scores: none for a prediction averaged over more.
+            with_metadata=self.with_metadata(prediction, patient) if views == 1 else None,
         )
 
     def with_metadata(self, prediction: Prediction, patient: Metadata | None) -> MetadataScore | None:
@@ -341,8 +360,10 @@ class Classifier:
         head_fusion: str = "mean",
         discard_ratio: float = 0.9,
         start_layer: int = 0,
+        tta: int = 1,
     ) -> Analysis:
-        """Prediction (extra heads included) + explanation for one RGB image.
+        """Prediction (extra heads included) + explanation for one RGB image; the probabilities are
+        averaged over `tta` dihedral views (the explanation is the identity view's).
 
         ViT-like models: a PyTorch forward with `output_attentions=True` gives the per-layer attentions
         (B, heads, N, N) for attention rollout. CNNs: a PyTorch Grad-CAM pass for the melanoma class (the
@@ -391,9 +412,10 @@ class Classifier:
                 method = f"Grad-CAM ({what}, last convolutional stage)"
                 if not bool(mask.max() > 0):  # Grad-CAM keeps positive evidence only
                     method += f": no region raises the {what.removesuffix(' class')} score"
+            outs = [out] if tta == 1 else self._forward_views(pixel_values, tta)
         mask = mask.detach().float().cpu().numpy()
         heatmap = overlay_heatmap(self._model_view(pixel_values, image), mask)
-        (prediction,) = self.predictions([out])
+        (prediction,) = self.predictions(outs)
         return Analysis(prediction.probabilities, prediction.heads, prediction.decision, heatmap=heatmap, mask=mask,
                         method=method)
 

@@ -167,6 +167,7 @@ class ImageResult:
     explanation: str | None = None  # the explanation method, when one was computed
     operating_points: OperatingPoints | None = None  # None for a model without them
     with_metadata: MetadataScore | None = None  # P(mel) with age / sex / site, when given and the model has it
+    views: int = 1  # test-time views the probabilities averaged (threshold and operating points fitted for them)
 
     @property
     def probabilities(self) -> dict[str, float]:
@@ -245,6 +246,7 @@ class ImageResult:
                 "melanoma_probability": self.melanoma_probability,
                 "melanoma_threshold": self.melanoma_threshold,
                 "above_balanced_threshold": self.above_balanced,
+                "views": self.views,
             },
         }
         heads = self.heads

@@ -113,6 +113,8 @@ def test_classifier_result_adds_p_mel_with_the_patients_fields(fitted_models, ha
     record = result.to_json()["with_metadata"]
     assert record["inputs"] == {"age": 72.0, "sex": "male", "site": "back"}
     assert record["above_threshold"] == (expected >= 0.25)
+    # Fitted on one-view scores: none for a prediction averaged over test-time views.
+    assert entry.result("a.jpg", entry.predict([image], tta=8)[0], patient=patient, views=8).with_metadata is None
     # No fields, or a model without the regression: no such record.
     assert "with_metadata" not in entry.result("a.jpg", prediction, patient=Metadata()).to_json()
     plain = Classifier(str(fitted_models / "resnet18-tiny"), backend="torch")

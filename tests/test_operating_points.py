@@ -83,3 +83,56 @@ def test_points_are_pooled_over_validation_sources_and_reach_the_verdict(tmp_pat
         f"2 lesion images ranked by P(melanoma): {above} above the model's threshold (which on validation also "
         f"flagged 33.3% of the non-melanomas), {balanced} above the balanced threshold 70.0%."
     )
+
+
+def test_tta_views_get_their_own_threshold_in_operating_points_the_app_and_predict(
+        tmp_path_factory, fixtures_dir, tmp_path, ham_image_paths):
+    """`--tta 8` on 8-view validation predictions stores `melanoma_tta` (its own 95 %-sensitivity flag
+    threshold and both points); a prediction averaged over 8 views is judged by it in the Classifier,
+    the app (MELANOMA_TTA_VIEWS=8) and predict.py --tta 8, one-view ones by the one-view threshold."""
+    from model.classifier import Classifier
+    from train.predict import main as predict_main
+    from webapp.context import AppSettings, tta_views_from
+    from webapp.scoring import ScoringService
+    from model.catalogue import ModelCatalogue
+
+    models = tmp_path / "models"
+    model = Path(shutil.copytree(shared_tiny_models(tmp_path_factory, fixtures_dir) / "vit-tiny", models / "vit"))
+    labels = ["mel" if y else "nv" for y in Y]
+    one = _validation_folder(tmp_path / "one", "ham10000", "validation", labels, SCORES)
+    eight = _validation_folder(tmp_path / "eight", "ham10000", "validation", labels, SCORES)
+    (eight / "metrics.json").write_text(json.dumps({"data": "../shared/data/ham10000", "split": "validation", "tta": 8}))
+    with pytest.raises(ValueError, match="1-view predictions, not 8-view"):
+        main(["--model", str(model), "--predictions", str(one), "--tta", "8"])
+    points = main(["--model", str(model), "--predictions", str(eight), "--tta", "8", "--write-config"])
+    # 95 % sensitivity on the 8-view scores: all four melanomas, so the lowest melanoma score.
+    assert points["flag"]["threshold"] == pytest.approx(0.2) and points["flag"]["sensitivity"] == 1.0
+    stored = json.loads((model / "config.json").read_text())
+    assert stored["melanoma_tta"]["views"] == 8 and stored["melanoma_tta"]["threshold"] == pytest.approx(0.2)
+    assert "--tta 8" in stored["melanoma_tta"]["operating_points"]["command"]
+
+    entry = Classifier(model, model_id="vit", backend="torch")
+    assert entry.views_for(8) == 8 and entry.views_for(4) == 1 and entry.describe()["tta_thresholds"] == {8: 0.2}
+    image = load_image(ham_image_paths[0], max_side=1024)
+    eight_views = entry.predict([image], tta=8)[0]
+    judged = entry.result("a.jpg", eight_views, views=8)
+    assert judged.melanoma_threshold == pytest.approx(0.2) and judged.operating_points.balanced.threshold == pytest.approx(0.7)
+    assert judged.to_json()["prediction"]["views"] == 8
+    assert entry.result("a.jpg", entry.predict([image])[0]).melanoma_threshold == entry.melanoma_threshold
+
+    # The app's scoring: 8 views (thresholds fitted for them) for this model, for one image and for a batch.
+    scoring = ScoringService(ModelCatalogue(models_dir=models, hub_ids=[], ood_path="none"), tta_views=8)
+    explained = scoring.explain(scoring.entry("vit"), "a.jpg", image)
+    assert explained.result.views == 8 and explained.result.melanoma_threshold == pytest.approx(0.2)
+    assert explained.result.probabilities == pytest.approx(eight_views.probabilities, abs=1e-6)
+    batch = scoring.score(scoring.entry("vit"), [("a.jpg", image)])
+    assert batch.results[0].probabilities == pytest.approx(eight_views.probabilities, abs=1e-6)
+    assert tta_views_from("8") == 8 and AppSettings().tta_views == 1
+    with pytest.raises(ValueError, match="MELANOMA_TTA_VIEWS must be a whole number from 1 to 8"):
+        tta_views_from("9")
+
+    # predict.py --tta 8: the 8-view threshold in its rows.
+    predict_main(["--model", str(model), "--data", str(ham_image_paths[0].parent), "--output_dir", str(tmp_path / "out"),
+                  "--num_workers", "0", "--ood", "none", "--tta", "8", "--limit", "2"])
+    rows = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert rows["threshold"].tolist() == pytest.approx([0.2, 0.2])

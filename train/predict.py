@@ -340,7 +340,8 @@ def score_batch(entry: Classifier, detector: OODDetector | None, batch: Batch, t
     predictions = entry.predict_pixel_values(batch.pixel_values, tta)
     oods = detector.score_pixel_values(batch.ood_pixel_values) if detector is not None else [None] * len(predictions)
     for record, prediction, ood in zip(batch.scored, predictions, oods):
-        result = entry.result(record.id, prediction, ood, patient=patient_fields(record)[0] if fields else None)
+        result = entry.result(record.id, prediction, ood, patient=patient_fields(record)[0] if fields else None,
+                              views=tta)
         extra = with_metadata_cells(record, result) if fields else {}
         rows.append({**_record_cells(record), **result_row(result), **extra, "error": ""})
     return rows

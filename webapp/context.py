@@ -40,6 +40,7 @@ class AppSettings:
     cache_ttl_s: float = 3600.0
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     stale_upload_s: float = 600.0
+    tta_views: int = 1  # test-time views per image, for models with thresholds fitted for them
 
     @classmethod
     def from_env(
@@ -52,7 +53,8 @@ class AppSettings:
         allowed_origins: tuple[str, ...] | list[str] | None = None,
     ) -> AppSettings:
         """Arguments win; then MELANOMA_MAX_QUEUED_IMAGES, MELANOMA_TASK_TTL_S,
-        MELANOMA_MAX_REQUEST_BYTES, MELANOMA_CACHE_TTL_S, MELANOMA_ALLOWED_ORIGINS; then the defaults."""
+        MELANOMA_MAX_REQUEST_BYTES, MELANOMA_CACHE_TTL_S, MELANOMA_ALLOWED_ORIGINS, MELANOMA_TTA_VIEWS; then
+        the defaults."""
         env = os.environ.get
         if allowed_origins is None:
             allowed_origins = env("MELANOMA_ALLOWED_ORIGINS", "").split(",")
@@ -65,7 +67,19 @@ class AppSettings:
             cache_ttl_s=cache_ttl_s or float(env("MELANOMA_CACHE_TTL_S", 3600)),
             allowed_origins=tuple(origin for origin in allowed_origins if origin.strip()),
             stale_upload_s=float(env("MELANOMA_STALE_UPLOAD_S", 600)),
+            tta_views=tta_views_from(env("MELANOMA_TTA_VIEWS", "1")),
         )
+
+
+def tta_views_from(value: str) -> int:
+    """MELANOMA_TTA_VIEWS: dihedral test-time views, 1 (none) to 8."""
+    try:
+        views = int(value)
+    except ValueError:
+        views = 0
+    if not 1 <= views <= 8:
+        raise ValueError(f"MELANOMA_TTA_VIEWS must be a whole number from 1 to 8, got {value!r}")
+    return views
 
 
 class ScratchDir:
@@ -99,7 +113,7 @@ class AppContext:
 
     def __init__(self, zoo: ModelCatalogue, settings: AppSettings):
         self.zoo, self.settings = zoo, settings
-        self.scoring = ScoringService(zoo, settings.max_upload_bytes)
+        self.scoring = ScoringService(zoo, settings.max_upload_bytes, settings.tta_views)
         self.tasks = TaskStore(max_images=settings.max_queued_images, ttl_s=settings.task_ttl_s,
                                max_bytes=settings.max_queued_bytes)
         self.scratch = ScratchDir(settings.cache_ttl_s)

@@ -54,7 +54,8 @@ SECONDARY_NOTE = (
 
 def _model_line(result: ImageResult) -> str:
     method = f" Explanation: {result.explanation}." if result.explanation else ""
-    return f"Model: `{result.model.model_id}`.{method}"
+    views = f" Averaged over {result.views} flipped and rotated views of the image." if result.views > 1 else ""
+    return f"Model: `{result.model.model_id}`.{views}{method}"
 
 
 def _ood_markdown(result: ImageResult) -> str:

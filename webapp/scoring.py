@@ -120,11 +120,12 @@ class ScoringService:
     """Scores uploads with the zoo's models for the page and REST alike.
 
     Args:
-        zoo: the model zoo. max_upload_bytes: largest accepted file.
+        zoo: the model zoo. max_upload_bytes: largest accepted file. tta_views: test-time views per
+            image for a model with thresholds fitted for that many (`Classifier.views_for`), else one.
     """
 
-    def __init__(self, zoo: ModelCatalogue, max_upload_bytes: int = MAX_BYTES):
-        self.zoo, self.max_upload_bytes = zoo, max_upload_bytes
+    def __init__(self, zoo: ModelCatalogue, max_upload_bytes: int = MAX_BYTES, tta_views: int = 1):
+        self.zoo, self.max_upload_bytes, self.tta_views = zoo, max_upload_bytes, tta_views
 
     def entry(self, model_id: str | None) -> Classifier:
         """The zoo's model (the default one for None or ""); raises `UnknownModelError`."""
@@ -171,10 +172,11 @@ class ScoringService:
                     batch.errors.append(FileError(clip(name), str(err)))
             if chunk:
                 images = [image for _, _, image in chunk]
-                predictions = entry.predict(images)
+                views = entry.views_for(self.tta_views)
+                predictions = entry.predict(images, tta=views)
                 oods = self.zoo.check_ood(images)
                 for (index, name, image), prediction, ood in zip(chunk, predictions, oods):
-                    batch.results.append(entry.result(clip(name), prediction, ood, patient=patient))
+                    batch.results.append(entry.result(clip(name), prediction, ood, patient=patient, views=views))
                     batch.sources.append(index)
                     if thumbnails:
                         thumb = image.copy()
@@ -196,9 +198,10 @@ class ScoringService:
         """One image's result and explanation (rollout options clamped to the model's layers);
         raises ValueError for options the model refuses."""
         start_layer = min(int(start_layer), max(entry.num_layers - 1, 0))
-        analysis = entry.analyze(image, head_fusion, float(discard_ratio), start_layer)
+        views = entry.views_for(self.tta_views)
+        analysis = entry.analyze(image, head_fusion, float(discard_ratio), start_layer, tta=views)
         result = entry.result(clip(name), analysis, self.zoo.check_ood([image])[0], explanation=analysis.method,
-                              patient=patient)
+                              patient=patient, views=views)
         return Explained(entry.id, result, image, analysis.mask, analysis.method)
 
     def overlay(self, explained: Explained, opacity: float = 0.5) -> np.ndarray:

@@ -386,8 +386,11 @@ def single_image_tab(ctx: AppContext, model_choice: gr.Dropdown, examples: tuple
                     info="First layer multiplied in: later layers show what the model attends to last.",
                 )
             with gr.Accordion("Patient (optional): age, sex, site", open=False):
+                views_note = (" Not while this server scores several test-time views per image "
+                              "(MELANOMA_TTA_VIEWS): the regression was fitted on one-view scores."
+                              if ctx.settings.tta_views > 1 else "")
                 gr.Markdown("<small>For a model with an age / sex / site regression (efficientnet-lite2), the "
-                            "verdict adds P(melanoma) with them, a secondary estimate. Nothing is stored.</small>")
+                            f"verdict adds P(melanoma) with them, a secondary estimate. Nothing is stored.{views_note}</small>")
                 with gr.Row():
                     age = gr.Number(label="Age (years)", value=None, minimum=0, maximum=120, precision=0)
                     sex = gr.Radio(["unknown", *SEXES], value="unknown", label="Sex")
