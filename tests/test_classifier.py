@@ -442,6 +442,7 @@ def test_image_result_is_typed_and_becomes_json_only_in_to_json():
     assert record["prediction"] == {
         "label": "nv", "label_name": "Melanocytic nevi", "probability": 1.0, "melanoma": None,  # no verdict
         "melanoma_probability": None, "melanoma_threshold": 0.5, "above_balanced_threshold": None,
+        "views": 1,  # test-time views averaged
     }
     assert json.loads(json.dumps(record)) == record
 
