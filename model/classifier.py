@@ -412,7 +412,10 @@ class Classifier:
                 method = f"Grad-CAM ({what}, last convolutional stage)"
                 if not bool(mask.max() > 0):  # Grad-CAM keeps positive evidence only
                     method += f": no region raises the {what.removesuffix(' class')} score"
-            outs = [out] if tta == 1 else self._forward_views(pixel_values, tta)
+            # The other test-time views (the identity view's output is `out`): probabilities only.
+            with torch.inference_mode():
+                outs = [out, *(self.model(pixel_values=view) if self._onnx is None else self._onnx(view)
+                               for view in list(tta_views(pixel_values, tta))[1:])]
         mask = mask.detach().float().cpu().numpy()
         heatmap = overlay_heatmap(self._model_view(pixel_values, image), mask)
         (prediction,) = self.predictions(outs)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from model.classifier import Classifier
 from model.imageio import load_image
 from model.labels import MELANOMA
-from model.metadata_model import CONFIG_KEY, Metadata, MetadataModel
+from model.metadata_model import CONFIG_KEY, Metadata, MetadataModel, parse_age, parse_sex, parse_site
 from train.metrics import bootstrap_auc_ci, melanoma_auc, sensitivity_specificity, threshold_for_sensitivity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,16 +88,14 @@ def melanoma_probabilities(classifier: Classifier, paths: list[str], batch_size:
 
 def records(rows: pd.DataFrame) -> list[Metadata]:
     """Each row's fields; a value the parser refuses is unknown (the sources' own vocabulary)."""
-    out = []
-    for age, sex, site in zip(rows["age"], rows["sex"], rows["site"]):
-        fields = {}
-        for name, value in (("age", age), ("sex", sex), ("site", site)):
-            try:
-                fields[name] = Metadata.parse(**{name: value}).to_json()[name]
-            except ValueError:
-                fields[name] = None
-        out.append(Metadata(**fields))
-    return out
+    def read(parse, value):
+        try:
+            return parse(value)
+        except ValueError:
+            return None
+
+    return [Metadata(read(parse_age, a), read(parse_sex, s), read(parse_site, t))
+            for a, s, t in zip(rows["age"], rows["sex"], rows["site"])]
 
 
 def out_of_fold(val: pd.DataFrame, meta: list[Metadata], c: float) -> np.ndarray:
