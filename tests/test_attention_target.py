@@ -23,13 +23,15 @@ from train.train import _build, _validate, TrainConfig, main
 from train.transforms import NO_MASK, build_transforms
 
 AUGMENT = {"crop_scale": [0.3, 1.0], "color_cast": 0.15, "blur": 0.5}  # no vignette: it may black out the corner
+# every view zoomed out (the whole image shrunk onto a canvas of its border colour), with noise
+ZOOM_OUT = {**AUGMENT, "zoom_out": 1.0, "zoom_out_scale": [0.4, 0.9], "noise": 1.0}
 
 
 @pytest.fixture()
 def quadrant_image(tmp_path: Path, ham_image_paths: list[Path]) -> tuple[Path, Path]:
-    """A real fixture image with its top-left quadrant painted white, and a mask of that quadrant."""
+    """A real fixture image, dimmed, with its top-left quadrant painted white, and a mask of that quadrant."""
     image = Image.open(ham_image_paths[0]).convert("RGB")
-    pixels = np.asarray(image).copy()
+    pixels = (np.asarray(image) * 0.7).astype(np.uint8)  # so a zoom-out's canvas (the border colour) is not white
     h, w = pixels.shape[:2]
     pixels[: h // 2, : w // 2] = 255
     mask = np.zeros((h, w), np.uint8)
@@ -39,13 +41,13 @@ def quadrant_image(tmp_path: Path, ham_image_paths: list[Path]) -> tuple[Path, P
     return tmp_path / "img.png", tmp_path / "mask.png"
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_mask_follows_the_views_geometry(quadrant_image: tuple[Path, Path], train: bool) -> None:
-    """Flips, quarter turns, transposes and crops move the mask with the pixels; colour changes leave
-    it binary. The white quadrant stays under the mask in every augmented view."""
+@pytest.mark.parametrize(("train", "augment"), [(True, AUGMENT), (True, ZOOM_OUT), (False, AUGMENT)])
+def test_mask_follows_the_views_geometry(quadrant_image: tuple[Path, Path], train: bool, augment: dict) -> None:
+    """Flips, quarter turns, transposes, crops and zoom-outs move the mask with the pixels; colour
+    changes and noise leave it binary. The white quadrant stays under the mask in every augmented view."""
     image, mask = quadrant_image
     processor = ViTImageProcessor(size={"height": 64, "width": 64})
-    transform = build_transforms(processor, train, AUGMENT)
+    transform = build_transforms(processor, train, augment)
     for seed in range(12):
         torch.manual_seed(seed)
         out = transform({"image": [{"path": str(image), "bytes": None}, {"path": str(image), "bytes": None}],

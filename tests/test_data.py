@@ -21,7 +21,17 @@ from model.modeling_melanoma_vit import IGNORE_INDEX
 from train.balance import balanced_sampler_weights, class_counts, class_weights
 from train.data import load_image_dataset, verify_images
 from train.splits import apply_manifest, check_no_leakage, read_manifest, split_by_lesion, write_manifest
-from train.transforms import AugmentConfig, build_batch_mixer, build_transforms, train_pipeline, with_image_transform
+from torchvision import tv_tensors
+
+from train.transforms import (
+    AugmentConfig,
+    RandomNoise,
+    RandomZoomOut,
+    build_batch_mixer,
+    build_transforms,
+    train_pipeline,
+    with_image_transform,
+)
 
 MEL, NV, BKL = DX_CODES.index("mel"), DX_CODES.index("nv"), DX_CODES.index("bkl")
 # Fixture rows (tests/fixtures/ham10000/HAM10000_metadata.csv).
@@ -440,6 +450,56 @@ def test_orientation_augmentations_reach_all_eight_symmetries():
     torch.manual_seed(0)
     seen = {tuple((pipeline(image)[0] * 255).round().flatten().tolist()) for _ in range(200)}
     assert len(seen) == 8  # the dihedral group of the square
+
+
+def test_zoom_out_shrinks_the_image_onto_its_border_colour():
+    """The lesion keeps its shape at the drawn scale, the canvas is the border's median colour, and
+    the mask lands on the same pixels."""
+    pixels = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    pixels[:] = torch.tensor([200, 150, 120], dtype=torch.uint8).view(3, 1, 1)  # skin
+    pixels[:, 10:30, 10:30] = 30  # a dark square lesion
+    lesion = torch.zeros(40, 40)
+    lesion[10:30, 10:30] = 1
+    torch.manual_seed(0)
+    for _ in range(10):
+        image, mask = RandomZoomOut((0.5, 0.5))(tv_tensors.Image(pixels), tv_tensors.Mask(lesion))
+        assert isinstance(image, tv_tensors.Image) and isinstance(mask, tv_tensors.Mask)
+        assert image.shape == (3, 40, 40) and image.dtype == torch.uint8 and mask.shape == (40, 40)
+        assert mask.sum() == 100  # a 20 x 20 lesion at half the side: 10 x 10
+        dark = image.float().mean(0) < 100
+        assert torch.equal(dark, mask.bool())
+        near = torch.nn.functional.max_pool2d(mask[None, None].float(), 5, stride=1, padding=2)[0, 0] > 0
+        skin = torch.tensor([200.0, 150.0, 120.0]).view(3, 1)  # away from the lesion's blended edge
+        assert (image.float().reshape(3, -1)[:, ~near.flatten()] - skin).abs().max() <= 1
+    with pytest.raises(ValueError, match="zoom_out_scale"):
+        RandomZoomOut((0.0, 0.5))
+
+
+def test_noise_is_drawn_per_image_and_stays_in_range():
+    image = torch.full((3, 32, 32), 0.5)
+    torch.manual_seed(0)
+    noisy = RandomNoise(1.0, (0.04, 0.04))(image)
+    assert 0.03 < float((noisy - image).std()) < 0.05 and noisy.min() >= 0 and noisy.max() <= 1
+    assert torch.equal(RandomNoise(0.0, (0.04, 0.04))(image), image)
+    bright = RandomNoise(1.0, (0.2, 0.2))(torch.ones(3, 8, 8))
+    assert bright.max() <= 1 and bright.min() < 1  # clamped to the image range
+
+
+def test_pipeline_zooms_out_with_its_probability():
+    """zoom_out = p: about p of the views show the whole image shrunk (a border of canvas), the rest a crop."""
+    cfg = {"crop_scale": [0.9, 1.0], "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0, "blur": 0,
+           "erasing": 0, "zoom_out": 0.5, "zoom_out_scale": [0.5, 0.5]}
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0] * 3, image_std=[1] * 3)
+    pipeline = train_pipeline(processor, cfg)
+    yy, xx = np.mgrid[0:64, 0:64]
+    image = PIL.Image.fromarray(np.stack([yy * 4, xx * 4, (yy + xx) * 2], -1).astype(np.uint8))  # no flat border
+    torch.manual_seed(0)
+    flat_corners = 0
+    for _ in range(200):
+        out = pipeline(image)
+        corner = out[:, :4, :4].reshape(3, -1)
+        flat_corners += bool((corner - corner[:, :1]).abs().max() < 1e-6)
+    assert 70 <= flat_corners <= 130  # binomial(200, 0.5) within about 4 sd
 
 
 def test_timm_processor_geometry_and_shapes(ham):

@@ -46,6 +46,14 @@ class AugmentConfig:
     # blue casts) and a dark circular vignette (probability `vignette`), as other archives show.
     color_cast: float = 0.0
     vignette: float = 0.0
+    # What screening images differ in (issue 18 §5): a lesion small in a wide field of skin (with
+    # probability `zoom_out`, the cropped image shrunk to a side factor in `zoom_out_scale` and
+    # edge-padded back to size, so the surround is the image's own border skin) and sensor noise (with
+    # probability `noise`, Gaussian of an sd in `noise_sigma`, on the [0, 1] image).
+    zoom_out: float = 0.0
+    zoom_out_scale: tuple[float, float] = (0.5, 0.9)
+    noise: float = 0.0
+    noise_sigma: tuple[float, float] = (0.01, 0.06)
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0  # probability that a batch is mixed at all
@@ -118,6 +126,71 @@ class RandomVignette(_PixelTransform):
         return img * mask
 
 
+class RandomNoise(_PixelTransform):
+    """With probability p, add Gaussian noise of an sd drawn from `sigma` to a float image in [0, 1]."""
+
+    def __init__(self, p: float, sigma: tuple[float, float]) -> None:
+        super().__init__()
+        self.p, self.sigma = p, sigma
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        if torch.rand(()) >= self.p:
+            return {"sd": 0.0}
+        return {"sd": float(torch.empty(()).uniform_(*self.sigma))}
+
+    def apply(self, img: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+        if not params["sd"]:
+            return img
+        return (img + params["sd"] * torch.randn_like(img)).clamp(0, 1)
+
+
+class RandomZoomOut(v2.Transform):
+    """Shrink an image tensor (..., H, W) to a side factor drawn from `scale` and place it at a random
+    offset on a canvas of (H, W) filled with the median colour of its border pixels: the lesion covers
+    less of the field, in skin of its own tone (the pasted image's edge blends into the canvas). A lesion mask passed with it goes through the same
+    geometry (the canvas is no lesion). Used on the whole image, not a crop of it (see
+    `train_pipeline`), so the border is skin, not the lesion."""
+
+    def __init__(self, scale: tuple[float, float]) -> None:
+        super().__init__()
+        if not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ValueError(f"zoom_out_scale must satisfy 0 < low <= high <= 1, got {scale}")
+        self.scale = scale
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        image = next(i for i in flat_inputs if not isinstance(i, tv_tensors.Mask))
+        h, w = image.shape[-2:]
+        factor = float(torch.empty(()).uniform_(*self.scale))
+        sh, sw = max(1, round(h * factor)), max(1, round(w * factor))
+        top, left = int(torch.randint(h - sh + 1, ())), int(torch.randint(w - sw + 1, ()))
+        x = image.as_subclass(torch.Tensor).reshape(-1, h, w)
+        ring = torch.cat([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], dim=1)
+        return {"size": (sh, sw), "top": top, "left": left, "fill": ring.median(dim=1).values}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        x = inpt.as_subclass(torch.Tensor)
+        h, w = x.shape[-2:]
+        mask = isinstance(inpt, tv_tensors.Mask)
+        planes = x.reshape(1, -1, h, w)  # (1, K, H, W): the image's channels, or a mask's one plane
+        mode = v2.InterpolationMode.NEAREST if mask else v2.InterpolationMode.BILINEAR
+        small = v2.functional.resize(planes, list(params["size"]), interpolation=mode, antialias=not mask)
+        canvas = torch.zeros_like(planes) if mask else params["fill"].to(x.dtype).view(1, -1, 1, 1).expand_as(planes).clone()
+        (sh, sw), top, left = params["size"], params["top"], params["left"]
+        if mask:
+            canvas[..., top:top + sh, left:left + sw] = small
+        else:  # feathered over a tenth of the side, so no hard frame marks the pasted image
+            ramp = max(1.0, 0.1 * min(sh, sw))
+            ys = torch.arange(sh, dtype=torch.float32)
+            xs = torch.arange(sw, dtype=torch.float32)
+            edge_y = torch.minimum(ys, sh - 1 - ys).view(-1, 1)
+            edge_x = torch.minimum(xs, sw - 1 - xs).view(1, -1)
+            alpha = (torch.minimum(edge_y, edge_x) / ramp).clamp(max=1.0)
+            region = canvas[..., top:top + sh, left:left + sw].float()
+            canvas[..., top:top + sh, left:left + sw] = (region + alpha * (small.float() - region)).round().to(x.dtype)
+        out = canvas.reshape(x.shape)
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+
 class RandomRot90(v2.Transform):
     """Rotate an image tensor (..., H, W) by k * 90 degrees, k uniform in {0, 1, 2, 3}; a lesion mask
     passed with it turns the same way."""
@@ -162,13 +235,13 @@ def train_pipeline(image_processor: Any, cfg: AugmentConfig | Mapping[str, Any] 
     if cfg.transpose:
         steps.append(RandomTranspose(cfg.transpose))
     if cfg.crop_scale:
-        steps.append(
-            v2.RandomResizedCrop(
-                geo.size, cfg.crop_scale, cfg.crop_ratio, interpolation=interpolation, antialias=True
-            )
-        )
+        crop: Callable = v2.RandomResizedCrop(geo.size, cfg.crop_scale, cfg.crop_ratio, interpolation=interpolation, antialias=True)
     else:
-        steps.append(v2.Resize(geo.size, interpolation=interpolation, antialias=True))
+        crop = v2.Resize(geo.size, interpolation=interpolation, antialias=True)
+    if cfg.zoom_out:  # either a crop (lesion as large or larger) or the whole image zoomed out
+        zoom = v2.Compose([v2.Resize(geo.size, interpolation=interpolation, antialias=True), RandomZoomOut(cfg.zoom_out_scale)])
+        crop = v2.RandomChoice([zoom, crop], p=[cfg.zoom_out, 1.0 - cfg.zoom_out])
+    steps.append(crop)
     if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
         steps.append(v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
     if cfg.blur:
@@ -177,6 +250,8 @@ def train_pipeline(image_processor: Any, cfg: AugmentConfig | Mapping[str, Any] 
     steps.append(v2.ToDtype(torch.float32, scale=True))
     if cfg.color_cast:
         steps.append(RandomColorCast(cfg.color_cast))
+    if cfg.noise:
+        steps.append(RandomNoise(cfg.noise, cfg.noise_sigma))
     if cfg.vignette:
         steps.append(RandomVignette(cfg.vignette))
     steps.append(v2.Normalize(geo.mean, geo.std))
