@@ -14,6 +14,9 @@ Shifts (on the decoded image, before the model's own processor):
 - small lesion: the image shrunk to half its side in the middle of a canvas of its border colour
   (the lesion covers a quarter of the area it did);
 - blur: Gaussian, sigma 2 % of the short side; noise: Gaussian, sd 10/255, seeded per image;
+- low res: a quarter of the side and back up (bilinear), a camera of fewer pixels; no recipe
+  trains on this one, so it checks what the screening augmentations (multisource_lite2_screening.yaml:
+  zoom-out, noise, blur) carry over to;
 - jpeg: re-encoded at quality 20; colour cast: R x1.10, B x0.85; dim: brightness x0.7.
 """
 
@@ -60,6 +63,11 @@ def noise(image: Image.Image, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
+def low_resolution(image: Image.Image) -> Image.Image:
+    small = image.resize((max(1, image.width // 4), max(1, image.height // 4)), Image.Resampling.BILINEAR)
+    return small.resize(image.size, Image.Resampling.BILINEAR)
+
+
 def jpeg(image: Image.Image) -> Image.Image:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=20)
@@ -80,6 +88,7 @@ SHIFTS: dict[str, Callable[[Image.Image, int], Image.Image]] = {
     "small lesion": lambda im, _: small_lesion(im),
     "blur": lambda im, _: blur(im),
     "noise": noise,
+    "low res": lambda im, _: low_resolution(im),
     "jpeg q20": lambda im, _: jpeg(im),
     "colour cast": lambda im, _: colour_cast(im),
     "dim": lambda im, _: dim(im),
