@@ -356,7 +356,7 @@ def build_transforms(
         image_processor: a transformers image processor (ViTImageProcessor,
             TimmWrapperImageProcessor, ...) or a path / Hub id for AutoImageProcessor.
         train: True: augmentation (flips, 90-degree rotations, transposes, RandomResizedCrop,
-            ColorJitter, GaussianBlur, RandomErasing; knobs in `AugmentConfig`) at the
+            ColorJitter, GaussianBlur, zoom-out, noise, RandomErasing; knobs in `AugmentConfig`) at the
             processor's size, normalised with its mean/std. False: the processor itself
             (resize + normalise, deterministic), as used at inference.
         cfg: AugmentConfig or a dict of its fields (training only).
