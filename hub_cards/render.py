@@ -393,8 +393,13 @@ def _decision_method(config: dict[str, Any]) -> str | None:
     """How the stored decision offsets were chosen, in words (training or train/decision_rule.py)."""
     rule = config.get("dx_decision_rule")
     if rule:
-        return (f"tau {rule['tau']} then per-class offsets fitted on validation for the mean balanced accuracy "
-                f"over the sources: `{rule['command']}`")
+        cv = rule.get("cross_validation")
+        chosen = (f"; chosen over the other procedure by {cv['folds']}-fold cross-validation inside validation "
+                  "(held-out balanced accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in cv["balanced_accuracy"].items()) + ")"
+                  if cv else "")
+        steps = f"tau {rule['tau']} alone" if rule.get("procedure") == "tau" else f"tau {rule['tau']} then per-class offsets"
+        return (f"{steps} fitted on validation for the mean balanced accuracy over the sources{chosen}: "
+                f"`{rule['command']}`")
     if config.get(DECISION_KEY):
         return "learnt in training: the recipe's `logit_adjustment`"
     return None

@@ -116,3 +116,45 @@ def test_the_verdict_names_both_the_decision_and_the_most_probable_class() -> No
     assert "the most probable class is Melanocytic nevus (58.0%)" in ruled
     plain = verdict_markdown(result(None))
     assert "Top class: Melanocytic nevus (58.0%)." in plain and "decision rule" not in plain
+
+
+def test_decision_rule_picks_its_procedure_by_cross_validation_inside_validation(tmp_path) -> None:
+    """The rule records both procedures' held-out balanced accuracy and uses the better one (the
+    simpler on a tie); --procedure forces one. On a source whose rare class is separable, both reach
+    it on held-out folds."""
+    rng = np.random.default_rng(1)
+    labels = ["a", "b", "c"]
+    y = np.array([0] * 120 + [1] * 30 + [2] * 10)
+    probs = rng.dirichlet([1, 1, 1], len(y)) * 0.3
+    probs[np.arange(len(y)), y] += 0.3  # informative, but argmax is often wrong
+    probs[:, 0] += 0.4  # biased towards the common class
+    probs /= probs.sum(1, keepdims=True)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b", "2": "c"}}))
+    folder = _write_validation(tmp_path / "val", "ham10000", labels, probs, y)
+    rule = decision_rule_main(["--model", str(model), "--predictions", str(folder)])
+    cv = rule["cross_validation"]["balanced_accuracy"]
+    assert set(cv) == {"tau", "tau + per-class offsets"} and all(0.0 <= v <= 1.0 for v in cv.values())
+    better = "tau + per-class offsets" if cv["tau + per-class offsets"] > cv["tau"] else "tau"
+    assert rule["procedure"] == better
+    assert ("coordinate ascent" in rule["method"]) == (better != "tau")
+    forced = decision_rule_main(["--model", str(model), "--predictions", str(folder), "--procedure", "tau + per-class offsets"])
+    assert forced["procedure"] == "tau + per-class offsets" and "cross_validation" not in forced
+    assert "coordinate ascent" in forced["method"]
+
+
+def test_validation_rows_are_grouped_by_lesion_else_by_image(tmp_path) -> None:
+    from train.decision_rule import read_validation
+
+    labels = ["a", "b"]
+    folder = _write_validation(tmp_path / "val", "ham10000", labels, np.full((3, 2), 0.5), np.array([0, 1, 0]))
+    table = (folder / "predictions.csv")
+    import pandas as pd
+
+    frame = pd.read_csv(table)
+    frame["lesion_id"] = ["L1", "L1", None]
+    frame.to_csv(table, index=False)
+    name, probs, y, groups = read_validation(folder, labels)
+    assert name == "ham10000" and probs.shape == (3, 2) and list(y) == [0, 1, 0]
+    assert list(groups) == ["L1", "L1", "ham10000_2"]
