@@ -47,9 +47,9 @@ class AugmentConfig:
     color_cast: float = 0.0
     vignette: float = 0.0
     # What screening images differ in (issue 18 §5): a lesion small in a wide field of skin (with
-    # probability `zoom_out`, the cropped image shrunk to a side factor in `zoom_out_scale` and
-    # edge-padded back to size, so the surround is the image's own border skin) and sensor noise (with
-    # probability `noise`, Gaussian of an sd in `noise_sigma`, on the [0, 1] image).
+    # probability `zoom_out`, instead of the crop, the whole image shrunk to a side factor in
+    # `zoom_out_scale` on a canvas of its border's median colour) and sensor noise (with probability
+    # `noise`, Gaussian of an sd in `noise_sigma`, on the [0, 1] image).
     zoom_out: float = 0.0
     zoom_out_scale: tuple[float, float] = (0.5, 0.9)
     noise: float = 0.0
@@ -147,9 +147,9 @@ class RandomNoise(_PixelTransform):
 class RandomZoomOut(v2.Transform):
     """Shrink an image tensor (..., H, W) to a side factor drawn from `scale` and place it at a random
     offset on a canvas of (H, W) filled with the median colour of its border pixels: the lesion covers
-    less of the field, in skin of its own tone (the pasted image's edge blends into the canvas). A lesion mask passed with it goes through the same
-    geometry (the canvas is no lesion). Used on the whole image, not a crop of it (see
-    `train_pipeline`), so the border is skin, not the lesion."""
+    less of the field, in skin of its own tone (the pasted image's edge blends into the canvas). A
+    lesion mask passed with it goes through the same geometry (the canvas is no lesion). Used on the
+    whole image, not a crop of it (see `train_pipeline`), so the border is skin, not the lesion."""
 
     def __init__(self, scale: tuple[float, float]) -> None:
         super().__init__()
