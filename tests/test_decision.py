@@ -158,3 +158,21 @@ def test_validation_rows_are_grouped_by_lesion_else_by_image(tmp_path) -> None:
     name, probs, y, groups = read_validation(folder, labels)
     assert name == "ham10000" and probs.shape == (3, 2) and list(y) == [0, 1, 0]
     assert list(groups) == ["L1", "L1", "ham10000_2"]
+
+
+def test_cross_validation_keeps_a_lesion_in_one_fold_and_refuses_too_few_lesions() -> None:
+    from train.decision_rule import cross_validate, group_folds
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1, 2] * 20)
+    probs = rng.dirichlet([1, 1, 1], len(y))
+    groups = np.repeat([f"L{i}" for i in range(12)], 5)  # 12 lesions of 5 images
+    for seed in (0, 1):
+        fold = group_folds("ham10000", groups, 4, seed)
+        assert sorted(set(fold)) == [0, 1, 2, 3]
+        assert all(len(set(fold[groups == g])) == 1 for g in set(groups))  # a lesion's images share a fold
+    assert not np.array_equal(group_folds("ham10000", groups, 4, 0), group_folds("ham10000", groups, 4, 1))
+    scores = cross_validate([("ham10000", probs, y, groups)], 3, folds=4, repeats=1)
+    assert set(scores) == {"tau", "tau + per-class offsets"} and all(0.0 <= v <= 1.0 for v in scores.values())
+    with pytest.raises(ValueError, match="3 lesions in validation, fewer than 5 folds"):
+        cross_validate([("ham10000", probs, y, np.repeat(["A", "B", "C"], 20))], 3)

@@ -40,6 +40,7 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score  # noqa: E402
+from sklearn.model_selection import GroupKFold  # noqa: E402
 
 from model.decision import DECISION_KEY, balanced_scores  # noqa: E402
 
@@ -111,18 +112,26 @@ def fit(sets: list[tuple[str, np.ndarray, np.ndarray]], num_classes: int, per_cl
 PROCEDURES = {"tau": False, "tau + per-class offsets": True}  # name -> fit(per_class=...)
 
 
+def group_folds(name: str, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each row's fold (0 .. folds - 1): scikit-learn's shuffled GroupKFold, so a lesion's images share one."""
+    if len(np.unique(groups)) < folds:
+        raise ValueError(f"{name}: {len(np.unique(groups))} lesions in validation, fewer than {folds} folds")
+    fold = np.empty(len(groups), dtype=int)
+    splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(splitter.split(np.zeros(len(groups)), groups=groups)):
+        fold[held] = k
+    return fold
+
+
 def cross_validate(sets: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], num_classes: int,
                    folds: int = 5, repeats: int = 2) -> dict[str, float]:
     """Mean held-out balanced accuracy (mean over the sources) of each procedure in PROCEDURES:
-    each source's validation rows split into `folds` folds by group (seeded, `repeats` times), the
-    rule fitted on the other folds of every source and scored on the held-out one."""
+    each source's validation rows split into `folds` folds by group (scikit-learn's shuffled
+    GroupKFold, seeded, `repeats` times), the rule fitted on the other folds of every source and
+    scored on the held-out one."""
     scores: dict[str, list[float]] = {name: [] for name in PROCEDURES}
     for repeat in range(repeats):
-        fold_of = []
-        for _, _, _, groups in sets:
-            unique = np.unique(groups)
-            order = dict(zip(unique, np.random.default_rng(repeat).permutation(len(unique)) % folds))
-            fold_of.append(np.array([order[g] for g in groups]))
+        fold_of = [group_folds(name, groups, folds, seed=repeat) for name, _, _, groups in sets]
         for k in range(folds):
             train = [(n, p[f != k], y[f != k]) for (n, p, y, _), f in zip(sets, fold_of)]
             held = [(n, p[f == k], y[f == k]) for (n, p, y, _), f in zip(sets, fold_of) if (f == k).any()]
