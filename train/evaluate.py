@@ -660,8 +660,10 @@ def evaluate(args: EvalArgs, command: str) -> dict[str, Any]:
             "melanoma_auc_ci95": f"stratified percentile bootstrap, {args.bootstrap} resamples, seed 0",
             "threshold_val95": "highest P(mel) threshold with >= 95% melanoma sensitivity on validation data "
                                "(or the model config's melanoma_threshold); null without either",
-            "multiclass": "argmax of the model's probabilities summed into the data's classes; accuracy, balanced "
-                          "accuracy (mean recall), macro-F1 over the classes present in the labels",
+            "multiclass": "the top class (argmax of the model's probabilities, or of the decision rule's scores "
+                          "where 'decision_rule' names one; balanced_accuracy_argmax is the plain argmax) summed "
+                          "into the data's classes; accuracy, balanced accuracy (mean recall), macro-F1 over the "
+                          "classes present in the labels",
             "ece": f"top-label, {ECE_BINS} equal-width bins; ece at temperature 1, ece_temperature_scaled at 'temperature'",
             "rollout_mask_share": "mean share of attention-rollout mass inside the lesion mask (ViT + masks only); "
                                   "rollout_mask_share_uniform = mean mask area (what a uniform map scores)",
