@@ -110,6 +110,7 @@ def fit(sets: list[tuple[str, np.ndarray, np.ndarray]], num_classes: int, per_cl
 
 
 PROCEDURES = {"tau": False, "tau + per-class offsets": True}  # name -> fit(per_class=...)
+FOLDS, REPEATS = 5, 2  # the cross-validation that picks the procedure
 
 
 def group_folds(name: str, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -124,7 +125,7 @@ def group_folds(name: str, groups: np.ndarray, folds: int, seed: int) -> np.ndar
 
 
 def cross_validate(sets: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], num_classes: int,
-                   folds: int = 5, repeats: int = 2) -> dict[str, float]:
+                   folds: int = FOLDS, repeats: int = REPEATS) -> dict[str, float]:
     """Mean held-out balanced accuracy (mean over the sources) of each procedure in PROCEDURES:
     each source's validation rows split into `folds` folds by group (scikit-learn's shuffled
     GroupKFold, seeded, `repeats` times), the rule fitted on the other folds of every source and
@@ -132,11 +133,9 @@ def cross_validate(sets: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], n
     scores: dict[str, list[float]] = {name: [] for name in PROCEDURES}
     for repeat in range(repeats):
         fold_of = [group_folds(name, groups, folds, seed=repeat) for name, _, _, groups in sets]
-        for k in range(folds):
+        for k in range(folds):  # group_folds leaves no fold empty
             train = [(n, p[f != k], y[f != k]) for (n, p, y, _), f in zip(sets, fold_of)]
-            held = [(n, p[f == k], y[f == k]) for (n, p, y, _), f in zip(sets, fold_of) if (f == k).any()]
-            if not held:
-                continue
+            held = [(n, p[f == k], y[f == k]) for (n, p, y, _), f in zip(sets, fold_of)]
             for name, per_class in PROCEDURES.items():
                 scores[name].append(mean_balanced_accuracy(held, fit(train, num_classes, per_class)["offsets"])["mean"])
     return {name: float(np.mean(values)) for name, values in scores.items()}
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "method": "argmax(log p - offsets): logit adjustment (tau * log prior)"
                   + (", then per-class coordinate ascent" if PROCEDURES[procedure] else ""),
         "procedure": procedure,
-        **({"cross_validation": {"folds": 5, "repeats": 2, "by": "lesion (else image)",
+        **({"cross_validation": {"folds": FOLDS, "repeats": REPEATS, "by": "lesion (else image)",
                                  "balanced_accuracy": {k: round(v, 4) for k, v in cv.items()}}} if cv else {}),
         "tau": result["tau"],
         "prior": "dx class frequencies of the pooled validation splits",
